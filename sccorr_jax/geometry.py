@@ -1,0 +1,110 @@
+"""Coordinate conventions, keypoint <-> flow conversions and resizing of keypoints.
+
+A note on coordinates (the same text is in the README):
+
+* Points are stored `(x, y)`, in pixels, with pixel *centres at integers*: pixel column `i`
+  covers `[i - 0.5, i + 0.5)`. This is the reference's convention (it indexes flow maps with
+  `int(x)` and resizes keypoints by a plain scale factor `x * 256 / w`).
+* Normalised coordinates are in `[-1, 1]` with corners aligned (`-1` is the centre of the first
+  cell, `+1` the centre of the last), as the soft-argmax coordinate vectors of the reference.
+* Direction: a flow map `[.., h, w, 2]` gives, for every *target* cell `(x, y)`, the
+  displacement to its match in the *source*: `source = (x + flow[..., 0], y + flow[..., 1])`,
+  in cells of that same grid (on the 64x64 grid of a 256x256 image, one unit is 4 pixels).
+  PCK transfers target keypoints to the source and compares with the source keypoints.
+* Ragged keypoints are padded to a fixed count and carry an explicit boolean `valid` mask; the
+  padded values are meaningless (the reference writes -1 there) and never used as sentinels.
+* A ground-truth flow vector is "unlabelled" iff both of its components are exactly 0.0 (the
+  reference's rule; a real pair with zero displacement is therefore unlabelled too).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence, Tuple, Union
+
+import jax.numpy as jnp
+import numpy as np
+
+SizeLike = Union[int, Tuple[int, int], Sequence[int]]
+
+
+def as_hw(size: SizeLike) -> Tuple[int, int]:
+  """`int` or `(h, w)` -> `(h, w)`."""
+  if isinstance(size, (int, np.integer)):
+    return int(size), int(size)
+  h, w = size
+  return int(h), int(w)
+
+
+def keypoints_to_flow(src_kps, trg_kps, valid, feature_size: int,
+                      receptive_field: int, img_size: int = 256):
+  """Sparse ground-truth flow from keypoint pairs (the reference's `KeypointToFlow`).
+
+  For every cell `(fy, fx)` of the `feature_size` grid (cell stride `jsz = img_size //
+  feature_size` pixels) the receptive box is
+  `x in [fx*jsz - rf//2 + jsz//2, fx*jsz + rf//2 + jsz//2]` (closed, integer bounds), the same
+  for y. `K` is the set of valid keypoints whose *target* point lies in the box. An empty `K`
+  leaves the cell unlabelled (flow `(0, 0)`); otherwise the flow is
+  `(src_kps[i*] - mean(trg_kps[K])) / jsz` with `i*` the largest index in `K` (the reference
+  scatters in increasing keypoint order and the last write wins).
+
+  Args:
+    src_kps: [n, 2] float, (x, y) source keypoints in pixels of the `img_size` image.
+    trg_kps: [n, 2] float, (x, y) target keypoints in pixels of the `img_size` image.
+    valid: [n] bool, which keypoint slots are real.
+    feature_size: side of the flow grid (64 in training).
+    receptive_field: receptive box side in pixels (11 in training).
+    img_size: side of the (square) image in pixels.
+
+  Returns:
+    [feature_size, feature_size, 2] float32 flow, (x, y) displacement target -> source in grid
+    cells; exactly (0, 0) at unlabelled cells.
+  """
+  src_kps = jnp.asarray(src_kps, jnp.float32)
+  trg_kps = jnp.asarray(trg_kps, jnp.float32)
+  valid = jnp.asarray(valid, bool)
+  fs = int(feature_size)
+  jsz = int(img_size) // fs
+  rf = int(receptive_field)
+  cell = jnp.arange(fs, dtype=jnp.float32) * jsz + (jsz // 2)
+  lo = cell - (rf // 2)
+  hi = cell + (rf // 2)
+  # in_x[n, fx], in_y[n, fy]: is keypoint n's target inside the cell's box along that axis.
+  in_x = (trg_kps[:, 0:1] >= lo) & (trg_kps[:, 0:1] <= hi)
+  in_y = (trg_kps[:, 1:2] >= lo) & (trg_kps[:, 1:2] <= hi)
+  inside = in_y[:, :, None] & in_x[:, None, :] & valid[:, None, None]  # [n, fy, fx]
+  w = inside.astype(jnp.float32)
+  count = w.sum(axis=0)
+  labelled = count > 0
+  mean_trg = jnp.einsum("nyx,nc->yxc", w, trg_kps) / jnp.maximum(count, 1.0)[..., None]
+  idx = jnp.arange(inside.shape[0])
+  last = jnp.max(jnp.where(inside, idx[:, None, None], -1), axis=0)  # [fy, fx]
+  src_last = src_kps[jnp.maximum(last, 0)]  # [fy, fx, 2]
+  flow = (src_last - mean_trg) / jnp.float32(jsz)
+  return jnp.where(labelled[..., None], flow, 0.0).astype(jnp.float32)
+
+
+def resize_keypoints(kps, from_size: SizeLike, to_size: SizeLike):
+  """Scales (x, y) pixel keypoints from an image of `from_size` to one of `to_size`.
+
+  The reference's plain scaling `x * w_new / w_old` (integer pixel centres); works on numpy or
+  jax arrays of shape [..., 2].
+  """
+  fh, fw = as_hw(from_size)
+  th, tw = as_hw(to_size)
+  scale = np.array([tw / fw, th / fh], dtype=np.float64)
+  if isinstance(kps, np.ndarray):
+    return (kps * scale).astype(kps.dtype)
+  return kps * jnp.asarray(scale, dtype=jnp.asarray(kps).dtype)
+
+
+def flow_to_grid(flow):
+  """Absolute source coordinates of every target cell: `[.., h, w, 2]` flow -> `[.., h, w, 2]`."""
+  h, w = flow.shape[-3], flow.shape[-2]
+  ys, xs = jnp.meshgrid(jnp.arange(h, dtype=flow.dtype), jnp.arange(w, dtype=flow.dtype),
+                        indexing="ij")
+  return flow + jnp.stack([xs, ys], axis=-1)
+
+
+def unlabelled_mask(flow):
+  """`[.., 2]` ground-truth flow -> `[..]` bool, True where the vector is exactly (0, 0)."""
+  return (flow[..., 0] == 0) & (flow[..., 1] == 0)

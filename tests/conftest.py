@@ -1,0 +1,33 @@
+"""Shared pytest set-up.
+
+Four simulated CPU devices (set before jax is imported) so that sharding code is exercised on
+CPU; absl flags marked parsed so that grain's multiprocessing and absl-using code run under
+pytest.
+"""
+
+import os
+import pathlib
+import sys
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+  sys.path.insert(0, str(ROOT))
+
+from absl import flags  # noqa: E402
+
+flags.FLAGS.mark_as_parsed()
+
+import pytest  # noqa: E402
+
+# The reference fixtures live in ../shared beside the checkout (CI clones with shared/ beside it).
+FIXTURES = ROOT.parent / "shared" / "fixtures" / "reference"
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir():
+  if not FIXTURES.is_dir():
+    pytest.skip(f"reference fixtures not found at {FIXTURES}")
+  return FIXTURES
