@@ -1,0 +1,4 @@
+"""SCorrSAN network modules (NHWC)."""
+
+from sccorr_jax.models.backbone import ResNet, BatchNorm, resnet  # noqa: F401
+from sccorr_jax.models.scorrsan import SCorrSAN  # noqa: F401

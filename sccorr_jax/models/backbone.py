@@ -1,0 +1,220 @@
+"""torchvision-style ResNet ("v1.5") to stride 16, the SCorrSAN feature extractor (paper Sec. 3.1).
+
+Reference: torchvision `resnet101` as used by the released code. The stride 2 of a bottleneck is on
+its 3x3 conv; a projection shortcut is a 1x1 conv with the same stride plus BN. All convs are
+bias-free with *symmetric* explicit padding (XLA's `SAME` pads asymmetrically for stride 2 and
+gives different numbers). BatchNorm eps = 1e-5, momentum 0.1 (PyTorch convention: running =
+0.9 * running + 0.1 * batch, running variance unbiased).
+
+The feature SCorrSAN uses is the output of the last block of layer3 *before its final ReLU*
+(1024 channels for the bottleneck ResNets, stride 16); layer4 is not built unless asked for.
+
+Flax names mirror the PyTorch state dict so weight import is a name table
+(`sccorr_jax.convert`): `conv1, bn1, layer{s}_{i}/{conv1,bn1,conv2,bn2,conv3,bn3,
+downsample_conv,downsample_bn}`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+STAGE_SIZES = {
+    18: (2, 2, 2, 2),
+    34: (3, 4, 6, 3),
+    50: (3, 4, 6, 3),
+    101: (3, 4, 23, 3),
+    152: (3, 8, 36, 3),
+}
+BOTTLENECK_DEPTHS = (50, 101, 152)
+
+# torchvision's kaiming_normal_(mode='fan_out', nonlinearity='relu').
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+class BatchNorm(nn.Module):
+  """BatchNorm with PyTorch semantics and independent statistics for groups of the batch.
+
+  With `num_groups=G` the batch `[G * b, ...]` is G image sets (source and target) whose batch
+  statistics are computed separately, as if each set went through the network in its own call;
+  running statistics are then updated once per set, in order (what the reference does when it
+  calls the backbone on the source and then the target batch).
+
+  Attributes:
+    momentum: PyTorch momentum (weight of the new batch statistic).
+    epsilon: added to the variance.
+    dtype: compute dtype of the output (None: promote input and parameters).
+  """
+  momentum: float = 0.1
+  epsilon: float = 1e-5
+  dtype: Optional[Any] = None
+  param_dtype: Any = jnp.float32
+  scale_init: Callable = nn.initializers.ones
+
+  @nn.compact
+  def __call__(self, x, use_running_average: bool = True, num_groups: int = 1):
+    c = x.shape[-1]
+    scale = self.param("scale", self.scale_init, (c,), self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
+    ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), self.param_dtype))
+    ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), self.param_dtype))
+    dtype = self.dtype or jnp.result_type(x, scale)
+    # Statistics in at least float32 (bfloat16 compute keeps float32 statistics).
+    stat_dtype = jnp.promote_types(dtype, jnp.float32)
+    if use_running_average:
+      mean = ra_mean.value.astype(stat_dtype)
+      var = ra_var.value.astype(stat_dtype)
+      y = (x.astype(stat_dtype) - mean) * jax.lax.rsqrt(var + self.epsilon)
+    else:
+      g = num_groups
+      xg = x.astype(stat_dtype).reshape((g, x.shape[0] // g) + x.shape[1:])
+      axes = tuple(range(1, xg.ndim - 1))
+      mean = jnp.mean(xg, axis=axes, keepdims=True)
+      var = jnp.mean(jnp.square(xg - mean), axis=axes, keepdims=True)
+      y = ((xg - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+      if not self.is_initializing():
+        n = xg.size // (g * c)
+        unbias = n / max(n - 1, 1)
+        m, v = ra_mean.value, ra_var.value
+        for i in range(g):
+          m = (1 - self.momentum) * m + self.momentum * mean[i].reshape(c).astype(m.dtype)
+          v = (1 - self.momentum) * v + self.momentum * (var[i].reshape(c) * unbias).astype(v.dtype)
+        ra_mean.value, ra_var.value = m, v
+    y = y * scale.astype(stat_dtype) + bias.astype(stat_dtype)
+    return y.astype(dtype)
+
+
+def _conv(features, kernel, stride=1, name=None, dtype=None, param_dtype=jnp.float32):
+  pad = kernel // 2
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
+                 padding=((pad, pad), (pad, pad)), use_bias=False, kernel_init=conv_init,
+                 dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+class Bottleneck(nn.Module):
+  """1x1 -> 3x3 (stride) -> 1x1 (4x width) with BN; returns `(pre_relu, post_relu)`."""
+  features: int
+  stride: int = 1
+  downsample: bool = False
+  dtype: Optional[Any] = None
+  param_dtype: Any = jnp.float32
+  expansion = 4
+
+  @nn.compact
+  def __call__(self, x, use_running_average=True, num_groups=1):
+    conv = functools.partial(_conv, dtype=self.dtype, param_dtype=self.param_dtype)
+    bn = functools.partial(BatchNorm, dtype=self.dtype, param_dtype=self.param_dtype)
+    norm = dict(use_running_average=use_running_average, num_groups=num_groups)
+    y = nn.relu(bn(name="bn1")(conv(self.features, 1, name="conv1")(x), **norm))
+    y = nn.relu(bn(name="bn2")(conv(self.features, 3, self.stride, name="conv2")(y), **norm))
+    y = bn(name="bn3")(conv(self.features * 4, 1, name="conv3")(y), **norm)
+    if self.downsample:
+      x = conv(self.features * 4, 1, self.stride, name="downsample_conv")(x)
+      x = bn(name="downsample_bn")(x, **norm)
+    out = y + x
+    return out, nn.relu(out)
+
+
+class BasicBlock(nn.Module):
+  """3x3 (stride) -> 3x3 with BN (ResNet-18/34); returns `(pre_relu, post_relu)`."""
+  features: int
+  stride: int = 1
+  downsample: bool = False
+  dtype: Optional[Any] = None
+  param_dtype: Any = jnp.float32
+  expansion = 1
+
+  @nn.compact
+  def __call__(self, x, use_running_average=True, num_groups=1):
+    conv = functools.partial(_conv, dtype=self.dtype, param_dtype=self.param_dtype)
+    bn = functools.partial(BatchNorm, dtype=self.dtype, param_dtype=self.param_dtype)
+    norm = dict(use_running_average=use_running_average, num_groups=num_groups)
+    y = nn.relu(bn(name="bn1")(conv(self.features, 3, self.stride, name="conv1")(x), **norm))
+    y = bn(name="bn2")(conv(self.features, 3, name="conv2")(y), **norm)
+    if self.downsample:
+      x = conv(self.features, 1, self.stride, name="downsample_conv")(x)
+      x = bn(name="downsample_bn")(x, **norm)
+    out = y + x
+    return out, nn.relu(out)
+
+
+class ResNet(nn.Module):
+  """torchvision ResNet v1.5 trunk, up to `num_stages` stages (3 = stride 16).
+
+  Attributes:
+    stage_sizes: blocks per stage, e.g. (3, 4, 23, 3) for ResNet-101; only the first
+      `num_stages` entries are built. Tests use (1, 1, 1, 1).
+    bottleneck: bottleneck blocks (ResNet-50/101/152) or basic blocks (ResNet-18/34).
+    num_stages: how many of the four stages to run (3 for SCorrSAN's stride-16 feature).
+    width: channels of the stem (64 in torchvision).
+    dtype: compute dtype (None: promote input and parameters).
+  """
+  stage_sizes: Sequence[int] = STAGE_SIZES[101]
+  bottleneck: bool = True
+  num_stages: int = 3
+  width: int = 64
+  dtype: Optional[Any] = None
+  param_dtype: Any = jnp.float32
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, x, train: bool = False, num_groups: int = 1
+               ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+    """Runs the trunk.
+
+    Args:
+      x: [b, H, W, 3] ImageNet-normalised images (H, W multiples of 16 for a stride-16 grid).
+      train: use batch statistics in BatchNorm (and update the running ones; needs
+        `mutable=['batch_stats']`); False uses the running statistics.
+      num_groups: the batch is this many image sets whose batch statistics are kept separate
+        (2 when source and target go through in one call).
+
+    Returns:
+      `(feature, aux)`: feature `[b, H/2^(num_stages+1), W/.., c]` is the last block's output
+      *before* its final ReLU; aux maps `stem`, `layer1`..`layer{num_stages}` (post-ReLU) and
+      `layer{s}_{i}_pre_relu` of every block to their activations.
+    """
+    urav = not train
+    norm = dict(use_running_average=urav, num_groups=num_groups)
+    aux = {}
+    x = _conv(self.width, 7, 2, name="conv1", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+    x = BatchNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="bn1")(x, **norm)
+    x = nn.relu(x)
+    neg_inf = jnp.asarray(-jnp.inf, x.dtype)
+    x = jax.lax.reduce_window(x, neg_inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
+                              ((0, 0), (1, 1), (1, 1), (0, 0)))
+    aux["stem"] = x
+    block_cls = Bottleneck if self.bottleneck else BasicBlock
+    if self.remat:
+      block_cls = nn.remat(block_cls, static_argnums=(2, 3))
+    pre = x
+    for s, n_blocks in enumerate(self.stage_sizes[:self.num_stages]):
+      features = self.width * 2 ** s
+      for i in range(n_blocks):
+        stride = 2 if (i == 0 and s > 0) else 1
+        downsample = i == 0 and (stride != 1 or s == 0 and self.bottleneck)
+        pre, x = block_cls(features, stride=stride, downsample=downsample, dtype=self.dtype,
+                           param_dtype=self.param_dtype, name=f"layer{s + 1}_{i}")(
+                               x, urav, num_groups)
+        aux[f"layer{s + 1}_{i}_pre_relu"] = pre
+      aux[f"layer{s + 1}"] = x
+    return pre, aux
+
+
+def resnet(depth: int = 101, **kwargs) -> ResNet:
+  """ResNet-`depth` trunk (18/34/50/101/152); `stage_sizes=` in kwargs overrides the depth."""
+  if depth not in STAGE_SIZES:
+    raise ValueError(f"backbone depth must be one of {sorted(STAGE_SIZES)}, got {depth}")
+  kwargs.setdefault("stage_sizes", STAGE_SIZES[depth])
+  return ResNet(bottleneck=depth in BOTTLENECK_DEPTHS, **kwargs)
+
+
+ResNet18 = functools.partial(resnet, 18)
+ResNet34 = functools.partial(resnet, 34)
+ResNet50 = functools.partial(resnet, 50)
+ResNet101 = functools.partial(resnet, 101)
+ResNet152 = functools.partial(resnet, 152)
