@@ -1,0 +1,174 @@
+"""PyTorch state dicts -> Flax variables of `sccorr_jax.models.SCorrSAN`.
+
+Two kinds of state dict are understood, told apart by their keys:
+
+* torchvision ResNet ImageNet weights (`conv1.weight`, `layer3.22.bn3.running_var`, ...): the
+  backbone is filled from them; the head (context encoder, coordinate vectors) keeps the values of
+  `init_variables` (a fresh initialisation if not given), as the reference does when it starts
+  training from ImageNet weights.
+* full reference SCorrSAN checkpoints (`feature_extraction.backbone.*`, `SCEs.0.conv.*`,
+  `x_normal`, `y_normal`): every variable comes from the state dict.
+
+The name table, Flax path <- PyTorch name (conv kernels OIHW -> HWIO; the context encoder's 1x1
+conv `[O, I, 1, 1]` -> Dense kernel `[I, O]`):
+
+    backbone/conv1/kernel                     conv1.weight
+    backbone/bn1/{scale,bias}                 bn1.{weight,bias}
+    batch_stats backbone/bn1/{mean,var}       bn1.running_{mean,var}
+    backbone/layer{s}_{i}/conv{j}             layer{s}.{i}.conv{j}.weight
+    backbone/layer{s}_{i}/bn{j}               layer{s}.{i}.bn{j}.*
+    backbone/layer{s}_{i}/downsample_conv     layer{s}.{i}.downsample.0.weight
+    backbone/layer{s}_{i}/downsample_bn       layer{s}.{i}.downsample.1.*
+    sce/conv/{kernel,bias}                    SCEs.0.conv.{weight,bias}
+    x_normal, y_normal                        x_normal, y_normal
+
+Keys the port does not use are ignored, exactly: `layer4.*`, `fc.*`, `*.num_batches_tracked`
+(with or without the `feature_extraction.backbone.` prefix). Anything else unexpected, anything
+missing, or a shape mismatch raises `ConversionError` listing every problem.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+BACKBONE_PREFIX = "feature_extraction.backbone."
+_IGNORED = re.compile(r"^(feature_extraction\.backbone\.)?(layer4\.|fc\.)|\.num_batches_tracked$")
+
+
+class ConversionError(ValueError):
+  """A state dict does not fit the model; the message lists every problem."""
+
+
+def _torch_name(path: Tuple[str, ...], collection: str) -> Tuple[str, str]:
+  """Flax `(collection, path)` -> (PyTorch name without prefix, kind of transform)."""
+  leaf = path[-1]
+  if path[0] in ("x_normal", "y_normal"):
+    return path[0], "copy"
+  if path[0] == "sce":
+    return f"SCEs.0.conv.{'weight' if leaf == 'kernel' else 'bias'}", (
+        "dense" if leaf == "kernel" else "copy")
+  assert path[0] == "backbone", path
+  parts = []
+  for p in path[1:-1]:
+    m = re.fullmatch(r"layer(\d+)_(\d+)", p)
+    if m:
+      parts += [f"layer{m.group(1)}", m.group(2)]
+    elif p == "downsample_conv":
+      parts += ["downsample", "0"]
+    elif p == "downsample_bn":
+      parts += ["downsample", "1"]
+    else:
+      parts.append(p)
+  module = ".".join(parts)
+  if collection == "batch_stats":
+    return f"{module}.running_{leaf}", "copy"
+  if leaf == "kernel":
+    return f"{module}.weight", "conv"
+  return f"{module}.{'weight' if leaf == 'scale' else 'bias'}", "copy"
+
+
+def _transform(arr: np.ndarray, kind: str) -> np.ndarray:
+  if kind == "conv":
+    return np.transpose(arr, (2, 3, 1, 0))
+  if kind == "dense":
+    if arr.ndim == 4:
+      arr = arr[:, :, 0, 0]
+    return np.transpose(arr, (1, 0))
+  return arr
+
+
+def abstract_variables(model, img_size: int = 64) -> Dict[str, Any]:
+  """Shapes and dtypes of `model`'s variables, without computing anything."""
+  x = jax.ShapeDtypeStruct((1, img_size, img_size, 3), jnp.float32)
+  return jax.eval_shape(lambda a, b: model.init(jax.random.PRNGKey(0), a, b), x, x)
+
+
+def from_torch_state_dict(state_dict: Mapping[str, Any], model,
+                          init_variables: Optional[Mapping[str, Any]] = None,
+                          dtype=None) -> Dict[str, Any]:
+  """Maps a PyTorch state dict (name -> array) onto `model`'s variables.
+
+  Args:
+    state_dict: name -> numpy-convertible array: a torchvision ResNet state dict or a full
+      reference SCorrSAN one (see the module docstring for the name table).
+    model: a `sccorr_jax.models.SCorrSAN`.
+    init_variables: for backbone-only (torchvision) state dicts, where the head variables come
+      from; default a fresh `model.init` with `PRNGKey(0)`.
+    dtype: cast every array to this dtype (default: keep the state dict's).
+
+  Returns:
+    `{'params': ..., 'batch_stats': ...}` as nested dicts of numpy arrays.
+
+  Raises:
+    ConversionError: listing missing keys, unexpected keys and shape mismatches.
+  """
+  sd = {str(k): v for k, v in state_dict.items()}
+  full = any(k.startswith(BACKBONE_PREFIX) for k in sd)
+  target = flax.core.unfreeze(abstract_variables(model))
+  flat = flax.traverse_util.flatten_dict(target)
+  used, missing, mismatched = set(), [], []
+  out = {}
+  head_from_init = {}
+  for (collection, *path), leaf in flat.items():
+    path = tuple(path)
+    name, kind = _torch_name(path, collection)
+    if path[0] == "backbone":
+      name = (BACKBONE_PREFIX if full else "") + name
+    elif not full:
+      head_from_init[(collection,) + path] = leaf
+      continue
+    if name not in sd:
+      missing.append(name)
+      continue
+    used.add(name)
+    arr = _transform(np.asarray(sd[name]), kind)
+    if tuple(arr.shape) != tuple(leaf.shape):
+      mismatched.append(f"{name}: state dict {tuple(np.asarray(sd[name]).shape)} -> "
+                        f"{tuple(arr.shape)}, model expects {tuple(leaf.shape)} "
+                        f"(at {collection}/{'/'.join(path)})")
+      continue
+    out[(collection,) + path] = arr if dtype is None else arr.astype(dtype)
+  unexpected = sorted(k for k in sd if k not in used and not _IGNORED.search(k))
+  if missing or unexpected or mismatched:
+    lines = [f"state dict does not fit {type(model).__name__} "
+             f"({'full SCorrSAN' if full else 'torchvision backbone'} checkpoint):"]
+    if missing:
+      lines.append(f"  missing keys ({len(missing)}): " + ", ".join(missing))
+    if unexpected:
+      lines.append(f"  unexpected keys ({len(unexpected)}): " + ", ".join(unexpected))
+    if mismatched:
+      lines.append(f"  shape mismatches ({len(mismatched)}):\n    " + "\n    ".join(mismatched))
+    raise ConversionError("\n".join(lines))
+  if head_from_init:
+    if init_variables is None:
+      x = jnp.zeros((1, 64, 64, 3), jnp.float32)
+      init_variables = jax.jit(model.init)(jax.random.PRNGKey(0), x, x)
+    init_flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(init_variables))
+    for key in head_from_init:
+      arr = np.asarray(init_flat[key])
+      out[key] = arr if dtype is None else arr.astype(dtype)
+  return flax.traverse_util.unflatten_dict(out)
+
+
+def to_torch_state_dict(variables: Mapping[str, Any], model) -> Dict[str, np.ndarray]:
+  """Inverse of `from_torch_state_dict` for a full SCorrSAN (reference names, NCHW/OIHW)."""
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables))
+  sd = {}
+  for (collection, *path), leaf in flat.items():
+    name, kind = _torch_name(tuple(path), collection)
+    if path[0] == "backbone":
+      name = BACKBONE_PREFIX + name
+    arr = np.asarray(leaf)
+    if kind == "conv":
+      arr = np.transpose(arr, (3, 2, 0, 1))
+    elif kind == "dense":
+      arr = np.transpose(arr, (1, 0))[:, :, None, None]
+    sd[name] = arr
+  del model
+  return sd
