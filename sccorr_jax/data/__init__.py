@@ -1,0 +1,26 @@
+"""Data: TFDS builders of SPair-71k, PF-PASCAL, PF-WILLOW and an embedded synthetic dataset,
+read through grain pipelines that apply the reference's preprocessing.
+
+Public API (see `docs/data.md`):
+
+    default_data_config(name)            ConfigDict of every data option
+    create_train_iterator(cfg, *, batch_size, seed, process_index=0, process_count=1)
+    create_eval_iterator(cfg, split, *, batch_size, process_index=0, process_count=1)
+    num_examples(cfg, split), category_names(cfg), data_source(cfg, split), get_builder(cfg)
+"""
+
+from sccorr_jax.data.pipeline import category_names
+from sccorr_jax.data.pipeline import create_eval_iterator
+from sccorr_jax.data.pipeline import create_train_iterator
+from sccorr_jax.data.pipeline import data_source
+from sccorr_jax.data.pipeline import DATASETS
+from sccorr_jax.data.pipeline import default_data_config
+from sccorr_jax.data.pipeline import get_builder
+from sccorr_jax.data.pipeline import num_examples
+from sccorr_jax.data.records import BadRecordError
+from sccorr_jax.data.records import BadRecordPolicy
+from sccorr_jax.data.records import MAX_KPS
+from sccorr_jax.data.records import PreparationError
+from sccorr_jax.data.transforms import keypoints_to_flow_np
+from sccorr_jax.data.transforms import preprocess_pair
+from sccorr_jax.data.transforms import PreprocessOptions

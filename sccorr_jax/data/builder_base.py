@@ -1,0 +1,84 @@
+"""Shared machinery of the benchmark TFDS builders: ArrayRecord output, manual dir or download,
+the bad-record policy and its report."""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, Optional, Sequence
+
+from absl import logging
+import tensorflow_datasets as tfds
+
+from sccorr_jax.data import records
+
+
+class PairDatasetBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Base of the benchmark builders (not registered itself).
+
+  Subclasses set `FOLDER` (the dataset's folder name in its archive), `MARKER` (a path inside
+  the dataset root that identifies it), `URLS` (archive URLs), `CATEGORIES`, `SPLITS`, and
+  implement `_examples(root, split, guard)` yielding `(key, example)`.
+
+  Construction: `Builder(data_dir=D, policy=records.BadRecordPolicy(...))`; the file format
+  defaults to ArrayRecord. After `download_and_prepare`, `builder.report` holds the bad records.
+  """
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  FOLDER: str = ''
+  MARKER: str = ''
+  URLS: Dict[str, str] = {}
+  CATEGORIES: Sequence[str] = ()
+  SPLITS: Sequence[str] = ()
+  HOMEPAGE: str = ''
+  CITATION: str = ''
+  DESCRIPTION: str = ''
+
+  def __init__(self, *, policy: Optional[records.BadRecordPolicy] = None, **kwargs):
+    kwargs.setdefault('file_format', 'array_record')
+    super().__init__(**kwargs)
+    self.policy = policy or records.BadRecordPolicy()
+    self.report = records.PreparationReport()
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self, description=self.DESCRIPTION,
+        features=records.pair_features(self.CATEGORIES), homepage=self.HOMEPAGE,
+        citation=self.CITATION)
+
+  def _find_root(self, dl_manager) -> str:
+    try:
+      manual = os.fspath(dl_manager.manual_dir)
+    except Exception:  # pylint: disable=broad-except  # tfds raises when no manual dir exists
+      manual = None
+    if manual:
+      root = records.find_root(manual, self.FOLDER, self.MARKER)
+      if root:
+        logging.info('%s: reading %s', self.name, root)
+        return root
+      raise records.PreparationError(
+          f'{self.name}: {manual} contains neither {self.MARKER} nor '
+          f'{self.FOLDER}/{self.MARKER}; see docs/data.md for the expected layout')
+    logging.info('%s: no manual dir, downloading %s', self.name, self.URLS)
+    paths = dl_manager.download_and_extract(dict(self.URLS))
+    for path in paths.values():
+      root = records.find_root(os.fspath(path), self.FOLDER, self.MARKER)
+      if root:
+        return root
+    raise records.PreparationError(
+        f'{self.name}: the downloaded archives {list(paths.values())} do not contain '
+        f'{self.FOLDER}/{self.MARKER}')
+
+  def _split_generators(self, dl_manager):
+    root = self._find_root(dl_manager)
+    return {split: self._generate_examples(root=root, split=split) for split in self.SPLITS}
+
+  def _generate_examples(self, root: str, split: str):
+    guard = records.SplitGuard(split, self.policy, self.report)
+    for key, example in self._examples(root, split, guard):
+      yield key, example
+    guard.finish()
+    if self.report.bad or self.report.dropped_kps:
+      logging.warning('%s preparation report:\n%s', self.name, self.report.summary())
+
+  def _examples(self, root: str, split: str, guard: records.SplitGuard):
+    raise NotImplementedError

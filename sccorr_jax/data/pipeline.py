@@ -1,0 +1,264 @@
+"""grain pipelines over the TFDS data sources: training and evaluation batches.
+
+Training: `MapDataset.source -> shard per process -> seed -> shuffle -> repeat -> random_map
+(preprocess with the record's random stream) -> batch -> to_iter_dataset -> mp_prefetch`.
+Batching happens on the `MapDataset`, so batch `i` is the same whatever the number of workers,
+and the iterator's state (`get_state`/`set_state`, or grain's Orbax handlers) resumes exactly.
+
+Evaluation: one pass over a split, no augmentation, every process gets the same number of
+fixed-shape batches; the last ones are padded with copies of a real pair marked
+`pair_valid=False`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict
+
+import grain
+import ml_collections
+import numpy as np
+
+from sccorr_jax.data import pfpascal
+from sccorr_jax.data import pfwillow
+from sccorr_jax.data import spair71k
+from sccorr_jax.data import synthetic
+from sccorr_jax.data import transforms
+
+BUILDERS = {'spair71k': spair71k.Spair71k, 'pfpascal': pfpascal.PfPascal,
+            'pfwillow': pfwillow.PfWillow}
+DATASETS = ('synthetic', *BUILDERS)
+_SPLIT_ALIASES = {'train': 'trn', 'validation': 'val', 'valid': 'val'}
+
+
+def default_data_config(name: str = 'synthetic') -> ml_collections.ConfigDict:
+  """Every data option with its default; configs build on it (`config.data = ...`).
+
+  Args:
+    name: 'synthetic' | 'spair71k' | 'pfpascal' | 'pfwillow'.
+
+  Returns:
+    ConfigDict with fields:
+      name: the dataset.
+      data_dir: TFDS data dir of the prepared benchmarks; for 'synthetic', where it is cached
+        (built on first use). Default `$SCCORR_DATA_DIR` or `~/tensorflow_datasets`.
+      img_size, feature_size, receptive_field: network input side (pixels), flow label grid
+        side, label receptive field (pixels); `img_size % feature_size == 0`.
+      max_kps: keypoint slots per pair (40).
+      train_split: split the training iterator reads ('trn').
+      augment, augment_p: the reference's colour augmentation (training) and its probability.
+      random_crop, random_crop_p: the reference's crop around the box (off, as in the
+        reference) and its probability when on.
+      flip: honour PF-PASCAL's training flip flags.
+      shuffle: shuffle the training data per epoch.
+      num_workers: grain worker processes (0 = in-process); num_threads, prefetch_buffer_size:
+        grain `ReadOptions`.
+      synthetic_img_size, synthetic_train_pairs_per_photo, synthetic_eval_pairs_per_photo,
+        synthetic_min_kps, synthetic_max_kps, synthetic_seed: the embedded dataset's size knobs.
+  """
+  if name not in DATASETS:
+    raise ValueError(f'unknown dataset {name!r}; expected one of {DATASETS}')
+  c = ml_collections.ConfigDict()
+  c.name = name
+  c.data_dir = os.environ.get('SCCORR_DATA_DIR',
+                              os.path.join(os.path.expanduser('~'), 'tensorflow_datasets'))
+  c.img_size = 256
+  c.feature_size = 64
+  c.receptive_field = 11
+  c.max_kps = 40
+  c.train_split = 'trn'
+  c.augment = True
+  c.augment_p = 0.2
+  c.random_crop = False
+  c.random_crop_p = 0.5
+  c.flip = True
+  c.shuffle = True
+  c.num_workers = 0
+  c.num_threads = 4
+  c.prefetch_buffer_size = 16
+  c.synthetic_img_size = 128
+  c.synthetic_train_pairs_per_photo = 16
+  c.synthetic_eval_pairs_per_photo = 8
+  c.synthetic_min_kps = 8
+  c.synthetic_max_kps = 20
+  c.synthetic_seed = 0
+  return c
+
+
+def _get(cfg, key: str, default: Any = None) -> Any:
+  return cfg.get(key, default) if hasattr(cfg, 'get') else getattr(cfg, key, default)
+
+
+def _check(cfg):
+  name = _get(cfg, 'name')
+  if name not in DATASETS:
+    raise ValueError(f'data.name must be one of {DATASETS}, got {name!r}')
+  if int(cfg.img_size) % int(cfg.feature_size):
+    raise ValueError(f'data.img_size ({cfg.img_size}) must be divisible by data.feature_size '
+                     f'({cfg.feature_size})')
+
+
+def get_builder(data_config):
+  """The TFDS builder of `data_config.name` over `data_config.data_dir`.
+
+  The synthetic dataset is generated on first use; a benchmark must have been prepared with
+  `python -m sccorr_jax.data.prepare` (raises `FileNotFoundError` saying so otherwise).
+  """
+  _check(data_config)
+  name = data_config.name
+  data_dir = os.path.expanduser(str(data_config.data_dir))
+  if name == 'synthetic':
+    builder = synthetic.make_builder(
+        data_dir, img_size=int(_get(data_config, 'synthetic_img_size', 128)),
+        train_pairs_per_photo=int(_get(data_config, 'synthetic_train_pairs_per_photo', 16)),
+        eval_pairs_per_photo=int(_get(data_config, 'synthetic_eval_pairs_per_photo', 8)),
+        min_kps=int(_get(data_config, 'synthetic_min_kps', 8)),
+        max_kps=int(_get(data_config, 'synthetic_max_kps', 20)),
+        seed=int(_get(data_config, 'synthetic_seed', 0)))
+    if not builder.is_prepared():
+      builder.download_and_prepare()
+    return builder
+  builder = BUILDERS[name](data_dir=data_dir)
+  if not builder.is_prepared():
+    raise FileNotFoundError(
+        f'{name} is not prepared in {data_dir} (looked for {builder.data_dir}). Prepare it '
+        f'with: python -m sccorr_jax.data.prepare --dataset={name} --manual_dir=<folder with '
+        f'the extracted archive> --data_dir={data_dir}   (see docs/data.md)')
+  return builder
+
+
+def _split(builder, split: str) -> str:
+  split = _SPLIT_ALIASES.get(split, split)
+  if split not in builder.info.splits:
+    raise ValueError(f'{builder.name} has no split {split!r}; it has '
+                     f'{sorted(builder.info.splits.keys())}')
+  return split
+
+
+def data_source(data_config, split: str):
+  """Random-access TFDS data source of a split (records of `records.py`, images decoded)."""
+  builder = get_builder(data_config)
+  return builder.as_data_source(split=_split(builder, split))
+
+
+def num_examples(data_config, split: str) -> int:
+  """Number of pairs in a split."""
+  builder = get_builder(data_config)
+  return int(builder.info.splits[_split(builder, split)].num_examples)
+
+
+def category_names(data_config) -> list:
+  """Category names of the dataset; index = `category` id."""
+  return list(get_builder(data_config).info.features['category'].names)
+
+
+def preprocess_options(data_config, train: bool) -> transforms.PreprocessOptions:
+  return transforms.PreprocessOptions(
+      dataset=data_config.name, img_size=int(data_config.img_size),
+      feature_size=int(data_config.feature_size),
+      receptive_field=int(data_config.receptive_field), max_kps=int(data_config.max_kps),
+      train=train, augment=bool(_get(data_config, 'augment', True)),
+      augment_p=float(_get(data_config, 'augment_p', 0.2)),
+      random_crop=bool(_get(data_config, 'random_crop', False)),
+      random_crop_p=float(_get(data_config, 'random_crop_p', 0.5)),
+      flip=bool(_get(data_config, 'flip', True)))
+
+
+def _read_options(data_config) -> grain.ReadOptions:
+  return grain.ReadOptions(num_threads=int(_get(data_config, 'num_threads', 4)),
+                           prefetch_buffer_size=int(_get(data_config, 'prefetch_buffer_size', 16)))
+
+
+def _local_batch_size(batch_size: int, process_count: int) -> int:
+  if batch_size % process_count:
+    raise ValueError(f'batch_size {batch_size} is not divisible by process_count {process_count}')
+  return batch_size // process_count
+
+
+def create_train_iterator(data_config, *, batch_size: int, seed: int, process_index: int = 0,
+                          process_count: int = 1) -> grain.DatasetIterator:
+  """Infinite, shuffled, augmented training batches of this process (checkpointable).
+
+  Args:
+    data_config: see `default_data_config`.
+    batch_size: global batch size; this process yields `batch_size // process_count` pairs.
+    seed: data seed (shuffling and augmentation).
+    process_index, process_count: this process and the number of processes; each reads the
+      records `process_index::process_count` of the split.
+
+  Returns:
+    A grain `DatasetIterator` of batch dicts (the batch contract of CONTRIBUTING.md); its
+    `get_state()`/`set_state()` resume exactly, mid-epoch included.
+  """
+  local = _local_batch_size(batch_size, process_count)
+  source = data_source(data_config, _get(data_config, 'train_split', 'trn'))
+  ds = grain.MapDataset.source(source)
+  if process_count > 1:
+    ds = ds[process_index::process_count]
+  if len(ds) == 0:
+    raise ValueError('the training split of this process is empty')
+  process_seed = int(np.random.SeedSequence([int(seed), int(process_index)]).generate_state(1)[0])
+  ds = ds.seed(process_seed)
+  if _get(data_config, 'shuffle', True):
+    ds = ds.shuffle()
+  ds = ds.repeat()
+  ds = ds.random_map(transforms.TrainPreprocess(preprocess_options(data_config, train=True)))
+  ds = ds.batch(local, drop_remainder=True)
+  it = ds.to_iter_dataset(_read_options(data_config))
+  workers = int(_get(data_config, 'num_workers', 0))
+  if workers > 0:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+  return iter(it)
+
+
+class _PaddedSource:
+  """`base[indices]` followed by copies of its first record marked `_padding` up to `length`."""
+
+  def __init__(self, base, indices, length: int):
+    self._base = base
+    self._indices = np.asarray(indices, np.int64)
+    self._length = int(length)
+
+  def __len__(self) -> int:
+    return self._length
+
+  def __getitem__(self, i: int) -> Dict[str, Any]:
+    i = int(i)
+    if i < len(self._indices):
+      return self._base[int(self._indices[i])]
+    rec = dict(self._base[int(self._indices[0])])
+    rec['_padding'] = True
+    return rec
+
+
+def create_eval_iterator(data_config, split: str, *, batch_size: int, process_index: int = 0,
+                         process_count: int = 1) -> grain.IterDataset:
+  """One pass over a split in fixed-shape batches, no augmentation.
+
+  Args:
+    data_config: see `default_data_config`.
+    split: 'trn' | 'val' | 'test' (PF-WILLOW: 'test').
+    batch_size: global batch size; this process yields `batch_size // process_count` rows.
+    process_index, process_count: this process gets records `process_index::process_count`.
+
+  Returns:
+    An iterable (each `iter()` starts a new pass) of batch dicts; all processes yield the same
+    number of batches; rows past the end of the data are copies with `pair_valid=False`.
+  """
+  local = _local_batch_size(batch_size, process_count)
+  source = data_source(data_config, split)
+  n = len(source)
+  indices = np.arange(process_index, n, process_count)
+  if len(indices) == 0:
+    raise ValueError(f'split {split!r} has no pair for process {process_index}')
+  per_process = -(-n // process_count)
+  num_batches = -(-per_process // local)
+  padded = _PaddedSource(source, indices, num_batches * local)
+  ds = grain.MapDataset.source(padded)
+  ds = ds.map(transforms.EvalPreprocess(preprocess_options(data_config, train=False)))
+  ds = ds.batch(local, drop_remainder=True)
+  it = ds.to_iter_dataset(_read_options(data_config))
+  workers = int(_get(data_config, 'num_workers', 0))
+  if workers > 0:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+  return it

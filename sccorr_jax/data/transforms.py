@@ -1,0 +1,254 @@
+"""Per-pair preprocessing of the grain pipelines: record -> one row of the batch contract.
+
+Follows the reference (`data/dataset.py`, `data/spair.py`, `data/pfpascal.py`,
+`data/pfwillow.py`):
+
+1. training only, `augment`: the seven colour transforms of `augment.py` on each image at its
+   original size (independent draws for source and target);
+2. training only, `random_crop` (off by default; the reference's call has p=-1): crop each image
+   around its box; keypoints are shifted and, as in the reference, clamped to the image;
+3. resize both images to `img_size` x `img_size` (bilinear with antialiasing, PIL, as
+   torchvision's `Resize` on PIL images; aspect ratio not kept) and scale keypoints and boxes by
+   `(img_size / w, img_size / h)`;
+4. training only, PF-PASCAL pairs flagged by the csv: flip both images horizontally, keypoints
+   `x -> img_size - x` while image column `x` moves to `img_size - 1 - x` (the reference's
+   one-pixel inconsistency, kept for parity), boxes mirrored the same way;
+5. PCK thresholds (img_size units) and the sparse flow label
+   (`geometry.keypoints_to_flow(.., feature_size, receptive_field, img_size)`, NumPy twin here);
+6. ImageNet normalisation to float32.
+
+Thresholds per pair: `pckthres_bbox` = max(w, h) of the resized source box (SPair-71k,
+PF-PASCAL, synthetic) or of the source keypoints' extent box (PF-WILLOW; real keypoints only);
+`pckthres_img` = img_size; `pckthres_bbox_legacy` = the reference's PF-WILLOW value, max over x,
+y of (max - min) over all 40 keypoint slots with the -1 padding included (equal to
+`pckthres_bbox` for the other datasets); `pckthres` = the benchmark's standard kind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import grain
+import numpy as np
+from PIL import Image
+
+from sccorr_jax.data import augment as augment_lib
+from sccorr_jax.data import records
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+# Which threshold is each benchmark's standard, and how its `bbox` threshold is measured.
+STANDARD_THRESHOLD = {'spair71k': 'bbox', 'pfpascal': 'img', 'pfwillow': 'bbox',
+                      'synthetic': 'bbox'}
+BBOX_FROM_KEYPOINTS = {'pfwillow'}
+
+
+def keypoints_to_flow_np(src_kps, trg_kps, valid, feature_size: int, receptive_field: int,
+                         img_size: int = 256) -> np.ndarray:
+  """NumPy twin of `geometry.keypoints_to_flow` (same arguments, same float32 result).
+
+  Used in the data workers, where a per-example jax call would cost a dispatch and a device
+  transfer; `tests/test_data_transforms.py` checks it equals the jax function.
+
+  Args:
+    src_kps, trg_kps: [n, 2] float, (x, y) pixels of the `img_size` image.
+    valid: [n] bool.
+    feature_size: side of the flow grid.
+    receptive_field: receptive box side in pixels.
+    img_size: image side in pixels.
+
+  Returns:
+    [feature_size, feature_size, 2] float32 flow target -> source in grid cells, (0, 0) where
+    unlabelled.
+  """
+  src = np.asarray(src_kps, np.float32)
+  trg = np.asarray(trg_kps, np.float32)
+  valid = np.asarray(valid, bool)
+  fs = int(feature_size)
+  jsz = int(img_size) // fs
+  rf = int(receptive_field)
+  cell = np.arange(fs, dtype=np.float32) * jsz + (jsz // 2)
+  lo = cell - (rf // 2)
+  hi = cell + (rf // 2)
+  in_x = (trg[:, 0:1] >= lo) & (trg[:, 0:1] <= hi)  # [n, fx]
+  in_y = (trg[:, 1:2] >= lo) & (trg[:, 1:2] <= hi)  # [n, fy]
+  inside = in_y[:, :, None] & in_x[:, None, :] & valid[:, None, None]  # [n, fy, fx]
+  w = inside.astype(np.float32)
+  count = w.sum(axis=0)
+  mean_trg = np.einsum('nyx,nc->yxc', w, trg) / np.maximum(count, 1.0)[..., None]
+  idx = np.arange(inside.shape[0])
+  last = np.max(np.where(inside, idx[:, None, None], -1), axis=0, initial=-1)
+  src_last = src[np.maximum(last, 0)] if len(src) else np.zeros((fs, fs, 2), np.float32)
+  flow = (src_last - mean_trg) / np.float32(jsz)
+  return np.where((count > 0)[..., None], flow, 0.0).astype(np.float32)
+
+
+def resize_image(img: np.ndarray, size: int) -> np.ndarray:
+  """[h, w, 3] uint8 -> [size, size, 3] uint8, bilinear with antialiasing (PIL)."""
+  if img.shape[0] == size and img.shape[1] == size:
+    return img
+  return np.asarray(Image.fromarray(img).resize((size, size), Image.BILINEAR))
+
+
+def normalize(img: np.ndarray) -> np.ndarray:
+  """uint8 [.., 3] -> float32 ImageNet-normalised."""
+  return (img.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+
+
+def legacy_willow_threshold(src_kps: np.ndarray, valid: np.ndarray) -> np.float32:
+  """The reference's PF-WILLOW `bbox` threshold: max over x, y of (max - min) over all 40
+  slots, the padding slots holding -1."""
+  k = np.full((records.MAX_KPS, 2), -1.0, np.float32)
+  n = min(int(valid.sum()), records.MAX_KPS)
+  k[:n] = src_kps[valid][:n]
+  return np.float32((k.max(0) - k.min(0)).max())
+
+
+@dataclasses.dataclass(frozen=True)
+class PreprocessOptions:
+  """Static options of `preprocess_pair` (hashable, picklable).
+
+  Attributes:
+    dataset: 'synthetic' | 'spair71k' | 'pfpascal' | 'pfwillow' (selects the thresholds).
+    img_size: output image side, pixels.
+    feature_size: flow grid side.
+    receptive_field: flow label receptive field, pixels.
+    max_kps: keypoint slots in the output (real keypoints beyond it are dropped).
+    train: apply the training-only steps (augmentation, crop, PF-PASCAL flip).
+    augment: colour augmentation (training only).
+    augment_p: probability of each colour transform.
+    random_crop: the reference's crop around the box (training only).
+    random_crop_p: probability of cropping each image when `random_crop`.
+    flip: honour PF-PASCAL's flip flag (training only).
+  """
+  dataset: str
+  img_size: int = 256
+  feature_size: int = 64
+  receptive_field: int = 11
+  max_kps: int = records.MAX_KPS
+  train: bool = False
+  augment: bool = False
+  augment_p: float = augment_lib.REFERENCE_P
+  random_crop: bool = False
+  random_crop_p: float = 0.5
+  flip: bool = True
+
+
+def _pad_kps(kps: np.ndarray, n: int) -> np.ndarray:
+  out = np.zeros((n, 2), np.float32)
+  m = min(n, len(kps))
+  out[:m] = kps[:m]
+  return out
+
+
+def preprocess_pair(rec: dict, opts: PreprocessOptions,
+                    rng: Optional[np.random.Generator] = None) -> dict:
+  """One record -> one row of the batch contract (see the module docstring).
+
+  Args:
+    rec: a record as read from the TFDS data source (`records` module), images decoded.
+    opts: static options.
+    rng: the record's random stream (training); None for evaluation.
+
+  Returns:
+    dict of numpy arrays: `src_img`, `trg_img` [S, S, 3] float32; `src_kps`, `trg_kps`
+    [max_kps, 2] float32 (S-pixel units, padding 0); `kps_valid` [max_kps] bool; `flow`
+    [fs, fs, 2] float32; `pckthres`, `pckthres_bbox`, `pckthres_img`, `pckthres_bbox_legacy`
+    () float32; `src_bbox`, `trg_bbox` [4] float32 (S-pixel units); `src_imsize`, `trg_imsize`
+    [2] int32 (original (h, w)); `category` () int32; `pair_valid` () bool; and the SPair-71k
+    difficulty levels () int32.
+  """
+  s = int(opts.img_size)
+  train = opts.train and rng is not None
+  valid = np.asarray(rec['kps_valid'], bool).copy()
+  out_imsize = {}
+  imgs, kps, boxes = {}, {}, {}
+  for side in ('src', 'trg'):
+    img = np.asarray(rec[f'{side}_img'])
+    out_imsize[side] = np.asarray(rec[f'{side}_imsize'], np.int32)
+    k = np.asarray(rec[f'{side}_kps'], np.float32).copy()
+    box = np.asarray(rec[f'{side}_bbox'], np.float32).copy()
+    if train and opts.augment:
+      img = augment_lib.reference_color_augment(img, rng, opts.augment_p)
+    h, w = img.shape[:2]
+    if train and opts.random_crop and rng.random() < opts.random_crop_p:
+      left, top, cw, ch = augment_lib.random_crop_params(rng, box, (h, w))
+      img = img[top:top + ch, left:left + cw]
+      k = k - np.array([left, top], np.float32)
+      box = box - np.array([left, top, left, top], np.float32)
+      h, w = ch, cw
+      scale = np.array([s / w, s / h], np.float32)
+      k = np.clip(k * scale, 0, s - 1)  # the reference clamps cropped keypoints
+    else:
+      scale = np.array([s / w, s / h], np.float32)
+      k = k * scale
+    box = box * np.tile(scale, 2)
+    imgs[side] = resize_image(np.ascontiguousarray(img), s)
+    kps[side] = k
+    boxes[side] = box
+  if train and opts.flip and int(rec.get('flip', 0)):
+    for side in ('src', 'trg'):
+      imgs[side] = imgs[side][:, ::-1]
+      kps[side][valid, 0] = s - kps[side][valid, 0]
+      x1, x2 = boxes[side][0], boxes[side][2]
+      boxes[side][0], boxes[side][2] = s - x2, s - x1
+  src_box = boxes['src']
+  if opts.dataset in BBOX_FROM_KEYPOINTS:
+    ext = kps['src'][valid]
+    thr_bbox = np.float32((ext.max(0) - ext.min(0)).max())
+    thr_legacy = legacy_willow_threshold(kps['src'], valid)
+  else:
+    thr_bbox = np.float32(max(src_box[2] - src_box[0], src_box[3] - src_box[1]))
+    thr_legacy = thr_bbox
+  thr_img = np.float32(s)
+  standard = STANDARD_THRESHOLD[opts.dataset]
+  n = int(opts.max_kps)
+  valid_out = np.zeros((n,), bool)
+  valid_out[:min(n, len(valid))] = valid[:n]
+  src_kps = _pad_kps(np.where(valid[:, None], kps['src'], 0), n)
+  trg_kps = _pad_kps(np.where(valid[:, None], kps['trg'], 0), n)
+  out = {
+      'src_img': normalize(imgs['src']),
+      'trg_img': normalize(imgs['trg']),
+      'src_kps': src_kps,
+      'trg_kps': trg_kps,
+      'kps_valid': valid_out,
+      'flow': keypoints_to_flow_np(src_kps, trg_kps, valid_out, opts.feature_size,
+                                   opts.receptive_field, s),
+      'pckthres': thr_bbox if standard == 'bbox' else thr_img,
+      'pckthres_bbox': thr_bbox,
+      'pckthres_img': thr_img,
+      'pckthres_bbox_legacy': thr_legacy,
+      'src_bbox': src_box.astype(np.float32),
+      'trg_bbox': boxes['trg'].astype(np.float32),
+      'src_imsize': out_imsize['src'],
+      'trg_imsize': out_imsize['trg'],
+      'category': np.int32(rec['category']),
+      'pair_valid': np.bool_(True),
+  }
+  for name in records.DIFFICULTY_FIELDS:
+    out[name] = np.int32(rec.get(name, 0))
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainPreprocess(grain.transforms.RandomMap):
+  """grain random map: `preprocess_pair` with the record's random stream."""
+  opts: PreprocessOptions
+
+  def random_map(self, element, rng: np.random.Generator):
+    return preprocess_pair(element, self.opts, rng)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalPreprocess(grain.transforms.Map):
+  """grain map: `preprocess_pair` without randomness; padding rows get `pair_valid=False`."""
+  opts: PreprocessOptions
+
+  def map(self, element):
+    padding = bool(element.get('_padding', False))
+    out = preprocess_pair(element, self.opts, None)
+    out['pair_valid'] = np.bool_(not padding)
+    return out
