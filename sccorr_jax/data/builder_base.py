@@ -77,8 +77,6 @@ class PairDatasetBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
     for key, example in self._examples(root, split, guard):
       yield key, example
     guard.finish()
-    if self.report.bad or self.report.dropped_kps:
-      logging.warning('%s preparation report:\n%s', self.name, self.report.summary())
 
   def _examples(self, root: str, split: str, guard: records.SplitGuard):
     raise NotImplementedError
