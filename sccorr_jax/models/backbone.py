@@ -88,7 +88,30 @@ class BatchNorm(nn.Module):
     return y.astype(dtype)
 
 
+class Conv1x1(nn.Module):
+  """Bias-free 1x1 convolution as a matrix product (same `kernel` [1, 1, cin, cout] as nn.Conv).
+
+  XLA:CPU runs a dot's forward and backward faster than the equivalent convolution (about 1.3x
+  for ResNet-101's 1x1 layers); a stride is a subsampling first, as PyTorch's 1x1/stride-2 conv
+  with zero padding reads pixels 0, 2, 4, ...
+  """
+  features: int
+  stride: int = 1
+  dtype: Optional[Any] = None
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", conv_init, (1, 1, x.shape[-1], self.features), self.param_dtype)
+    if self.stride > 1:
+      x = x[:, ::self.stride, ::self.stride, :]
+    dtype = self.dtype or jnp.result_type(x, kernel)
+    return jnp.einsum("bhwc,cd->bhwd", x.astype(dtype), kernel[0, 0].astype(dtype))
+
+
 def _conv(features, kernel, stride=1, name=None, dtype=None, param_dtype=jnp.float32):
+  if kernel == 1:
+    return Conv1x1(features, stride, dtype=dtype, param_dtype=param_dtype, name=name)
   pad = kernel // 2
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                  padding=((pad, pad), (pad, pad)), use_bias=False, kernel_init=conv_init,
@@ -184,8 +207,9 @@ class ResNet(nn.Module):
     x = _conv(self.width, 7, 2, name="conv1", dtype=self.dtype, param_dtype=self.param_dtype)(x)
     x = BatchNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="bn1")(x, **norm)
     x = nn.relu(x)
-    neg_inf = jnp.asarray(-jnp.inf, x.dtype)
-    x = jax.lax.reduce_window(x, neg_inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
+    # A Python scalar init value: with an array init, reduce_window does not recognise the max
+    # monoid and cannot be differentiated.
+    x = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
                               ((0, 0), (1, 1), (1, 1), (0, 0)))
     aux["stem"] = x
     block_cls = Bottleneck if self.bottleneck else BasicBlock
