@@ -1,0 +1,528 @@
+"""Matching a user's own image pair: load a checkpoint once, then images in -> dense flow,
+transferred keypoints and a confidence per keypoint.
+
+    from sccorr_jax import predict
+    predictor = predict.Predictor.from_checkpoint('runs/spair_mt')   # workdir: its best model
+    out = predictor.predict('cat_a.jpg', 'cat_b.jpg', trg_kps=[[120, 80], [200, 150]])
+    out.flow        # [Ht, Wt, 2]: for every target pixel, the displacement to its source match
+    out.src_kps     # [n, 2]: where the given target keypoints land in the source image
+    out.confidence  # [n] in [0, 1]: soft-argmax probability mass near that location
+
+Direction (the project's convention, README "A note on coordinates and direction"): the network
+predicts, for every *target* pixel, its match in the *source*. Keypoints are therefore given on
+the target image and transferred to the source, as in PCK. To carry keypoints of image A into
+image B, call `predict(B, A, trg_kps=kps_in_A)`.
+
+Images of any size, aspect ratio and mode (grey, RGBA, palette, 16-bit, EXIF-rotated) are
+converted to RGB (transparency composited on white), resized to the model's input
+(`img_size` x `img_size`, bilinear with antialiasing, aspect not kept, as the data pipeline) and
+ImageNet-normalised. Keypoints are scaled per axis (`x * S / w`, pixel centres at integers, the
+reference's convention) and every output is mapped back to the original images' pixels.
+
+Confidence of a keypoint: at the target cell nearest to it, the upsampled correlation's softmax
+(temperature beta, over all source cells; the distribution whose mean is the soft-argmax) is
+computed for that cell only, and the probability mass within `confidence_radius` source cells
+of its expected location is reported (1 = all mass at the match, about `pi r^2 / S^2` for a
+flat distribution).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import io
+import json
+import os
+from typing import Any, Optional, Sequence, Tuple, Union
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+from PIL import ImageOps
+
+from sccorr_jax.models import flow as flow_lib
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+# A keypoint may lie this many pixels beyond the pixel-centre range [0, size - 1] (the same
+# tolerance the dataset preparation applies).
+KPS_BORDER_TOLERANCE = 1.5
+
+ImageLike = Union[str, os.PathLike, np.ndarray, Image.Image]
+
+
+class ImageError(ValueError):
+  """An image cannot be read or used; the message names it."""
+
+
+class KeypointError(ValueError):
+  """Keypoints are malformed or outside their image; the message names which."""
+
+
+class CheckpointError(ValueError):
+  """A checkpoint is missing or does not fit the model; the message says what is wrong."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Images.
+
+
+def load_image(image: ImageLike, name: Optional[str] = None) -> np.ndarray:
+  """Reads an image as RGB.
+
+  Args:
+    image: a file path, a PIL image, or an array: [h, w] grey, [h, w, 1], [h, w, 3] RGB or
+      [h, w, 4] RGBA; uint8, uint16 (scaled by 1/257), bool, or float in [0, 1].
+    name: how to call the image in error messages (default: its path or 'image').
+
+  Returns:
+    [h, w, 3] uint8 RGB. Transparency is composited on white; EXIF rotation applied.
+
+  Raises:
+    FileNotFoundError: the path does not exist.
+    ImageError: the file cannot be decoded or the array has an unusable shape or dtype.
+  """
+  name = name or (os.fspath(image) if isinstance(image, (str, os.PathLike)) else "image")
+  if isinstance(image, (str, os.PathLike)):
+    path = os.fspath(image)
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"{name}: no such image file")
+    try:
+      with open(path, "rb") as f:
+        data = f.read()
+      with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        return _pil_to_rgb(im)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+      raise ImageError(f"{name}: cannot read the image ({type(e).__name__}: {e})") from e
+  if isinstance(image, Image.Image):
+    return _pil_to_rgb(image)
+  arr = np.asarray(image)
+  if arr.ndim == 3 and arr.shape[-1] == 1:
+    arr = arr[..., 0]
+  if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)):
+    raise ImageError(f"{name}: expected an [h, w], [h, w, 1], [h, w, 3] or [h, w, 4] array, "
+                     f"got shape {arr.shape}")
+  if arr.shape[0] < 1 or arr.shape[1] < 1:
+    raise ImageError(f"{name}: empty image of shape {arr.shape}")
+  if arr.dtype == bool:
+    arr = arr.astype(np.uint8) * 255
+  elif arr.dtype == np.uint16:
+    arr = (arr // 257).astype(np.uint8)
+  elif np.issubdtype(arr.dtype, np.floating):
+    if not np.isfinite(arr).all():
+      raise ImageError(f"{name}: the float image has NaN or inf values")
+    arr = np.clip(np.rint(arr * 255.0), 0, 255).astype(np.uint8)
+  elif arr.dtype != np.uint8:
+    raise ImageError(f"{name}: unsupported dtype {arr.dtype} (use uint8, uint16 or float)")
+  if arr.ndim == 2:
+    arr = np.repeat(arr[..., None], 3, axis=-1)
+  if arr.shape[-1] == 4:
+    alpha = arr[..., 3:4].astype(np.float32) / 255.0
+    arr = np.rint(arr[..., :3] * alpha + 255.0 * (1 - alpha)).astype(np.uint8)
+  return np.ascontiguousarray(arr)
+
+
+def _pil_to_rgb(im: Image.Image) -> np.ndarray:
+  im = ImageOps.exif_transpose(im)
+  if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+    arr = np.asarray(im, np.float64)
+    hi = 65535.0 if arr.max() > 255 else 255.0
+    return load_image((np.clip(arr / hi, 0, 1)).astype(np.float32))
+  if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+    rgba = im.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return np.asarray(Image.alpha_composite(background, rgba).convert("RGB"))
+  return np.asarray(im.convert("RGB"))
+
+
+def preprocess_image(img: np.ndarray, img_size: int) -> np.ndarray:
+  """[h, w, 3] uint8 -> [S, S, 3] float32 network input (resize as the data pipeline, then
+  ImageNet normalisation with mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225))."""
+  if img.shape[0] != img_size or img.shape[1] != img_size:
+    img = np.asarray(Image.fromarray(img).resize((img_size, img_size), Image.BILINEAR))
+  return (img.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+
+
+def load_keypoints(path: str) -> np.ndarray:
+  """Reads keypoints from JSON: `[[x, y], ...]` or `{"keypoints": [[x, y], ...]}` (also accepted:
+  `{"trg_kps": ...}`, a list of `{"x": .., "y": ..}`).
+
+  Returns:
+    [n, 2] float64 (x, y) pixels.
+
+  Raises:
+    FileNotFoundError, KeypointError: missing file or malformed content, naming the file.
+  """
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path}: no such keypoint file")
+  try:
+    with open(path) as f:
+      content = json.load(f)
+  except (OSError, ValueError) as e:
+    raise KeypointError(f"{path}: not valid JSON ({e})") from e
+  if isinstance(content, dict):
+    for key in ("keypoints", "trg_kps", "points"):
+      if key in content:
+        content = content[key]
+        break
+    else:
+      raise KeypointError(f"{path}: expected a list of [x, y] or a dict with 'keypoints'")
+  try:
+    if content and isinstance(content[0], dict):
+      content = [[p["x"], p["y"]] for p in content]
+    kps = np.asarray(content, np.float64).reshape(-1, 2) if len(content) else np.zeros((0, 2))
+    if kps.shape[0] != len(content):
+      raise ValueError("each keypoint needs exactly two numbers")
+  except (TypeError, ValueError, KeyError) as e:
+    raise KeypointError(f"{path}: keypoints must be [[x, y], ...] numbers ({e})") from e
+  return kps
+
+
+def check_keypoints(kps, size_hw: Tuple[int, int], name: str = "keypoints") -> np.ndarray:
+  """[n, 2] (x, y) pixels; raises `KeypointError` naming the keypoints outside the image."""
+  kps = np.asarray(kps, np.float64)
+  if kps.ndim != 2 or kps.shape[-1] != 2:
+    raise KeypointError(f"{name}: expected an [n, 2] array of (x, y), got shape {kps.shape}")
+  h, w = size_hw
+  bad_value = ~np.isfinite(kps).all(-1)
+  t = KPS_BORDER_TOLERANCE
+  outside = ~bad_value & ((kps[:, 0] < -t) | (kps[:, 0] > w - 1 + t)
+                          | (kps[:, 1] < -t) | (kps[:, 1] > h - 1 + t))
+  if bad_value.any() or outside.any():
+    msgs = [f"#{i} {tuple(np.round(kps[i], 2))} is not finite" for i in np.nonzero(bad_value)[0]]
+    msgs += [f"#{i} (x={kps[i, 0]:g}, y={kps[i, 1]:g})" for i in np.nonzero(outside)[0]]
+    raise KeypointError(f"{name}: {len(msgs)} keypoint(s) outside the {w}x{h} (w x h) image "
+                        f"(allowed x in [0, {w - 1}], y in [0, {h - 1}], +-{t} px): "
+                        + ", ".join(msgs[:10]) + (" ..." if len(msgs) > 10 else ""))
+  return kps
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints.
+
+
+def load_model(path: str, model_index=None, fallback_config=None):
+  """Loads a checkpoint and builds its model.
+
+  Args:
+    path: a trainer workdir (its best model), a checkpoint step directory or an exported model
+      (`sccorr_jax.checkpoint.load_model_variables`).
+    model_index: for mutual-teacher checkpoints: 0, 1, 'best' or None (the recorded best).
+    fallback_config: experiment config whose `model` section builds the network when the
+      checkpoint carries no config (e.g. converted from PyTorch).
+
+  Returns:
+    `(model, variables, config)` with `config` the checkpoint's config (or the fallback).
+
+  Raises:
+    FileNotFoundError: nothing at `path`.
+    CheckpointError: the path holds no readable checkpoint.
+  """
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: no checkpoint there (expected a training workdir, a "
+                            f"checkpoint step directory or an exported model)")
+  from sccorr_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  try:
+    variables, config = ckpt_lib.load_model_variables(path, model_index=model_index)
+  except FileNotFoundError:
+    raise
+  except (ValueError, KeyError, OSError) as e:
+    raise CheckpointError(f"{path}: cannot load a model from it ({type(e).__name__}: {e})"
+                          ) from e
+  config = config if config is not None else fallback_config
+  if config is None:
+    raise CheckpointError(f"{path}: the checkpoint has no config; pass one (--config) to say "
+                          f"which model it holds")
+  model = ckpt_lib.build_model(config)
+  return model, variables, config
+
+
+def _shape_tree(tree):
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(tree), sep="/")
+  return {k: tuple(np.shape(v)) for k, v in flat.items()}
+
+
+def check_variables(model, variables, img_size: int = 256, source: str = "checkpoint"):
+  """Checks that `variables` fit `model` (names and shapes); raises `CheckpointError` listing
+  every missing, unexpected or mis-shaped variable (a checkpoint of another configuration)."""
+  x = jax.ShapeDtypeStruct((1, img_size, img_size, 3), jnp.float32)
+  want = jax.eval_shape(lambda a, b: model.init(jax.random.PRNGKey(0), a, b), x, x)
+  problems = []
+  for col in sorted(set(want) | set(variables)):
+    if col not in variables:
+      problems.append(f"collection '{col}' missing")
+      continue
+    if col not in want:
+      problems.append(f"unexpected collection '{col}'")
+      continue
+    w, g = _shape_tree(want[col]), _shape_tree(variables[col])
+    problems += [f"{col}/{k} missing" for k in sorted(set(w) - set(g))]
+    problems += [f"{col}/{k} unexpected" for k in sorted(set(g) - set(w))]
+    problems += [f"{col}/{k} has shape {g[k]}, the model needs {w[k]}"
+                 for k in sorted(set(w) & set(g)) if w[k] != g[k]]
+  if problems:
+    raise CheckpointError(
+        f"{source}: does not fit the configured model ({len(problems)} problem(s); a checkpoint "
+        f"of another configuration?): " + "; ".join(problems[:12])
+        + (" ..." if len(problems) > 12 else ""))
+
+
+# ------------------------------------------------------------------------------------------------
+# Flow sampling and confidence.
+
+
+def sample_flow(flow_grid: np.ndarray, points: np.ndarray, img_size: Tuple[int, int]):
+  """Bilinear (align_corners=False) sample of a grid flow at continuous image points.
+
+  At integer points this equals `evaluation.upsample_flow(flow, img_size)` at those pixels.
+
+  Args:
+    flow_grid: [h, w, 2] flow target -> source in grid cells.
+    points: [n, 2] (x, y) in pixels of the `img_size` image.
+    img_size: (img_h, img_w).
+
+  Returns:
+    [n, 2] float64 displacement in pixels of the `img_size` image.
+  """
+  h, w, _ = flow_grid.shape
+  img_h, img_w = img_size
+  f = np.asarray(flow_grid, np.float64)
+  u = np.clip((points[:, 0] + 0.5) * (w / img_w) - 0.5, 0, w - 1)
+  v = np.clip((points[:, 1] + 0.5) * (h / img_h) - 0.5, 0, h - 1)
+  x0 = np.floor(u).astype(np.int64)
+  y0 = np.floor(v).astype(np.int64)
+  x1 = np.minimum(x0 + 1, w - 1)
+  y1 = np.minimum(y0 + 1, h - 1)
+  lx = (u - x0)[:, None]
+  ly = (v - y0)[:, None]
+  disp = ((1 - ly) * ((1 - lx) * f[y0, x0] + lx * f[y0, x1])
+          + ly * ((1 - lx) * f[y1, x0] + lx * f[y1, x1]))
+  return disp * np.array([img_w / w, img_h / h])
+
+
+def keypoint_confidence(corr, trg_cells, x_coords, y_coords, size: Optional[int],
+                        beta: float = flow_lib.SOFTMAX_BETA, radius: float = 2.0):
+  """Soft-argmax probability mass near the expected match, for some target cells only.
+
+  The target dims of the correlation are interpolated only at the requested cells (one row of
+  each align-corners interpolation matrix), the source dims upsampled in full, then the softmax
+  over source positions, as the model's `upsampled_soft_argmax_flow` does for every cell.
+
+  Args:
+    corr: [b, hs, ws, ht, wt] filtered correlation (the model's `aux['corr']`).
+    trg_cells: [b, n, 2] int32 (x, y) cells of the upsampled target grid.
+    x_coords, y_coords: [S] the model's coordinate vectors (`x_normal`, `y_normal`).
+    size: S, the upsampled grid side (None: no upsampling, S = the correlation's grid).
+    beta: softmax temperature.
+    radius: in source cells of the S grid.
+
+  Returns:
+    `(confidence [b, n], expected [b, n, 2])`: mass within `radius` of the expected source
+    position, and that position (x, y) in source cells of the S grid.
+  """
+  b, hs, ws, ht, wt = corr.shape
+  dt = corr.dtype
+  if size is None:
+    my_t, mx_t = np.eye(ht), np.eye(wt)
+    my_s, mx_s = np.eye(hs), np.eye(ws)
+    sh, sw = hs, ws
+  else:
+    my_t = flow_lib.interpolation_matrix(ht, size)
+    mx_t = flow_lib.interpolation_matrix(wt, size)
+    my_s = flow_lib.interpolation_matrix(hs, size)
+    mx_s = flow_lib.interpolation_matrix(ws, size)
+    sh = sw = size
+  ry = jnp.asarray(my_t, dt)[trg_cells[..., 1]]  # [b, n, ht]
+  rx = jnp.asarray(mx_t, dt)[trg_cells[..., 0]]  # [b, n, wt]
+  at_cells = jnp.einsum("bijkl,bnk,bnl->bnij", corr, ry, rx)  # [b, n, hs, ws]
+  up = jnp.einsum("bnij,Ii,Jj->bnIJ", at_cells, jnp.asarray(my_s, dt), jnp.asarray(mx_s, dt))
+  logits = up.reshape(b, -1, sh * sw)
+  prob = jax.nn.softmax((logits - logits.max(-1, keepdims=True)) / beta, axis=-1)
+  prob = prob.reshape(b, -1, sh, sw)
+  gx = jnp.einsum("bnij,j->bn", prob, jnp.asarray(x_coords, dt))
+  gy = jnp.einsum("bnij,i->bn", prob, jnp.asarray(y_coords, dt))
+  ex = (gx + 1) * (sw - 1) / 2
+  ey = (gy + 1) * (sh - 1) / 2
+  ys = jnp.arange(sh, dtype=dt)[:, None]
+  xs = jnp.arange(sw, dtype=dt)[None, :]
+  d2 = (xs - ex[..., None, None]) ** 2 + (ys - ey[..., None, None]) ** 2
+  conf = jnp.sum(jnp.where(d2 <= radius * radius, prob, 0), axis=(-2, -1))
+  return conf, jnp.stack([ex, ey], axis=-1)
+
+
+# ------------------------------------------------------------------------------------------------
+# The predictor.
+
+
+@dataclasses.dataclass
+class Prediction:
+  """What `Predictor.predict` returns; pixel coordinates of the *original* images.
+
+  Attributes:
+    src_image: [Hs, Ws, 3] uint8, the source as read.
+    trg_image: [Ht, Wt, 3] uint8, the target as read.
+    flow: [Ht, Wt, 2] float32: for every target pixel (x, y), the displacement to its match in
+      the source, `source = (x + flow[y, x, 0], y + flow[y, x, 1])`, source pixels.
+    flow_grid: [S, S, 2] float32, the network's flow in cells of its S grid (target -> source).
+    trg_kps: [n, 2] float64, the given target keypoints (x, y), target pixels.
+    src_kps: [n, 2] float64, their matches in the source, source pixels.
+    confidence: [n] float32 in [0, 1], soft-argmax mass within the radius of the match.
+    img_size: S_img, the network's input side (pixels).
+  """
+  src_image: np.ndarray
+  trg_image: np.ndarray
+  flow: np.ndarray
+  flow_grid: np.ndarray
+  trg_kps: np.ndarray
+  src_kps: np.ndarray
+  confidence: np.ndarray
+  img_size: int
+
+  def to_json(self, **extra) -> dict:
+    """Keypoints and confidences as a JSON-able dict (the CLI's keypoints file)."""
+    hs, ws = self.src_image.shape[:2]
+    ht, wt = self.trg_image.shape[:2]
+    return {
+        "direction": "target keypoints -> their matches in the source (flow: target -> source)",
+        "units": "pixels of the original images, (x, y), pixel centres at integers",
+        "src_size_hw": [hs, ws], "trg_size_hw": [ht, wt], **extra,
+        "matches": [{"trg": [float(a) for a in t], "src": [float(a) for a in s],
+                     "confidence": float(c)}
+                    for t, s, c in zip(self.trg_kps, self.src_kps, self.confidence)],
+    }
+
+
+def grid_keypoints(size_hw: Tuple[int, int], n: int = 6, margin: float = 0.1) -> np.ndarray:
+  """An n x n grid of (x, y) points inside the image (used when no keypoints are given)."""
+  h, w = size_hw
+  xs = np.linspace(margin * (w - 1), (1 - margin) * (w - 1), n)
+  ys = np.linspace(margin * (h - 1), (1 - margin) * (h - 1), n)
+  return np.stack(np.meshgrid(xs, ys), -1).reshape(-1, 2)
+
+
+class Predictor:
+  """A loaded model that matches image pairs (see the module docstring).
+
+  Attributes:
+    model: the `SCorrSAN`.
+    variables: its variables (on device).
+    img_size: network input side, pixels.
+    config: the experiment config it came with (or None).
+  """
+
+  def __init__(self, model, variables, img_size: int = 256, config=None,
+               confidence_radius: float = 2.0):
+    """Args:
+      model: a `SCorrSAN`.
+      variables: `{'params', 'batch_stats'}` fitting it (checked).
+      img_size: input side (the config's `data.img_size`; a multiple of 16).
+      config: the experiment config (information).
+      confidence_radius: radius of the confidence mass, source cells of the flow grid.
+    """
+    check_variables(model, variables, img_size, source="variables")
+    self.model = model
+    self.variables = jax.device_put(variables)
+    self.img_size = int(img_size)
+    self.config = config
+    self.confidence_radius = float(confidence_radius)
+    self._forward = jax.jit(self._forward_impl)
+    self._confidence = jax.jit(functools.partial(
+        keypoint_confidence, size=getattr(model, "feature_size", None),
+        beta=float(getattr(model, "beta", flow_lib.SOFTMAX_BETA)),
+        radius=self.confidence_radius))
+
+  @classmethod
+  def from_checkpoint(cls, path: str, model_index=None, config=None, **kwargs) -> "Predictor":
+    """Loads `path` (workdir -> its best model; step directory; export) once.
+
+    Args:
+      path: see `load_model`.
+      model_index: mutual-teacher checkpoints: 0, 1, 'best' or None (the recorded best).
+      config: fallback experiment config for checkpoints without one.
+      **kwargs: `confidence_radius`, `img_size` (default: the config's `data.img_size`).
+    """
+    model, variables, cfg = load_model(path, model_index=model_index, fallback_config=config)
+    img_size = kwargs.pop("img_size", None)
+    if img_size is None:
+      try:
+        img_size = int(cfg.data.img_size)
+      except (AttributeError, KeyError, TypeError):
+        img_size = 256
+    try:
+      check_variables(model, variables, img_size, source=os.fspath(path))
+    except CheckpointError:
+      raise
+    return cls(model, variables, img_size=img_size, config=cfg, **kwargs)
+
+  def _forward_impl(self, variables, src, trg):
+    flow, aux = self.model.apply(variables, src, trg, return_aux=True)
+    return flow, aux["corr"]
+
+  def _coords(self, s: int):
+    params = self.variables["params"]
+    if "x_normal" in params:
+      return params["x_normal"], params["y_normal"]
+    lin = jnp.linspace(-1.0, 1.0, s, dtype=jnp.float32)
+    return lin, lin
+
+  def predict(self, src: ImageLike, trg: ImageLike, trg_kps=None) -> Prediction:
+    """Matches one pair.
+
+    Args:
+      src: the source image (path, PIL image or array; see `load_image`).
+      trg: the target image.
+      trg_kps: [n, 2] (x, y) keypoints on the *target*, its original pixels, or None.
+
+    Returns:
+      A `Prediction` (original pixel coordinates).
+
+    Raises:
+      FileNotFoundError, ImageError, KeypointError: naming the image or keypoints at fault.
+    """
+    src_img = load_image(src, _name(src, "source image"))
+    trg_img = load_image(trg, _name(trg, "target image"))
+    hs, ws = src_img.shape[:2]
+    ht, wt = trg_img.shape[:2]
+    if trg_kps is None:
+      trg_kps = np.zeros((0, 2))
+    trg_kps = check_keypoints(trg_kps, (ht, wt), name=f"keypoints on {_name(trg, 'target')}")
+    s = self.img_size
+    src_in = jnp.asarray(preprocess_image(src_img, s)[None])
+    trg_in = jnp.asarray(preprocess_image(trg_img, s)[None])
+    flow, corr = self._forward(self.variables, src_in, trg_in)
+    flow_grid = np.asarray(flow[0], np.float64)
+    scale_t = np.array([s / wt, s / ht])  # target original -> input pixels
+    scale_s = np.array([ws / s, hs / s])  # source input -> original pixels
+
+    def to_source(points):  # target original pixels -> source original pixels
+      p = points * scale_t
+      return (p + sample_flow(flow_grid, p, (s, s))) * scale_s
+
+    ys, xs = np.meshgrid(np.arange(ht, dtype=np.float64), np.arange(wt, dtype=np.float64),
+                         indexing="ij")
+    grid = np.stack([xs, ys], -1).reshape(-1, 2)
+    dense = (to_source(grid) - grid).reshape(ht, wt, 2).astype(np.float32)
+    src_kps = to_source(trg_kps)
+    n = len(trg_kps)
+    if n:
+      fs = flow_grid.shape[0]
+      # The flow-grid cell whose centre is nearest to each keypoint (align_corners=False).
+      cells = np.clip(np.rint((trg_kps * scale_t + 0.5) * (fs / s) - 0.5), 0, fs - 1)
+      padded = max(8, 1 << (n - 1).bit_length())  # bucket n to limit recompilations
+      cells = np.concatenate([cells, np.zeros((padded - n, 2))]).astype(np.int32)
+      x_c, y_c = self._coords(fs)
+      conf, _ = self._confidence(corr, jnp.asarray(cells[None]), x_c, y_c)
+      confidence = np.asarray(conf[0, :n], np.float32)
+    else:
+      confidence = np.zeros((0,), np.float32)
+    return Prediction(src_image=src_img, trg_image=trg_img, flow=dense,
+                      flow_grid=flow_grid.astype(np.float32), trg_kps=trg_kps,
+                      src_kps=src_kps, confidence=confidence, img_size=s)
+
+
+def _name(image: Any, default: str) -> str:
+  return os.fspath(image) if isinstance(image, (str, os.PathLike)) else default
