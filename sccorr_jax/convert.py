@@ -172,3 +172,50 @@ def to_torch_state_dict(variables: Mapping[str, Any], model) -> Dict[str, np.nda
     sd[name] = arr
   del model
   return sd
+
+
+def read_state_dict(path) -> Dict[str, np.ndarray]:
+  """Reads a state dict from `.npz`, `.safetensors` or (needs PyTorch) `.pth`/`.pt`.
+
+  Args:
+    path: the file. A `.pth` may hold the state dict itself or a dict with a `state_dict` or
+      `model` entry (the reference's training checkpoints use `state_dict`).
+
+  Returns:
+    name -> numpy array.
+
+  Raises:
+    FileNotFoundError: the file does not exist.
+    ValueError: an unknown extension or a file that holds no state dict, naming the file.
+    ImportError: a `.pth` file without PyTorch installed, saying how to get it or convert.
+  """
+  import pathlib
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"no state dict file at {path}")
+  suffix = path.suffix.lower()
+  if suffix == ".npz":
+    with np.load(path, allow_pickle=False) as f:
+      return {k: f[k] for k in f.files}
+  if suffix == ".safetensors":
+    from safetensors.numpy import load_file
+    return dict(load_file(str(path)))
+  if suffix in (".pth", ".pt", ".bin", ".ckpt"):
+    try:
+      import torch  # pylint: disable=import-outside-toplevel
+    except ImportError as e:
+      raise ImportError(
+          f"reading {path} needs PyTorch (pip install torch), or convert it elsewhere to .npz "
+          "(numpy.savez(out, **{k: v.numpy() for k, v in sd.items()})) or .safetensors") from e
+    obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "net"):
+      if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+        obj = obj[key]
+        break
+    if not isinstance(obj, dict):
+      raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict")
+    # DataParallel checkpoints prefix every name with 'module.'.
+    return {k[len("module."):] if k.startswith("module.") else k:
+            v.detach().cpu().numpy() for k, v in obj.items() if hasattr(v, "detach")}
+  raise ValueError(f"{path}: unknown state dict format {suffix!r} (use .pth, .npz or "
+                   ".safetensors)")

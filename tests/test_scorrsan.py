@@ -177,3 +177,24 @@ def test_dtype_follows_inputs_and_compute_dtype():
   flow = bf16.apply(variables, src, trg)
   assert flow.dtype == jnp.float32  # correlation/softmax/flow stay in float32
   assert np.isfinite(np.asarray(flow)).all()
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".safetensors"])
+def test_read_state_dict_formats(tmp_path, suffix):
+  sd = {"conv1.weight": np.arange(6, dtype=np.float32).reshape(1, 1, 2, 3),
+        "bn1.running_var": np.ones(3, np.float32)}
+  path = tmp_path / f"weights{suffix}"
+  if suffix == ".npz":
+    np.savez(path, **sd)
+  else:
+    from safetensors.numpy import save_file
+    save_file(sd, str(path))
+  back = convert.read_state_dict(path)
+  assert set(back) == set(sd)
+  for k in sd:
+    np.testing.assert_array_equal(back[k], sd[k])
+  with pytest.raises(FileNotFoundError, match="missing.npz"):
+    convert.read_state_dict(tmp_path / "missing.npz")
+  (tmp_path / "w.txt").write_text("x")
+  with pytest.raises(ValueError, match="unknown state dict format"):
+    convert.read_state_dict(tmp_path / "w.txt")
