@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pathlib
 
 import flax.linen as nn
 import jax
@@ -14,6 +15,7 @@ from sccorr_jax import evaluation
 from sccorr_jax.data import transforms
 
 ALPHAS = (0.05, 0.1, 0.15)
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _counts(flow, batch, protocol):
@@ -227,3 +229,62 @@ def test_evaluate_model_data_parallel_with_host_padding():
                 {"pair_valid": np.ones(5, bool), "category": full["category"]})
   assert res.flat() == direct.result().flat()
   assert res.groups["all"].pairs == 5 and res.num_padding_pairs == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# A checkpoint written by a (shrunk) demo run reproduces the validation PCK its trainer logged.
+
+
+def _demo_config(data_dir):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location("demo_config", ROOT / "configs" / "demo.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config("mt,runlocal")
+  c.data.data_dir = str(data_dir)
+  c.data.synthetic_train_pairs_per_photo = 2
+  c.data.synthetic_eval_pairs_per_photo = 3
+  c.optim.num_epochs = 2
+  c.optim.steps_per_epoch = 1
+  c.teacher.pseudo_start_epoch = 1
+  c.eval.every_epochs = 1
+  c.eval.batch_size = 4
+  c.eval.max_batches = None
+  c.progress_bar = False
+  return c
+
+
+def test_demo_checkpoint_reproduces_the_logged_validation_pck(tmp_path):
+  train = pytest.importorskip("sccorr_jax.train")
+  if not (ROOT / "configs" / "demo.py").exists():
+    pytest.skip("configs/demo.py is not in this checkout")
+  from sccorr_jax import data  # pylint: disable=g-import-not-at-top
+  from sccorr_jax import predict  # pylint: disable=g-import-not-at-top
+  config = _demo_config(tmp_path / "data")
+  workdir = tmp_path / "run"
+  summary = train.train_and_evaluate(config, str(workdir))
+  logged = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+  logged = [m for m in logged if "val/pck@0.1" in m]
+  assert len(logged) == 2
+  best = summary["best"]
+  at_best = [m for m in logged if m["step"] == best["step"]][-1]
+  assert at_best["val/pck@0.1"] == pytest.approx(best["value"], abs=1e-9)
+  # The recorded best model of the best checkpoint, and each mutual teacher by index.
+  result = evaluation.evaluate_checkpoint(config, str(workdir), str(tmp_path / "eval"),
+                                          split=config.eval.split, progress=False)
+  for a in config.eval.alphas:
+    assert result.pck("bbox", a) == pytest.approx(at_best[f"val/pck@{a:g}"], abs=1e-9)
+  protocol = evaluation.protocol_from_config(config, config.eval.split)
+  batches = data.create_eval_iterator(config.data, config.eval.split,
+                                      batch_size=config.eval.batch_size)
+  step = None
+  for index, name in ((0, "a"), (1, "b")):
+    model, variables, _ = predict.load_model(str(workdir), model_index=index)
+    step = step or evaluation.make_eval_step(model, protocol)
+    r = evaluation.evaluate_model(model, variables, batches, protocol, eval_step=step,
+                                  progress=False)
+    assert r.pck("bbox", 0.1) == pytest.approx(at_best[f"val/{name}/pck@0.1"], abs=1e-9)
+    assert r.pck("bbox", 0.1, "per_keypoint") == pytest.approx(
+        at_best[f"val/{name}/pck_kp@0.1"], abs=1e-9)
+  report = json.load(open(tmp_path / "eval" / f"eval_synthetic_{config.eval.split}.json"))
+  assert report["pairs"] == 9 and report["padding_pairs_masked"] == 3  # 9 pairs, batches of 4
