@@ -1,0 +1,42 @@
+"""Smoke test of tools/benchmark.py at a tiny size (no timing assertion: timings live in tools/)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "tools"))
+import benchmark  # noqa: E402  pylint: disable=g-import-not-at-top
+
+KEYS = ("compile_s", "step_time_min_s", "step_time_median_s", "step_time_max_s", "pairs_per_s",
+        "flops_per_step", "mfu", "peak_memory_bytes", "compiled_memory_bytes")
+
+
+def test_training_step_report():
+  config = benchmark.load_config(str(ROOT / "configs" / "spair.py") + ":baseline,runlocal")
+  config = benchmark.prepare_config(config, "baseline", batch_size=4)
+  report = benchmark.benchmark(config, "baseline", steps=1, warmup=1, peak_flops=1e9)
+  for k in KEYS:
+    assert report[k] is not None and math.isfinite(report[k]) and report[k] > 0, k
+  assert report["mode"] == "baseline" and report["batch_size"] == 4
+  assert report["step_time_min_s"] <= report["step_time_median_s"] <= report["step_time_max_s"]
+  assert "pairs/s" in benchmark.summary_line(report)
+
+
+def test_command_line_eval_json(tmp_path):
+  out = tmp_path / "eval.json"
+  cmd = [sys.executable, str(ROOT / "tools" / "benchmark.py"),
+         f"--config={ROOT / 'configs' / 'spair.py'}:runlocal", "--mode=eval", "--batch_size=2",
+         "--dtype=bfloat16", "--steps=1", "--warmup=1", "--peak_flops=1e9", f"--json={out}"]
+  result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"})
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(out.read_text())
+  assert report["mode"] == "eval" and report["dtype"] == "bfloat16"
+  for k in KEYS:
+    assert report[k] is not None and report[k] > 0, k
+  assert "eval bfloat16 b=2" in result.stdout

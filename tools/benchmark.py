@@ -1,0 +1,395 @@
+r"""Speed and memory of the SCorrSAN training steps and of the evaluation forward.
+
+    python tools/benchmark.py --config=configs/spair.py --mode=mt --batch_size=2 \
+        --dtype=float32 --json=/tmp/mt_f32.json
+    python tools/benchmark.py --config=configs/spair.py --mode=eval --batch_size=2
+    python tools/benchmark.py --config=configs/spair.py:mt,runlocal --steps=2 --warmup=1
+    python tools/benchmark.py --config=configs/spair.py --mode=mt --batch_size=16 \
+        --dtype=bfloat16 --fit_batch              # on a GPU/TPU: also the largest batch that fits
+    python tools/benchmark.py ... --config.model.target_chunks=4   # any config override
+
+Modes: `baseline`, `st`, `mt` (one compiled training step of `sccorr_jax.train_step`, state and
+step built with the trainer's own functions, the state donated as in `train.py`) and `eval` (the
+jitted forward `images -> flow` with running BatchNorm statistics). Inputs are random images and
+a sparse random flow label; the pseudo-label loss is switched on (the epoch where it starts), so
+every term of the step runs.
+
+Reported (readable line on stdout, everything in `--json`):
+* `compile_s`: lowering + XLA compilation of the step.
+* `step_time_{min,median,max}_s` over `--steps` runs after `--warmup` discarded runs (the warm-up
+  also touches the working set: this kind of VM backs fresh memory lazily, ~2 ms/MiB).
+* `pairs_per_s` = batch / median step time.
+* `flops_per_step` from XLA's cost analysis of the compiled step; `achieved_flops_per_s`; `mfu`:
+  its fraction of `peak_flops_per_s`, measured once on the device with a large matrix product in
+  the compute dtype (`--peak_flops` overrides).
+* `peak_memory_bytes`: the device's peak bytes in use on GPU/TPU, the process's peak RSS on CPU
+  (`peak_memory_kind` says which); `compiled_memory_bytes`: XLA's own estimate for the step
+  (arguments + outputs + temporaries - donated aliases).
+* With `--fit_batch`: `max_batch_estimate`, the largest batch whose compiled memory fits the
+  device (linear in the batch between two compiled sizes, checked by compiling it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import json
+import os
+import pathlib
+import resource
+import sys
+import time
+from typing import Any, Dict, Optional
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+  sys.path.insert(0, str(ROOT))
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+from ml_collections import config_flags
+import numpy as np
+
+from sccorr_jax import schedules
+from sccorr_jax import train
+from sccorr_jax import train_step as ts
+
+MODES = ('baseline', 'st', 'mt', 'eval')
+GIB = 2 ** 30
+
+
+# ------------------------------------------------------------------------------------------------
+# Configuration.
+
+
+def load_config(spec: str):
+  """`'configs/spair.py:mt,runlocal'` -> that file's `get_config('mt,runlocal')`."""
+  path, _, arg = spec.partition(':')
+  module_spec = importlib.util.spec_from_file_location(f'_bench_cfg_{abs(hash(path))}', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
+def prepare_config(config, mode: Optional[str] = None, batch_size: Optional[int] = None,
+                   dtype: Optional[str] = None):
+  """A copy of `config` with the benchmark's mode, batch size and compute dtype."""
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    if mode is not None and mode != 'eval':
+      config.learning_mode = mode
+    if batch_size is not None:
+      config.optim.batch_size = int(batch_size)
+      config.eval.batch_size = int(batch_size)
+    if dtype is not None:
+      config.model.dtype = None if dtype == 'float32' else str(dtype)
+    if not config.optim.get('steps_per_epoch'):
+      config.optim.steps_per_epoch = 1000  # No dataset is read; only the schedule needs it.
+  return config
+
+
+# ------------------------------------------------------------------------------------------------
+# Device facts.
+
+
+def device_kind() -> str:
+  d = jax.devices()[0]
+  return f'{d.platform}:{getattr(d, "device_kind", "")} x{jax.device_count()}'
+
+
+def _timed(fn, *args, runs: int, warmup: int):
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(runs):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return times
+
+
+@functools.lru_cache(maxsize=None)
+def matmul_peak_flops(dtype: str = 'float32', n: Optional[int] = None) -> float:
+  """FLOP/s of one large `n x n` matrix product on the default device (best of 5).
+
+  Args:
+    dtype: compute dtype of the product.
+    n: side (default 2048 on CPU, 8192 on accelerators).
+  """
+  if n is None:
+    n = 2048 if jax.devices()[0].platform == 'cpu' else 8192
+  k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+  a = jax.random.normal(k1, (n, n), jnp.float32).astype(dtype)
+  b = jax.random.normal(k2, (n, n), jnp.float32).astype(dtype)
+  f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=a.dtype))
+  times = _timed(f, a, b, runs=5, warmup=2)
+  return 2.0 * n ** 3 / min(times)
+
+
+def _cost_flops(compiled) -> Optional[float]:
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  if not cost or 'flops' not in cost:
+    return None
+  return float(cost['flops'])
+
+
+def _compiled_memory(compiled) -> Optional[int]:
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if m is None:
+    return None
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+             - m.alias_size_in_bytes)
+
+
+def peak_memory() -> Dict[str, Any]:
+  """`{'bytes', 'kind'}`: device peak bytes in use (GPU/TPU) or process peak RSS (CPU)."""
+  d = jax.devices()[0]
+  if d.platform != 'cpu':
+    stats = d.memory_stats() or {}
+    if 'peak_bytes_in_use' in stats:
+      return {'bytes': int(stats['peak_bytes_in_use']), 'kind': 'device_peak_bytes_in_use'}
+  # ru_maxrss is in KiB on Linux.
+  return {'bytes': int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024,
+          'kind': 'process_peak_rss'}
+
+
+def device_memory_limit() -> int:
+  """Bytes the device may hold (GPU/TPU `bytes_limit`; on CPU the physical memory)."""
+  d = jax.devices()[0]
+  if d.platform != 'cpu':
+    stats = d.memory_stats() or {}
+    if 'bytes_limit' in stats:
+      return int(stats['bytes_limit'])
+  return int(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES'))
+
+
+# ------------------------------------------------------------------------------------------------
+# What is timed.
+
+
+@dataclasses.dataclass
+class Built:
+  """A compiled function with its arguments; `run(args) -> new args` feeds donated state back."""
+  compiled: Any
+  args: tuple
+  run: Any
+  compile_s: float
+
+
+def random_batch(config, seed: int = 0) -> Dict[str, np.ndarray]:
+  """Random images and a sparse flow label with the batch contract's shapes (numpy)."""
+  rng = np.random.default_rng(seed)
+  b, s, fs = (int(config.optim.batch_size), int(config.data.img_size),
+              int(config.data.feature_size))
+  flow = np.zeros((b, fs, fs, 2), np.float32)
+  n = min(20, fs * fs)
+  for i in range(b):
+    pos = rng.choice(fs * fs, n, replace=False)
+    flow[i].reshape(-1, 2)[pos] = rng.uniform(-fs / 4, fs / 4, (n, 2)).astype(np.float32)
+  return {'src_img': rng.standard_normal((b, s, s, 3), np.float32),
+          'trg_img': rng.standard_normal((b, s, s, 3), np.float32),
+          'flow': flow}
+
+
+def build(config, mode: str) -> Built:
+  """Compiles the `mode` step of `config` (as `train.py` does) and makes its arguments."""
+  if mode not in MODES:
+    raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
+  train.check_config(config) if mode != 'st' else None
+  mesh = train.make_mesh()
+  replicated = NamedSharding(mesh, P())
+  data_sharding = NamedSharding(mesh, P('data'))
+  model = train.build_model(config)
+  batch = random_batch(config)
+  rng = jax.random.PRNGKey(int(config.seed))
+  init_rng, teacher_rng, step_rng = jax.random.split(rng, 3)
+  if mode == 'eval':
+    variables = jax.device_put(train.init_variables(config, model, init_rng, 1), replicated)
+    imgs = [jax.device_put(batch[k], data_sharding) for k in ('src_img', 'trg_img')]
+    fn = jax.jit(lambda v, s, t: model.apply(v, s, t), out_shardings=data_sharding)
+    t0 = time.perf_counter()
+    compiled = fn.lower(variables, *imgs).compile()
+    compile_s = time.perf_counter() - t0
+    return Built(compiled, (variables, *imgs), lambda args: (args, compiled(*args)), compile_s)
+
+  spe = int(config.optim.steps_per_epoch)
+  tx = schedules.make_optimizer(config.optim, spe)
+  step_cfg = ts.StepConfig(model=model, tx=tx, batch_norm=config.model.batch_norm,
+                           dilation_kernel=config.teacher.dilation_kernel)
+  teacher = None
+  if mode == 'st':
+    teacher = train.init_variables(config, model, teacher_rng, 1)
+  state = jax.device_put(train.create_train_state(config, model, tx, init_rng, teacher),
+                         replicated)
+  n_max = int(config.optim.batch_size) * int(config.data.feature_size) ** 2
+  epoch = int(config.teacher.pseudo_start_epoch)  # pseudo-label loss on: every term runs
+  hparams = jax.device_put(schedules.step_hparams(config.teacher, epoch, n_max), replicated)
+  batch = {k: jax.device_put(batch[k], data_sharding) for k in train.TRAIN_KEYS}
+  step_rng = jax.device_put(step_rng, replicated)
+  step_fn = functools.partial(ts.get_step_fn(mode), step_cfg)
+  jitted = jax.jit(step_fn, in_shardings=(replicated, data_sharding, replicated, replicated),
+                   out_shardings=(replicated, replicated), donate_argnums=(0,))
+  t0 = time.perf_counter()
+  compiled = jitted.lower(state, batch, step_rng, hparams).compile()
+  compile_s = time.perf_counter() - t0
+
+  def run(args):
+    new_state, metrics = compiled(*args)
+    return (new_state,) + args[1:], metrics
+
+  return Built(compiled, (state, batch, step_rng, hparams), run, compile_s)
+
+
+def time_built(built: Built, steps: int, warmup: int):
+  """Runs `warmup` discarded then `steps` timed calls, threading the donated state through."""
+  args = built.args
+  times = []
+  for i in range(warmup + steps):
+    t0 = time.perf_counter()
+    args, out = built.run(args)
+    jax.block_until_ready((args[0], out))
+    if i >= warmup:
+      times.append(time.perf_counter() - t0)
+  return times
+
+
+def fit_batch(config, mode: str, limit: Optional[int] = None, probe: int = 0) -> Dict[str, Any]:
+  """Largest batch whose compiled memory fits `limit` (default: the device's memory).
+
+  Compiles at two batch sizes (`probe` and `2 * probe`, default one and two per device), fits
+  memory = fixed + per_pair * batch, rounds the estimate down to a multiple of the device count
+  and checks it by compiling that size (stepping down if it does not fit).
+  """
+  ndev = jax.device_count()
+  limit = limit or device_memory_limit()
+  probe = probe or ndev
+  mem = {}
+  for b in (probe, 2 * probe):
+    c = prepare_config(config, batch_size=b)
+    mem[b] = _compiled_memory(build(c, mode).compiled)
+  if mem[probe] is None or mem[2 * probe] is None:
+    return {'max_batch_estimate': None, 'memory_limit_bytes': limit}
+  per_pair = (mem[2 * probe] - mem[probe]) / probe
+  fixed = mem[probe] - per_pair * probe
+  est = int((limit - fixed) // max(per_pair, 1)) // ndev * ndev
+  checked = None
+  while est >= ndev:
+    m = _compiled_memory(build(prepare_config(config, batch_size=est), mode).compiled)
+    if m is not None and m <= limit:
+      checked = m
+      break
+    est -= ndev
+  return {'max_batch_estimate': est if checked else None, 'memory_limit_bytes': limit,
+          'memory_per_pair_bytes': per_pair, 'memory_fixed_bytes': fixed,
+          'compiled_memory_at_max_bytes': checked}
+
+
+def benchmark(config, mode: Optional[str] = None, *, steps: int = 5, warmup: int = 2,
+              peak_flops: Optional[float] = None, with_fit_batch: bool = False
+              ) -> Dict[str, Any]:
+  """Compiles and times one mode of `config` (see the module docstring); returns the report."""
+  mode = mode or config.learning_mode
+  t_start = time.perf_counter()
+  built = build(config, mode)
+  times = time_built(built, steps, warmup)
+  mem = peak_memory()
+  dtype = config.model.get('dtype') or 'float32'
+  if peak_flops is None:
+    peak_flops = matmul_peak_flops(str(dtype))
+  flops = _cost_flops(built.compiled)
+  median = float(np.median(times))
+  b = int(config.optim.batch_size)
+  out = {
+      'mode': mode, 'dtype': str(dtype), 'batch_size': b,
+      'img_size': int(config.data.img_size), 'feature_size': int(config.data.feature_size),
+      'backbone_depth': int(config.model.backbone_depth),
+      'target_chunks': int(config.model.get('target_chunks', 1)),
+      'remat_backbone': bool(config.model.get('remat_backbone', False)),
+      'device': device_kind(), 'platform': jax.devices()[0].platform,
+      'jax_version': jax.__version__,
+      'compile_s': built.compile_s,
+      'steps': steps, 'warmup': warmup, 'step_times_s': times,
+      'step_time_min_s': float(min(times)), 'step_time_median_s': median,
+      'step_time_max_s': float(max(times)),
+      'pairs_per_s': b / median,
+      'flops_per_step': flops,
+      'achieved_flops_per_s': flops / median if flops else None,
+      'peak_flops_per_s': peak_flops,
+      'mfu': flops / median / peak_flops if flops and peak_flops else None,
+      'peak_memory_bytes': mem['bytes'], 'peak_memory_kind': mem['kind'],
+      'compiled_memory_bytes': _compiled_memory(built.compiled),
+      'load_average': list(os.getloadavg()),
+  }
+  del built
+  if with_fit_batch:
+    out.update(fit_batch(config, mode))
+  out['wall_s'] = time.perf_counter() - t_start
+  return out
+
+
+def summary_line(r: Dict[str, Any]) -> str:
+  """One readable line of a report."""
+  def fmt(x, spec):
+    return 'n/a' if x is None else format(x, spec)
+  line = (f"{r['mode']} {r['dtype']} b={r['batch_size']} {r['img_size']}px "
+          f"ResNet-{r['backbone_depth']} on {r['device']}: compile {r['compile_s']:.1f} s, "
+          f"step {r['step_time_min_s']:.3f}/{r['step_time_median_s']:.3f}/"
+          f"{r['step_time_max_s']:.3f} s (min/median/max of {r['steps']}), "
+          f"{r['pairs_per_s']:.2f} pairs/s, "
+          f"{fmt(r['flops_per_step'] and r['flops_per_step'] / 1e9, '.1f')} GFLOP/step, "
+          f"{fmt(r['achieved_flops_per_s'] and r['achieved_flops_per_s'] / 1e9, '.1f')} GFLOP/s"
+          f" = {fmt(r['mfu'] and 100 * r['mfu'], '.1f')}% of "
+          f"{r['peak_flops_per_s'] / 1e9:.1f} GFLOP/s matmul peak, "
+          f"peak memory {r['peak_memory_bytes'] / GIB:.2f} GiB ({r['peak_memory_kind']}), "
+          f"load {r['load_average'][0]:.1f}")
+  if 'max_batch_estimate' in r:
+    line += (f"; largest batch that fits {r['max_batch_estimate']} "
+             f"(limit {r['memory_limit_bytes'] / GIB:.1f} GiB)")
+  return line
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line.
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file '
+                                          '(configs/spair.py[:variant,...]).', lock_config=True)
+_MODE = flags.DEFINE_enum('mode', None, list(MODES), 'What to time (default: the config\'s '
+                          'learning_mode).')
+_BATCH = flags.DEFINE_integer('batch_size', None, 'Pairs per step (default: the config\'s).')
+_DTYPE = flags.DEFINE_enum('dtype', None, ['float32', 'bfloat16'], 'Compute dtype (parameters, '
+                           'optimiser state, correlation softmax and losses stay float32).')
+_STEPS = flags.DEFINE_integer('steps', 5, 'Timed runs.')
+_WARMUP = flags.DEFINE_integer('warmup', 2, 'Discarded runs before timing.')
+_PEAK = flags.DEFINE_float('peak_flops', None, 'Device peak FLOP/s (default: measured).')
+_FIT = flags.DEFINE_bool('fit_batch', False, 'Also find the largest batch that fits.')
+_JSON = flags.DEFINE_string('json', None, 'Write the report here as JSON.')
+
+
+def main(argv):
+  del argv
+  config = prepare_config(_CONFIG.value, _MODE.value, _BATCH.value, _DTYPE.value)
+  report = benchmark(config, _MODE.value, steps=_STEPS.value, warmup=_WARMUP.value,
+                     peak_flops=_PEAK.value, with_fit_batch=_FIT.value)
+  print(summary_line(report), flush=True)
+  if _JSON.value:
+    pathlib.Path(_JSON.value).parent.mkdir(parents=True, exist_ok=True)
+    with open(_JSON.value, 'w') as f:
+      json.dump(report, f, indent=2)
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['config'])
+  app.run(main)
