@@ -35,6 +35,8 @@ class SCorrSAN(nn.Module):
     backbone_depth: ResNet depth (18/34/50/101/152).
     stage_sizes: overrides the depth's blocks per stage (tests use (1, 1, 1, 1)).
     backbone_width: stem channels (64; tests may shrink it).
+    backbone_stages: ResNet stages run (3: layer3, stride 16, the reference; 2: layer2, stride 8,
+      used by the small CPU demo).
     use_context: the spatial context encoder on/off (paper Table 4 ablation); off correlates the
       raw backbone features.
     use_mutual_nn: the mutual-NN filter on/off.
@@ -51,6 +53,7 @@ class SCorrSAN(nn.Module):
   backbone_depth: int = 101
   stage_sizes: Optional[Sequence[int]] = None
   backbone_width: int = 64
+  backbone_stages: int = 3
   use_context: bool = True
   use_mutual_nn: bool = True
   beta: float = flow_lib.SOFTMAX_BETA
@@ -62,7 +65,7 @@ class SCorrSAN(nn.Module):
 
   def setup(self):
     kwargs = {} if self.stage_sizes is None else {"stage_sizes": tuple(self.stage_sizes)}
-    self.backbone = backbone_lib.resnet(self.backbone_depth, num_stages=3,
+    self.backbone = backbone_lib.resnet(self.backbone_depth, num_stages=self.backbone_stages,
                                         width=self.backbone_width, dtype=self.dtype,
                                         param_dtype=self.param_dtype,
                                         remat=self.remat_backbone, **kwargs)

@@ -1,0 +1,261 @@
+"""Shared pieces of the experiment configs: the argument parser and the base config.
+
+Every config file's `get_config(arg)` starts from `base_config()` and changes what differs. The
+sections mirror the modules: `config.model` (sccorr_jax.models.SCorrSAN), `config.data`
+(sccorr_jax.data.default_data_config), `config.optim` (AdamW groups and schedule),
+`config.teacher` (pseudo labels and small-loss selection), `config.eval` (PCK protocol).
+"""
+
+from __future__ import annotations
+
+import ast
+from typing import Any, Dict, List, Optional
+
+import ml_collections
+
+# The three learning modes of the paper (Sec. 3.3-3.4): sparse ground truth only, a fixed
+# offline teacher, two mutual online teachers.
+LEARNING_MODES = ('baseline', 'st', 'mt')
+
+
+def parse_arg(arg: Optional[str], lazy: bool = False, **spec) -> ml_collections.ConfigDict:
+  """Parses the config-file argument `'variant=st,runlocal,epochs=3'`.
+
+  As big_vision's `configs/common.py:parse_arg`: `spec` gives every accepted key with its
+  default (the type of the default is the type of the value); a bare word `runlocal` sets a
+  boolean key to True; a bare word that is the value of a string key with choices (`variant`)
+  is accepted too (`spair.py:st` == `spair.py:variant=st`).
+
+  Args:
+    arg: the string after the colon in `--config=file.py:arg`, or None.
+    lazy: accept unknown keys (kept as strings) instead of raising.
+    **spec: key -> default.
+
+  Returns:
+    A ConfigDict with every key of `spec`.
+
+  Raises:
+    ValueError: an unknown key or a value of the wrong type, naming it.
+  """
+  out = ml_collections.ConfigDict(dict(spec))
+  if not arg:
+    return out
+  for item in (a.strip() for a in arg.split(',')):
+    if not item:
+      continue
+    if '=' in item:
+      key, value = (s.strip() for s in item.split('=', 1))
+    elif item in spec and isinstance(spec[item], bool):
+      key, value = item, 'True'
+    elif 'variant' in spec:
+      key, value = 'variant', item
+    else:
+      key, value = item, 'True'
+    if key not in spec:
+      if not lazy:
+        raise ValueError(f'unknown config argument {key!r} in {arg!r}; accepted: '
+                         f'{", ".join(sorted(spec))}')
+      out[key] = value
+      continue
+    default = spec[key]
+    if isinstance(default, bool):
+      if value.lower() not in ('true', 'false', '1', '0'):
+        raise ValueError(f'config argument {key}={value!r} must be a boolean')
+      out[key] = value.lower() in ('true', '1')
+    elif isinstance(default, (int, float)):
+      try:
+        out[key] = type(default)(ast.literal_eval(value))
+      except (ValueError, SyntaxError) as e:
+        raise ValueError(f'config argument {key}={value!r} must be a {type(default).__name__}'
+                         ) from e
+    else:
+      out[key] = value
+  return out
+
+
+def base_config(dataset: str = 'spair71k') -> ml_collections.ConfigDict:
+  """Every key the trainer reads, with the reference's SPair-71k values where one exists.
+
+  Args:
+    dataset: `config.data.name` ('spair71k', 'pfpascal', 'pfwillow', 'synthetic'); the data
+      section is `sccorr_jax.data.default_data_config(dataset)` at the training resolution.
+
+  Benchmark files override what differs; see `docs/training.md` for the table of reference vs
+  paper values.
+  """
+  # Imported here so that `configs/` stays importable without the package on sys.path.
+  from sccorr_jax import data  # pylint: disable=g-import-not-at-top
+
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  # 'baseline' | 'st' | 'mt' (see LEARNING_MODES).
+  c.learning_mode = 'mt'
+
+  c.model = ml_collections.ConfigDict()
+  c.model.sce_kernel_size = 7
+  c.model.sce_features = 2048
+  # Flow grid side (4x the correlation); None = loss at stride 16 (Table 4 ablation).
+  c.model.feature_size = ml_collections.FieldReference(64, field_type=int)
+  c.model.backbone_depth = 101
+  c.model.stage_sizes = ml_collections.FieldReference(None, field_type=tuple)
+  c.model.backbone_width = 64
+  c.model.backbone_stages = 3  # 3 = stride 16 (reference); 2 = stride 8 (CPU demo).
+  c.model.use_context = True  # Spatial context encoder on/off (Table 4).
+  c.model.use_mutual_nn = True
+  c.model.beta = 0.02
+  c.model.dtype = ml_collections.FieldReference(None, field_type=str)  # e.g. 'bfloat16'.
+  c.model.target_chunks = 1
+  c.model.remat_backbone = False
+  # torchvision ResNet state dict (.pth/.npz/.safetensors) for the backbone; None = random
+  # init. The reference starts from ImageNet resnet101-5d3b4d8f.
+  c.model.pretrained = ml_collections.FieldReference(None, field_type=str)
+  # 'batch': BatchNorm uses batch statistics in training (separately for source and target
+  # images) and updates the running ones, as the reference; 'frozen': running statistics only.
+  c.model.batch_norm = 'batch'
+
+  c.data = data.default_data_config(dataset)
+  c.data.img_size = 256
+  c.data.feature_size = 64
+  c.data.receptive_field = 11
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.batch_size = 16  # Global, over all devices and hosts.
+  c.optim.num_epochs = 150
+  # Steps per epoch; None = training pairs // batch_size (the reference drops no pair, its
+  # last batch is partial; here every batch is full).
+  c.optim.steps_per_epoch = ml_collections.FieldReference(None, field_type=int)
+  c.optim.lr = 3e-5  # Head: context encoder, x_normal, y_normal.
+  c.optim.backbone_lr = 3e-6
+  c.optim.weight_decay = 0.05  # On every parameter, BN and biases included (reference).
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
+  c.optim.schedule = 'step'  # 'step' (MultiStepLR per epoch) | 'cosine' (per step) | 'constant'.
+  c.optim.lr_milestones_epochs = (150,)
+  c.optim.lr_gamma = 0.5
+  c.optim.freeze_backbone = False  # Table 4: backbone frozen = zero updates for its group.
+
+  c.teacher = ml_collections.ConfigDict()
+  c.teacher.pseudo_start_epoch = 4  # λ = 0 before this epoch (the terms are still computed).
+  c.teacher.pseudo_weight = 10.0  # λ.
+  c.teacher.remember_rate_start = 0.2
+  c.teacher.remember_rate_end = 0.9
+  c.teacher.remember_rate_epochs = 10  # Linear rise over this many epochs from the start.
+  c.teacher.small_loss_selection = True  # Off = keep every candidate (remember rate 1).
+  # Side of the dilation of the labelled positions (odd); None = no mask, every position.
+  c.teacher.dilation_kernel = ml_collections.FieldReference(7, field_type=int)
+  # 'st' only: the baseline's workdir, checkpoint step directory or exported model.
+  c.teacher.checkpoint = ml_collections.FieldReference(None, field_type=str)
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.split = 'val'
+  c.eval.batch_size = 16
+  c.eval.alphas = (0.05, 0.1, 0.15)
+  c.eval.select_alpha = 0.1  # Model selection on val PCK at this alpha.
+  c.eval.threshold = 'bbox'  # 'bbox' (SPair-71k) | 'img' (PF-PASCAL) | 'standard'.
+  c.eval.every_epochs = 1
+  c.eval.max_batches = ml_collections.FieldReference(None, field_type=int)
+
+  c.log_every_steps = 50
+  c.checkpoint_every_steps = ml_collections.FieldReference(None, field_type=int)
+  c.max_consecutive_nonfinite = 20
+  c.async_checkpoints = True
+  c.progress_bar = True
+  return c
+
+
+def apply_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
+  """Sets `learning_mode` from a variant name ('baseline', 'st', 'mt')."""
+  if variant not in LEARNING_MODES:
+    raise ValueError(f'variant must be one of {LEARNING_MODES}, got {variant!r}')
+  c.learning_mode = variant
+  return c
+
+
+def apply_runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Shrinks everything for a CPU smoke run of the same code path (minutes, not days)."""
+  c.model.backbone_depth = 18
+  c.model.stage_sizes = (1, 1, 1, 1)
+  c.model.backbone_width = 16
+  c.model.sce_features = 32
+  c.model.feature_size = 16
+  c.data.img_size = 64
+  c.data.feature_size = 16
+  c.data.receptive_field = 5
+  c.data.augment = False
+  c.optim.batch_size = 4
+  c.optim.num_epochs = 2
+  c.optim.steps_per_epoch = 4
+  c.teacher.pseudo_start_epoch = 1
+  c.eval.batch_size = 4
+  c.eval.max_batches = 2
+  c.log_every_steps = 1
+  return c
+
+
+def ablation_sweep() -> List[Dict[str, Any]]:
+  """The ablations of the paper's Tables 4 and 6, as lists of `--config.*` overrides.
+
+  Each entry is a dict of dotted keys -> values; run one with
+  `--config.<key>=<value>` for each item. Table 4 (architecture / loss) starts from the
+  `baseline` variant, Table 6 (teacher-student components) from `mt`.
+  """
+  return [
+      # Table 4: context encoder, loss resolution, backbone fine-tuning.
+      {'learning_mode': 'baseline'},
+      {'learning_mode': 'baseline', 'model.use_context': False},
+      {'learning_mode': 'baseline', 'model.feature_size': None, 'data.feature_size': 16,
+       'data.receptive_field': 35},
+      {'learning_mode': 'baseline', 'optim.freeze_backbone': True},
+      # Table 6: teacher-student, small-loss selection, mask dilation and its kernel.
+      {'learning_mode': 'st'},
+      {'learning_mode': 'mt'},
+      {'learning_mode': 'mt', 'teacher.small_loss_selection': False},
+      {'learning_mode': 'mt', 'teacher.dilation_kernel': None},
+      {'learning_mode': 'mt', 'teacher.dilation_kernel': 3},
+      {'learning_mode': 'mt', 'teacher.dilation_kernel': 15},
+  ]
+
+
+def sweep_to_flags(sweep: List[Dict[str, Any]]) -> List[str]:
+  """Each sweep entry as a command-line string of `--config.key=value` overrides."""
+  return [' '.join(f'--config.{k}={v}' for k, v in entry.items()) for entry in sweep]
+
+
+def tiny_config(learning_mode: str = 'mt', data_dir: Optional[str] = None
+                ) -> ml_collections.ConfigDict:
+  """A tiny, fast config on the synthetic dataset (tests; seconds per compile on a CPU).
+
+  ResNet with one block per stage, width 8, stride 16 on 32x32 images (a 2x2 correlation
+  upsampled to an 8x8 flow), SCE 3 / 16, batch 4, 2 epochs of 2 steps, pseudo loss from epoch 0.
+  """
+  c = base_config('synthetic')
+  if data_dir is not None:
+    c.data.data_dir = data_dir
+  c.data.synthetic_img_size = 32
+  c.data.synthetic_train_pairs_per_photo = 1
+  c.data.synthetic_eval_pairs_per_photo = 2
+  c.data.img_size = 32
+  c.data.feature_size = 8
+  c.data.receptive_field = 7
+  c.data.augment = False
+  c.data.num_threads = 1
+  c.model.backbone_depth = 18
+  c.model.stage_sizes = (1, 1, 1, 1)
+  c.model.backbone_width = 8
+  c.model.sce_kernel_size = 3
+  c.model.sce_features = 16
+  c.model.feature_size = 8
+  c.optim.batch_size = 4
+  c.optim.num_epochs = 2
+  c.optim.steps_per_epoch = 2
+  c.optim.lr = 1e-3
+  c.optim.backbone_lr = 1e-4
+  c.teacher.pseudo_start_epoch = 0
+  c.teacher.remember_rate_epochs = 2
+  c.eval.batch_size = 4
+  c.eval.max_batches = 1
+  c.log_every_steps = 1
+  c.async_checkpoints = False
+  c.progress_bar = False
+  return apply_variant(c, learning_mode)

@@ -1,0 +1,123 @@
+"""Optimiser and host-side schedules of SCorrSAN training (paper Sec. 4.1; reference `train.py`).
+
+* AdamW with two parameter groups, as the reference: the backbone (`params['backbone']`) at
+  `optim.backbone_lr`, everything else (context encoder, the trainable soft-argmax coordinate
+  vectors `x_normal`, `y_normal`) at `optim.lr`; decoupled weight decay on every parameter, BN
+  scales and biases included. A frozen backbone gets zero updates (`optax.set_to_zero`).
+* Learning-rate schedules in optimiser steps: `step` reproduces `MultiStepLR(milestones, gamma)`
+  stepped once per epoch (constant inside an epoch), `cosine` decays per step to 0.
+* The pseudo-loss weight and the remember rate are functions of the epoch, computed on the host
+  once per epoch and handed to the jitted step as arrays of fixed shape (a new epoch does not
+  recompile): λ is 0 before `teacher.pseudo_start_epoch`; the remember rate of epoch `e >= start`
+  is `linspace(rate_start, rate_end, n)[min(e - start, n - 1)]` (the reference's schedule
+  rises, unlike co-teaching's).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, NamedTuple
+
+import jax
+import numpy as np
+import optax
+
+from sccorr_jax import losses
+
+BACKBONE = 'backbone'
+HEAD = 'head'
+
+
+def param_groups(params) -> Dict[str, str]:
+  """Pytree of group labels ('backbone' | 'head') with the structure of `params`."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: BACKBONE if getattr(path[0], 'key', None) == BACKBONE else HEAD, params)
+
+
+def lr_schedule(optim_config, base_lr: float, steps_per_epoch: int) -> optax.Schedule:
+  """Learning rate as a function of the optimiser step.
+
+  Args:
+    optim_config: `config.optim` (`schedule`, `lr_milestones_epochs`, `lr_gamma`, `num_epochs`).
+    base_lr: the group's initial learning rate.
+    steps_per_epoch: optimiser steps per epoch.
+
+  Returns:
+    An optax schedule (step -> lr).
+  """
+  kind = optim_config.schedule
+  if kind == 'constant':
+    return optax.constant_schedule(base_lr)
+  if kind == 'step':
+    boundaries = {int(m) * int(steps_per_epoch): float(optim_config.lr_gamma)
+                  for m in optim_config.lr_milestones_epochs}
+    return optax.piecewise_constant_schedule(base_lr, boundaries)
+  if kind == 'cosine':
+    total = max(int(optim_config.num_epochs) * int(steps_per_epoch), 1)
+    return optax.cosine_decay_schedule(base_lr, total)
+  raise ValueError(f"optim.schedule must be 'step', 'cosine' or 'constant', got {kind!r}")
+
+
+def make_optimizer(optim_config, steps_per_epoch: int) -> optax.GradientTransformation:
+  """AdamW with the reference's two learning-rate groups (see the module docstring)."""
+  def adamw(lr):
+    return optax.adamw(lr_schedule(optim_config, lr, steps_per_epoch), b1=optim_config.b1,
+                       b2=optim_config.b2, eps=optim_config.eps,
+                       weight_decay=optim_config.weight_decay)
+  backbone = optax.set_to_zero() if optim_config.freeze_backbone else adamw(
+      optim_config.backbone_lr)
+  return optax.multi_transform({BACKBONE: backbone, HEAD: adamw(optim_config.lr)},
+                               param_groups)
+
+
+def learning_rates(optim_config, steps_per_epoch: int, step: int) -> Dict[str, float]:
+  """Host-side learning rates of both groups at `step` (for logging)."""
+  head = float(lr_schedule(optim_config, optim_config.lr, steps_per_epoch)(step))
+  backbone = 0.0 if optim_config.freeze_backbone else float(
+      lr_schedule(optim_config, optim_config.backbone_lr, steps_per_epoch)(step))
+  return {'lr/head': head, 'lr/backbone': backbone}
+
+
+def pseudo_weight(teacher_config, epoch: int) -> float:
+  """λ of `epoch` (0-based): `teacher.pseudo_weight` from `pseudo_start_epoch` on, else 0."""
+  return float(teacher_config.pseudo_weight) if epoch >= int(
+      teacher_config.pseudo_start_epoch) else 0.0
+
+
+def remember_rate(teacher_config, epoch: int) -> float:
+  """Fraction of candidate positions kept by the small-loss selection in `epoch` (0-based).
+
+  Before the pseudo-loss start the first value of the schedule is used (the terms are computed
+  but weighted 0). With `teacher.small_loss_selection` off every candidate is kept (1.0).
+  """
+  if not teacher_config.small_loss_selection:
+    return 1.0
+  n = max(int(teacher_config.remember_rate_epochs), 1)
+  schedule = np.linspace(float(teacher_config.remember_rate_start),
+                         float(teacher_config.remember_rate_end), n)
+  i = min(max(epoch - int(teacher_config.pseudo_start_epoch), 0), n - 1)
+  return float(schedule[i])
+
+
+class StepHparams(NamedTuple):
+  """Per-epoch values the jitted step takes as arguments (fixed shapes: no recompilation).
+
+  Attributes:
+    pseudo_weight: () float32, λ.
+    remember_table: [n_max + 1] int32, `losses.num_remember_table(rate, n_max)`, n_max = the
+      number of flow positions of a global batch (b * S * S).
+  """
+  pseudo_weight: jax.Array
+  remember_table: jax.Array
+
+
+def step_hparams(teacher_config, epoch: int, n_max: int) -> StepHparams:
+  """The `StepHparams` of `epoch` (host numpy arrays)."""
+  return StepHparams(
+      pseudo_weight=np.asarray(pseudo_weight(teacher_config, epoch), np.float32),
+      remember_table=losses.num_remember_table(remember_rate(teacher_config, epoch), n_max))
+
+
+def lr_fn(optim_config, steps_per_epoch: int) -> Callable[[int], Dict[str, float]]:
+  """`step -> {'lr/head': .., 'lr/backbone': ..}` (host)."""
+  return lambda step: learning_rates(optim_config, steps_per_epoch, step)
+
