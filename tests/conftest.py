@@ -31,3 +31,23 @@ def fixtures_dir():
   if not FIXTURES.is_dir():
     pytest.skip(f"reference fixtures not found at {FIXTURES}")
   return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def reference_forward(fixtures_dir):
+  """(model_forward.npz as a dict, the regenerated reference weights name -> float32 array)."""
+  import importlib.util
+  import json
+
+  import numpy as np
+
+  spec = importlib.util.spec_from_file_location("weights_recipe",
+                                                fixtures_dir / "weights_recipe.py")
+  recipe = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(recipe)
+  fx = dict(np.load(fixtures_dir / "model_forward.npz"))
+  names = [str(n) for n in fx["param_names"]]
+  shapes = [tuple(s) for s in json.loads(str(fx["param_shapes_json"]))]
+  weights = recipe.make_weights(list(zip(names, shapes)), seed=int(fx["weights_seed"]))
+  assert recipe.weights_digest(weights, names) == str(fx["weights_sha256"])
+  return fx, weights

@@ -2,8 +2,6 @@
 model-level contracts (jit, vmap over two parameter sets, separate BatchNorm statistics)."""
 
 import functools
-import importlib.util
-import json
 
 import flax
 import jax
@@ -20,16 +18,8 @@ TINY = dict(stage_sizes=(1, 1, 1, 1), backbone_width=8, sce_kernel_size=3, sce_f
 
 
 @pytest.fixture(scope="module")
-def reference(fixtures_dir):
-  spec = importlib.util.spec_from_file_location("weights_recipe",
-                                                fixtures_dir / "weights_recipe.py")
-  recipe = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(recipe)
-  fx = dict(np.load(fixtures_dir / "model_forward.npz"))
-  names = [str(n) for n in fx["param_names"]]
-  shapes = [tuple(s) for s in json.loads(str(fx["param_shapes_json"]))]
-  weights = recipe.make_weights(list(zip(names, shapes)), seed=int(fx["weights_seed"]))
-  assert recipe.weights_digest(weights, names) == str(fx["weights_sha256"])
+def reference(reference_forward):
+  fx, weights = reference_forward
   model = SCorrSAN(sce_kernel_size=int(fx["sce_ksize"]), sce_features=int(fx["sce_outdim"]),
                    feature_size=int(fx["feature_size"]))
   return fx, weights, model
