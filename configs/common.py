@@ -134,6 +134,9 @@ def base_config(dataset: str = 'spair71k') -> ml_collections.ConfigDict:
   c.optim.lr_milestones_epochs = (150,)
   c.optim.lr_gamma = 0.5
   c.optim.freeze_backbone = False  # Table 4: backbone frozen = zero updates for its group.
+  # The soft-argmax coordinate vectors x_normal, y_normal are trained in the head group, as in
+  # the reference (its `requires_grad=True`); False keeps them at linspace(-1, 1).
+  c.optim.train_coordinates = True
 
   c.teacher = ml_collections.ConfigDict()
   c.teacher.pseudo_start_epoch = 4  # λ = 0 before this epoch (the terms are still computed).

@@ -11,7 +11,8 @@ correlation upsampled to a 48x48 flow. The learning rate is larger than the refe
 no pretrained backbone). Validation PCK@0.1 (bbox threshold) is reported every few epochs with
 the zero-flow baseline of the same pairs.
 
-Variants: `baseline` | `st` | `mt` (default); `runlocal` shrinks it further (a smoke run).
+Variants: `baseline` | `st` | `mt` (default); `runlocal` shrinks it further (a smoke run);
+`tiny` is the test suite's model and data (32x32 images, seconds per run); `epochs=N`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,11 @@ import common  # noqa: E402  pylint: disable=g-import-not-at-top
 
 def get_config(arg=None):
   """The demo config; `arg` = 'variant[,runlocal]'."""
-  args = common.parse_arg(arg, variant='mt', runlocal=False, epochs=0)
+  args = common.parse_arg(arg, variant='mt', runlocal=False, tiny=False, epochs=0)
+  if args.tiny:
+    c = common.tiny_config(args.variant)
+    c.data.data_dir = os.path.join(os.path.expanduser('~'), '.cache', 'sccorr_jax', 'data')
+    return c
   c = common.base_config('synthetic')
   c.data.data_dir = os.path.join(os.path.expanduser('~'), '.cache', 'sccorr_jax', 'data')
   c.data.synthetic_img_size = 96

@@ -14,6 +14,7 @@ training command with the same workdir resumes from its latest checkpoint.
 from __future__ import annotations
 
 import json
+import logging as pylogging
 import os
 import sys
 
@@ -44,9 +45,17 @@ def _unknown_key_message(argv) -> str:
       a for a in argv if a.startswith('--config.'))
 
 
+class _QuietOrbax(pylogging.Filter):
+  """Drops Orbax's per-save INFO chatter (kept: its warnings and errors)."""
+
+  def filter(self, record):
+    return record.levelno > 20 or '/orbax/' not in record.pathname
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  logging.get_absl_handler().addFilter(_QuietOrbax())
   # Hide GPUs from TensorFlow if it happens to be installed (tfds may import it).
   os.environ.setdefault('CUDA_VISIBLE_DEVICES_FOR_TF', '')
   import jax  # pylint: disable=g-import-not-at-top

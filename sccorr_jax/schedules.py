@@ -25,12 +25,25 @@ from sccorr_jax import losses
 
 BACKBONE = 'backbone'
 HEAD = 'head'
+FROZEN = 'frozen'
+COORDINATES = ('x_normal', 'y_normal')
 
 
-def param_groups(params) -> Dict[str, str]:
-  """Pytree of group labels ('backbone' | 'head') with the structure of `params`."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: BACKBONE if getattr(path[0], 'key', None) == BACKBONE else HEAD, params)
+def param_groups(params, train_coordinates: bool = True) -> Dict[str, str]:
+  """Pytree of group labels with the structure of `params`.
+
+  'backbone' for `params['backbone']`, 'head' for the rest (context encoder and, as in the
+  reference, the soft-argmax coordinate vectors); with `train_coordinates=False` the coordinate
+  vectors are 'frozen' (kept at linspace(-1, 1)).
+  """
+  def label(path, _):
+    top = getattr(path[0], 'key', None)
+    if top == BACKBONE:
+      return BACKBONE
+    if top in COORDINATES and not train_coordinates:
+      return FROZEN
+    return HEAD
+  return jax.tree_util.tree_map_with_path(label, params)
 
 
 def lr_schedule(optim_config, base_lr: float, steps_per_epoch: int) -> optax.Schedule:
@@ -65,8 +78,10 @@ def make_optimizer(optim_config, steps_per_epoch: int) -> optax.GradientTransfor
                        weight_decay=optim_config.weight_decay)
   backbone = optax.set_to_zero() if optim_config.freeze_backbone else adamw(
       optim_config.backbone_lr)
-  return optax.multi_transform({BACKBONE: backbone, HEAD: adamw(optim_config.lr)},
-                               param_groups)
+  train_coordinates = bool(optim_config.get('train_coordinates', True))
+  return optax.multi_transform(
+      {BACKBONE: backbone, HEAD: adamw(optim_config.lr), FROZEN: optax.set_to_zero()},
+      lambda params: param_groups(params, train_coordinates))
 
 
 def learning_rates(optim_config, steps_per_epoch: int, step: int) -> Dict[str, float]:

@@ -356,17 +356,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       'trg_img': jax.ShapeDtypeStruct((b, s, s, 3), jnp.float32, sharding=data_sharding),
       'flow': jax.ShapeDtypeStruct((b, fs, fs, 2), jnp.float32, sharding=data_sharding)}
   t0 = time.time()
-  compiled = jitted.lower(ckpt_lib.abstract_like(state, replicated), abstract_batch,
-                          jax.ShapeDtypeStruct(step_rng.shape, step_rng.dtype,
-                                               sharding=replicated),
-                          ckpt_lib.abstract_like(hp_host, replicated)).compile()
+  compiled = None
+  if step < total_steps:
+    compiled = jitted.lower(
+        ckpt_lib.abstract_like(state, replicated), abstract_batch,
+        jax.ShapeDtypeStruct(step_rng.shape, step_rng.dtype, sharding=replicated),
+        ckpt_lib.abstract_like(hp_host, replicated)).compile()
   compile_s = time.time() - t0
-  logging.info('compiled the %s train step in %.1f s', mode, compile_s)
+  if compiled is not None:
+    logging.info('compiled the %s train step in %.1f s', mode, compile_s)
+  else:
+    logging.info('step %d: training already finished (%d epochs)', step, num_epochs)
 
   protocol = eval_protocol(config)
   eval_step = evaluation.make_eval_step(model, protocol)
   writer = MetricWriter(workdir, enabled=lead)
-  writer.write(step, {'compile/train_step_s': compile_s})
+  if compiled is not None:
+    writer.write(step, {'compile/train_step_s': compile_s})
   lr_of = schedules.lr_fn(config.optim, spe)
 
   def eval_iter():

@@ -1,0 +1,93 @@
+"""Checkpoints: best + latest kept, model exports, loading from exports/workdirs/step dirs."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'configs'))
+import common  # noqa: E402  pylint: disable=g-import-not-at-top
+
+from sccorr_jax import checkpoint as ckpt_lib  # noqa: E402
+from sccorr_jax import schedules  # noqa: E402
+from sccorr_jax import train  # noqa: E402
+from sccorr_jax.models import SCorrSAN  # noqa: E402
+
+
+@pytest.fixture(scope='module')
+def tiny():
+  config = common.tiny_config('mt')
+  model = ckpt_lib.build_model(config)
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)),
+                                  jnp.zeros((1, 32, 32, 3)))
+  return config, model, variables
+
+
+def test_build_model_from_config(tiny):
+  config, model, _ = tiny
+  assert isinstance(model, SCorrSAN)
+  assert model.stage_sizes == (1, 1, 1, 1) and model.backbone_width == 8
+  assert model.sce_features == 16 and model.feature_size == 8
+  assert ckpt_lib.build_model(config.model) == model
+
+
+def test_export_roundtrip_and_errors(tiny, tmp_path):
+  config, _, variables = tiny
+  path = ckpt_lib.save_model_variables(tmp_path / 'export', variables, config)
+  loaded, cfg = ckpt_lib.load_model_variables(path)
+  assert cfg.model.sce_features == 16
+  for x, y in zip(jax.tree.leaves(loaded), jax.tree.leaves(variables)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  with pytest.raises(ckpt_lib.CheckpointError, match='already exists'):
+    ckpt_lib.save_model_variables(path, variables, config)
+  with pytest.raises(FileNotFoundError, match='nowhere'):
+    ckpt_lib.load_model_variables(tmp_path / 'nowhere')
+  with pytest.raises(ckpt_lib.CheckpointError, match='neither'):
+    ckpt_lib.load_model_variables(tmp_path)
+  other = common.tiny_config('mt')
+  other.model.sce_features = 24
+  with pytest.raises(ckpt_lib.CheckpointError,
+                     match=r'(?s)export.*sce.*\(44, 16\), expected \(44, 24\)'):
+    ckpt_lib.load_model_variables(path, model_config=other)
+
+
+def test_manager_keeps_latest_and_best_and_restores_abstract(tiny, tmp_path):
+  config, model, variables = tiny
+  tx = schedules.make_optimizer(config.optim, 2)
+  state = train.create_train_state(config, model, tx, jax.random.PRNGKey(1))
+  manager = ckpt_lib.make_manager(tmp_path, async_saves=True)
+  meta = {'config': config.to_json_best_effort(), 'best_model': 1}
+  for step, pck in [(1, 50.0), (2, 70.0), (3, 40.0), (4, None), (5, 60.0)]:
+    metrics = None if pck is None else {'val/pck@0.1': pck}
+    ckpt_lib.save(manager, step, state.replace(step=jnp.int32(step)),
+                  dict(meta, step=step, metrics=metrics or {}), metrics=metrics)
+  manager.wait_until_finished()
+  assert manager.all_steps() == [2, 5]  # the best (70) and the latest
+  assert manager.best_step() == 2
+  restored, meta_back = ckpt_lib.restore(manager, ckpt_lib.abstract_like(state))
+  assert int(restored.step) == 5 and meta_back['step'] == 5
+  for x, y in zip(jax.tree.leaves(restored.opt_state), jax.tree.leaves(state.opt_state)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  # A workdir loads its best step; mt picks the recorded best model, or the one asked for.
+  v_best, _ = ckpt_lib.load_model_variables(tmp_path)
+  v_b, _ = ckpt_lib.load_model_variables(tmp_path / 'checkpoints' / '5', model_index=1)
+  v_a, _ = ckpt_lib.load_model_variables(tmp_path, model_index=0, step=5)
+  expect = lambda i: jax.tree.map(lambda x: np.asarray(x)[i], state.params)  # noqa: E731
+  for got, want in ((v_best, expect(1)), (v_b, expect(1)), (v_a, expect(0))):
+    for x, y in zip(jax.tree.leaves(got['params']), jax.tree.leaves(want)):
+      np.testing.assert_array_equal(np.asarray(x), y)
+  with pytest.raises(ckpt_lib.CheckpointError, match='model_index'):
+    ckpt_lib.load_model_variables(tmp_path, model_index=2)
+  # Restoring into another configuration's state names the path and the arrays.
+  other = common.tiny_config('mt')
+  other.model.sce_features = 24
+  other_state = train.create_train_state(other, ckpt_lib.build_model(other), tx,
+                                         jax.random.PRNGKey(1))
+  with pytest.raises(ckpt_lib.CheckpointError, match=r'(?s)checkpoints/5/state.*sce'):
+    ckpt_lib.restore(manager, ckpt_lib.abstract_like(other_state))
+  del variables

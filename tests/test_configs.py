@@ -1,0 +1,106 @@
+"""The experiment configs: variants, reference values, locking, ablation sweeps."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from ml_collections import config_flags  # noqa: F401  (absl flags are marked parsed)
+import pytest
+
+CONFIGS = os.path.join(os.path.dirname(__file__), '..', 'configs')
+sys.path.insert(0, CONFIGS)
+import common  # noqa: E402  pylint: disable=g-import-not-at-top
+import demo  # noqa: E402  pylint: disable=g-import-not-at-top
+import pfpascal  # noqa: E402  pylint: disable=g-import-not-at-top
+import pfwillow  # noqa: E402  pylint: disable=g-import-not-at-top
+import spair  # noqa: E402  pylint: disable=g-import-not-at-top
+
+
+def test_parse_arg():
+  a = common.parse_arg('st,runlocal', variant='mt', runlocal=False, epochs=0)
+  assert a.variant == 'st' and a.runlocal and a.epochs == 0
+  a = common.parse_arg('variant=baseline,epochs=3', variant='mt', runlocal=False, epochs=0)
+  assert a.variant == 'baseline' and not a.runlocal and a.epochs == 3
+  assert common.parse_arg(None, variant='mt').variant == 'mt'
+  with pytest.raises(ValueError, match='unknown config argument'):
+    common.parse_arg('nosuchkey=1', variant='mt')
+  with pytest.raises(ValueError, match='must be a int'):
+    common.parse_arg('epochs=x', epochs=0)
+
+
+def test_spair_reference_values():
+  c = spair.get_config()
+  assert c.learning_mode == 'mt'
+  assert (c.model.sce_kernel_size, c.model.sce_features) == (7, 2048)
+  assert c.teacher.pseudo_start_epoch == 4 and c.teacher.pseudo_weight == 10.0
+  assert (c.teacher.remember_rate_start, c.teacher.remember_rate_end,
+          c.teacher.remember_rate_epochs) == (0.2, 0.9, 10)
+  assert c.teacher.dilation_kernel == 7
+  assert c.optim.batch_size == 16 and c.optim.num_epochs == 150
+  assert (c.optim.lr, c.optim.backbone_lr, c.optim.weight_decay) == (3e-5, 3e-6, 0.05)
+  assert c.optim.schedule == 'step' and tuple(c.optim.lr_milestones_epochs) == (150,)
+  assert c.optim.lr_gamma == 0.5
+  assert (c.data.img_size, c.data.feature_size, c.data.receptive_field) == (256, 64, 11)
+  assert c.model.feature_size == 64 and c.model.batch_norm == 'batch'
+  assert c.data.name == 'spair71k' and c.eval.threshold == 'bbox'
+
+
+def test_pfpascal_reference_values():
+  c = pfpascal.get_config('baseline')
+  assert c.learning_mode == 'baseline'
+  assert (c.model.sce_kernel_size, c.model.sce_features) == (13, 1024)
+  assert c.teacher.pseudo_start_epoch == 60
+  assert c.data.name == 'pfpascal' and c.eval.threshold == 'img'
+
+
+def test_pfwillow_is_evaluation_of_a_pfpascal_model():
+  c = pfwillow.get_config()
+  assert c.data.name == 'pfwillow' and c.eval.split == 'test'
+  assert (c.model.sce_kernel_size, c.model.sce_features) == (13, 1024)
+
+
+@pytest.mark.parametrize('module', [spair, pfpascal, demo])
+@pytest.mark.parametrize('variant', ['baseline', 'st', 'mt', 'mt,runlocal'])
+def test_variants_are_consistent(module, variant):
+  c = module.get_config(variant)
+  assert c.learning_mode == variant.split(',')[0]
+  stride = 2 ** (c.model.backbone_stages + 1)
+  assert c.data.feature_size == (c.model.feature_size or c.data.img_size // stride)
+  assert c.optim.batch_size % 4 == 0
+
+
+def test_runlocal_is_small():
+  c = spair.get_config('runlocal')
+  assert c.data.img_size <= 64 and c.optim.num_epochs * c.optim.steps_per_epoch <= 10
+
+
+def test_locked_config_rejects_typos():
+  c = spair.get_config()
+  c.lock()
+  with pytest.raises(AttributeError, match='lr_typo'):
+    c.optim.lr_typo = 1.0
+  c.optim.lr = 1e-4  # Existing keys stay writable.
+
+
+@pytest.mark.parametrize('entry', common.ablation_sweep())
+def test_every_ablation_is_a_config_switch(entry):
+  c = spair.get_config()
+  c.lock()
+  for key, value in entry.items():
+    node = c
+    *parents, leaf = key.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+    assert node[leaf] == value
+  assert c.learning_mode in common.LEARNING_MODES
+
+
+def test_ablation_sweep_covers_tables_4_and_6():
+  keys = {k for entry in common.ablation_sweep() for k in entry}
+  assert {'model.use_context', 'model.feature_size', 'optim.freeze_backbone', 'learning_mode',
+          'teacher.small_loss_selection', 'teacher.dilation_kernel'} <= keys
+  kernels = {e.get('teacher.dilation_kernel', 7) for e in common.ablation_sweep()}
+  assert {None, 3, 7, 15} <= kernels
+  assert all(s.startswith('--config.') for s in common.sweep_to_flags(common.ablation_sweep()))
