@@ -7,8 +7,12 @@ import math
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT
 
+# The tool builds the steps with the trainer's own functions.
+pytest.importorskip("sccorr_jax.train", reason="needs sccorr_jax/train.py")
 sys.path.insert(0, str(ROOT / "tools"))
 import benchmark  # noqa: E402  pylint: disable=g-import-not-at-top
 
