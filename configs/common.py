@@ -94,7 +94,8 @@ def base_config(dataset: str = 'spair71k') -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.sce_kernel_size = 7
   c.model.sce_features = 2048
-  # Flow grid side (4x the correlation); None = loss at stride 16 (Table 4 ablation).
+  # Flow grid side (4x the correlation); 0 (or None) = the loss at stride 16, on the
+  # correlation's own grid (Table 4 ablation).
   c.model.feature_size = ml_collections.FieldReference(64, field_type=int)
   c.model.backbone_depth = 101
   c.model.stage_sizes = ml_collections.FieldReference(None, field_type=tuple)
@@ -145,7 +146,8 @@ def base_config(dataset: str = 'spair71k') -> ml_collections.ConfigDict:
   c.teacher.remember_rate_end = 0.9
   c.teacher.remember_rate_epochs = 10  # Linear rise over this many epochs from the start.
   c.teacher.small_loss_selection = True  # Off = keep every candidate (remember rate 1).
-  # Side of the dilation of the labelled positions (odd); None = no mask, every position.
+  # Side of the dilation of the labelled positions (odd); 0 (or None) = no mask, every position
+  # is a candidate.
   c.teacher.dilation_kernel = ml_collections.FieldReference(7, field_type=int)
   # 'st' only: the baseline's workdir, checkpoint step directory or exported model.
   c.teacher.checkpoint = ml_collections.FieldReference(None, field_type=str)
@@ -207,14 +209,14 @@ def ablation_sweep() -> List[Dict[str, Any]]:
       # Table 4: context encoder, loss resolution, backbone fine-tuning.
       {'learning_mode': 'baseline'},
       {'learning_mode': 'baseline', 'model.use_context': False},
-      {'learning_mode': 'baseline', 'model.feature_size': None, 'data.feature_size': 16,
+      {'learning_mode': 'baseline', 'model.feature_size': 0, 'data.feature_size': 16,
        'data.receptive_field': 35},
       {'learning_mode': 'baseline', 'optim.freeze_backbone': True},
       # Table 6: teacher-student, small-loss selection, mask dilation and its kernel.
       {'learning_mode': 'st'},
       {'learning_mode': 'mt'},
       {'learning_mode': 'mt', 'teacher.small_loss_selection': False},
-      {'learning_mode': 'mt', 'teacher.dilation_kernel': None},
+      {'learning_mode': 'mt', 'teacher.dilation_kernel': 0},
       {'learning_mode': 'mt', 'teacher.dilation_kernel': 3},
       {'learning_mode': 'mt', 'teacher.dilation_kernel': 15},
   ]

@@ -39,17 +39,21 @@ _MULTIHOST = flags.DEFINE_bool('multihost', False, 'Call jax.distributed.initial
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-def _unknown_key_message(argv) -> str:
-  """Names the overrides of argv that are not keys of the config file."""
-  return 'unknown config key; check the --config.* overrides: ' + ' '.join(
-      a for a in argv if a.startswith('--config.'))
+def _from_config_flags(exc: BaseException) -> bool:
+  """Whether an exception was raised while ml_collections parsed the --config flags."""
+  tb = exc.__traceback__
+  while tb is not None:
+    if 'config_flags' in tb.tb_frame.f_code.co_filename:
+      return True
+    tb = tb.tb_next
+  return False
 
 
 class _QuietOrbax(pylogging.Filter):
-  """Drops Orbax's per-save INFO chatter (kept: its warnings and errors)."""
+  """Drops Orbax's per-save INFO chatter (its warnings and errors stay)."""
 
   def filter(self, record):
-    return record.levelno > 20 or '/orbax/' not in record.pathname
+    return record.levelno > pylogging.INFO or '/orbax/' not in record.pathname
 
 
 def main(argv):
@@ -86,11 +90,16 @@ def main(argv):
 def _run():
   try:
     app.run(main)
-  except AttributeError as e:  # A mistyped --config.x.y on a locked config.
-    msg = str(e)
-    if 'does not exist' in msg or 'locked' in msg or 'has no attribute' in msg:
-      sys.exit(f'error: {msg}\n{_unknown_key_message(sys.argv)}')
-    raise
+  except (AttributeError, KeyError) as e:
+    if not _from_config_flags(e):
+      raise
+    # A mistyped --config.x.y on the locked config: say which override and what exists.
+    root = e
+    while root.args and isinstance(root.args[0], BaseException):
+      root = root.args[0]
+    text = str(root.args[0]) if root.args else str(root)
+    overrides = ' '.join(a for a in sys.argv if a.startswith('--config.'))
+    sys.exit(f"error: unknown config key in {overrides}: {text.replace(chr(10), '; ')}")
 
 
 if __name__ == '__main__':

@@ -83,17 +83,18 @@ def check_config(config) -> None:
                      'checkpoint step directory or exported model>')
   stride = 2 ** (int(config.model.get('backbone_stages', 3)) + 1)
   grid = config.data.img_size // stride
-  expected = grid if config.model.feature_size is None else config.model.feature_size
+  expected = config.model.feature_size or grid
   if config.data.feature_size != expected:
     raise ValueError(
         f'data.feature_size ({config.data.feature_size}) must equal the flow grid of the model '
-        f'({expected}: model.feature_size, or img_size / stride {stride} when it is None)')
+        f'({expected}: model.feature_size, or img_size / stride {stride} when it is 0)')
   if config.model.batch_norm not in ('batch', 'frozen'):
     raise ValueError(f"model.batch_norm must be 'batch' or 'frozen', got "
                      f'{config.model.batch_norm!r}')
   k = config.teacher.dilation_kernel
-  if k is not None and (k < 1 or k % 2 == 0):
-    raise ValueError(f'teacher.dilation_kernel must be an odd positive int or None, got {k}')
+  if k and (k < 1 or k % 2 == 0):
+    raise ValueError(f'teacher.dilation_kernel must be an odd positive int, or 0 / None (no '
+                     f'mask), got {k}')
   if config.optim.batch_size % jax.device_count():
     raise ValueError(f'optim.batch_size ({config.optim.batch_size}) must be divisible by the '
                      f'device count ({jax.device_count()})')
@@ -320,7 +321,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   model = build_model(config)
   tx = schedules.make_optimizer(config.optim, spe)
   step_cfg = ts.StepConfig(model=model, tx=tx, batch_norm=config.model.batch_norm,
-                           dilation_kernel=config.teacher.dilation_kernel)
+                           dilation_kernel=config.teacher.dilation_kernel or None)
   teacher = None
   if mode == 'st':
     teacher, teacher_config = ckpt_lib.load_model_variables(

@@ -19,8 +19,17 @@ from sccorr_jax import train  # noqa: E402
 from sccorr_jax.models import SCorrSAN  # noqa: E402
 
 
+@pytest.fixture(scope='module', autouse=True)
+def fast_compiles():
+  """Tiny models: XLA's optimisation passes cost more than they save."""
+  old = jax.config.read('jax_disable_most_optimizations')
+  jax.config.update('jax_disable_most_optimizations', True)
+  yield
+  jax.config.update('jax_disable_most_optimizations', old)
+
+
 @pytest.fixture(scope='module')
-def tiny():
+def tiny(fast_compiles):  # pylint: disable=redefined-outer-name,unused-argument
   config = common.tiny_config('mt')
   model = ckpt_lib.build_model(config)
   variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)),

@@ -16,6 +16,8 @@ import pfpascal  # noqa: E402  pylint: disable=g-import-not-at-top
 import pfwillow  # noqa: E402  pylint: disable=g-import-not-at-top
 import spair  # noqa: E402  pylint: disable=g-import-not-at-top
 
+from sccorr_jax import checkpoint as ckpt_lib  # noqa: E402
+
 
 def test_parse_arg():
   a = common.parse_arg('st,runlocal', variant='mt', runlocal=False, epochs=0)
@@ -67,6 +69,7 @@ def test_variants_are_consistent(module, variant):
   assert c.learning_mode == variant.split(',')[0]
   stride = 2 ** (c.model.backbone_stages + 1)
   assert c.data.feature_size == (c.model.feature_size or c.data.img_size // stride)
+  assert ckpt_lib.build_model(c).feature_size == c.model.feature_size
   assert c.optim.batch_size % 4 == 0
 
 
@@ -102,5 +105,23 @@ def test_ablation_sweep_covers_tables_4_and_6():
   assert {'model.use_context', 'model.feature_size', 'optim.freeze_backbone', 'learning_mode',
           'teacher.small_loss_selection', 'teacher.dilation_kernel'} <= keys
   kernels = {e.get('teacher.dilation_kernel', 7) for e in common.ablation_sweep()}
-  assert {None, 3, 7, 15} <= kernels
+  assert {0, 3, 7, 15} <= kernels
   assert all(s.startswith('--config.') for s in common.sweep_to_flags(common.ablation_sweep()))
+
+
+def test_command_line_overrides(monkeypatch):
+  """`--config.x.y=v` overrides of the optional fields (None-able ones take 0 for None)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  argv = ['prog', f'--config={os.path.join(CONFIGS, "spair.py")}:baseline',
+          '--config.model.stage_sizes=(1,1,1,1)', '--config.model.feature_size=0',
+          '--config.teacher.dilation_kernel=0', '--config.optim.lr=1e-4',
+          '--config.model.pretrained=/x.pth', '--config.optim.steps_per_epoch=5']
+  monkeypatch.setattr(sys, 'argv', argv)
+  fv = flags.FlagValues()
+  holder = config_flags.DEFINE_config_file('config', None, flag_values=fv, lock_config=True)
+  fv(argv)
+  c = holder.value
+  assert c.learning_mode == 'baseline' and tuple(c.model.stage_sizes) == (1, 1, 1, 1)
+  assert c.model.feature_size == 0 and c.teacher.dilation_kernel == 0
+  assert ckpt_lib.build_model(c).feature_size is None
+  assert c.optim.lr == 1e-4 and c.model.pretrained == '/x.pth' and c.optim.steps_per_epoch == 5

@@ -20,7 +20,8 @@ def _main(*args, timeout=600):
 def test_mistyped_config_key_fails_clearly(tmp_path):
   r = _main('--config=configs/demo.py:tiny', f'--workdir={tmp_path}', '--config.optim.lrr=1')
   assert r.returncode != 0
-  assert 'lrr' in r.stderr
+  assert 'unknown config key in --config.optim.lrr=1' in r.stderr
+  assert 'Did you mean "lr"' in r.stderr and 'Traceback' not in r.stderr
 
 
 def test_workdir_is_required():
