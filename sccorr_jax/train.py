@@ -28,6 +28,8 @@ import json
 import math
 import os
 import pathlib
+import signal
+import threading
 import time
 from typing import Any, Dict, Optional
 
@@ -287,6 +289,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        stop_after_steps: Optional[int] = None) -> Dict[str, Any]:
   """Trains (resuming from `<workdir>/checkpoints` if present) and validates.
 
+  A SIGTERM (preemption) makes the run finish its current step, write a checkpoint and return;
+  on several hosts Orbax's preemption notice does the same.
+
   Args:
     config: the experiment config (`configs/*.py`).
     workdir: where checkpoints, `config.json`, `metrics.jsonl` and TensorBoard files go.
@@ -464,6 +469,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     window.add(metrics)
     return metrics
 
+  # SIGTERM (preemption, `kill`): finish the current step, checkpoint, exit cleanly.
+  signalled = {'stop': False}
+  old_handler = None
+  if threading.current_thread() is threading.main_thread():
+    def on_sigterm(signum, frame):
+      del signum, frame
+      signalled['stop'] = True
+    old_handler = signal.signal(signal.SIGTERM, on_sigterm)
+
   try:
     while step < total_steps:
       epoch = step // spe
@@ -522,17 +536,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       elif config.get('checkpoint_every_steps') and step % int(
           config.checkpoint_every_steps) == 0:
         save_checkpoint(step // spe)
-      if stop_after_steps is not None and step >= stop_after_steps and step < total_steps:
+      asked = stop_after_steps is not None and step >= stop_after_steps
+      preempted = signalled['stop'] or (jax.process_count() > 1
+                                        and manager.reached_preemption(step))
+      if (asked or preempted) and step < total_steps:
         if pending is not None:
           consume(*pending)
           pending = None
         if manager.latest_step() != step:
           save_checkpoint(step // spe)
-        logging.info('stopping at step %d as asked; rerun to resume', step)
+        logging.info('stopping at step %d (%s) with a checkpoint; rerun to resume', step,
+                     'as asked' if asked else 'preempted')
         break
     if pending is not None:
       consume(*pending)
   finally:
+    if old_handler is not None:
+      signal.signal(signal.SIGTERM, old_handler)
     manager.wait_until_finished()
     if bar is not None:
       bar.close()
