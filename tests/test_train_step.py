@@ -185,3 +185,27 @@ def test_optimizer_groups_and_frozen_backbone():
   sched = schedules.lr_schedule(optim, 1.0, 10)
   assert float(sched(19)) == 1.0 and float(sched(20)) == 0.5
   assert isinstance(tx, optax.GradientTransformation)
+
+
+def test_frozen_batch_norm_keeps_running_statistics(setup):
+  cfg = ts.StepConfig(model=setup['model'], tx=setup['tx'], batch_norm='frozen')
+  s0 = setup['state']
+  first = lambda tree: jax.tree.map(lambda x: x[0], tree)  # noqa: E731
+  state = ts.TrainState(step=s0.step, params=first(s0.params),
+                        batch_stats=first(s0.batch_stats), opt_state=first(s0.opt_state))
+  new, metrics = jax.jit(functools.partial(ts.baseline_step, cfg))(
+      state, setup['batch'], jax.random.PRNGKey(0), setup['hp'])
+  assert np.isfinite(float(metrics['loss']))
+  _close(new.batch_stats, state.batch_stats, rtol=0, atol=0)
+  with pytest.raises(ValueError, match='batch_norm'):
+    ts.StepConfig(model=setup['model'], tx=setup['tx'], batch_norm='sync')
+
+
+def test_candidate_mask_dilated_or_everywhere(setup):
+  gt = jnp.asarray(setup['batch']['flow'])
+  dilated = ts.candidate_mask(setup['cfg'], gt)
+  labelled = ~np.all(np.asarray(gt) == 0, axis=-1)
+  assert dilated.shape == labelled.shape and np.all(np.asarray(dilated)[labelled])
+  assert np.asarray(dilated).sum() > labelled.sum()
+  everywhere = ts.StepConfig(model=setup['model'], tx=setup['tx'], dilation_kernel=None)
+  assert np.all(np.asarray(ts.candidate_mask(everywhere, gt)))
