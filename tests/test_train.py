@@ -137,3 +137,22 @@ def test_too_many_nonfinite_steps_stop_the_run(data_dir, tmp_path):
   config.optim.num_epochs = 1
   with pytest.raises(FloatingPointError, match='consecutive training steps'):
     train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_mt_models_share_the_pretrained_backbone_and_differ_in_the_head(tmp_path):
+  from sccorr_jax import convert  # pylint: disable=g-import-not-at-top
+  config = _config('mt', None)
+  model = ckpt_lib.build_model(config)
+  source = train.init_variables(config, model, jax.random.PRNGKey(42), 1)
+  full = convert.to_torch_state_dict(source, model)
+  prefix = convert.BACKBONE_PREFIX
+  backbone_only = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
+  np.savez(tmp_path / 'resnet.npz', **backbone_only)
+  config.model.pretrained = str(tmp_path / 'resnet.npz')
+  stacked = train.init_variables(config, model, jax.random.PRNGKey(0), 2)
+  for x, y in zip(jax.tree.leaves(stacked['params']['backbone']),
+                  jax.tree.leaves(source['params']['backbone'])):
+    np.testing.assert_array_equal(np.asarray(x)[0], np.asarray(y))
+    np.testing.assert_array_equal(np.asarray(x)[1], np.asarray(y))
+  kernel = np.asarray(stacked['params']['sce']['conv']['kernel'])
+  assert not np.array_equal(kernel[0], kernel[1])
