@@ -212,7 +212,8 @@ def save_model_variables(directory: PathLike, variables: Mapping[str, Any], conf
   checkpointer.save(directory, args=ocp.args.Composite(**{
       VARIABLES: ocp.args.StandardSave(variables),
       CONFIG: ocp.args.JsonSave(_config_dict(config))}))
-  checkpointer.wait_until_finished() if hasattr(checkpointer, 'wait_until_finished') else None
+  if hasattr(checkpointer, 'wait_until_finished'):
+    checkpointer.wait_until_finished()
   return str(directory)
 
 

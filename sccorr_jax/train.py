@@ -485,7 +485,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         hp = jax.device_put(schedules.step_hparams(config.teacher, epoch, n_max), replicated)
         hp_epoch = epoch
       batch = _global_batch(next(train_iter), data_sharding)
-      t = time.time()
       rng = jax.device_put(jax.random.fold_in(step_rng, step), replicated)
       state, metrics = compiled(state, batch, rng, hp)
       if pending is not None:
@@ -515,7 +514,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           scalars['train/remember_rate'] = schedules.remember_rate(config.teacher, epoch)
         writer.write(step, scalars)
         t_log, steps_since_log = time.time(), 0
-      del t
       epoch_done = step % spe == 0
       if epoch_done:
         if pending is not None:
