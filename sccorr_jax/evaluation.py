@@ -617,7 +617,11 @@ def evaluate_model(model, variables, batches: Iterable[Mapping[str, Any]], proto
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
   if mesh is None:
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
-  ndev = mesh.devices.size
+  multihost = jax.process_count() > 1
+  # Several processes: each holds its own rows (`create_eval_iterator(process_index=...)`),
+  # padded to a multiple of its local devices; the per-pair counts and metadata of all processes
+  # are gathered so every process accumulates the same global result.
+  ndev = jax.local_device_count() if multihost else mesh.devices.size
   replicated = NamedSharding(mesh, P())
   data_sharding = NamedSharding(mesh, P("data"))
   variables = jax.device_put(variables, replicated)
@@ -646,9 +650,18 @@ def evaluate_model(model, variables, batches: Iterable[Mapping[str, Any]], proto
       meta = {k: _pad_rows(v, padded) for k, v in meta.items()}
       meta["pair_valid"] = meta["pair_valid"].copy()
       meta["pair_valid"][b:] = False
-      dev_batch = {k: jax.device_put(_pad_rows(np.asarray(batch[k]), padded), data_sharding)
-                   for k in keys}
-      counts = jax.device_get(step(variables, dev_batch))
+      if multihost:
+        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+        dev_batch = {k: jax.make_array_from_process_local_data(
+            data_sharding, _pad_rows(np.asarray(batch[k]), padded)) for k in keys}
+        counts = multihost_utils.process_allgather(step(variables, dev_batch), tiled=True)
+        meta = multihost_utils.process_allgather(meta, tiled=True)
+        b = int(np.asarray(meta["pair_valid"]).shape[0])
+        padded = b  # the gathered rows; their padding is masked by pair_valid already
+      else:
+        dev_batch = {k: jax.device_put(_pad_rows(np.asarray(batch[k]), padded), data_sharding)
+                     for k in keys}
+        counts = jax.device_get(step(variables, dev_batch))
       acc.update(counts, meta)
       acc.num_padding_pairs -= padded - b  # count only the data's own padding pairs
       if bar is not None:

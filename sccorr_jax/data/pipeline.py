@@ -12,6 +12,7 @@ fixed-shape batches; the last ones are padded with copies of a real pair marked
 
 from __future__ import annotations
 
+import fcntl
 import os
 from typing import Any, Dict
 
@@ -98,6 +99,11 @@ def _check(cfg):
                      f'({cfg.feature_size})')
 
 
+def _prepared_on_disk(builder) -> bool:
+  """Whether the builder's version directory is complete on disk (re-read, not cached)."""
+  return os.path.isfile(os.path.join(builder.data_dir, 'dataset_info.json'))
+
+
 def get_builder(data_config):
   """The TFDS builder of `data_config.name` over `data_config.data_dir`.
 
@@ -108,15 +114,26 @@ def get_builder(data_config):
   name = data_config.name
   data_dir = os.path.expanduser(str(data_config.data_dir))
   if name == 'synthetic':
-    builder = synthetic.make_builder(
-        data_dir, img_size=int(_get(data_config, 'synthetic_img_size', 128)),
+    knobs = dict(
+        img_size=int(_get(data_config, 'synthetic_img_size', 128)),
         train_pairs_per_photo=int(_get(data_config, 'synthetic_train_pairs_per_photo', 16)),
         eval_pairs_per_photo=int(_get(data_config, 'synthetic_eval_pairs_per_photo', 8)),
         min_kps=int(_get(data_config, 'synthetic_min_kps', 8)),
         max_kps=int(_get(data_config, 'synthetic_max_kps', 20)),
         seed=int(_get(data_config, 'synthetic_seed', 0)))
+    builder = synthetic.make_builder(data_dir, **knobs)
     if not builder.is_prepared():
-      builder.download_and_prepare()
+      # Several processes (the hosts of one run, parallel jobs) may start at once: one
+      # generates under a file lock, the others wait and then read what it wrote.
+      os.makedirs(data_dir, exist_ok=True)
+      with open(os.path.join(data_dir, '.sccorr_synthetic.lock'), 'w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+          if not _prepared_on_disk(builder):
+            builder.download_and_prepare()
+        finally:
+          fcntl.flock(lock, fcntl.LOCK_UN)
+      builder = synthetic.make_builder(data_dir, **knobs)  # re-reads the finished dataset
     return builder
   builder = BUILDERS[name](data_dir=data_dir)
   if not builder.is_prepared():
