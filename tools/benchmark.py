@@ -23,7 +23,8 @@ Reported (readable line on stdout, everything in `--json`):
   its fraction of `peak_flops_per_s`, measured once on the device with a large matrix product in
   the compute dtype (`--peak_flops` overrides).
 * `peak_memory_bytes`: the device's peak bytes in use on GPU/TPU, the process's peak RSS on CPU
-  (`peak_memory_kind` says which); `compiled_memory_bytes`: XLA's own estimate for the step
+  (`peak_memory_kind` says which; freed compiler heap is returned to the OS before timing);
+  `compiled_memory_bytes`: XLA's own estimate for the step
   (arguments + outputs + temporaries - donated aliases).
 * With `--fit_batch`: `max_batch_estimate`, the largest batch whose compiled memory fits the
   device (linear in the batch between two compiled sizes, checked by compiling it).
@@ -31,6 +32,7 @@ Reported (readable line on stdout, everything in `--json`):
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import functools
 import importlib.util
@@ -253,8 +255,18 @@ def build(config, mode: str) -> Built:
   return Built(compiled, (state, batch, step_rng, hparams), run, compile_s)
 
 
+def release_free_heap() -> None:
+  """Returns freed heap pages to the OS (glibc `malloc_trim`), e.g. the compiler's, so that the
+  process's peak RSS reflects what the step itself holds. A no-op elsewhere."""
+  try:
+    ctypes.CDLL('libc.so.6').malloc_trim(0)
+  except (OSError, AttributeError):
+    pass
+
+
 def time_built(built: Built, steps: int, warmup: int):
   """Runs `warmup` discarded then `steps` timed calls, threading the donated state through."""
+  release_free_heap()
   args = built.args
   times = []
   for i in range(warmup + steps):
