@@ -141,11 +141,20 @@ def _apply_updates(tx, grads, opt_state, params):
 def _commit(state: TrainState, ok, params, batch_stats, opt_state) -> TrainState:
   """The new state, keeping the old values of every model whose step was not finite."""
   all_ok = jnp.all(ok)
+
+  def keep_finite(new, old):
+    return tuple(_select(ok, n, o) for n, o in zip(new, old))
+
+  # One conditional rather than a per-leaf `where` fused into the optimiser update: XLA:CPU
+  # compiled the latter for minutes (mt: 275 s -> 39 s, compile-time memory 11.3 -> 2.7 GiB).
+  params, batch_stats, opt_state = jax.lax.cond(
+      all_ok, lambda new, old: new, keep_finite, (params, batch_stats, opt_state),
+      (state.params, state.batch_stats, state.opt_state))
   return state.replace(
       step=state.step + 1,
-      params=_select(ok, params, state.params),
-      batch_stats=_select(ok, batch_stats, state.batch_stats),
-      opt_state=_select(ok, opt_state, state.opt_state),
+      params=params,
+      batch_stats=batch_stats,
+      opt_state=opt_state,
       nonfinite_streak=jnp.where(all_ok, 0, state.nonfinite_streak + 1).astype(jnp.int32),
       nonfinite_total=(state.nonfinite_total + (~all_ok).astype(jnp.int32)))
 
