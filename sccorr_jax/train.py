@@ -28,6 +28,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import signal
 import threading
 import time
@@ -226,7 +227,9 @@ class MetricWriter:
     clean = {k: _py(v) for k, v in scalars.items()}
     for k, v in clean.items():
       if isinstance(v, (int, float)) and v is not None:
-        self._tb.add_scalar(k, v, step)
+        # TensorBoard tags allow [A-Za-z0-9_./-]: `val/pck@0.1` -> `val/pck_0.1` (the JSONL
+        # keeps the original names).
+        self._tb.add_scalar(re.sub(r'[^A-Za-z0-9_./-]', '_', k), v, step)
     self._jsonl.write(json.dumps({'step': int(step), **clean}) + '\n')
     self._jsonl.flush()
 
