@@ -22,14 +22,20 @@ flags.FLAGS.mark_as_parsed()
 
 import pytest  # noqa: E402
 
-# The reference fixtures live in ../shared beside the checkout (CI clones with shared/ beside it).
-FIXTURES = ROOT.parent / "shared" / "fixtures" / "reference"
+# The reference fixtures live in ../shared beside the checkout (CI clones with shared/ beside
+# it); SCCORR_FIXTURES points elsewhere.
+FIXTURES = pathlib.Path(os.environ.get(
+    "SCCORR_FIXTURES", ROOT.parent / "shared" / "fixtures" / "reference"))
 
 
 @pytest.fixture(scope="session")
 def fixtures_dir():
   if not FIXTURES.is_dir():
-    pytest.skip(f"reference fixtures not found at {FIXTURES}")
+    message = (f"reference fixtures not found at {FIXTURES} (set SCCORR_FIXTURES); the parity "
+               "tests need them")
+    if os.environ.get("CI"):  # In CI a missing fixture is a failure, never a silent skip.
+      pytest.fail(message)
+    pytest.skip(message)
   return FIXTURES
 
 
