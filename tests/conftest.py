@@ -22,7 +22,7 @@ flags.FLAGS.mark_as_parsed()
 
 import pytest  # noqa: E402
 
-# The reference fixtures live in ../shared beside the checkout (CI clones with shared/ beside
+# The reference fixtures (../shared/fixtures/reference) live in ../shared beside the checkout (CI clones with shared/ beside
 # it); SCCORR_FIXTURES points elsewhere.
 FIXTURES = pathlib.Path(os.environ.get(
     "SCCORR_FIXTURES", ROOT.parent / "shared" / "fixtures" / "reference"))
@@ -57,3 +57,15 @@ def reference_forward(fixtures_dir):
   weights = recipe.make_weights(list(zip(names, shapes)), seed=int(fx["weights_seed"]))
   assert recipe.weights_digest(weights, names) == str(fx["weights_sha256"])
   return fx, weights
+
+
+@pytest.fixture(scope="module")
+def fast_compiles():
+  """Tiny models: XLA's optimisation passes cost more than they save. Opt in per module with
+  `pytestmark = pytest.mark.usefixtures('fast_compiles')` (never for the parity tests)."""
+  import jax
+
+  old = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", old)

@@ -24,13 +24,7 @@ from sccorr_jax import checkpoint as ckpt_lib  # noqa: E402
 from sccorr_jax import train  # noqa: E402
 
 
-@pytest.fixture(scope='module', autouse=True)
-def fast_compiles():
-  """Tiny models: XLA's optimisation passes cost more than they save; all runs share this."""
-  old = jax.config.read('jax_disable_most_optimizations')
-  jax.config.update('jax_disable_most_optimizations', True)
-  yield
-  jax.config.update('jax_disable_most_optimizations', old)
+pytestmark = pytest.mark.usefixtures('fast_compiles')
 
 
 @pytest.fixture(scope='module')

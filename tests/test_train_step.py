@@ -37,13 +37,7 @@ def make_batch(b=4, img=32, fs=8, rf=7, seed=0):
           'flow': flow}
 
 
-@pytest.fixture(scope='module', autouse=True)
-def fast_compiles():
-  """Tiny models: XLA's optimisation passes cost more than they save."""
-  old = jax.config.read('jax_disable_most_optimizations')
-  jax.config.update('jax_disable_most_optimizations', True)
-  yield
-  jax.config.update('jax_disable_most_optimizations', old)
+pytestmark = pytest.mark.usefixtures('fast_compiles')
 
 
 @pytest.fixture(scope='module')
