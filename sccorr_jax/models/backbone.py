@@ -209,6 +209,21 @@ def _conv(features, kernel, stride=1, name=None, dtype=None, param_dtype=jnp.flo
                  dtype=dtype, param_dtype=param_dtype, name=name)
 
 
+def _residual(block, x, y, norm):
+  """`(pre_relu, post_relu)` of a block: `y` plus the (projected, if `block.downsample`) input.
+
+  Called inside the block's compact `__call__`, so the projection's modules are the block's
+  `downsample_conv` / `downsample_bn` (torchvision's `downsample.0` / `downsample.1`).
+  """
+  if block.downsample:
+    x = _conv(y.shape[-1], 1, block.stride, name="downsample_conv", dtype=block.dtype,
+              param_dtype=block.param_dtype)(x)
+    x = BatchNorm(dtype=block.dtype, param_dtype=block.param_dtype, name="downsample_bn")(
+        x, **norm)
+  out = y + x
+  return out, nn.relu(out)
+
+
 class Bottleneck(nn.Module):
   """1x1 -> 3x3 (stride) -> 1x1 (4x width) with BN; returns `(pre_relu, post_relu)`."""
   features: int
@@ -226,11 +241,7 @@ class Bottleneck(nn.Module):
     y = nn.relu(bn(name="bn1")(conv(self.features, 1, name="conv1")(x), **norm))
     y = nn.relu(bn(name="bn2")(conv(self.features, 3, self.stride, name="conv2")(y), **norm))
     y = bn(name="bn3")(conv(self.features * 4, 1, name="conv3")(y), **norm)
-    if self.downsample:
-      x = conv(self.features * 4, 1, self.stride, name="downsample_conv")(x)
-      x = bn(name="downsample_bn")(x, **norm)
-    out = y + x
-    return out, nn.relu(out)
+    return _residual(self, x, y, norm)
 
 
 class BasicBlock(nn.Module):
@@ -249,11 +260,7 @@ class BasicBlock(nn.Module):
     norm = dict(use_running_average=use_running_average, num_groups=num_groups)
     y = nn.relu(bn(name="bn1")(conv(self.features, 3, self.stride, name="conv1")(x), **norm))
     y = bn(name="bn2")(conv(self.features, 3, name="conv2")(y), **norm)
-    if self.downsample:
-      x = conv(self.features, 1, self.stride, name="downsample_conv")(x)
-      x = bn(name="downsample_bn")(x, **norm)
-    out = y + x
-    return out, nn.relu(out)
+    return _residual(self, x, y, norm)
 
 
 class ResNet(nn.Module):
