@@ -192,6 +192,16 @@ def _local_batch_size(batch_size: int, process_count: int) -> int:
   return batch_size // process_count
 
 
+def _batched_iter_dataset(data_config, ds, batch_size: int):
+  """Batches on the MapDataset (batches do not depend on the worker count), then reads it with
+  `num_workers` prefetch processes (0: in-process read threads)."""
+  it = ds.batch(batch_size, drop_remainder=True).to_iter_dataset(_read_options(data_config))
+  workers = int(_get(data_config, 'num_workers', 0))
+  if workers > 0:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+  return it
+
+
 def create_train_iterator(data_config, *, batch_size: int, seed: int, process_index: int = 0,
                           process_count: int = 1) -> grain.DatasetIterator:
   """Infinite, shuffled, augmented training batches of this process (checkpointable).
@@ -220,12 +230,7 @@ def create_train_iterator(data_config, *, batch_size: int, seed: int, process_in
     ds = ds.shuffle()
   ds = ds.repeat()
   ds = ds.random_map(transforms.TrainPreprocess(preprocess_options(data_config, train=True)))
-  ds = ds.batch(local, drop_remainder=True)
-  it = ds.to_iter_dataset(_read_options(data_config))
-  workers = int(_get(data_config, 'num_workers', 0))
-  if workers > 0:
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
-  return iter(it)
+  return iter(_batched_iter_dataset(data_config, ds, local))
 
 
 class _PaddedSource:
@@ -273,9 +278,4 @@ def create_eval_iterator(data_config, split: str, *, batch_size: int, process_in
   padded = _PaddedSource(source, indices, num_batches * local)
   ds = grain.MapDataset.source(padded)
   ds = ds.map(transforms.EvalPreprocess(preprocess_options(data_config, train=False)))
-  ds = ds.batch(local, drop_remainder=True)
-  it = ds.to_iter_dataset(_read_options(data_config))
-  workers = int(_get(data_config, 'num_workers', 0))
-  if workers > 0:
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
-  return it
+  return _batched_iter_dataset(data_config, ds, local)
