@@ -1,4 +1,5 @@
 """SCorrSAN network modules (NHWC)."""
 
-from sccorr_jax.models.backbone import ResNet, BatchNorm, resnet  # noqa: F401
+from sccorr_jax.models.backbone import ResNet, resnet  # noqa: F401
+from sccorr_jax.models.batchnorm import BatchNorm  # noqa: F401
 from sccorr_jax.models.scorrsan import SCorrSAN  # noqa: F401

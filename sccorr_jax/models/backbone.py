@@ -17,11 +17,13 @@ downsample_conv,downsample_bn}`.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from sccorr_jax.models.batchnorm import BatchNorm, relu_activation
 
 STAGE_SIZES = {
     18: (2, 2, 2, 2),
@@ -36,56 +38,38 @@ BOTTLENECK_DEPTHS = (50, 101, 152)
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-class BatchNorm(nn.Module):
-  """BatchNorm with PyTorch semantics and independent statistics for groups of the batch.
+def _gather_rows(x):
+  flat = x.reshape(-1, x.shape[-1])
+  rows = jnp.arange(flat.shape[0])
+  return jnp.take(flat, rows, axis=0, mode="clip", indices_are_sorted=True,
+                  unique_indices=True).reshape(x.shape)
 
-  With `num_groups=G` the batch `[G * b, ...]` is G image sets (source and target) whose batch
-  statistics are computed separately, as if each set went through the network in its own call;
-  running statistics are then updated once per set, in order (what the reference does when it
-  calls the backbone on the source and then the target batch).
 
-  Attributes:
-    momentum: PyTorch momentum (weight of the new batch statistic).
-    epsilon: added to the variance.
-    dtype: compute dtype of the output (None: promote input and parameters).
+@jax.custom_vjp
+def materialize(x):
+  """`x`, computed once into memory (and its gradient likewise): the identity, as a gather.
+
+  A ResNet's residual stream is a chain of element-wise ops (BN, add, ReLU) whose every link
+  also feeds a convolution. XLA:CPU duplicates cheap element-wise producers into each consumer,
+  so without a cut each block's add recomputes the whole chain back to the stage's first block
+  (quadratic in depth: the fusion of layer3's last block had 120 operands, in both the forward
+  and the backward), and so does every consumer of the final feature. A gather is not
+  duplicated, so the stream is written once per block and read from memory. It costs nothing
+  beyond that write: the convolution needs the stream in memory anyway. (An optimisation
+  barrier would be the obvious tool, but XLA:CPU removes barriers before fusion.)
   """
-  momentum: float = 0.1
-  epsilon: float = 1e-5
-  dtype: Optional[Any] = None
-  param_dtype: Any = jnp.float32
-  scale_init: Callable = nn.initializers.ones
+  return _gather_rows(x)
 
-  @nn.compact
-  def __call__(self, x, use_running_average: bool = True, num_groups: int = 1):
-    c = x.shape[-1]
-    scale = self.param("scale", self.scale_init, (c,), self.param_dtype)
-    bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
-    ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), self.param_dtype))
-    ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), self.param_dtype))
-    dtype = self.dtype or jnp.result_type(x, scale)
-    # Statistics in at least float32 (bfloat16 compute keeps float32 statistics).
-    stat_dtype = jnp.promote_types(dtype, jnp.float32)
-    if use_running_average:
-      mean = ra_mean.value.astype(stat_dtype)
-      var = ra_var.value.astype(stat_dtype)
-      y = (x.astype(stat_dtype) - mean) * jax.lax.rsqrt(var + self.epsilon)
-    else:
-      g = num_groups
-      xg = x.astype(stat_dtype).reshape((g, x.shape[0] // g) + x.shape[1:])
-      axes = tuple(range(1, xg.ndim - 1))
-      mean = jnp.mean(xg, axis=axes, keepdims=True)
-      var = jnp.mean(jnp.square(xg - mean), axis=axes, keepdims=True)
-      y = ((xg - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
-      if not self.is_initializing():
-        n = xg.size // (g * c)
-        unbias = n / max(n - 1, 1)
-        m, v = ra_mean.value, ra_var.value
-        for i in range(g):
-          m = (1 - self.momentum) * m + self.momentum * mean[i].reshape(c).astype(m.dtype)
-          v = (1 - self.momentum) * v + self.momentum * (var[i].reshape(c) * unbias).astype(v.dtype)
-        ra_mean.value, ra_var.value = m, v
-    y = y * scale.astype(stat_dtype) + bias.astype(stat_dtype)
-    return y.astype(dtype)
+
+def _materialize_fwd(x):
+  return _gather_rows(x), None
+
+
+def _materialize_bwd(_, g):
+  return (_gather_rows(g),)
+
+
+materialize.defvjp(_materialize_fwd, _materialize_bwd)
 
 
 class Conv1x1(nn.Module):
@@ -221,7 +205,7 @@ def _residual(block, x, y, norm):
     x = BatchNorm(dtype=block.dtype, param_dtype=block.param_dtype, name="downsample_bn")(
         x, **norm)
   out = y + x
-  return out, nn.relu(out)
+  return out, materialize(relu_activation(out))
 
 
 class Bottleneck(nn.Module):
@@ -238,8 +222,8 @@ class Bottleneck(nn.Module):
     conv = functools.partial(_conv, dtype=self.dtype, param_dtype=self.param_dtype)
     bn = functools.partial(BatchNorm, dtype=self.dtype, param_dtype=self.param_dtype)
     norm = dict(use_running_average=use_running_average, num_groups=num_groups)
-    y = nn.relu(bn(name="bn1")(conv(self.features, 1, name="conv1")(x), **norm))
-    y = nn.relu(bn(name="bn2")(conv(self.features, 3, self.stride, name="conv2")(y), **norm))
+    y = bn(name="bn1", relu=True)(conv(self.features, 1, name="conv1")(x), **norm)
+    y = bn(name="bn2", relu=True)(conv(self.features, 3, self.stride, name="conv2")(y), **norm)
     y = bn(name="bn3")(conv(self.features * 4, 1, name="conv3")(y), **norm)
     return _residual(self, x, y, norm)
 
@@ -258,7 +242,7 @@ class BasicBlock(nn.Module):
     conv = functools.partial(_conv, dtype=self.dtype, param_dtype=self.param_dtype)
     bn = functools.partial(BatchNorm, dtype=self.dtype, param_dtype=self.param_dtype)
     norm = dict(use_running_average=use_running_average, num_groups=num_groups)
-    y = nn.relu(bn(name="bn1")(conv(self.features, 3, self.stride, name="conv1")(x), **norm))
+    y = bn(name="bn1", relu=True)(conv(self.features, 3, self.stride, name="conv1")(x), **norm)
     y = bn(name="bn2")(conv(self.features, 3, name="conv2")(y), **norm)
     return _residual(self, x, y, norm)
 
@@ -303,8 +287,8 @@ class ResNet(nn.Module):
     norm = dict(use_running_average=urav, num_groups=num_groups)
     aux = {}
     x = _conv(self.width, 7, 2, name="conv1", dtype=self.dtype, param_dtype=self.param_dtype)(x)
-    x = BatchNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="bn1")(x, **norm)
-    x = nn.relu(x)
+    x = BatchNorm(dtype=self.dtype, param_dtype=self.param_dtype, relu=True, name="bn1")(
+        x, **norm)
     x = max_pool_3x3_s2(x)
     aux["stem"] = x
     block_cls = Bottleneck if self.bottleneck else BasicBlock
