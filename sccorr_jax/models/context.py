@@ -51,11 +51,13 @@ def self_similarity(feat, kernel_size: int):
   norm = jnp.sqrt(jnp.sum(jnp.square(feat), axis=-1, keepdims=True))
   unit = feat / jnp.maximum(norm, jnp.asarray(SIM_EPS, feat.dtype))
   padded = jnp.pad(unit, ((0, 0), (p, p), (p, p), (0, 0)))
-  # One gather of all 4k shifted copies: [b, 4k, h, w, c].
-  rows = np.arange(h)[None, :, None] + p + offsets[:, 0, None, None]
-  cols = np.arange(w)[None, None, :] + p + offsets[:, 1, None, None]
-  neighbours = padded[:, rows, cols, :]
-  return jnp.einsum("bjhwc,bhwc->bhwj", neighbours, unit)
+  # One shifted window and channel reduction per offset (XLA fuses each into one pass): the
+  # 4k shifted copies are never stored together. Gathering them as one [b, 4k, h, w, c] tensor
+  # is no faster and kept 4k times the feature alive from the forward to the backward (28x,
+  # 224 MiB of the mt step's peak at batch 2).
+  sims = [jnp.sum(padded[:, p + dy:p + dy + h, p + dx:p + dx + w, :] * unit, axis=-1)
+          for dy, dx in offsets.tolist()]
+  return jnp.stack(sims, axis=-1)
 
 
 class SpatialContextEncoder(nn.Module):
