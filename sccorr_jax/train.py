@@ -23,6 +23,7 @@ per line with `step` and keys such as `train/a/loss_sup`, `train/lr/head`, `val/
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import json
 import math
@@ -288,6 +289,19 @@ def write_config(config, workdir: str) -> None:
       f.write(_config_json(config))
 
 
+def release_free_heap() -> None:
+  """Returns freed heap pages to the OS (glibc `malloc_trim`; a no-op elsewhere).
+
+  XLA's compiler frees ~1-3 GiB of small allocations after compiling a ResNet-101 step, which
+  glibc keeps mapped; the step's own buffers are then allocated on top (measured: the mt step's
+  peak RSS 4.3 instead of 3.3 GiB at batch 2 on CPU without it).
+  """
+  try:
+    ctypes.CDLL('libc.so.6').malloc_trim(0)
+  except (OSError, AttributeError):
+    pass
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        stop_after_steps: Optional[int] = None) -> Dict[str, Any]:
   """Trains (resuming from `<workdir>/checkpoints` if present) and validates.
@@ -374,6 +388,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   compile_s = time.time() - t0
   if compiled is not None:
     logging.info('compiled the %s train step in %.1f s', mode, compile_s)
+    release_free_heap()
   else:
     logging.info('step %d: training already finished (%d epochs)', step, num_epochs)
 

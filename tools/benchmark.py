@@ -32,7 +32,6 @@ Reported (readable line on stdout, everything in `--json`):
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import functools
 import importlib.util
@@ -255,18 +254,9 @@ def build(config, mode: str) -> Built:
   return Built(compiled, (state, batch, step_rng, hparams), run, compile_s)
 
 
-def release_free_heap() -> None:
-  """Returns freed heap pages to the OS (glibc `malloc_trim`), e.g. the compiler's, so that the
-  process's peak RSS reflects what the step itself holds. A no-op elsewhere."""
-  try:
-    ctypes.CDLL('libc.so.6').malloc_trim(0)
-  except (OSError, AttributeError):
-    pass
-
-
 def time_built(built: Built, steps: int, warmup: int):
   """Runs `warmup` discarded then `steps` timed calls, threading the donated state through."""
-  release_free_heap()
+  train.release_free_heap()
   args = built.args
   times = []
   for i in range(warmup + steps):
