@@ -60,6 +60,15 @@ def _close(a, b, rtol=1e-5, atol=1e-6):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
 
 
+def _close_to_scale(a, b, tol):
+  """Per leaf, `max |a - b| <= tol * max |b|` (float32 rounding is relative to a leaf's scale,
+  not to each element: a gradient entry near zero carries its neighbours' absolute error)."""
+  for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    err = np.abs(x - y).max(initial=0.0)
+    assert err <= tol * np.abs(y).max(initial=0.0), (jax.tree_util.keystr(path), err)
+
+
 def test_mt_step_updates_both_models_and_reports_metrics(setup):
   m = jax.device_get(setup['metrics'])
   for key in ('a/loss_sup', 'b/loss_sup', 'a/loss_pseudo', 'b/loss_pseudo', 'a/kept_fraction',
@@ -101,7 +110,8 @@ def test_mt_step_equals_two_single_model_steps(setup):
     # parameter by up to ~1e-5 * lr / 1e-3; atol 1e-5 is 1% of the largest step (lr 1e-3).
     _close(new.params, one(setup['new_state'].params, i), rtol=1e-4, atol=1e-5)
     _close(new.batch_stats, one(setup['new_state'].batch_stats, i))
-    _close(new.opt_state, one(setup['new_state'].opt_state, i), rtol=1e-4, atol=1e-6)
+    # Adam's moments are (functions of) the gradients: 1e-4 of each leaf's largest entry.
+    _close_to_scale(new.opt_state, one(setup['new_state'].opt_state, i), 1e-4)
 
 
 def test_sharded_step_equals_single_device(setup):
