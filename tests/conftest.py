@@ -5,6 +5,7 @@ CPU; absl flags marked parsed so that grain's multiprocessing and absl-using cod
 pytest.
 """
 
+import importlib.util
 import os
 import pathlib
 import sys
@@ -13,14 +14,41 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-  sys.path.insert(0, str(ROOT))
 
 from absl import flags  # noqa: E402
 
 flags.FLAGS.mark_as_parsed()
 
 import pytest  # noqa: E402
+
+
+def assert_trees_close(actual, desired, rtol: float, what: str = "") -> None:
+  """Per leaf, norm-wise: `||actual - desired|| <= rtol * ||desired||` (float64 norms).
+
+  The project's rule for float32 results of two differently compiled programs (sharded vs
+  single-device, two fusions of one formula), and for anything after an optimiser step: float32
+  rounding differs between CPU models, and Adam divides by a second moment that can be eps-sized,
+  so one element's rounding difference can become a full learning-rate step. Per-element
+  tolerances then pass on one CPU and fail on another; a leaf's norm does not.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  pairs = zip(jax.tree_util.tree_flatten_with_path(actual)[0], jax.tree.leaves(desired))
+  for (path, a), d in pairs:
+    a, d = np.asarray(a, np.float64), np.asarray(d, np.float64)
+    assert a.shape == d.shape, (what, jax.tree_util.keystr(path), a.shape, d.shape)
+    err, scale = np.linalg.norm(a - d), np.linalg.norm(d)
+    assert err <= rtol * scale, (f"{what}{jax.tree_util.keystr(path)}: ||a - b|| = {err:.3g} > "
+                                 f"{rtol:g} * ||b|| = {rtol * scale:.3g}")
+
+
+def load_tool(name: str):
+  """The module of `tools/<name>.py` (tools are scripts, not a package)."""
+  spec = importlib.util.spec_from_file_location(f"tools_{name}", ROOT / "tools" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module  # dataclasses look their module up there.
+  spec.loader.exec_module(module)
+  return module
 
 # The reference fixtures (../shared/fixtures/reference) live in ../shared beside the checkout (CI clones with shared/ beside
 # it); SCCORR_FIXTURES points elsewhere.

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import functools
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -13,14 +11,13 @@ import numpy as np
 import optax
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'configs'))
-import common  # noqa: E402  pylint: disable=g-import-not-at-top
-
-from sccorr_jax import checkpoint as ckpt_lib  # noqa: E402
-from sccorr_jax import geometry  # noqa: E402
-from sccorr_jax import schedules  # noqa: E402
-from sccorr_jax import train  # noqa: E402
-from sccorr_jax import train_step as ts  # noqa: E402
+from conftest import assert_trees_close
+from sccorr_jax import config_lib as common
+from sccorr_jax import geometry
+from sccorr_jax import models
+from sccorr_jax import schedules
+from sccorr_jax import train
+from sccorr_jax import train_step as ts
 
 
 def make_batch(b=4, img=32, fs=8, rf=7, seed=0):
@@ -43,7 +40,7 @@ pytestmark = pytest.mark.usefixtures('fast_compiles')
 @pytest.fixture(scope='module')
 def setup(fast_compiles):  # pylint: disable=redefined-outer-name,unused-argument
   config = common.tiny_config('mt')
-  model = ckpt_lib.build_model(config)
+  model = models.build_model(config)
   tx = schedules.make_optimizer(config.optim, 2)
   cfg = ts.StepConfig(model=model, tx=tx, dilation_kernel=7)
   state = train.create_train_state(config, model, tx, jax.random.PRNGKey(0))
@@ -55,18 +52,22 @@ def setup(fast_compiles):  # pylint: disable=redefined-outer-name,unused-argumen
               mt=mt, new_state=new_state, metrics=metrics)
 
 
-def _close(a, b, rtol=1e-5, atol=1e-6):
+def _equal(a, b):
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def _close_to_scale(a, b, tol):
-  """Per leaf, `max |a - b| <= tol * max |b|` (float32 rounding is relative to a leaf's scale,
-  not to each element: a gradient entry near zero carries its neighbours' absolute error)."""
-  for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    err = np.abs(x - y).max(initial=0.0)
-    assert err <= tol * np.abs(y).max(initial=0.0), (jax.tree_util.keystr(path), err)
+# Two compilations of one step (mt vs single, sharded vs one device) agree to float32 rounding,
+# which differs between CPU models; after an Adam step a rounding difference in an eps-sized
+# gradient entry can move that one parameter by up to 2 lr (the failure seen on a Zen 3: one
+# entry of the stacked 18,432-entry layer3 conv2 kernel off by 2e-4 = 2 x backbone lr). Leaves
+# are compared norm-wise (`assert_trees_close`). Measured on a Zen 5 (AVX-512): worst leaf
+# 1.1e-7 (params), 2.4e-7 (BN statistics), 9.3e-6 (Adam moments). A full 2 lr flip of one entry
+# is <= 8.5e-4 of any weight leaf's norm (the SCE kernel, 2 x 1e-3 / 2.36). A wrong step, e.g.
+# one pair's labels lost, moves the parameters by 0.87 of their norm.
+PARAMS_RTOL = 1e-3
+STATS_RTOL = 1e-5
+MOMENTS_RTOL = 1e-3
 
 
 def test_mt_step_updates_both_models_and_reports_metrics(setup):
@@ -105,13 +106,10 @@ def test_mt_step_equals_two_single_model_steps(setup):
     for key in ('loss', 'loss_sup', 'loss_pseudo', 'kept_fraction', 'pseudo_label_acc'):
       np.testing.assert_allclose(float(metrics[key]), float(mt_metrics[f'{name}/{key}']),
                                  rtol=1e-5, err_msg=f'{name}/{key}')
-    # Same math, different XLA fusions: float32 rounding of the gradients. Adam's first step is
-    # ~lr * g / |g|, so where |g| is near eps (1e-8) a rounding difference in g moves a
-    # parameter by up to ~1e-5 * lr / 1e-3; atol 1e-5 is 1% of the largest step (lr 1e-3).
-    _close(new.params, one(setup['new_state'].params, i), rtol=1e-4, atol=1e-5)
-    _close(new.batch_stats, one(setup['new_state'].batch_stats, i))
-    # Adam's moments are (functions of) the gradients: 1e-4 of each leaf's largest entry.
-    _close_to_scale(new.opt_state, one(setup['new_state'].opt_state, i), 1e-4)
+    # Same math, different XLA fusions (see PARAMS_RTOL).
+    assert_trees_close(new.params, one(setup['new_state'].params, i), PARAMS_RTOL, 'params')
+    assert_trees_close(new.batch_stats, one(setup['new_state'].batch_stats, i), STATS_RTOL)
+    assert_trees_close(new.opt_state, one(setup['new_state'].opt_state, i), MOMENTS_RTOL)
 
 
 def test_sharded_step_equals_single_device(setup):
@@ -127,8 +125,9 @@ def test_sharded_step_equals_single_device(setup):
   new_state, metrics = step(state, batch, jax.device_put(jax.random.PRNGKey(0), repl),
                             jax.device_put(setup['hp'], repl))
   assert len(new_state.params['sce']['conv']['kernel'].sharding.device_set) == 4
-  _close(new_state.params, setup['new_state'].params, rtol=1e-4, atol=1e-5)  # As above.
-  _close(new_state.batch_stats, setup['new_state'].batch_stats)
+  assert_trees_close(new_state.params, setup['new_state'].params, PARAMS_RTOL, 'params')
+  assert_trees_close(new_state.batch_stats, setup['new_state'].batch_stats, STATS_RTOL)
+  assert_trees_close(new_state.opt_state, setup['new_state'].opt_state, MOMENTS_RTOL)
   for k, v in jax.device_get(setup['metrics']).items():
     np.testing.assert_allclose(float(metrics[k]), float(v), rtol=1e-5, atol=1e-6, err_msg=k)
 
@@ -139,8 +138,8 @@ def test_nonfinite_step_is_skipped_and_counted(setup):
   assert bool(metrics['nonfinite'])
   assert int(state.nonfinite_streak) == 1 and int(state.nonfinite_total) == 1
   assert int(state.step) == 1
-  _close(state.params, setup['state'].params, rtol=0, atol=0)
-  _close(state.opt_state, setup['state'].opt_state, rtol=0, atol=0)
+  _equal(state.params, setup['state'].params)
+  _equal(state.opt_state, setup['state'].opt_state)
   state, _ = setup['mt'](state, setup['batch'], jax.random.PRNGKey(0), setup['hp'])
   assert int(state.nonfinite_streak) == 0 and int(state.nonfinite_total) == 1
 
@@ -200,7 +199,7 @@ def test_frozen_batch_norm_keeps_running_statistics(setup):
   new, metrics = jax.jit(functools.partial(ts.baseline_step, cfg))(
       state, setup['batch'], jax.random.PRNGKey(0), setup['hp'])
   assert np.isfinite(float(metrics['loss']))
-  _close(new.batch_stats, state.batch_stats, rtol=0, atol=0)
+  _equal(new.batch_stats, state.batch_stats)
   with pytest.raises(ValueError, match='batch_norm'):
     ts.StepConfig(model=setup['model'], tx=setup['tx'], batch_norm='sync')
 
