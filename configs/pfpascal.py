@@ -14,11 +14,8 @@ step schedule with milestone 150 (no decay), batch 16, lr 3e-5 / 3e-6, weight de
 
 from __future__ import annotations
 
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402  pylint: disable=g-import-not-at-top
+from sccorr_jax import config_lib as common
 
 
 def get_config(arg=None):

@@ -11,11 +11,8 @@ padded keypoint slots, for parity), alphas 0.05 / 0.1 / 0.15.
 
 from __future__ import annotations
 
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402  pylint: disable=g-import-not-at-top
+from sccorr_jax import config_lib as common
 
 
 def get_config(arg=None):

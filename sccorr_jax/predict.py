@@ -42,6 +42,7 @@ import numpy as np
 from PIL import Image
 from PIL import ImageOps
 
+from sccorr_jax import models
 from sccorr_jax.models import flow as flow_lib
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
@@ -237,7 +238,7 @@ def load_model(path: str, model_index=None, fallback_config=None):
   if config is None:
     raise CheckpointError(f"{path}: the checkpoint has no config; pass one (--config) to say "
                           f"which model it holds")
-  model = ckpt_lib.build_model(config)
+  model = models.build_model(config)
   return model, variables, config
 
 

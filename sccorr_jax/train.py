@@ -45,10 +45,10 @@ import numpy as np
 
 from sccorr_jax import checkpoint as ckpt_lib
 from sccorr_jax import evaluation
+from sccorr_jax import models
 from sccorr_jax import schedules
 from sccorr_jax import train_step as ts
 
-build_model = ckpt_lib.build_model  # One place builds the network from `config.model`.
 
 TRAIN_KEYS = ('src_img', 'trg_img', 'flow')
 SELECT_METRIC = 'val/pck@0.1'
@@ -340,7 +340,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   init_rng, step_rng, data_seed_rng = jax.random.split(rng, 3)
   data_seed = int(jax.random.randint(data_seed_rng, (), 0, 2 ** 31 - 1))
 
-  model = build_model(config)
+  model = models.build_model(config)
   tx = schedules.make_optimizer(config.optim, spe)
   step_cfg = ts.StepConfig(model=model, tx=tx, batch_norm=config.model.batch_norm,
                            dilation_kernel=config.teacher.dilation_kernel or None)

@@ -6,13 +6,9 @@ Each process has two CPU devices; the processes talk through gloo collectives on
 """
 
 import os
-import pathlib
 import sys
 
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "configs"))
 
 
 def main():
@@ -23,7 +19,7 @@ def main():
                              num_processes=int(nproc), process_id=int(pid))
   from absl import flags  # pylint: disable=g-import-not-at-top
   flags.FLAGS.mark_as_parsed()
-  import common  # pylint: disable=g-import-not-at-top
+  from sccorr_jax import config_lib as common
   from sccorr_jax import train  # pylint: disable=g-import-not-at-top
   config = common.tiny_config("mt", data_dir=data_dir)
   summary = train.train_and_evaluate(config, workdir)

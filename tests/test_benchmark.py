@@ -9,19 +9,17 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from sccorr_jax import config_lib
+from conftest import ROOT, load_tool
 
-# The tool builds the steps with the trainer's own functions.
-pytest.importorskip("sccorr_jax.train", reason="needs sccorr_jax/train.py")
-sys.path.insert(0, str(ROOT / "tools"))
-import benchmark  # noqa: E402  pylint: disable=g-import-not-at-top
+benchmark = load_tool("benchmark")
 
 KEYS = ("compile_s", "step_time_min_s", "step_time_median_s", "step_time_max_s", "pairs_per_s",
         "flops_per_step", "mfu", "peak_memory_bytes", "compiled_memory_bytes")
 
 
 def test_training_step_report():
-  config = benchmark.load_config(str(ROOT / "configs" / "spair.py") + ":baseline,runlocal")
+  config = config_lib.load_config(str(ROOT / "configs" / "spair.py") + ":baseline,runlocal")
   config = benchmark.prepare_config(config, "baseline", batch_size=4)
   report = benchmark.benchmark(config, "baseline", steps=1, warmup=1, peak_flops=1e9)
   for k in KEYS:

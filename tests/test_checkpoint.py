@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'configs'))
-import common  # noqa: E402  pylint: disable=g-import-not-at-top
+from sccorr_jax import models
+from sccorr_jax import config_lib as common
 
 from sccorr_jax import checkpoint as ckpt_lib  # noqa: E402
 from sccorr_jax import schedules  # noqa: E402
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.usefixtures('fast_compiles')
 @pytest.fixture(scope='module')
 def tiny(fast_compiles):  # pylint: disable=redefined-outer-name,unused-argument
   config = common.tiny_config('mt')
-  model = ckpt_lib.build_model(config)
+  model = models.build_model(config)
   variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)),
                                   jnp.zeros((1, 32, 32, 3)))
   return config, model, variables
@@ -36,7 +36,7 @@ def test_build_model_from_config(tiny):
   assert isinstance(model, SCorrSAN)
   assert model.stage_sizes == (1, 1, 1, 1) and model.backbone_width == 8
   assert model.sce_features == 16 and model.feature_size == 8
-  assert ckpt_lib.build_model(config.model) == model
+  assert models.build_model(config.model) == model
 
 
 def test_export_roundtrip_and_errors(tiny, tmp_path):
@@ -89,7 +89,7 @@ def test_manager_keeps_latest_and_best_and_restores_abstract(tiny, tmp_path):
   # Restoring into another configuration's state names the path and the arrays.
   other = common.tiny_config('mt')
   other.model.sce_features = 24
-  other_state = train.create_train_state(other, ckpt_lib.build_model(other), tx,
+  other_state = train.create_train_state(other, models.build_model(other), tx,
                                          jax.random.PRNGKey(1))
   with pytest.raises(ckpt_lib.CheckpointError, match=r'(?s)checkpoints/5/state.*sce'):
     ckpt_lib.restore(manager, ckpt_lib.abstract_like(other_state))

@@ -8,15 +8,23 @@ import sys
 from ml_collections import config_flags  # noqa: F401  (absl flags are marked parsed)
 import pytest
 
-CONFIGS = os.path.join(os.path.dirname(__file__), '..', 'configs')
-sys.path.insert(0, CONFIGS)
-import common  # noqa: E402  pylint: disable=g-import-not-at-top
-import demo  # noqa: E402  pylint: disable=g-import-not-at-top
-import pfpascal  # noqa: E402  pylint: disable=g-import-not-at-top
-import pfwillow  # noqa: E402  pylint: disable=g-import-not-at-top
-import spair  # noqa: E402  pylint: disable=g-import-not-at-top
+from sccorr_jax import models
+from sccorr_jax import config_lib as common
 
-from sccorr_jax import checkpoint as ckpt_lib  # noqa: E402
+CONFIGS = os.path.join(os.path.dirname(__file__), '..', 'configs')
+demo, pfpascal, pfwillow, spair = (
+    common.load_config_module(os.path.join(CONFIGS, f'{name}.py'))
+    for name in ('demo', 'pfpascal', 'pfwillow', 'spair'))
+
+
+def test_load_config_file_errors(tmp_path):
+  with pytest.raises(common.ConfigFileError, match='nope.py: does not exist'):
+    common.load_config(str(tmp_path / 'nope.py') + ':mt')
+  (tmp_path / 'empty.py').write_text('x = 1\n')
+  with pytest.raises(common.ConfigFileError, match='defines no get_config'):
+    common.load_config(str(tmp_path / 'empty.py'))
+  assert common.load_config(os.path.join(CONFIGS, 'demo.py') + ':baseline,tiny'
+                            ).learning_mode == 'baseline'
 
 
 def test_parse_arg():
@@ -69,7 +77,7 @@ def test_variants_are_consistent(module, variant):
   assert c.learning_mode == variant.split(',')[0]
   stride = 2 ** (c.model.backbone_stages + 1)
   assert c.data.feature_size == (c.model.feature_size or c.data.img_size // stride)
-  assert ckpt_lib.build_model(c).feature_size == c.model.feature_size
+  assert models.build_model(c).feature_size == c.model.feature_size
   assert c.optim.batch_size % 4 == 0
 
 
@@ -123,5 +131,5 @@ def test_command_line_overrides(monkeypatch):
   c = holder.value
   assert c.learning_mode == 'baseline' and tuple(c.model.stage_sizes) == (1, 1, 1, 1)
   assert c.model.feature_size == 0 and c.teacher.dilation_kernel == 0
-  assert ckpt_lib.build_model(c).feature_size is None
+  assert models.build_model(c).feature_size is None
   assert c.optim.lr == 1e-4 and c.model.pretrained == '/x.pth' and c.optim.steps_per_epoch == 5

@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+from sccorr_jax import models
 from sccorr_jax import checkpoint, convert
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -27,7 +28,7 @@ def test_convert_tool_round_trips_the_reference_state_dict(tmp_path, reference_f
   assert res.returncode == 0, res.stderr[-3000:]
   variables, config = checkpoint.load_model_variables(out)
   assert int(config.model.sce_kernel_size) == int(fx["sce_ksize"])
-  model = checkpoint.build_model(config)
+  model = models.build_model(config)
   back = convert.to_torch_state_dict(jax.tree.map(np.asarray, variables), model)
   used = [k for k in weights if not (".layer4." in k or ".fc." in k or "num_batches" in k)]
   assert sorted(back) == sorted(used)

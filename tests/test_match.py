@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from sccorr_jax import models
 from sccorr_jax import visualize
 
 # The trainer's checkpoint module (save_model_variables, load_model_variables, build_model).
@@ -37,7 +38,7 @@ def setup(tmp_path_factory):
   config = ml_collections.ConfigDict({
       "learning_mode": "baseline", "model": dict(TINY, backbone_depth=101),
       "data": {"name": "synthetic", "img_size": 64}})
-  model = checkpoint.build_model(config)
+  model = models.build_model(config)
   x = jnp.zeros((1, 64, 64, 3))
   variables = model.init(jax.random.PRNGKey(0), x, x)
   export = checkpoint.save_model_variables(root / "export", variables, config)
@@ -111,4 +112,4 @@ def test_checkpoint_of_another_configuration_is_named(setup):
     checkpoint.load_model_variables(setup["export"], model_config=other)
   model, variables, _ = predict.load_model(setup["export"])
   with pytest.raises(predict.CheckpointError, match=r"params/sce/conv/kernel has shape"):
-    predict.check_variables(checkpoint.build_model(other), variables, 64, source="export")
+    predict.check_variables(models.build_model(other), variables, 64, source="export")

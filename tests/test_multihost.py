@@ -11,9 +11,9 @@ import sys
 import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "configs"))
 
-import common  # noqa: E402
+from sccorr_jax import models
+from sccorr_jax import config_lib as common
 
 from sccorr_jax import checkpoint, train  # noqa: E402
 
@@ -54,7 +54,7 @@ def test_two_process_training_and_evaluation(tmp_path):
   # Evaluating model a here gives the number the two processes computed together (each
   # process held half of the validation pairs; the counts were gathered).
   cfg = common.tiny_config("mt", data_dir=str(data_dir))
-  model = checkpoint.build_model(cfg)
+  model = models.build_model(cfg)
   from sccorr_jax import data  # pylint: disable=g-import-not-at-top
   it = data.create_eval_iterator(cfg.data, cfg.eval.split, batch_size=cfg.eval.batch_size)
   ours = train.evaluate(model, variables, it, train.eval_protocol(cfg),

@@ -17,8 +17,8 @@ import jax
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'configs'))
-import common  # noqa: E402  pylint: disable=g-import-not-at-top
+from sccorr_jax import models
+from sccorr_jax import config_lib as common
 
 from sccorr_jax import checkpoint as ckpt_lib  # noqa: E402
 from sccorr_jax import train  # noqa: E402
@@ -136,7 +136,7 @@ def test_too_many_nonfinite_steps_stop_the_run(data_dir, tmp_path):
 def test_mt_models_share_the_pretrained_backbone_and_differ_in_the_head(tmp_path):
   from sccorr_jax import convert  # pylint: disable=g-import-not-at-top
   config = _config('mt', None)
-  model = ckpt_lib.build_model(config)
+  model = models.build_model(config)
   source = train.init_variables(config, model, jax.random.PRNGKey(42), 1)
   full = convert.to_torch_state_dict(source, model)
   prefix = convert.BACKBONE_PREFIX

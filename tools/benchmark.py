@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
 import json
 import os
 import pathlib
@@ -43,9 +42,6 @@ import sys
 import time
 from typing import Any, Dict, Optional
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-  sys.path.insert(0, str(ROOT))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
@@ -56,6 +52,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 import numpy as np
 
+from sccorr_jax import config_lib
+from sccorr_jax import models
 from sccorr_jax import schedules
 from sccorr_jax import train
 from sccorr_jax import train_step as ts
@@ -68,13 +66,6 @@ GIB = 2 ** 30
 # Configuration.
 
 
-def load_config(spec: str):
-  """`'configs/spair.py:mt,runlocal'` -> that file's `get_config('mt,runlocal')`."""
-  path, _, arg = spec.partition(':')
-  module_spec = importlib.util.spec_from_file_location(f'_bench_cfg_{abs(hash(path))}', path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg or None)
 
 
 def prepare_config(config, mode: Optional[str] = None, batch_size: Optional[int] = None,
@@ -213,7 +204,7 @@ def build(config, mode: str) -> Built:
   mesh = train.make_mesh()
   replicated = NamedSharding(mesh, P())
   data_sharding = NamedSharding(mesh, P('data'))
-  model = train.build_model(config)
+  model = models.build_model(config)
   batch = random_batch(config)
   rng = jax.random.PRNGKey(int(config.seed))
   init_rng, teacher_rng, step_rng = jax.random.split(rng, 3)

@@ -14,12 +14,11 @@ from __future__ import annotations
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from sccorr_jax import checkpoint, convert  # noqa: E402
+from sccorr_jax import checkpoint, convert, models
 
 _INPUT = flags.DEFINE_string("input", None, "state dict: .pth, .npz or .safetensors", required=True)
 _OUTPUT = flags.DEFINE_string("output", None, "output checkpoint directory", required=True)
@@ -30,7 +29,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/spair.py",
 def main(argv):
   del argv
   config = _CONFIG.value
-  model = checkpoint.build_model(config)
+  model = models.build_model(config)
   try:
     sd = convert.read_state_dict(_INPUT.value)
     variables = convert.from_torch_state_dict(sd, model)

@@ -25,9 +25,7 @@ import os
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-  sys.path.insert(0, ROOT)
+from sccorr_jax import config_lib
 
 
 def parse_args(argv=None):
@@ -56,14 +54,7 @@ def _model_index(value):
 
 
 def _load_config(path):
-  if path is None:
-    return None
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  file, _, arg = path.partition(":")
-  spec = importlib.util.spec_from_file_location("match_config", file)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg or None) if arg else module.get_config()
+  return None if path is None else config_lib.load_config(path)
 
 
 def main(argv=None) -> int:

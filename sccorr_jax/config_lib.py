@@ -1,4 +1,4 @@
-"""Shared pieces of the experiment configs: the argument parser and the base config.
+"""Shared pieces of the experiment configs: the argument parser, the base config, the loader.
 
 Every config file's `get_config(arg)` starts from `base_config()` and changes what differs. The
 sections mirror the modules: `config.model` (sccorr_jax.models.SCorrSAN), `config.data`
@@ -9,9 +9,13 @@ sections mirror the modules: `config.model` (sccorr_jax.models.SCorrSAN), `confi
 from __future__ import annotations
 
 import ast
+import importlib.util
+import os
 from typing import Any, Dict, List, Optional
 
 import ml_collections
+
+from sccorr_jax import data
 
 # The three learning modes of the paper (Sec. 3.3-3.4): sparse ground truth only, a fixed
 # offline teacher, two mutual online teachers.
@@ -73,6 +77,37 @@ def parse_arg(arg: Optional[str], lazy: bool = False, **spec) -> ml_collections.
   return out
 
 
+class ConfigFileError(ValueError):
+  """A config file that does not exist or does not define `get_config` (one-line message)."""
+
+
+def load_config_module(path: str):
+  """The Python module of a config file (`configs/spair.py`), loaded by path.
+
+  Raises:
+    ConfigFileError: the file does not exist or has no `get_config`.
+  """
+  if not os.path.isfile(path):
+    raise ConfigFileError(f'config file {path}: does not exist')
+  name = '_sccorr_config_' + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, 'get_config'):
+    raise ConfigFileError(f'config file {path}: defines no get_config()')
+  return module
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """`'configs/spair.py:mt,runlocal'` -> that file's `get_config('mt,runlocal')`.
+
+  The same `FILE[:ARG]` syntax as `--config` (ml_collections' `config_flags`), for tools and
+  tests that load a config outside absl flags.
+  """
+  path, _, arg = spec.partition(':')
+  return load_config_module(path).get_config(arg or None)
+
+
 def base_config(dataset: str = 'spair71k') -> ml_collections.ConfigDict:
   """Every key the trainer reads, with the reference's SPair-71k values where one exists.
 
@@ -83,9 +118,6 @@ def base_config(dataset: str = 'spair71k') -> ml_collections.ConfigDict:
   Benchmark files override what differs; see `docs/training.md` for the table of reference vs
   paper values.
   """
-  # Imported here so that `configs/` stays importable without the package on sys.path.
-  from sccorr_jax import data  # pylint: disable=g-import-not-at-top
-
   c = ml_collections.ConfigDict()
   c.seed = 0
   # 'baseline' | 'st' | 'mt' (see LEARNING_MODES).

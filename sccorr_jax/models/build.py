@@ -1,0 +1,34 @@
+"""The network of a config: `config.model` -> `SCorrSAN` (the one place that reads those keys)."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from sccorr_jax.models.scorrsan import SCorrSAN
+
+_MODEL_KEYS = ('sce_kernel_size', 'sce_features', 'feature_size', 'backbone_depth', 'stage_sizes',
+               'backbone_width', 'backbone_stages', 'use_context', 'use_mutual_nn', 'beta',
+               'target_chunks', 'remat_backbone')
+
+
+def build_model(config) -> SCorrSAN:
+  """The `SCorrSAN` of `config.model` (a full config or its `model` section; dict or ConfigDict).
+
+  Keys used: `sce_kernel_size`, `sce_features`, `feature_size` (0 or None: the correlation's
+  own grid, no upsampling), `backbone_depth`, `stage_sizes`,
+  `backbone_width`, `backbone_stages`, `use_context`, `use_mutual_nn`, `beta`, `dtype` (a name
+  such as 'bfloat16' or None), `target_chunks`, `remat_backbone`; missing keys keep the model's
+  defaults.
+  """
+  m = config.get('model', config) if hasattr(config, 'get') else config.model
+  kwargs = {}
+  for key in _MODEL_KEYS:
+    if key in m:
+      kwargs[key] = m[key]
+  if not kwargs.get('feature_size'):  # 0 or None: no upsampling (the stride-16 loss).
+    kwargs['feature_size'] = None
+  if kwargs.get('stage_sizes') is not None:
+    kwargs['stage_sizes'] = tuple(int(s) for s in kwargs['stage_sizes'])
+  if m.get('dtype') is not None:
+    kwargs['dtype'] = jnp.dtype(m['dtype'])
+  return SCorrSAN(**kwargs)
