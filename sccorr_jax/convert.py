@@ -22,6 +22,10 @@ conv `[O, I, 1, 1]` -> Dense kernel `[I, O]`):
     sce/conv/{kernel,bias}                    SCEs.0.conv.{weight,bias}
     x_normal, y_normal                        x_normal, y_normal
 
+Official DINOv2 torch-hub checkpoints (`pos_embed`, `blocks.<i>.attn.qkv.weight`, ...) map onto
+`sccorr_jax.models.dinov2.DINOv2` with `from_dinov2_state_dict` (name table in its section
+below); `from_torch_state_dict` routes them there for a SCorrSAN with the DINOv2 backbone.
+
 Keys the port does not use are ignored, exactly: `layer4.*`, `fc.*`, `*.num_batches_tracked`
 (with or without the `feature_extraction.backbone.` prefix). Anything else unexpected, anything
 missing, or a shape mismatch raises `ConversionError` listing every problem.
@@ -108,6 +112,8 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], model,
   Raises:
     ConversionError: listing missing keys, unexpected keys and shape mismatches.
   """
+  if getattr(model, "backbone_type", "resnet") == "dinov2":
+    return _scorrsan_from_dinov2(state_dict, model, init_variables, dtype)
   sd = {str(k): v for k, v in state_dict.items()}
   full = any(k.startswith(BACKBONE_PREFIX) for k in sd)
   target = flax.core.unfreeze(abstract_variables(model))
@@ -219,3 +225,175 @@ def read_state_dict(path) -> Dict[str, np.ndarray]:
             v.detach().cpu().numpy() for k, v in obj.items() if hasattr(v, "detach")}
   raise ValueError(f"{path}: unknown state dict format {suffix!r} (use .pth, .npz or "
                    ".safetensors)")
+
+
+# ------------------------------------------------------------------------------------------------
+# DINOv2 (official torch-hub checkpoints `dinov2_vit{s,b,l,g}14[_reg4]_pretrain.pth`).
+#
+# Name table, Flax path (under the `DINOv2` module) <- PyTorch name (Linear weights (out, in) ->
+# Dense kernel (in, out); the patch-embedding conv OIHW -> HWIO):
+#
+#     cls_token, pos_embed, register_tokens     same names, same shapes
+#     patch_embed/{kernel,bias}                 patch_embed.proj.{weight,bias}
+#     blocks_{i}/norm{1,2}/{scale,bias}         blocks.{i}.norm{1,2}.{weight,bias}
+#     blocks_{i}/attn/{qkv,proj}/{kernel,bias}  blocks.{i}.attn.{qkv,proj}.{weight,bias}
+#     blocks_{i}/ls{1,2}/gamma                  blocks.{i}.ls{1,2}.gamma
+#     blocks_{i}/mlp/{fc1,fc2|w12,w3}/...       blocks.{i}.mlp.{fc1,fc2|w12,w3}.{weight,bias}
+#     norm/{scale,bias}                         norm.{weight,bias}
+#
+# `mask_token` (masked-image-modelling only) is ignored. Training-config checkpoints with
+# `block_chunks > 0` name blocks `blocks.<chunk>.<i>.`; they are read as `blocks.<i>.`.
+
+DINOV2_IGNORED = ("mask_token",)
+_CHUNKED_BLOCK = re.compile(r"^blocks\.\d+\.(\d+)\.")
+
+
+def _dinov2_torch_name(path: Tuple[str, ...]) -> Tuple[str, str]:
+  """Flax param path of a `DINOv2` -> (PyTorch name, kind of transform)."""
+  if len(path) == 1:
+    return path[0], "copy"
+  leaf = path[-1]
+  parts = []
+  for p in path[:-1]:
+    m = re.fullmatch(r"blocks_(\d+)", p)
+    parts += ["blocks", m.group(1)] if m else (["patch_embed", "proj"] if p == "patch_embed"
+                                               else [p])
+  if leaf == "kernel":
+    return ".".join(parts + ["weight"]), "conv" if path[0] == "patch_embed" else "dense"
+  return ".".join(parts + [{"scale": "weight"}.get(leaf, leaf)]), "copy"
+
+
+def _dinov2_params(state_dict: Mapping[str, Any], target_params: Mapping[str, Any],
+                   dtype=None, what: str = "DINOv2",
+                   ignore_blocks_after: Optional[int] = None) -> Dict[str, Any]:
+  """Fills `target_params` (a DINOv2 param tree of ShapeDtypeStructs) from a state dict.
+
+  `ignore_blocks_after`: the last block a truncated feature extractor runs; the checkpoint's
+  later blocks are ignored (as the ResNet's layer4). `mask_token` is always ignored.
+  """
+  sd = {}
+  for k, v in state_dict.items():
+    k = str(k)
+    m = _CHUNKED_BLOCK.match(k)
+    sd[f"blocks.{m.group(1)}." + k[m.end():] if m else k] = v
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(target_params))
+  used, missing, mismatched, out = set(), [], [], {}
+  for path, leaf in flat.items():
+    name, kind = _dinov2_torch_name(tuple(path))
+    if name not in sd:
+      missing.append(name)
+      continue
+    used.add(name)
+    arr = _transform(np.asarray(sd[name]), kind)
+    if tuple(arr.shape) != tuple(leaf.shape):
+      mismatched.append(f"{name}: state dict {tuple(np.asarray(sd[name]).shape)} -> "
+                        f"{tuple(arr.shape)}, model expects {tuple(leaf.shape)} "
+                        f"(at {'/'.join(path)})")
+      continue
+    out[tuple(path)] = arr if dtype is None else arr.astype(dtype)
+
+  def ignored(k):
+    m = re.match(r"blocks\.(\d+)\.", k)
+    return k in DINOV2_IGNORED or bool(
+        m and ignore_blocks_after is not None and int(m.group(1)) > ignore_blocks_after)
+
+  unexpected = sorted(k for k in sd if k not in used and not ignored(k))
+  if missing or unexpected or mismatched:
+    lines = [f"state dict does not fit {what} (official DINOv2 checkpoint names expected):"]
+    if missing:
+      lines.append(f"  missing keys ({len(missing)}): " + ", ".join(missing))
+    if unexpected:
+      lines.append(f"  unexpected keys ({len(unexpected)}): " + ", ".join(unexpected))
+    if mismatched:
+      lines.append(f"  shape mismatches ({len(mismatched)}):\n    " + "\n    ".join(mismatched))
+    raise ConversionError("\n".join(lines))
+  return flax.traverse_util.unflatten_dict(out)
+
+
+def is_dinov2_state_dict(state_dict: Mapping[str, Any]) -> bool:
+  """Whether the names are those of an official DINOv2 checkpoint (`pos_embed`, `blocks.0...`)."""
+  keys = set(map(str, state_dict))
+  return "pos_embed" in keys and "patch_embed.proj.weight" in keys
+
+
+def from_dinov2_state_dict(state_dict: Mapping[str, Any], model, dtype=None) -> Dict[str, Any]:
+  """Maps an official DINOv2 state dict onto a `sccorr_jax.models.dinov2.DINOv2`.
+
+  Args:
+    state_dict: name -> numpy-convertible array, the torch-hub names
+      (`dinov2_vits14_pretrain.pth`, ..., `dinov2_vitg14_reg4_pretrain.pth`; name table above).
+    model: the `DINOv2` (its `img_size` fixes the `pos_embed` shape, `[1, 1 + (img_size/14)^2,
+      C]`).
+    dtype: cast every array to this dtype (default: keep the state dict's).
+
+  Returns:
+    `{'params': ...}`, nested dicts of numpy arrays.
+
+  Raises:
+    ConversionError: listing every missing key, unexpected key and shape mismatch (`mask_token`
+      is ignored).
+  """
+  p = int(model.patch_size)
+  x = jax.ShapeDtypeStruct((1, p, p, 3), jnp.float32)
+  target = jax.eval_shape(lambda a: model.init(jax.random.PRNGKey(0), a), x)
+  params = _dinov2_params(state_dict, target["params"], dtype,
+                          what=f"DINOv2(embed_dim={model.embed_dim}, depth={model.depth})")
+  return {"params": params}
+
+
+def _scorrsan_from_dinov2(state_dict, model, init_variables, dtype) -> Dict[str, Any]:
+  """SCorrSAN with the DINOv2 backbone: backbone from the official checkpoint, head from init.
+
+  Only the blocks the model runs exist in it; the checkpoint's later blocks are ignored.
+  """
+  size = 4 * int(model.dinov2_kwargs().get("patch_size", 14))
+  x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+  target = jax.eval_shape(lambda a, b: model.init(jax.random.PRNGKey(0), a, b), x, x)
+  backbone = _dinov2_params(state_dict, target["params"]["backbone"], dtype,
+                            what=f"the DINOv2 backbone of SCorrSAN ({model.dinov2_preset})",
+                            ignore_blocks_after=model.dinov2_blocks()[-1])
+  if init_variables is None:
+    xi = jnp.zeros((1, size, size, 3), jnp.float32)
+    init_variables = jax.jit(model.init)(jax.random.PRNGKey(0), xi, xi)
+  out = jax.tree.map(np.asarray, flax.core.unfreeze(init_variables))
+  if dtype is not None:
+    out = jax.tree.map(lambda a: a.astype(dtype), out)
+  out["params"]["backbone"] = backbone
+  out.setdefault("batch_stats", {})
+  return out
+
+
+def dinov2_state_dict_shapes(model) -> Dict[str, Tuple[int, ...]]:
+  """Official name -> shape of every tensor `from_dinov2_state_dict(.., model)` reads."""
+  p = int(model.patch_size)
+  x = jax.ShapeDtypeStruct((1, p, p, 3), jnp.float32)
+  target = jax.eval_shape(lambda a: model.init(jax.random.PRNGKey(0), a), x)
+  out = {}
+  for path, leaf in flax.traverse_util.flatten_dict(target["params"]).items():
+    name, kind = _dinov2_torch_name(tuple(path))
+    shape = tuple(leaf.shape)
+    out[name] = (shape[::-1] if kind == "dense" else
+                 (shape[3], shape[2], shape[0], shape[1]) if kind == "conv" else shape)
+  return out
+
+
+def to_dinov2_state_dict(variables: Mapping[str, Any]) -> Dict[str, np.ndarray]:
+  """Inverse of `from_dinov2_state_dict`: official names, Linear `(out, in)`, conv OIHW.
+
+  Args:
+    variables: `{'params': ...}` of a `DINOv2` (or its param tree itself).
+
+  Returns:
+    name -> numpy array (no `mask_token`: the port has none).
+  """
+  params = variables.get("params", variables)
+  sd = {}
+  for path, leaf in flax.traverse_util.flatten_dict(flax.core.unfreeze(params)).items():
+    name, kind = _dinov2_torch_name(tuple(path))
+    arr = np.asarray(leaf)
+    if kind == "conv":
+      arr = np.transpose(arr, (3, 2, 0, 1))
+    elif kind == "dense":
+      arr = np.transpose(arr, (1, 0))
+    sd[name] = arr
+  return sd

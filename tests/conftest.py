@@ -67,6 +67,23 @@ def fixtures_dir():
   return FIXTURES
 
 
+# The DINOv2 fixtures (../shared/fixtures/dinov2, recorded from facebookresearch/dinov2);
+# SCCORR_DINOV2_FIXTURES points elsewhere. Missing under CI is a failure, as above.
+DINOV2_FIXTURES = pathlib.Path(os.environ.get(
+    "SCCORR_DINOV2_FIXTURES", ROOT.parent / "shared" / "fixtures" / "dinov2"))
+
+
+@pytest.fixture(scope="session")
+def dinov2_fixtures_dir():
+  if not DINOV2_FIXTURES.is_dir():
+    message = (f"DINOv2 fixtures not found at {DINOV2_FIXTURES} (set SCCORR_DINOV2_FIXTURES); "
+               "the DINOv2 parity tests need them")
+    if os.environ.get("CI"):
+      pytest.fail(message)
+    pytest.skip(message)
+  return DINOV2_FIXTURES
+
+
 @pytest.fixture(scope="session")
 def reference_forward(fixtures_dir):
   """(model_forward.npz as a dict, the regenerated reference weights name -> float32 array)."""
