@@ -5,8 +5,8 @@
 * Pseudo-label EPE against a teacher's flow, restricted to a dilation of the labelled positions
   (the reference's `EPE_pseudo_filtered_by_dilation`).
 * Small-loss selection with exchange (co-teaching; the reference's `loss_dynamic_selection`).
-* The mutual-teacher objective (two networks, each the other's teacher) and the single-teacher
-  objective (a fixed teacher), built from these pieces.
+* `pseudo_label_objective`: one network's supervised + selected pseudo-label loss against a
+  peer's or a fixed teacher's flow; the 'st' and 'mt' training steps are built on it.
 
 Everything works on fixed-shape `[b, h, w]` maps with boolean masks instead of the reference's
 boolean indexing, so all functions are `jax.jit`-friendly. The reference's 1-D vectors
@@ -277,84 +277,69 @@ def small_loss_selection(loss_a, loss_b, mask, remember_rate: RateOrTable):
 
 
 # ------------------------------------------------------------------------------------------------
-# Teacher objectives.
+# The pseudo-label objective (one home: the 'st' and 'mt' steps and the training visualiser).
 
 
-def _selection_aux(sel: Selection, dilated, n_labelled) -> Dict[str, Any]:
-  n = sel.num_candidates
-  return {
-      "dilated_mask": dilated,
-      "n_dilated": n,
-      "n_labelled": n_labelled,
-      "num_remember": sel.num_remember,
-      # k / n: the fraction of candidate positions each network keeps (0 without candidates).
-      "kept_fraction": jnp.where(n > 0, sel.num_remember / jnp.maximum(n, 1), 0.0),
-  }
+class PseudoLabelTerms(NamedTuple):
+  """The parts of `pseudo_label_objective` for one network.
+
+  Attributes:
+    loss_sup: () float, sparse EPE on the labelled positions (NaN without labels).
+    loss_pseudo: () float, mean pseudo-label EPE over the `num_remember` positions of the
+      candidate mask that rank smallest (0 without candidates); unweighted.
+    candidates: [b, h, w] bool, where the pseudo-label may act (the dilated label mask).
+    kept: [b, h, w] bool, the candidates the small-loss selection kept (no gradient).
+    num_remember: () int32, k (>= 1).
+    num_candidates: () int32, n, the number of candidates.
+  """
+  loss_sup: jax.Array
+  loss_pseudo: jax.Array
+  candidates: jax.Array
+  kept: jax.Array
+  num_remember: jax.Array
+  num_candidates: jax.Array
+
+  @property
+  def kept_fraction(self) -> jax.Array:
+    """k / n, the fraction of candidates kept (0 without candidates)."""
+    n = self.num_candidates
+    return jnp.where(n > 0, self.num_remember / jnp.maximum(n, 1), 0.0)
 
 
-def mutual_teacher_objective(flow_a, flow_b, gt, *, pseudo_kernel_size: int = 7,
-                             remember_rate: RateOrTable, pseudo_weight=10.0):
-  """The mutual-teacher objective of one step (the reference's `train_epoch`, `mt_step.npz`).
+def pseudo_label_objective(flow, peer_flow, gt, mask, remember_table: RateOrTable, weight):
+  """One network's loss against a peer's (or a fixed teacher's) flow as pseudo-label.
 
-      vec_a  = ||stop_gradient(flow_b) - flow_a||   on the dilated label mask
-      vec_b  = ||stop_gradient(flow_a) - flow_b||
-      sel_a, sel_b = small_loss_selection(vec_a, vec_b, mask, remember_rate)
-      loss_a = sparse_epe(flow_a, gt) + pseudo_weight * sel_a
-      loss_b = sparse_epe(flow_b, gt) + pseudo_weight * sel_b
+      dist = ||stop_gradient(peer_flow) - flow||      per position, cells
+      kept = the k = max(1, int(rate * n)) positions of `mask` with the smallest dist
+      loss = sparse_epe(flow, gt) + weight * sum(dist[kept]) / k
 
-  Each network's flow enters the other's loss only as a constant target, so the gradient of
-  `loss_a + loss_b` w.r.t. both parameter sets is each network's own gradient. (`vec_a` and
-  `vec_b` are numerically equal, so the exchange chooses the same positions for both.)
+  This is the reference's `EPE_pseudo_filtered_by_dilation` + `loss_dynamic_selection`. The
+  reference's selection is an exchange (each network averages its loss over the positions its
+  *peer's* loss ranks smallest), but the pseudo-label distance is symmetric,
+  `||b - a|| == ||a - b||` to the bit, so the peer ranks exactly the positions this network
+  ranks: ranking `dist` itself is the exchange (`small_loss_selection` keeps the general
+  two-loss form, checked against the reference fixture).
 
   Args:
-    flow_a: [b, h, w, 2] float, network a's flow (cells, target -> source).
-    flow_b: [b, h, w, 2] float, network b's flow.
-    gt: [b, h, w, 2] float, sparse ground-truth flow (exactly (0, 0) where unlabelled).
-    pseudo_kernel_size: odd int, side of the dilation window (7 in the reference).
-    remember_rate: float in [0, 1] or a `num_remember_table` (see `small_loss_selection`).
-    pseudo_weight: λ, float or () array (may be traced; 0 before the pseudo-loss epoch).
+    flow: [b, h, w, 2] float, this network's flow (cells, target -> source); differentiated.
+    peer_flow: [b, h, w, 2] float, the pseudo-label (the peer's or the teacher's flow); used
+      under `stop_gradient`.
+    gt: [b, h, w, 2] float, sparse ground truth (unlabelled = exactly (0, 0)).
+    mask: [b, h, w] bool, candidate positions (`dilated_label_mask`, or all True).
+    remember_table: a `num_remember_table` (may be traced) or a host float rate.
+    weight: λ, float or () array (0 before the pseudo-loss epoch).
 
   Returns:
-    `(loss_a, loss_b, aux)`: () floats; `aux` has `epe_a`, `epe_b` (supervised terms, NaN
-    without labels), `pseudo_a`, `pseudo_b` (selected pseudo terms, unweighted), `dilated_mask`
-    [b, h, w] bool, `n_dilated`, `n_labelled`, `num_remember` () int32, `kept_fraction` (),
-    `kept_a`, `kept_b` [b, h, w] bool (positions chosen by each network's loss).
+    `(loss, PseudoLabelTerms)`.
   """
-  dilated = dilated_label_mask(gt, pseudo_kernel_size)
-  sel = small_loss_selection_with_masks(pseudo_label_epe(flow_a, flow_b),
-                                        pseudo_label_epe(flow_b, flow_a), dilated, remember_rate)
-  epe_a, n_labelled = _epe_and_count(flow_a, gt)
-  epe_b, _ = _epe_and_count(flow_b, gt)
-  aux = _selection_aux(sel, dilated, n_labelled)
-  aux.update(epe_a=epe_a, epe_b=epe_b, pseudo_a=sel.loss_a, pseudo_b=sel.loss_b,
-             kept_a=sel.kept_a, kept_b=sel.kept_b)
-  return epe_a + pseudo_weight * sel.loss_a, epe_b + pseudo_weight * sel.loss_b, aux
-
-
-def single_teacher_objective(flow, teacher_flow, gt, *, pseudo_kernel_size: int = 7,
-                             remember_rate: RateOrTable, pseudo_weight=10.0):
-  """Objective of a student trained against a fixed (offline) teacher.
-
-  The same terms as `mutual_teacher_objective` with network b replaced by the teacher, whose
-  flow is only a constant target: `loss = sparse_epe(flow, gt) + pseudo_weight * sel`, where
-  `sel` is the mean of `||stop_gradient(teacher_flow) - flow||` over the `k` smallest such
-  distances inside the dilated label mask (the student's and the teacher's distances are the
-  same numbers, so the exchange is moot).
-
-  Args:
-    flow: [b, h, w, 2] float, the student's flow (cells).
-    teacher_flow: [b, h, w, 2] float, the teacher's flow (cells); no gradient.
-    gt: [b, h, w, 2] float, sparse ground-truth flow.
-    pseudo_kernel_size, remember_rate, pseudo_weight: as in `mutual_teacher_objective`.
-
-  Returns:
-    `(loss, aux)`: () float; `aux` has `epe`, `pseudo`, `dilated_mask`, `n_dilated`,
-    `n_labelled`, `num_remember`, `kept_fraction`, `kept` ([b, h, w] bool).
-  """
-  dilated = dilated_label_mask(gt, pseudo_kernel_size)
-  vec = pseudo_label_epe(flow, teacher_flow)
-  sel = small_loss_selection_with_masks(vec, vec, dilated, remember_rate)
-  epe, n_labelled = _epe_and_count(flow, gt)
-  aux = _selection_aux(sel, dilated, n_labelled)
-  aux.update(epe=epe, pseudo=sel.loss_a, kept=sel.kept_a)
-  return epe + pseudo_weight * sel.loss_a, aux
+  mask = jnp.asarray(mask, bool)
+  dist = pseudo_label_epe(flow, peer_flow)
+  table = _as_table(remember_table, mask.size)
+  n = jnp.sum(mask, dtype=jnp.int32)
+  k = table[n]
+  kept = _smallest_k_mask(dist, mask, k)
+  # `where`, not multiplication: garbage (inf/NaN) outside the selection must not leak.
+  loss_pseudo = jnp.sum(jnp.where(kept, dist, 0)) / k.astype(dist.dtype)
+  loss_sup = sparse_epe(flow, gt)
+  terms = PseudoLabelTerms(loss_sup, loss_pseudo, mask, kept, k, n)
+  return loss_sup + weight * loss_pseudo, terms

@@ -21,8 +21,14 @@ small-loss selection are computed over the global batch, exactly as on one devic
 reference's `DataParallel` computes BN statistics per device shard instead).
 
 A step whose loss or gradients are not finite leaves the model it concerns unchanged (parameters,
-statistics, optimiser state) and counts it: `state.nonfinite_streak` (consecutive such steps)
-and `state.nonfinite_total`. The trainer stops the run when the streak grows too long.
+statistics, optimiser state) and counts it (`apply_if_finite`): `state.nonfinite_streak`
+(consecutive such steps) and `state.nonfinite_total`. The trainer stops the run when the streak
+grows too long.
+
+Pseudo-label quality (`pseudo_label_metrics`, logged only): against the dense ground truth when
+a batch carries it (the embedded benchmarks), else against the withheld keypoints of a label
+budget, the error and accuracy of the pseudo-labels the selection kept and of those it
+rejected.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sccorr_jax import geometry
 from sccorr_jax import losses
 from sccorr_jax.schedules import StepHparams
 
@@ -88,6 +95,16 @@ class StepConfig:
     if self.batch_norm not in ('batch', 'frozen'):
       raise ValueError(f"batch_norm must be 'batch' or 'frozen', got {self.batch_norm!r}")
 
+  @classmethod
+  def from_config(cls, config, model, tx: optax.GradientTransformation, **overrides
+                  ) -> 'StepConfig':
+    """The step config of an experiment config (`model.batch_norm`, `teacher.dilation_kernel`;
+    a kernel of 0 or None means no mask: every position is a candidate)."""
+    kwargs = dict(model=model, tx=tx, batch_norm=config.model.batch_norm,
+                  dilation_kernel=config.teacher.dilation_kernel or None)
+    kwargs.update(overrides)
+    return cls(**kwargs)
+
 
 # ------------------------------------------------------------------------------------------------
 # Pieces shared by the steps.
@@ -109,7 +126,7 @@ def forward(cfg: StepConfig, params, batch_stats, batch, train: bool = True):
   if train and cfg.batch_norm == 'batch':
     flow, updates = cfg.model.apply(variables, batch['src_img'], batch['trg_img'], train=True,
                                     mutable=['batch_stats'])
-    return flow, updates['batch_stats']
+    return flow, updates.get('batch_stats', batch_stats)
   return cfg.model.apply(variables, batch['src_img'], batch['trg_img'], train=False), batch_stats
 
 
@@ -133,13 +150,37 @@ def _select(ok, new, old):
   return jax.tree.map(pick, new, old)
 
 
-def _apply_updates(tx, grads, opt_state, params):
-  updates, opt_state = tx.update(grads, opt_state, params)
-  return optax.apply_updates(params, updates), opt_state
+def apply_if_finite(cfg: StepConfig, state: TrainState, loss, grads, batch_stats,
+                    stacked: bool = False) -> Tuple[TrainState, jax.Array]:
+  """The optimiser update, kept only for the models whose loss and gradients are finite.
 
+  Args:
+    cfg: static config (its `tx`).
+    state: the state before the step.
+    loss: () float, or [m] (one per stacked model).
+    grads: gradients with the structure of `state.params`.
+    batch_stats: the BatchNorm statistics after the forward.
+    stacked: `state` holds m models stacked on a leading axis (the mutual teachers); the
+      optimiser is vmapped over them so that nothing couples the models.
 
-def _commit(state: TrainState, ok, params, batch_stats, opt_state) -> TrainState:
-  """The new state, keeping the old values of every model whose step was not finite."""
+  Returns:
+    `(new_state, ok)`: every model whose step was not finite keeps its parameters, statistics
+    and optimiser state; `step` advances and the non-finite counters are updated. `ok` is
+    () bool, or [m].
+  """
+  def finite(l, g):
+    return jnp.isfinite(l) & _all_finite(g)
+
+  def update(g, o, p):
+    updates, o = cfg.tx.update(g, o, p)
+    return optax.apply_updates(p, updates), o
+
+  if stacked:
+    ok = jax.vmap(finite)(loss, grads)
+    params, opt_state = jax.vmap(update)(grads, state.opt_state, state.params)
+  else:
+    ok = finite(loss, grads)
+    params, opt_state = update(grads, state.opt_state, state.params)
   all_ok = jnp.all(ok)
 
   def keep_finite(new, old):
@@ -150,24 +191,78 @@ def _commit(state: TrainState, ok, params, batch_stats, opt_state) -> TrainState
   params, batch_stats, opt_state = jax.lax.cond(
       all_ok, lambda new, old: new, keep_finite, (params, batch_stats, opt_state),
       (state.params, state.batch_stats, state.opt_state))
-  return state.replace(
+  state = state.replace(
       step=state.step + 1,
       params=params,
       batch_stats=batch_stats,
       opt_state=opt_state,
       nonfinite_streak=jnp.where(all_ok, 0, state.nonfinite_streak + 1).astype(jnp.int32),
       nonfinite_total=(state.nonfinite_total + (~all_ok).astype(jnp.int32)))
+  return state, ok
 
 
-def _pseudo_label_acc(pseudo_label, gt):
-  """Fraction of labelled positions where the pseudo-label is within 1 cell of the label."""
-  labelled = ~jnp.all(gt == 0, axis=-1)
+def _state_metrics(state: TrainState, ok) -> Metrics:
+  return {'nonfinite': ~jnp.all(ok), 'nonfinite_streak': state.nonfinite_streak,
+          'nonfinite_total': state.nonfinite_total}
+
+
+# ------------------------------------------------------------------------------------------------
+# Pseudo-label metrics (logged; never part of a loss).
+
+
+def pseudo_label_truth(batch) -> Optional[Tuple[jax.Array, jax.Array]]:
+  """What the pseudo-labels are measured against: `(flow [b, S, S, 2], valid [b, S, S])`.
+
+  The dense ground truth (`dense_flow`, `dense_valid`; the embedded benchmarks) when the batch
+  has it, else the flow label of the withheld keypoints (`withheld_flow`; the label budget's
+  held-out part), else None (nothing to measure against). Both are in cells of the flow grid.
+  """
+  if 'dense_flow' in batch:
+    return batch['dense_flow'], jnp.asarray(batch['dense_valid'], bool)
+  if 'withheld_flow' in batch:
+    return batch['withheld_flow'], ~geometry.unlabelled_mask(batch['withheld_flow'])
+  return None
+
+
+def _masked_mean(x, mask):
+  """Mean of `x` over `mask`; NaN when the mask is empty (a logging window skips NaN)."""
+  n = jnp.sum(mask)
+  return jnp.where(n > 0, jnp.sum(jnp.where(mask, x, 0)) / jnp.maximum(n, 1), jnp.nan)
+
+
+def pseudo_label_metrics(terms: losses.PseudoLabelTerms, pseudo_label, batch) -> Metrics:
+  """How good the pseudo-labels a network learns from are.
+
+  Args:
+    terms: that network's `losses.pseudo_label_objective` terms (candidates, kept).
+    pseudo_label: [b, S, S, 2] the flow it learns from (its peer's or the teacher's).
+    batch: the training batch; `flow` (sparse label) and, if present, the truth of
+      `pseudo_label_truth`.
+
+  Returns:
+    `loss_sup`, `loss_pseudo`, `kept_fraction`; `pseudo_label_acc` (within
+    `PSEUDO_ACC_CELLS` of the sparse label, over labelled positions); and with a truth,
+    `pseudo_kept_epe`, `pseudo_kept_acc` (over the kept candidates with a true match) and
+    `pseudo_rejected_epe`, `pseudo_rejected_acc` (candidates the selection dropped).
+  """
+  pseudo_label = jax.lax.stop_gradient(pseudo_label)
+  gt = batch['flow']
+  labelled = ~geometry.unlabelled_mask(gt)
   close = losses.safe_norm(pseudo_label - gt, axis=-1) <= PSEUDO_ACC_CELLS
-  return jnp.sum(close & labelled) / jnp.maximum(jnp.sum(labelled), 1)
-
-
-def _state_metrics(state: TrainState) -> Metrics:
-  return {'nonfinite_streak': state.nonfinite_streak, 'nonfinite_total': state.nonfinite_total}
+  out = {'loss_sup': terms.loss_sup, 'loss_pseudo': terms.loss_pseudo,
+         'kept_fraction': terms.kept_fraction,
+         'pseudo_label_acc': jnp.sum(close & labelled) / jnp.maximum(jnp.sum(labelled), 1)}
+  truth = pseudo_label_truth(batch)
+  if truth is not None:
+    true_flow, valid = truth
+    err = losses.safe_norm(pseudo_label - true_flow, axis=-1)
+    kept = terms.kept & valid
+    rejected = terms.candidates & ~terms.kept & valid
+    out.update(pseudo_kept_epe=_masked_mean(err, kept),
+               pseudo_kept_acc=_masked_mean(err <= PSEUDO_ACC_CELLS, kept),
+               pseudo_rejected_epe=_masked_mean(err, rejected),
+               pseudo_rejected_acc=_masked_mean(err <= PSEUDO_ACC_CELLS, rejected))
+  return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -197,60 +292,42 @@ def baseline_step(cfg: StepConfig, state: TrainState, batch, rng, hparams: StepH
     return loss, batch_stats
 
   (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  ok = jnp.isfinite(loss) & _all_finite(grads)
-  params, opt_state = _apply_updates(cfg.tx, grads, state.opt_state, state.params)
-  state = _commit(state, ok, params, batch_stats, opt_state)
-  metrics = {'loss': loss, 'loss_sup': loss, 'nonfinite': ~ok}
-  metrics.update(_state_metrics(state))
-  return state, metrics
+  state, ok = apply_if_finite(cfg, state, loss, grads, batch_stats)
+  return state, {'loss': loss, 'loss_sup': loss, **_state_metrics(state, ok)}
 
 
 # ------------------------------------------------------------------------------------------------
-# A student against a given pseudo-label flow (the single-teacher step, and the per-model half of
-# the mutual-teacher step).
+# A student against a given pseudo-label flow (the single-teacher step, and each half of the
+# mutual-teacher step).
+
+
+def _pseudo_objective(cfg: StepConfig, flow, peer_flow, batch, hparams: StepHparams):
+  gt = batch['flow']
+  return losses.pseudo_label_objective(flow, peer_flow, gt, candidate_mask(cfg, gt),
+                                       hparams.remember_table, hparams.pseudo_weight)
 
 
 def student_objective(cfg: StepConfig, params, batch_stats, batch, teacher_flow,
                       hparams: StepHparams):
-  """Loss of one model against a constant pseudo-label flow, and its parts.
-
-  Args:
-    cfg: static config.
-    params, batch_stats: the student's variables.
-    batch: `src_img`, `trg_img`, `flow` (sparse label).
-    teacher_flow: [b, S, S, 2] the pseudo-label (under `stop_gradient`).
-    hparams: λ and the remember-count table.
+  """Loss of one model against a constant pseudo-label flow.
 
   Returns:
-    `(loss, (batch_stats, aux))`, aux with `loss_sup`, `loss_pseudo`, `kept_fraction`,
-    `pseudo_label_acc`.
+    `(loss, (batch_stats, terms))`, terms a `losses.PseudoLabelTerms`.
   """
   flow, batch_stats = forward(cfg, params, batch_stats, batch)
-  gt = batch['flow']
-  loss_sup = losses.sparse_epe(flow, gt)
-  mask = candidate_mask(cfg, gt)
-  vec = losses.pseudo_label_epe(flow, teacher_flow)
-  sel = losses.small_loss_selection_with_masks(vec, vec, mask, hparams.remember_table)
-  loss = loss_sup + hparams.pseudo_weight * sel.loss_a
-  n = sel.num_candidates
-  aux = {'loss_sup': loss_sup, 'loss_pseudo': sel.loss_a,
-         'kept_fraction': jnp.where(n > 0, sel.num_remember / jnp.maximum(n, 1), 0.0),
-         'pseudo_label_acc': _pseudo_label_acc(jax.lax.stop_gradient(teacher_flow), gt)}
-  return loss, (batch_stats, aux)
+  loss, terms = _pseudo_objective(cfg, flow, teacher_flow, batch, hparams)
+  return loss, (batch_stats, terms)
 
 
 def student_update(cfg: StepConfig, state: TrainState, batch, teacher_flow,
                    hparams: StepHparams) -> Tuple[TrainState, Metrics]:
   """One optimiser step of a single model against a given pseudo-label flow."""
   grad_fn = jax.value_and_grad(student_objective, argnums=1, has_aux=True)
-  (loss, (batch_stats, aux)), grads = grad_fn(cfg, state.params, state.batch_stats, batch,
-                                               teacher_flow, hparams)
-  ok = jnp.isfinite(loss) & _all_finite(grads)
-  params, opt_state = _apply_updates(cfg.tx, grads, state.opt_state, state.params)
-  state = _commit(state, ok, params, batch_stats, opt_state)
-  metrics = dict(aux, loss=loss, nonfinite=~ok)
-  metrics.update(_state_metrics(state))
-  return state, metrics
+  (loss, (batch_stats, terms)), grads = grad_fn(cfg, state.params, state.batch_stats, batch,
+                                                teacher_flow, hparams)
+  state, ok = apply_if_finite(cfg, state, loss, grads, batch_stats)
+  metrics = pseudo_label_metrics(terms, teacher_flow, batch)
+  return state, {'loss': loss, **metrics, **_state_metrics(state, ok)}
 
 
 def single_teacher_step(cfg: StepConfig, state: TrainState, batch, rng, hparams: StepHparams
@@ -259,7 +336,7 @@ def single_teacher_step(cfg: StepConfig, state: TrainState, batch, rng, hparams:
 
   1. The teacher's flow on the batch (running BN statistics, `stop_gradient`): the pseudo-label.
   2. The student's EPE on the sparse labels + λ · the mean of its k smallest distances to the
-     pseudo-label inside the dilated label mask.
+     pseudo-label inside the dilated label mask (`losses.pseudo_label_objective`).
   3. Gradient and update of the student only; the teacher is never touched.
   """
   del rng
@@ -289,6 +366,32 @@ def forward_pair(cfg: StepConfig, params_ab, batch_stats_ab, batch):
   return flows[0], flows[1], jax.tree.map(lambda a, b: jnp.stack([a, b]), *stats)
 
 
+def mutual_teacher_objective(cfg: StepConfig, params_ab, batch_stats_ab, batch,
+                             hparams: StepHparams):
+  """The summed objective of the two mutual teachers, as differentiated by the step.
+
+  1. Forward both networks on the same batch.
+  2. Each network's flow, under `stop_gradient`, is the pseudo-label of its peer.
+  3. `losses.pseudo_label_objective` for each: sparse EPE on the labelled positions + λ · the
+     mean pseudo-label EPE over the positions of the dilated keypoint mask that the small-loss
+     selection keeps (k from this epoch's remember rate). The exchange of the reference (each
+     network averages over the positions its *peer's* loss ranks smallest) selects the same
+     positions for both networks, because the pseudo-label EPE is symmetric: ||b - a|| is
+     ||a - b|| to the bit.
+  4. Total = loss_a + loss_b. The peers enter each other's loss only as constants, so the
+     gradient of the sum w.r.t. the stacked parameters is each network's gradient of its own
+     loss.
+
+  Returns:
+    `(loss_a + loss_b, (batch_stats_ab, losses [2], (terms_a, terms_b), (flow_a, flow_b)))`.
+  """
+  flow_a, flow_b, batch_stats = forward_pair(cfg, params_ab, batch_stats_ab, batch)
+  loss_a, terms_a = _pseudo_objective(cfg, flow_a, flow_b, batch, hparams)
+  loss_b, terms_b = _pseudo_objective(cfg, flow_b, flow_a, batch, hparams)
+  return loss_a + loss_b, (batch_stats, jnp.stack([loss_a, loss_b]), (terms_a, terms_b),
+                           (flow_a, flow_b))
+
+
 def mutual_teacher_step(cfg: StepConfig, state: TrainState, batch, rng, hparams: StepHparams
                         ) -> Tuple[TrainState, Metrics]:
   """One step of two mutual online teachers, a and b (leading axis 2 of the state).
@@ -296,55 +399,31 @@ def mutual_teacher_step(cfg: StepConfig, state: TrainState, batch, rng, hparams:
   Args:
     cfg: static config.
     state: `TrainState` whose `params`, `batch_stats`, `opt_state` leaves are stacked [2, ...].
-    batch: `src_img`, `trg_img` [b, H, W, 3], `flow` [b, S, S, 2].
+    batch: `src_img`, `trg_img` [b, H, W, 3], `flow` [b, S, S, 2] (and optionally the truth
+      of `pseudo_label_truth`, for metrics only).
     rng: unused (no stochastic layer).
     hparams: λ and the remember-count table of this epoch.
 
   Returns:
-    `(state, metrics)`; metrics `a/loss`, `a/loss_sup`, `a/loss_pseudo`, `a/kept_fraction`,
-    `a/pseudo_label_acc`, the same for `b/`, `nonfinite` and the streak counters.
+    `(state, metrics)`; metrics `a/loss` and the `pseudo_label_metrics` of a (`a/loss_sup`,
+    `a/loss_pseudo`, `a/kept_fraction`, `a/pseudo_label_acc`, `a/pseudo_kept_epe`, ...), the
+    same for `b/`, `pseudo_agreement` (fraction of candidates where the two flows are within
+    `PSEUDO_ACC_CELLS`), `nonfinite` and the streak counters.
   """
   del rng
-  gt = batch['flow']
-
-  def objective(params_ab):
-    # 1. Forward both networks on the same batch.
-    flow_a, flow_b, batch_stats = forward_pair(cfg, params_ab, state.batch_stats, batch)
-    # 2. Sparse EPE of each network on the labelled keypoint positions.
-    sup_a, sup_b = losses.sparse_epe(flow_a, gt), losses.sparse_epe(flow_b, gt)
-    # 3. Each network's flow, without gradient, is the pseudo-label of its peer.
-    vec_a = losses.pseudo_label_epe(flow_a, jax.lax.stop_gradient(flow_b))
-    vec_b = losses.pseudo_label_epe(flow_b, jax.lax.stop_gradient(flow_a))
-    # 4. Only positions inside the dilated keypoint mask are candidates.
-    mask = candidate_mask(cfg, gt)
-    # 5. Small-loss selection with exchange: each network averages its loss over the k positions
-    #    its peer's loss ranks smallest (k from this epoch's remember rate).
-    sel = losses.small_loss_selection_with_masks(vec_a, vec_b, mask, hparams.remember_table)
-    # 6. Total = supervised + λ · pseudo (λ = 0 before the pseudo-loss epoch).
-    loss_a = sup_a + hparams.pseudo_weight * sel.loss_a
-    loss_b = sup_b + hparams.pseudo_weight * sel.loss_b
-    # The peers enter each other's loss only as constants, so the gradient of the sum w.r.t.
-    # the stacked parameters is each network's gradient of its own loss.
-    n = sel.num_candidates
-    kept = jnp.where(n > 0, sel.num_remember / jnp.maximum(n, 1), 0.0)
-    aux = {'loss': jnp.stack([loss_a, loss_b]), 'loss_sup': jnp.stack([sup_a, sup_b]),
-           'loss_pseudo': jnp.stack([sel.loss_a, sel.loss_b]),
-           'kept_fraction': jnp.stack([kept, kept]),
-           'pseudo_label_acc': jnp.stack([
-               _pseudo_label_acc(jax.lax.stop_gradient(flow_b), gt),
-               _pseudo_label_acc(jax.lax.stop_gradient(flow_a), gt)])}
-    return loss_a + loss_b, (batch_stats, aux)
-
-  # 7. Gradients and optimiser updates of each network (vmapped: the optimiser of one never sees
-  #    the other's gradients); a non-finite model keeps its old state.
-  (_, (batch_stats, aux)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
-  ok = jnp.isfinite(aux['loss']) & jax.vmap(_all_finite)(grads)
-  params, opt_state = jax.vmap(lambda g, o, p: _apply_updates(cfg.tx, g, o, p))(
-      grads, state.opt_state, state.params)
-  state = _commit(state, ok, params, batch_stats, opt_state)
-  metrics = {f'{m}/{k}': v[i] for k, v in aux.items() for i, m in enumerate('ab')}
-  metrics['nonfinite'] = ~jnp.all(ok)
-  metrics.update(_state_metrics(state))
+  # 1-4: the objective (see `mutual_teacher_objective`).
+  grad_fn = jax.value_and_grad(mutual_teacher_objective, argnums=1, has_aux=True)
+  (_, (batch_stats, loss_ab, terms, flows)), grads = grad_fn(
+      cfg, state.params, state.batch_stats, batch, hparams)
+  # 5. Updates of each network by its own (vmapped) optimiser; a non-finite model is kept.
+  state, ok = apply_if_finite(cfg, state, loss_ab, grads, batch_stats, stacked=True)
+  metrics = _state_metrics(state, ok)
+  for i, name in enumerate('ab'):
+    metrics[f'{name}/loss'] = loss_ab[i]
+    for k, v in pseudo_label_metrics(terms[i], flows[1 - i], batch).items():
+      metrics[f'{name}/{k}'] = v
+  agree = losses.safe_norm(flows[0] - flows[1], axis=-1) <= PSEUDO_ACC_CELLS
+  metrics['pseudo_agreement'] = _masked_mean(jax.lax.stop_gradient(agree), terms[0].candidates)
   return state, metrics
 
 

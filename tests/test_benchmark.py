@@ -42,3 +42,12 @@ def test_command_line_eval_json(tmp_path):
   for k in KEYS:
     assert report[k] is not None and report[k] > 0, k
   assert "eval bfloat16 b=2" in result.stdout
+
+
+def test_no_mask_ablation_benchmarks():
+  """`--config.teacher.dilation_kernel=0` (the "no mask" ablation) trains, so it benchmarks."""
+  config = config_lib.load_config(str(ROOT / "configs" / "spair.py") + ":mt,runlocal")
+  config.teacher.dilation_kernel = 0
+  config = benchmark.prepare_config(config, "mt", batch_size=4)
+  report = benchmark.benchmark(config, "mt", steps=1, warmup=0, peak_flops=1e9)
+  assert report["mode"] == "mt" and math.isfinite(report["step_time_median_s"])

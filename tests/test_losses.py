@@ -230,65 +230,55 @@ def test_safe_norm_value_and_gradient():
 
 
 # ------------------------------------------------------------------------------------------------
-# mt_step.npz: the objective, fed with the stored flows.
+# mt_step.npz: the pseudo-label objective, fed with the stored flows (the whole step, with
+# gradients, is checked in test_mt_objective.py).
 
 
-def _mt_objective(mt, x64):
+def _objective(mt, x64, own="a"):
   rate = float(mt["remember_rate"])
-  fn = jax.jit(lambda a, b, g: losses.mutual_teacher_objective(
-      a, b, g, pseudo_kernel_size=int(mt["pseudo_ksize"]), remember_rate=rate,
-      pseudo_weight=float(mt["lambda_pseudo"])))
-  return fn(_nhwc(mt["flow_a"], x64), _nhwc(mt["flow_b"], x64), _nhwc(mt["gt_flow"], x64))
+  flows = {"a": _nhwc(mt["flow_a"], x64), "b": _nhwc(mt["flow_b"], x64)}
+  gt = _nhwc(mt["gt_flow"], x64)
+  peer = "b" if own == "a" else "a"
+  mask = losses.dilated_label_mask(gt, int(mt["pseudo_ksize"]))
+  fn = jax.jit(lambda f, p, g, m: losses.pseudo_label_objective(
+      f, p, g, m, losses.num_remember_table(rate, m.size), float(mt["lambda_pseudo"])))
+  return fn(flows[own], flows[peer], gt, mask)
 
 
 @PRECISIONS
-def test_mutual_teacher_objective_matches_mt_step(mt, x64):
-  with jax.enable_x64(x64):
-    loss_a, loss_b, aux = _mt_objective(mt, x64)
+def test_pseudo_label_objective_matches_mt_step(mt, x64):
   rtol = MT_RTOL[x64]
-  for got, key in ((loss_a, "loss_a"), (loss_b, "loss_b"), (aux["epe_a"], "epe_gt_a"),
-                   (aux["epe_b"], "epe_gt_b"), (aux["pseudo_a"], "pseudo_loss_a"),
-                   (aux["pseudo_b"], "pseudo_loss_b")):
-    np.testing.assert_allclose(float(got), mt[key], rtol=rtol, atol=0, err_msg=key)
-  assert int(aux["n_dilated"]) == mt["n_dilated"]
-  assert int(aux["num_remember"]) == mt["num_remember"]
-  # Map the kept positions to indices into the dilated (boolean-mask order) vectors.
-  dilated = np.asarray(aux["dilated_mask"]).ravel()
-  index_in_vector = np.cumsum(dilated) - 1
-  for key in ("kept_a", "kept_b"):
-    kept = np.asarray(aux[key]).ravel()
-    assert not (kept & ~dilated).any()
-    np.testing.assert_array_equal(np.sort(index_in_vector[kept]), mt["selected_index"])
-  np.testing.assert_allclose(float(aux["kept_fraction"]), mt["num_remember"] / mt["n_dilated"])
+  with jax.enable_x64(x64):
+    for own in "ab":
+      loss, terms = _objective(mt, x64, own)
+      for got, key in ((loss, f"loss_{own}"), (terms.loss_sup, f"epe_gt_{own}"),
+                       (terms.loss_pseudo, f"pseudo_loss_{own}")):
+        np.testing.assert_allclose(float(got), mt[key], rtol=rtol, atol=0, err_msg=key)
+      assert int(terms.num_candidates) == mt["n_dilated"]
+      assert int(terms.num_remember) == mt["num_remember"]
+      kept = np.asarray(terms.kept)
+      assert not (kept & ~np.asarray(terms.candidates)).any()
+      np.testing.assert_array_equal(np.flatnonzero(kept[np.asarray(terms.candidates)]),
+                                    mt["selected_index"])
+      np.testing.assert_allclose(float(terms.kept_fraction), mt["num_remember"] / mt["n_dilated"])
 
 
-def test_mutual_teacher_gradients_are_own_and_finite_when_flows_coincide(mt):
+def test_pseudo_label_objective_gradient_is_own_and_finite_when_flows_coincide(mt):
   gt = _nhwc(mt["gt_flow"], False)
-  flow = _nhwc(mt["flow_a"], False)
+  flow, peer = _nhwc(mt["flow_a"], False), _nhwc(mt["flow_b"], False)
+  mask = losses.dilated_label_mask(gt, 7)
 
-  def total(fa, fb):
-    loss_a, loss_b, _ = losses.mutual_teacher_objective(fa, fb, gt, remember_rate=0.2)
-    return loss_a + loss_b
+  def loss(f, p):
+    return losses.pseudo_label_objective(f, p, gt, mask, 0.2, 10.0)[0]
 
-  # Identical flows: every pseudo distance is exactly 0.
-  ga, gb = jax.grad(total, argnums=(0, 1))(flow, flow)
-  assert np.isfinite(np.asarray(ga)).all() and np.isfinite(np.asarray(gb)).all()
-  # Each network's loss reaches only its own flow: the peer is a constant target.
-  fb = _nhwc(mt["flow_b"], False)
-  ga_total = jax.grad(total)(flow, fb)
-  ga_own = jax.grad(lambda fa: losses.mutual_teacher_objective(
-      fa, fb, gt, remember_rate=0.2)[0])(flow)
-  np.testing.assert_allclose(np.asarray(ga_total), np.asarray(ga_own), rtol=1e-6, atol=1e-9)
-
-
-def test_single_teacher_objective_is_the_mutual_objective_with_a_fixed_peer(mt):
-  gt = _nhwc(mt["gt_flow"], False)
-  fa, fb = _nhwc(mt["flow_a"], False), _nhwc(mt["flow_b"], False)
-  kw = dict(pseudo_kernel_size=7, remember_rate=0.2, pseudo_weight=10.0)
-  loss_a, _, aux_m = losses.mutual_teacher_objective(fa, fb, gt, **kw)
-  loss, aux = losses.single_teacher_objective(fa, fb, gt, **kw)
-  np.testing.assert_allclose(float(loss), float(loss_a), rtol=1e-6)
-  np.testing.assert_allclose(float(loss), float(mt["loss_a"]), rtol=1e-5)
-  np.testing.assert_array_equal(np.asarray(aux["kept"]), np.asarray(aux_m["kept_a"]))
-  g_teacher = jax.grad(lambda t: losses.single_teacher_objective(fa, t, gt, **kw)[0])(fb)
-  np.testing.assert_array_equal(np.asarray(g_teacher), 0.0)
+  # Identical flows: every pseudo distance is exactly 0, and the gradient stays finite.
+  g_own, g_peer = jax.grad(loss, argnums=(0, 1))(flow, flow)
+  assert np.isfinite(np.asarray(g_own)).all()
+  # The pseudo-label is a constant target: no gradient reaches the peer (or teacher).
+  np.testing.assert_array_equal(np.asarray(jax.grad(loss, argnums=1)(flow, peer)), 0.0)
+  np.testing.assert_array_equal(np.asarray(g_peer), 0.0)
+  # The distance is symmetric to the bit, so both networks keep the same positions (the
+  # reference's exchange is the identity).
+  _, ta = losses.pseudo_label_objective(flow, peer, gt, mask, 0.2, 10.0)
+  _, tb = losses.pseudo_label_objective(peer, flow, gt, mask, 0.2, 10.0)
+  np.testing.assert_array_equal(np.asarray(ta.kept), np.asarray(tb.kept))

@@ -14,6 +14,7 @@ import pytest
 from conftest import assert_trees_close
 from sccorr_jax import config_lib as common
 from sccorr_jax import geometry
+from sccorr_jax import losses
 from sccorr_jax import models
 from sccorr_jax import schedules
 from sccorr_jax import train
@@ -212,3 +213,37 @@ def test_candidate_mask_dilated_or_everywhere(setup):
   assert np.asarray(dilated).sum() > labelled.sum()
   everywhere = ts.StepConfig(model=setup['model'], tx=setup['tx'], dilation_kernel=None)
   assert np.all(np.asarray(ts.candidate_mask(everywhere, gt)))
+
+
+def test_pseudo_label_metrics_on_a_hand_made_case():
+  """Kept vs rejected pseudo-labels against a dense truth, and the withheld-keypoint fallback."""
+  gt = np.zeros((1, 2, 3, 2), np.float32)
+  gt[0, 0, 0] = (1.0, 0.0)  # one sparse label
+  truth = np.zeros((1, 2, 3, 2), np.float32)
+  truth[0, 0, 0] = (1.0, 0.0)
+  truth[0, 1, 2] = (2.0, 2.0)
+  valid = np.ones((1, 2, 3), bool)
+  valid[0, 1, 1] = False  # no true match here (e.g. occluded in the source)
+  pseudo = truth.copy()
+  pseudo[0, 0, 1] = (3.0, 4.0)  # 5 cells off
+  pseudo[0, 1, 2] = (2.5, 2.0)  # 0.5 cells off
+  candidates = np.array([[[1, 1, 1], [0, 1, 1]]], bool)
+  kept = np.array([[[1, 0, 0], [0, 1, 1]]], bool)
+  terms = losses.PseudoLabelTerms(
+      loss_sup=jnp.float32(0.5), loss_pseudo=jnp.float32(0.25), candidates=candidates, kept=kept,
+      num_remember=jnp.int32(3), num_candidates=jnp.int32(5))
+  batch = {'flow': gt, 'dense_flow': truth, 'dense_valid': valid}
+  m = jax.device_get(ts.pseudo_label_metrics(terms, pseudo, batch))
+  assert m['kept_fraction'] == pytest.approx(0.6) and m['pseudo_label_acc'] == 1.0
+  # Kept with a true match: (0,0) err 0 and (1,2) err 0.5 ((1,1) has none) -> epe 0.25, acc 1.
+  assert m['pseudo_kept_epe'] == pytest.approx(0.25) and m['pseudo_kept_acc'] == 1.0
+  # Rejected: (0,1) err 5 and (0,2) err 0 -> epe 2.5, acc 0.5.
+  assert m['pseudo_rejected_epe'] == pytest.approx(2.5) and m['pseudo_rejected_acc'] == 0.5
+  # Without a dense truth the withheld keypoints' label is the truth (exactly (0, 0) = none).
+  withheld = np.zeros_like(gt)
+  withheld[0, 0, 1] = (3.0, 4.0)  # the rejected pseudo-label was right after all
+  m = jax.device_get(ts.pseudo_label_metrics(terms, pseudo, {'flow': gt,
+                                                             'withheld_flow': withheld}))
+  assert m['pseudo_rejected_epe'] == 0.0 and m['pseudo_rejected_acc'] == 1.0
+  assert np.isnan(m['pseudo_kept_epe'])  # no withheld keypoint among the kept positions
+  assert 'pseudo_kept_epe' not in ts.pseudo_label_metrics(terms, pseudo, {'flow': gt})

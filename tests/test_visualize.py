@@ -2,27 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from conftest import load_tool
+from sccorr_jax import config_lib
 from sccorr_jax import visualize
 from sccorr_jax.data import transforms
 from sccorr_jax.models import SCorrSAN
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _tool(name):
-  spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
 
 def test_draw_matches_layout_and_lines():
   rng = np.random.default_rng(0)
@@ -52,7 +41,7 @@ def test_warp_source_identity_and_shift():
 
 
 def test_training_signals_panels():
-  tool = _tool("visualize_training")
+  tool = load_tool("visualize_training")
   model = SCorrSAN(stage_sizes=(1, 1, 1, 1), backbone_width=8, sce_kernel_size=3,
                    sce_features=16, feature_size=8)
   x = jnp.zeros((1, 64, 64, 3))
@@ -72,14 +61,24 @@ def test_training_signals_panels():
                trg_img=rng.normal(size=(b, 64, 64, 3)).astype(np.float32),
                src_kps=src_kps, trg_kps=trg_kps, kps_valid=valid, flow=flow,
                pair_valid=np.array([True, True]))
-  sig = tool.compute_signals(model, va, vb, batch, dilation_kernel=3, remember_rate=0.5)
+  config = config_lib.tiny_config("mt")
+  config.teacher.dilation_kernel = 3
+  config.teacher.remember_rate_start, config.teacher.remember_rate_end = 0.5, 0.5
+  sig = tool.compute_signals(config, model, va, vb, batch)
   labelled = (flow != 0).any(-1)
   assert (sig["dilated"] | ~labelled).all()  # labels lie in the dilated mask
+  assert not sig["dilated"].all()
   assert (sig["dilated"] | ~sig["kept"]).all()  # kept pseudo-labels are candidates
   assert sig["kept"].sum() == sig["num_remember"] == max(1, int(0.5 * sig["dilated"].sum()))
   # The kept ones are those with the smallest disagreement.
   cand = sig["pseudo_epe"][sig["dilated"]]
   assert sig["pseudo_epe"][sig["kept"]].max() <= np.sort(cand)[sig["num_remember"] - 1] + 1e-6
+  # The run's settings are followed: no mask (kernel 0) makes every position a candidate, and
+  # without the small-loss selection every candidate is kept.
+  config.teacher.dilation_kernel = 0
+  config.teacher.small_loss_selection = False
+  sig = tool.compute_signals(config, model, va, vb, batch)
+  assert sig["dilated"].all() and sig["kept"].all() and sig["remember_rate"] == 1.0
   pic = tool.render(batch, sig, scale=2)
   height, _, _, total = visualize.side_by_side_layout((128, 128), (128, 128), 128)
   assert pic.shape == (16 + 2 * 128 + visualize.GAP, total + 2 * (visualize.GAP + 128), 3)

@@ -219,8 +219,7 @@ def build(config, mode: str) -> Built:
 
   spe = int(config.optim.steps_per_epoch)
   tx = schedules.make_optimizer(config.optim, spe)
-  step_cfg = ts.StepConfig(model=model, tx=tx, batch_norm=config.model.batch_norm,
-                           dilation_kernel=config.teacher.dilation_kernel)
+  step_cfg = ts.StepConfig.from_config(config, model, tx)
   teacher = None
   if mode == 'st':
     teacher = train.init_variables(config, model, teacher_rng, 1)

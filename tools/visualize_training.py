@@ -20,52 +20,64 @@ The selection runs over the whole batch at once, as in training, with the rememb
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+from PIL import ImageDraw
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-from PIL import ImageDraw  # noqa: E402
-
-from sccorr_jax import losses  # noqa: E402
-from sccorr_jax import visualize  # noqa: E402
+from sccorr_jax import losses
+from sccorr_jax import schedules
+from sccorr_jax import train_step as ts
+from sccorr_jax import visualize
 
 LEGEND = ("panels: predictions (lines) vs ground truth (rings) | target: labels (yellow), "
           "dilated mask (blue), kept (green) / dropped (red) pseudo-labels | source: kept "
           "pseudo-label matches")
 
 
-def compute_signals(model, variables_a, variables_b, batch, dilation_kernel: int = 7,
-                    remember_rate: float = 0.9):
-  """The training signals of one batch (no parameter update).
+def compute_signals(config, model, variables_a, variables_b, batch, epoch=None):
+  """The training signals of one batch, as the run's training step computes them (no update).
+
+  Both networks run with their running BatchNorm statistics; the candidates and the kept
+  positions come from `train_step.mutual_teacher_objective` with the run's own dilation and
+  small-loss settings (`teacher.dilation_kernel`, 0 = no mask; `teacher.small_loss_selection`)
+  and the remember rate of `epoch`.
 
   Args:
+    config: the run's config (`teacher` section).
     model: the `SCorrSAN` of both networks.
     variables_a, variables_b: the two networks' variables (a is drawn, b is its peer).
     batch: the batch contract (`src_img`, `trg_img`, `flow`, ...), numpy.
-    dilation_kernel: odd side of the label dilation (the config's `teacher.dilation_kernel`).
-    remember_rate: fraction of candidates kept by the small-loss selection.
+    epoch: whose remember rate to use (default: the last epoch of the run's schedule).
 
   Returns:
-    dict of numpy arrays: `flow_a`, `flow_b` [b, F, F, 2]; `dilated`, `kept` [b, F, F] bool
-    (kept: the positions whose pseudo-label network a learns from, chosen by b's losses);
-    `pseudo_epe` [b, F, F] disagreement in cells; `num_remember`, `num_candidates` ().
+    dict of numpy arrays: `flow_a`, `flow_b` [b, F, F, 2]; `dilated` (the candidates), `kept`
+    [b, F, F] bool (the positions whose pseudo-label network a learns from); `pseudo_epe`
+    [b, F, F] disagreement in cells; `num_remember`, `num_candidates` (); `remember_rate`.
   """
-  src, trg = batch["src_img"], batch["trg_img"]
-  apply = jax.jit(model.apply)
-  flow_a = apply(variables_a, src, trg)
-  flow_b = apply(variables_b, src, trg)
+  teacher = config.teacher
+  if epoch is None:
+    epoch = int(teacher.pseudo_start_epoch) + int(teacher.remember_rate_epochs)
+  cfg = ts.StepConfig.from_config(config, model, tx=None, batch_norm="frozen")
   gt = np.asarray(batch["flow"])
-  dilated = losses.dilated_label_mask(gt, dilation_kernel)
-  loss_a = losses.pseudo_label_epe(flow_a, flow_b)
-  loss_b = losses.pseudo_label_epe(flow_b, flow_a)
-  sel = losses.small_loss_selection_with_masks(loss_a, loss_b, dilated, remember_rate)
+  hp = schedules.step_hparams(teacher, epoch, gt[..., 0].size)
+  stack = lambda a, b: jax.tree.map(lambda x, y: jnp.stack([x, y]), a, b)  # noqa: E731
+  variables = stack(variables_a, variables_b)
+  step_batch = {k: batch[k] for k in ("src_img", "trg_img", "flow")}
+  objective = jax.jit(functools.partial(ts.mutual_teacher_objective, cfg))
+  _, (_, _, (terms_a, _), (flow_a, flow_b)) = objective(
+      variables["params"], variables.get("batch_stats", {}), step_batch, hp)
   return {"flow_a": np.asarray(flow_a), "flow_b": np.asarray(flow_b),
-          "dilated": np.asarray(dilated), "kept": np.asarray(sel.kept_b),
-          "pseudo_epe": np.asarray(loss_a), "num_remember": int(sel.num_remember),
-          "num_candidates": int(sel.num_candidates)}
+          "dilated": np.asarray(terms_a.candidates), "kept": np.asarray(terms_a.kept),
+          "pseudo_epe": np.asarray(losses.pseudo_label_epe(flow_a, flow_b)),
+          "num_remember": int(terms_a.num_remember),
+          "num_candidates": int(terms_a.num_candidates),
+          "remember_rate": schedules.remember_rate(teacher, epoch)}
 
 
 def render(batch, signals, scale: int = 2, legend: bool = True) -> np.ndarray:
@@ -95,7 +107,8 @@ def main(argv=None) -> int:
   p.add_argument("--out", required=True, help="output PNG")
   p.add_argument("--num_pairs", type=int, default=4)
   p.add_argument("--split", default=None, help="default: the config's eval split")
-  p.add_argument("--remember_rate", type=float, default=None)
+  p.add_argument("--epoch", type=int, default=None,
+                 help="whose remember rate to use (default: the end of the run's schedule)")
   p.add_argument("--scale", type=int, default=2)
   args = p.parse_args(argv)
 
@@ -112,20 +125,16 @@ def main(argv=None) -> int:
   except (FileNotFoundError, predict.CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  teacher = config.get("teacher", {})
-  rate = args.remember_rate
-  if rate is None:
-    rate = float(teacher.get("remember_rate_end", 0.9))
-  kernel = teacher.get("dilation_kernel", 7) or 7
   split = args.split or config.get("eval", {}).get("split", "val")
   batches = data_lib.create_eval_iterator(config.data, split, batch_size=args.num_pairs)
   batch = next(iter(batches))
-  signals = compute_signals(model, variables_a, variables_b, batch, int(kernel), rate)
+  signals = compute_signals(config, model, variables_a, variables_b, batch, args.epoch)
   img = render(batch, signals, scale=args.scale)
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   visualize.save_png(args.out, img)
   print(f"wrote {args.out} ({img.shape[1]}x{img.shape[0]}): kept {signals['num_remember']} of "
-        f"{signals['num_candidates']} pseudo-label candidates at remember rate {rate:g}")
+        f"{signals['num_candidates']} pseudo-label candidates at remember rate "
+        f"{signals['remember_rate']:g}")
   return 0
 
 
