@@ -192,9 +192,10 @@ DIRECTION = "trg->src"
 # The benchmark's standard threshold (the same table as `sccorr_jax.data.transforms`; a test
 # checks they agree; duplicated so that this module does not import the data stack).
 STANDARD_THRESHOLD = {"spair71k": "bbox", "pfpascal": "img", "pfwillow": "bbox",
-                      "synthetic": "bbox"}
+                      "synthetic": "bbox", "parts": "bbox"}
 BENCHMARK_NAMES = {"spair71k": "SPair-71k", "pfpascal": "PF-PASCAL", "pfwillow": "PF-WILLOW",
-                   "synthetic": "synthetic (skimage.data warps)"}
+                   "synthetic": "synthetic (skimage.data warps)",
+                   "parts": "parts (procedural articulated objects)"}
 DIFFICULTY_FIELDS = ("viewpoint_variation", "scale_variation", "truncation", "occlusion")
 # SPair-71k's names of the difficulty levels (its annotation documentation).
 DIFFICULTY_LEVELS = {
@@ -222,7 +223,7 @@ class Protocol:
   """What an evaluation measures; every reported number is tagged with it.
 
   Attributes:
-    benchmark: 'spair71k' | 'pfpascal' | 'pfwillow' | 'synthetic'.
+    benchmark: 'spair71k' | 'pfpascal' | 'pfwillow' | 'synthetic' | 'parts'.
     split: the split evaluated ('test', 'val', ...).
     alphas: PCK alphas (fractions of the threshold).
     thresholds: threshold kinds (see the section comment); the first is reported first.

@@ -45,8 +45,13 @@ def test_batch_contract_shapes(cfg):
       'category': ((4,), np.int32), 'pair_valid': ((4,), np.bool_),
       'viewpoint_variation': ((4,), np.int32), 'scale_variation': ((4,), np.int32),
       'truncation': ((4,), np.int32), 'occlusion': ((4,), np.int32),
+      # Training only: what the loss never sees (label budget, dense ground truth).
+      'withheld_src_kps': ((4, 40, 2), np.float32), 'withheld_trg_kps': ((4, 40, 2), np.float32),
+      'withheld_kps_valid': ((4, 40), np.bool_), 'dense_flow': ((4, 16, 16, 2), np.float32),
+      'dense_valid': ((4, 16, 16), np.bool_),
   }
   assert {k: (v.shape, v.dtype) for k, v in b.items()} == expect
+  assert not b['withheld_kps_valid'].any()  # no budget: every keypoint is a label
   assert b['pair_valid'].all() and (b['pckthres'] > 0).all()
   np.testing.assert_array_equal(b['pckthres'], b['pckthres_bbox'])  # synthetic: bbox
 
@@ -92,7 +97,10 @@ def test_augmentation_only_in_training(cfg):
   c.augment = False
   plain = next(data.create_train_iterator(c, batch_size=8, seed=0))
   ev = next(iter(data.create_eval_iterator(c, 'trn', batch_size=8)))
-  _assert_same(plain, ev)  # same records, no augmentation, no flip: identical rows
+  training_only = {k for k in plain if k.startswith('withheld_') or k.startswith('dense_')}
+  assert training_only and not training_only & set(ev)
+  plain_common = {k: v for k, v in plain.items() if k not in training_only}
+  _assert_same(plain_common, ev)  # same records, no augmentation, no flip: identical rows
   c.augment = True
   aug = next(data.create_train_iterator(c, batch_size=8, seed=0))
   changed = [not np.array_equal(aug['src_img'][i], plain['src_img'][i]) for i in range(8)]

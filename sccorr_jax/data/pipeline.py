@@ -8,6 +8,11 @@ and the iterator's state (`get_state`/`set_state`, or grain's Orbax handlers) re
 Evaluation: one pass over a split, no augmentation, every process gets the same number of
 fixed-shape batches; the last ones are padded with copies of a real pair marked
 `pair_valid=False`.
+
+Label budget (training only, `keypoints_per_pair`, `labelled_pair_fraction`, `budget_seed`):
+before sharding and shuffling, record `i` of the training split keeps a subset of its keypoints
+fixed by `(budget_seed, i)`, the same in every epoch, on every process and for every training
+seed. The withheld keypoints never reach `flow`/`kps_valid`; they travel in `withheld_*`.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import grain
 import ml_collections
 import numpy as np
 
+from sccorr_jax.data import parts
 from sccorr_jax.data import pfpascal
 from sccorr_jax.data import pfwillow
 from sccorr_jax.data import spair71k
@@ -28,7 +34,9 @@ from sccorr_jax.data import transforms
 
 BUILDERS = {'spair71k': spair71k.Spair71k, 'pfpascal': pfpascal.PfPascal,
             'pfwillow': pfwillow.PfWillow}
-DATASETS = ('synthetic', *BUILDERS)
+# Embedded datasets: generated on first use into data_dir (no download).
+EMBEDDED = {'synthetic': synthetic, 'parts': parts}
+DATASETS = (*EMBEDDED, *BUILDERS)
 _SPLIT_ALIASES = {'train': 'trn', 'validation': 'val', 'valid': 'val'}
 
 
@@ -36,13 +44,14 @@ def default_data_config(name: str = 'synthetic') -> ml_collections.ConfigDict:
   """Every data option with its default; configs build on it (`config.data = ...`).
 
   Args:
-    name: 'synthetic' | 'spair71k' | 'pfpascal' | 'pfwillow'.
+    name: 'synthetic' | 'parts' | 'spair71k' | 'pfpascal' | 'pfwillow'.
 
   Returns:
     ConfigDict with fields:
       name: the dataset.
-      data_dir: TFDS data dir of the prepared benchmarks; for 'synthetic', where it is cached
-        (built on first use). Default `$SCCORR_DATA_DIR` or `~/tensorflow_datasets`.
+      data_dir: TFDS data dir of the prepared benchmarks; for 'synthetic' and 'parts', where
+        they are cached (built on first use). Default `$SCCORR_DATA_DIR` or
+        `~/tensorflow_datasets`.
       img_size, feature_size, receptive_field: network input side (pixels), flow label grid
         side, label receptive field (pixels); `img_size % feature_size == 0`.
       max_kps: keypoint slots per pair (40).
@@ -56,6 +65,11 @@ def default_data_config(name: str = 'synthetic') -> ml_collections.ConfigDict:
         grain `ReadOptions`.
       synthetic_img_size, synthetic_train_pairs_per_photo, synthetic_eval_pairs_per_photo,
         synthetic_min_kps, synthetic_max_kps, synthetic_seed: the embedded dataset's size knobs.
+      parts_img_size, parts_train_pairs_per_category, parts_eval_pairs_per_category,
+        parts_min_kps, parts_seed: the `parts` benchmark's size knobs (`parts.make_config`).
+      keypoints_per_pair: training label budget, keypoints kept per pair (0 = all).
+      labelled_pair_fraction: fraction of training pairs that keep any label (1.0 = all).
+      budget_seed: seed of the kept subsets (independent of the training seed).
   """
   if name not in DATASETS:
     raise ValueError(f'unknown dataset {name!r}; expected one of {DATASETS}')
@@ -83,6 +97,14 @@ def default_data_config(name: str = 'synthetic') -> ml_collections.ConfigDict:
   c.synthetic_min_kps = 8
   c.synthetic_max_kps = 20
   c.synthetic_seed = 0
+  c.parts_img_size = 128
+  c.parts_train_pairs_per_category = 64
+  c.parts_eval_pairs_per_category = 16
+  c.parts_min_kps = 4
+  c.parts_seed = 0
+  c.keypoints_per_pair = 0
+  c.labelled_pair_fraction = 1.0
+  c.budget_seed = 0
   return c
 
 
@@ -97,6 +119,11 @@ def _check(cfg):
   if int(cfg.img_size) % int(cfg.feature_size):
     raise ValueError(f'data.img_size ({cfg.img_size}) must be divisible by data.feature_size '
                      f'({cfg.feature_size})')
+  if int(_get(cfg, 'keypoints_per_pair', 0)) < 0:
+    raise ValueError(f'data.keypoints_per_pair must be >= 0, got {cfg.keypoints_per_pair}')
+  frac = float(_get(cfg, 'labelled_pair_fraction', 1.0))
+  if not 0.0 <= frac <= 1.0:
+    raise ValueError(f'data.labelled_pair_fraction must be in [0, 1], got {frac}')
 
 
 def _prepared_on_disk(builder) -> bool:
@@ -104,36 +131,50 @@ def _prepared_on_disk(builder) -> bool:
   return os.path.isfile(os.path.join(builder.data_dir, 'dataset_info.json'))
 
 
-def get_builder(data_config):
-  """The TFDS builder of `data_config.name` over `data_config.data_dir`.
-
-  The synthetic dataset is generated on first use; a benchmark must have been prepared with
-  `python -m sccorr_jax.data.prepare` (raises `FileNotFoundError` saying so otherwise).
-  """
-  _check(data_config)
-  name = data_config.name
-  data_dir = os.path.expanduser(str(data_config.data_dir))
-  if name == 'synthetic':
-    knobs = dict(
+def _embedded_knobs(data_config) -> Dict[str, int]:
+  """The `make_config` knobs of an embedded dataset from the data config."""
+  if data_config.name == 'synthetic':
+    return dict(
         img_size=int(_get(data_config, 'synthetic_img_size', 128)),
         train_pairs_per_photo=int(_get(data_config, 'synthetic_train_pairs_per_photo', 16)),
         eval_pairs_per_photo=int(_get(data_config, 'synthetic_eval_pairs_per_photo', 8)),
         min_kps=int(_get(data_config, 'synthetic_min_kps', 8)),
         max_kps=int(_get(data_config, 'synthetic_max_kps', 20)),
         seed=int(_get(data_config, 'synthetic_seed', 0)))
-    builder = synthetic.make_builder(data_dir, **knobs)
+  return dict(
+      img_size=int(_get(data_config, 'parts_img_size', 128)),
+      train_pairs_per_category=int(_get(data_config, 'parts_train_pairs_per_category', 64)),
+      eval_pairs_per_category=int(_get(data_config, 'parts_eval_pairs_per_category', 16)),
+      min_kps=int(_get(data_config, 'parts_min_kps', 4)),
+      seed=int(_get(data_config, 'parts_seed', 0)))
+
+
+def get_builder(data_config):
+  """The TFDS builder of `data_config.name` over `data_config.data_dir`.
+
+  The embedded datasets ('synthetic', 'parts') are generated on first use; a benchmark must have
+  been prepared with `python -m sccorr_jax.data.prepare` (raises `FileNotFoundError` saying so
+  otherwise).
+  """
+  _check(data_config)
+  name = data_config.name
+  data_dir = os.path.expanduser(str(data_config.data_dir))
+  if name in EMBEDDED:
+    module = EMBEDDED[name]
+    knobs = _embedded_knobs(data_config)
+    builder = module.make_builder(data_dir, **knobs)
     if not builder.is_prepared():
       # Several processes (the hosts of one run, parallel jobs) may start at once: one
       # generates under a file lock, the others wait and then read what it wrote.
       os.makedirs(data_dir, exist_ok=True)
-      with open(os.path.join(data_dir, '.sccorr_synthetic.lock'), 'w') as lock:
+      with open(os.path.join(data_dir, f'.sccorr_{name}.lock'), 'w') as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
           if not _prepared_on_disk(builder):
             builder.download_and_prepare()
         finally:
           fcntl.flock(lock, fcntl.LOCK_UN)
-      builder = synthetic.make_builder(data_dir, **knobs)  # re-reads the finished dataset
+      builder = module.make_builder(data_dir, **knobs)  # re-reads the finished dataset
     return builder
   builder = BUILDERS[name](data_dir=data_dir)
   if not builder.is_prepared():
@@ -178,7 +219,7 @@ def preprocess_options(data_config, train: bool) -> transforms.PreprocessOptions
       augment_p=float(_get(data_config, 'augment_p', 0.2)),
       random_crop=bool(_get(data_config, 'random_crop', False)),
       random_crop_p=float(_get(data_config, 'random_crop_p', 0.5)),
-      flip=bool(_get(data_config, 'flip', True)))
+      flip=bool(_get(data_config, 'flip', True)), label_truth=train)
 
 
 def _read_options(data_config) -> grain.ReadOptions:
@@ -214,12 +255,18 @@ def create_train_iterator(data_config, *, batch_size: int, seed: int, process_in
       records `process_index::process_count` of the split.
 
   Returns:
-    A grain `DatasetIterator` of batch dicts (the batch contract of CONTRIBUTING.md); its
-    `get_state()`/`set_state()` resume exactly, mid-epoch included.
+    A grain `DatasetIterator` of batch dicts (the batch contract of CONTRIBUTING.md, with the
+    training keys `withheld_*`, `dense_flow`, `dense_valid`); its `get_state()`/`set_state()`
+    resume exactly, mid-epoch included.
   """
   local = _local_batch_size(batch_size, process_count)
   source = data_source(data_config, _get(data_config, 'train_split', 'trn'))
   ds = grain.MapDataset.source(source)
+  # The label budget is fixed per record (index in the split), before sharding and shuffling.
+  ds = ds.map_with_index(transforms.LabelBudget(
+      keypoints_per_pair=int(_get(data_config, 'keypoints_per_pair', 0)),
+      labelled_pair_fraction=float(_get(data_config, 'labelled_pair_fraction', 1.0)),
+      num_records=len(source), seed=int(_get(data_config, 'budget_seed', 0))))
   if process_count > 1:
     ds = ds[process_index::process_count]
   if len(ds) == 0:

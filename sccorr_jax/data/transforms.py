@@ -14,8 +14,14 @@ Follows the reference (`data/dataset.py`, `data/spair.py`, `data/pfpascal.py`,
    `x -> img_size - x` while image column `x` moves to `img_size - 1 - x` (the reference's
    one-pixel inconsistency, kept for parity), boxes mirrored the same way;
 5. PCK thresholds (img_size units) and the sparse flow label
-   (`geometry.keypoints_to_flow(.., feature_size, receptive_field, img_size)`, NumPy twin here);
-6. ImageNet normalisation to float32.
+   (`geometry.keypoints_to_flow(.., feature_size, receptive_field, img_size)`, NumPy twin here)
+   from the *kept* keypoints only (the label budget, `LabelBudget`, marks a record's kept
+   keypoints; without it every keypoint is kept);
+6. ImageNet normalisation to float32;
+7. with `label_truth` (the training pipeline): what the loss must not see but pseudo-label
+   metrics need: the withheld keypoints (`withheld_src_kps`, `withheld_trg_kps`,
+   `withheld_kps_valid`) and the dense ground truth on the flow grid (`dense_flow` in cells,
+   `dense_valid`; all False for datasets without dense truth), see `dense_flow_to_grid`.
 
 Thresholds per pair: `pckthres_bbox` = max(w, h) of the resized source box (SPair-71k,
 PF-PASCAL, synthetic) or of the source keypoints' extent box (PF-WILLOW; real keypoints only);
@@ -27,6 +33,7 @@ y of (max - min) over all 40 keypoint slots with the -1 padding included (equal 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Optional
 
 import grain
@@ -41,7 +48,7 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 # Which threshold is each benchmark's standard, and how its `bbox` threshold is measured.
 STANDARD_THRESHOLD = {'spair71k': 'bbox', 'pfpascal': 'img', 'pfwillow': 'bbox',
-                      'synthetic': 'bbox'}
+                      'synthetic': 'bbox', 'parts': 'bbox'}
 BBOX_FROM_KEYPOINTS = {'pfwillow'}
 
 
@@ -111,7 +118,8 @@ class PreprocessOptions:
   """Static options of `preprocess_pair` (hashable, picklable).
 
   Attributes:
-    dataset: 'synthetic' | 'spair71k' | 'pfpascal' | 'pfwillow' (selects the thresholds).
+    dataset: 'synthetic' | 'parts' | 'spair71k' | 'pfpascal' | 'pfwillow' (selects the
+      thresholds).
     img_size: output image side, pixels.
     feature_size: flow grid side.
     receptive_field: flow label receptive field, pixels.
@@ -122,6 +130,8 @@ class PreprocessOptions:
     random_crop: the reference's crop around the box (training only).
     random_crop_p: probability of cropping each image when `random_crop`.
     flip: honour PF-PASCAL's flip flag (training only).
+    label_truth: also output the withheld keypoints and the dense ground truth on the flow
+      grid (the training pipeline; never inputs of the loss).
   """
   dataset: str
   img_size: int = 256
@@ -134,6 +144,7 @@ class PreprocessOptions:
   random_crop: bool = False
   random_crop_p: float = 0.5
   flip: bool = True
+  label_truth: bool = False
 
 
 def _pad_kps(kps: np.ndarray, n: int) -> np.ndarray:
@@ -141,6 +152,112 @@ def _pad_kps(kps: np.ndarray, n: int) -> np.ndarray:
   m = min(n, len(kps))
   out[:m] = kps[:m]
   return out
+
+
+def _compact(kps: np.ndarray, mask: np.ndarray, n: int):
+  """The `mask`ed rows of `kps` as a prefix of `n` slots -> ([n, 2] float32, [n] bool)."""
+  sel = kps[mask][:n]
+  return _pad_kps(sel, n), np.arange(n) < len(sel)
+
+
+@functools.lru_cache(maxsize=16)
+def _labelled_records(seed: int, num_records: int, fraction: float) -> np.ndarray:
+  """[num_records] bool: which records keep labels (exactly round(fraction * num_records))."""
+  order = np.random.default_rng([int(seed), 0]).permutation(num_records)
+  labelled = np.zeros(num_records, bool)
+  labelled[order[:int(round(fraction * num_records))]] = True
+  return labelled
+
+
+def budget_mask(kps_valid: np.ndarray, index: int, num_records: int, keypoints_per_pair: int,
+                labelled_pair_fraction: float, seed: int) -> np.ndarray:
+  """Which keypoints of training record `index` the loss may see (the label budget).
+
+  A function of `(seed, index)` only: the same subset in every epoch, on every process and for
+  every training seed, so withheld keypoints never reach the loss.
+
+  Args:
+    kps_valid: [n] bool, the record's real keypoints.
+    index: the record's position in its split.
+    num_records: the split's size.
+    keypoints_per_pair: k keypoints kept per labelled pair, a seeded subset (0 = all).
+    labelled_pair_fraction: exactly round(p * num_records) records, a seeded subset, keep any
+      label; the others keep none.
+    seed: the budget seed.
+
+  Returns:
+    [n] bool, kept keypoints (a subset of `kps_valid`).
+  """
+  valid = np.asarray(kps_valid, bool)
+  if labelled_pair_fraction < 1.0 and not _labelled_records(
+      int(seed), int(num_records), float(labelled_pair_fraction))[index]:
+    return np.zeros_like(valid)
+  idx = np.nonzero(valid)[0]
+  if keypoints_per_pair <= 0 or len(idx) <= keypoints_per_pair:
+    return valid.copy()
+  rng = np.random.default_rng([int(seed), 1, int(index)])
+  kept = np.zeros_like(valid)
+  kept[rng.choice(idx, size=int(keypoints_per_pair), replace=False)] = True
+  return kept
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelBudget(grain.transforms.MapWithIndex):
+  """grain map over a split's records in their stored order: marks the kept keypoints
+  (`_kept` [n] bool, see `budget_mask`); `preprocess_pair` builds labels from them only."""
+  keypoints_per_pair: int
+  labelled_pair_fraction: float
+  num_records: int
+  seed: int = 0
+
+  def map_with_index(self, index: int, element):
+    rec = dict(element)
+    # grain passes the index of the repeated/shuffled view (epoch * num_records + i).
+    rec['_kept'] = budget_mask(rec['kps_valid'], int(index) % self.num_records, self.num_records,
+                               self.keypoints_per_pair, self.labelled_pair_fraction, self.seed)
+    return rec
+
+
+def dense_flow_to_grid(dense_flow: np.ndarray, dense_valid: np.ndarray, trg_map, src_map,
+                       img_size: int, feature_size: int):
+  """A record's dense ground truth (original pixels) -> the flow grid of the batch, in cells.
+
+  Cell `(i, j)` of the `feature_size` grid stands for the output-image point
+  `((j + 0.5) jsz - 0.5, (i + 0.5) jsz - 0.5)` (`jsz = img_size / feature_size`), where
+  bilinear upsampling (`evaluation.upsample_flow`, align_corners=False) puts the cell's value.
+  That point is taken back to the original target image, given the displacement of the
+  nearest original pixel, and the match is taken to the output source image.
+
+  Args:
+    dense_flow: [H, W, 2] float, original target pixel -> source displacement, pixels.
+    dense_valid: [H, W] bool.
+    trg_map, src_map: `(offset [2], scale [2])` of each image, original pixel -> output pixel
+      `out = (orig - offset) * scale` (resize and crop).
+    img_size: output image side S.
+    feature_size: grid side fs.
+
+  Returns:
+    flow: [fs, fs, 2] float32, (x, y) displacement target -> source in grid cells, 0 where
+    invalid; valid: [fs, fs] bool, the nearest original pixel is valid and the match lies in
+    the output source image.
+  """
+  fs = int(feature_size)
+  jsz = img_size / fs
+  c = (np.arange(fs, dtype=np.float64) + 0.5) * jsz - 0.5
+  p_out = np.stack(np.meshgrid(c, c, indexing='xy'), -1)  # [fs, fs, 2] (x, y)
+  t_off, t_scale = (np.asarray(a, np.float64) for a in trg_map)
+  s_off, s_scale = (np.asarray(a, np.float64) for a in src_map)
+  p_orig = p_out / t_scale + t_off
+  h, w = dense_valid.shape
+  q = np.floor(p_orig + 0.5).astype(np.int64)
+  inside = (q[..., 0] >= 0) & (q[..., 0] < w) & (q[..., 1] >= 0) & (q[..., 1] < h)
+  qx = np.clip(q[..., 0], 0, w - 1)
+  qy = np.clip(q[..., 1], 0, h - 1)
+  src_out = (p_orig + dense_flow[qy, qx] - s_off) * s_scale
+  valid = (inside & np.asarray(dense_valid, bool)[qy, qx]
+           & (src_out >= -0.5).all(-1) & (src_out <= img_size - 0.5).all(-1))
+  flow = np.where(valid[..., None], (src_out - p_out) / jsz, 0.0)
+  return flow.astype(np.float32), valid
 
 
 def preprocess_pair(rec: dict, opts: PreprocessOptions,
@@ -154,17 +271,22 @@ def preprocess_pair(rec: dict, opts: PreprocessOptions,
 
   Returns:
     dict of numpy arrays: `src_img`, `trg_img` [S, S, 3] float32; `src_kps`, `trg_kps`
-    [max_kps, 2] float32 (S-pixel units, padding 0); `kps_valid` [max_kps] bool; `flow`
-    [fs, fs, 2] float32; `pckthres`, `pckthres_bbox`, `pckthres_img`, `pckthres_bbox_legacy`
-    () float32; `src_bbox`, `trg_bbox` [4] float32 (S-pixel units); `src_imsize`, `trg_imsize`
-    [2] int32 (original (h, w)); `category` () int32; `pair_valid` () bool; and the SPair-71k
-    difficulty levels () int32.
+    [max_kps, 2] float32 (S-pixel units, the kept keypoints as a prefix, padding 0);
+    `kps_valid` [max_kps] bool; `flow` [fs, fs, 2] float32 (from the kept keypoints);
+    `pckthres`, `pckthres_bbox`, `pckthres_img`, `pckthres_bbox_legacy` () float32;
+    `src_bbox`, `trg_bbox` [4] float32 (S-pixel units); `src_imsize`, `trg_imsize` [2] int32
+    (original (h, w)); `category` () int32; `pair_valid` () bool; the SPair-71k difficulty
+    levels () int32; with `opts.label_truth` also `withheld_src_kps`, `withheld_trg_kps`
+    [max_kps, 2] float32, `withheld_kps_valid` [max_kps] bool (the record's keypoints the
+    budget withheld, a prefix), `dense_flow` [fs, fs, 2] float32 (cells) and `dense_valid`
+    [fs, fs] bool (`dense_flow_to_grid`; False everywhere without a dense ground truth).
   """
   s = int(opts.img_size)
   train = opts.train and rng is not None
   valid = np.asarray(rec['kps_valid'], bool).copy()
+  kept = valid & np.asarray(rec.get('_kept', valid), bool)
   out_imsize = {}
-  imgs, kps, boxes = {}, {}, {}
+  imgs, kps, boxes, maps = {}, {}, {}, {}
   for side in ('src', 'trg'):
     img = np.asarray(rec[f'{side}_img'])
     out_imsize[side] = np.asarray(rec[f'{side}_imsize'], np.int32)
@@ -181,14 +303,17 @@ def preprocess_pair(rec: dict, opts: PreprocessOptions,
       h, w = ch, cw
       scale = np.array([s / w, s / h], np.float32)
       k = np.clip(k * scale, 0, s - 1)  # the reference clamps cropped keypoints
+      maps[side] = (np.array([left, top], np.float64), scale.astype(np.float64))
     else:
       scale = np.array([s / w, s / h], np.float32)
       k = k * scale
+      maps[side] = (np.zeros(2), scale.astype(np.float64))
     box = box * np.tile(scale, 2)
     imgs[side] = resize_image(np.ascontiguousarray(img), s)
     kps[side] = k
     boxes[side] = box
-  if train and opts.flip and int(rec.get('flip', 0)):
+  flipped = bool(train and opts.flip and int(rec.get('flip', 0)))
+  if flipped:
     for side in ('src', 'trg'):
       imgs[side] = imgs[side][:, ::-1]
       kps[side][valid, 0] = s - kps[side][valid, 0]
@@ -205,10 +330,10 @@ def preprocess_pair(rec: dict, opts: PreprocessOptions,
   thr_img = np.float32(s)
   standard = STANDARD_THRESHOLD[opts.dataset]
   n = int(opts.max_kps)
-  valid_out = np.zeros((n,), bool)
-  valid_out[:min(n, len(valid))] = valid[:n]
-  src_kps = _pad_kps(np.where(valid[:, None], kps['src'], 0), n)
-  trg_kps = _pad_kps(np.where(valid[:, None], kps['trg'], 0), n)
+  # Slots past `max_kps` are dropped, as before the budget; the kept ones form a prefix.
+  in_range = np.arange(len(valid)) < n
+  src_kps, valid_out = _compact(kps['src'], kept & in_range, n)
+  trg_kps, _ = _compact(kps['trg'], kept & in_range, n)
   out = {
       'src_img': normalize(imgs['src']),
       'trg_img': normalize(imgs['trg']),
@@ -230,6 +355,22 @@ def preprocess_pair(rec: dict, opts: PreprocessOptions,
   }
   for name in records.DIFFICULTY_FIELDS:
     out[name] = np.int32(rec.get(name, 0))
+  if opts.label_truth:
+    withheld = valid & ~kept & in_range
+    out['withheld_src_kps'], out['withheld_kps_valid'] = _compact(kps['src'], withheld, n)
+    out['withheld_trg_kps'], _ = _compact(kps['trg'], withheld, n)
+    fs = int(opts.feature_size)
+    if 'dense_flow' in rec:
+      flow, dense_valid = dense_flow_to_grid(np.asarray(rec['dense_flow']),
+                                             np.asarray(rec['dense_valid']), maps['trg'],
+                                             maps['src'], s, fs)
+      if flipped:  # both images mirrored (x -> S - 1 - x on pixels): cell j <-> fs - 1 - j
+        flow = flow[:, ::-1] * np.array([-1.0, 1.0], np.float32)
+        dense_valid = dense_valid[:, ::-1]
+    else:
+      flow, dense_valid = np.zeros((fs, fs, 2), np.float32), np.zeros((fs, fs), bool)
+    out['dense_flow'] = np.ascontiguousarray(flow, np.float32)
+    out['dense_valid'] = np.ascontiguousarray(dense_valid)
   return out
 
 
