@@ -1,5 +1,6 @@
-"""Data: TFDS builders of SPair-71k, PF-PASCAL, PF-WILLOW and an embedded synthetic dataset,
-read through grain pipelines that apply the reference's preprocessing.
+"""Data: TFDS builders of SPair-71k, PF-PASCAL, PF-WILLOW and two embedded datasets (`parts`,
+procedural articulated objects with dense ground truth; `synthetic`, warps of photographs), read
+through grain pipelines that apply the reference's preprocessing and the training label budget.
 
 Public API (see `docs/data.md`):
 
