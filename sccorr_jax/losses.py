@@ -29,7 +29,7 @@ Differences from the reference (deliberate; none changes a number):
 from __future__ import annotations
 
 import functools
-from typing import Any, Dict, NamedTuple, Tuple, Union
+from typing import NamedTuple, Tuple, Union
 
 import jax
 from jax import lax

@@ -274,7 +274,7 @@ def test_demo_checkpoint_reproduces_the_logged_validation_pck(tmp_path):
                                           split=config.eval.split, progress=False)
   for a in config.eval.alphas:
     assert result.pck("bbox", a) == pytest.approx(at_best[f"val/pck@{a:g}"], abs=1e-9)
-  protocol = evaluation.protocol_from_config(config, config.eval.split)
+  protocol = evaluation.Protocol.from_config(config, config.eval.split)
   batches = data.create_eval_iterator(config.data, config.eval.split,
                                       batch_size=config.eval.batch_size)
   step = None
