@@ -210,18 +210,45 @@ def _state_metrics(state: TrainState, ok) -> Metrics:
 # Pseudo-label metrics (logged; never part of a loss).
 
 
+def _withheld_truth(batch, grid_hw: Tuple[int, int]):
+  """The withheld keypoints as a truth map: `(flow [b, S, S, 2] cells, valid [b, S, S])`.
+
+  Each withheld target keypoint marks the flow cell it falls in (cell side = image side / S),
+  whose true flow is `(src - trg) / cell side`; other cells are invalid.
+  """
+  trg, src = batch['withheld_trg_kps'], batch['withheld_src_kps']
+  valid = jnp.asarray(batch['withheld_kps_valid'], bool)
+  h, w = grid_hw
+  cell = jnp.asarray([batch['src_img'].shape[2] / w, batch['src_img'].shape[1] / h], trg.dtype)
+  xy = jnp.floor(trg / cell).astype(jnp.int32)
+  x = jnp.clip(xy[..., 0], 0, w - 1)
+  y = jnp.where(valid, jnp.clip(xy[..., 1], 0, h - 1), h)  # Row h: dropped by the scatter.
+  rows = jnp.arange(trg.shape[0])[:, None]
+  flow = jnp.zeros((trg.shape[0], h, w, 2), trg.dtype).at[rows, y, x].set(
+      (src - trg) / cell, mode='drop')
+  mask = jnp.zeros((trg.shape[0], h, w), bool).at[rows, y, x].set(True, mode='drop')
+  return flow, mask
+
+
 def pseudo_label_truth(batch) -> Optional[Tuple[jax.Array, jax.Array]]:
   """What the pseudo-labels are measured against: `(flow [b, S, S, 2], valid [b, S, S])`.
 
-  The dense ground truth (`dense_flow`, `dense_valid`; the embedded benchmarks) when the batch
-  has it, else the flow label of the withheld keypoints (`withheld_flow`; the label budget's
-  held-out part), else None (nothing to measure against). Both are in cells of the flow grid.
+  Per pair, the dense ground truth (`dense_flow`, `dense_valid`: the embedded benchmarks) when
+  it has any, else the keypoints the label budget withheld from the loss (`withheld_*`, e.g.
+  SPair-71k with `data.keypoints_per_pair`); None when the batch has neither. Cells of the flow
+  grid; a truth is never seen by a loss.
   """
+  grid = batch['flow'].shape[1:3]
+  dense = withheld = None
   if 'dense_flow' in batch:
-    return batch['dense_flow'], jnp.asarray(batch['dense_valid'], bool)
-  if 'withheld_flow' in batch:
-    return batch['withheld_flow'], ~geometry.unlabelled_mask(batch['withheld_flow'])
-  return None
+    dense = batch['dense_flow'], jnp.asarray(batch['dense_valid'], bool)
+  if 'withheld_trg_kps' in batch:
+    withheld = _withheld_truth(batch, grid)
+  if dense is None or withheld is None:
+    return dense or withheld
+  has_dense = jnp.any(dense[1], axis=(1, 2))
+  flow = jnp.where(has_dense[:, None, None, None], dense[0], withheld[0])
+  return flow, jnp.where(has_dense[:, None, None], dense[1], withheld[1])
 
 
 def _masked_mean(x, mask):

@@ -239,11 +239,15 @@ def test_pseudo_label_metrics_on_a_hand_made_case():
   assert m['pseudo_kept_epe'] == pytest.approx(0.25) and m['pseudo_kept_acc'] == 1.0
   # Rejected: (0,1) err 5 and (0,2) err 0 -> epe 2.5, acc 0.5.
   assert m['pseudo_rejected_epe'] == pytest.approx(2.5) and m['pseudo_rejected_acc'] == 0.5
-  # Without a dense truth the withheld keypoints' label is the truth (exactly (0, 0) = none).
-  withheld = np.zeros_like(gt)
-  withheld[0, 0, 1] = (3.0, 4.0)  # the rejected pseudo-label was right after all
-  m = jax.device_get(ts.pseudo_label_metrics(terms, pseudo, {'flow': gt,
-                                                             'withheld_flow': withheld}))
+  # A pair without dense truth falls back to its withheld keypoints (cells of 4 pixels here).
+  img = np.zeros((1, 8, 12, 3), np.float32)
+  withheld = {'src_img': img, 'withheld_trg_kps': np.array([[[5.0, 1.0], [9.0, 6.0]]], np.float32),
+              'withheld_src_kps': np.array([[[17.0, 17.0], [0.0, 0.0]]], np.float32),
+              'withheld_kps_valid': np.array([[True, False]])}
+  batch = dict(batch, dense_valid=np.zeros_like(valid), **withheld)
+  m = jax.device_get(ts.pseudo_label_metrics(terms, pseudo, batch))
+  # The withheld keypoint (5, 1) -> (17, 17) is cell (0, 1), truth (3, 4): the rejected
+  # pseudo-label there was right after all; the invalid slot adds nothing.
   assert m['pseudo_rejected_epe'] == 0.0 and m['pseudo_rejected_acc'] == 1.0
   assert np.isnan(m['pseudo_kept_epe'])  # no withheld keypoint among the kept positions
   assert 'pseudo_kept_epe' not in ts.pseudo_label_metrics(terms, pseudo, {'flow': gt})
