@@ -3,6 +3,8 @@ budget of the training pipeline (tiny images, few pairs)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -302,3 +304,49 @@ def test_budget_is_the_same_for_every_seed_and_epoch(cfg):
         key = (int(b['category'][r]), tuple(np.sort(every, 0).round(3).reshape(-1)))
         assert seen.setdefault(key, kept.tobytes()) == kept.tobytes()
   assert len(seen) == 18
+
+
+def _face_record_with_both_eyes():
+  cat_id = procedural.CATEGORY_NAMES.index('face')
+  names = procedural.keypoint_names('face')
+  want = {names.index('left_eye_outer'), names.index('right_eye_outer')}
+  for k in range(50):
+    p = procedural.make_pair(cat_id, np.random.default_rng([1, k]), 96, PHOTOS)
+    ids = set(p['kps_ids'][p['kps_valid']].tolist())
+    if want <= ids and abs(p['src']['inst'].rotation) < 15:
+      p.pop('src'), p.pop('trg')
+      size = np.array([96, 96], np.int32)
+      return records.base_example(src_imsize=size, trg_imsize=size, category=cat_id, **p)
+  raise AssertionError('no face pair with both eyes labelled')
+
+
+def test_mirrored_source_keeps_left_and_right():
+  rec = _face_record_with_both_eyes()
+  names = procedural.keypoint_names('face')
+  left, right = names.index('left_eye_outer'), names.index('right_eye_outer')
+  opts = transforms.PreprocessOptions('parts', img_size=96, feature_size=24, receptive_field=11,
+                                      train=True, augment=False, label_truth=True,
+                                      flip_source_p=1.0)
+  out = transforms.preprocess_pair(rec, opts, np.random.default_rng(0))
+  plain = transforms.preprocess_pair(rec, dataclasses.replace(opts, flip_source_p=0.0),
+                                     np.random.default_rng(0))
+  np.testing.assert_array_equal(out['src_img'], plain['src_img'][:, ::-1])
+  np.testing.assert_array_equal(out['trg_img'], plain['trg_img'])
+  assert not out['dense_valid'].any() and plain['dense_valid'].any()
+  ids = rec['kps_ids']
+
+  def src_of(kp):  # the source point the pipeline pairs with the target's keypoint `kp`
+    slot = int(np.nonzero(ids == kp)[0][0])
+    row = np.nonzero((out['trg_kps'] == rec['trg_kps'][slot]).all(1) & out['kps_valid'])[0]
+    return out['src_kps'][row[0]]
+
+  # The face's left eye is on the viewer's right in the mirrored source too (an unrelabelled
+  # mirror would put the label on the other eye).
+  assert src_of(left)[0] > src_of(right)[0]
+  perm = procedural.flip_permutation('face')
+  slot = int(np.nonzero(ids == perm[left])[0][0])
+  np.testing.assert_allclose(src_of(left), [95 - rec['src_kps'][slot][0],
+                                            rec['src_kps'][slot][1]])
+  # The label is built from the re-paired keypoints.
+  np.testing.assert_array_equal(out['flow'], transforms.keypoints_to_flow_np(
+      out['src_kps'], out['trg_kps'], out['kps_valid'], 24, 11, 96))

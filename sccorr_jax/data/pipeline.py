@@ -60,6 +60,8 @@ def default_data_config(name: str = 'synthetic') -> ml_collections.ConfigDict:
       random_crop, random_crop_p: the reference's crop around the box (off, as in the
         reference) and its probability when on.
       flip: honour PF-PASCAL's training flip flags.
+      flip_source_p: mirror the source image of a training pair with this probability and
+        relabel its keypoints left <-> right (datasets with keypoint ids: 'parts').
       shuffle: shuffle the training data per epoch.
       num_workers: grain worker processes (0 = in-process); num_threads, prefetch_buffer_size:
         grain `ReadOptions`.
@@ -102,6 +104,7 @@ def default_data_config(name: str = 'synthetic') -> ml_collections.ConfigDict:
   c.parts_eval_pairs_per_category = 16
   c.parts_min_kps = 4
   c.parts_seed = 0
+  c.flip_source_p = 0.0
   c.keypoints_per_pair = 0
   c.labelled_pair_fraction = 1.0
   c.budget_seed = 0
@@ -219,7 +222,8 @@ def preprocess_options(data_config, train: bool) -> transforms.PreprocessOptions
       augment_p=float(_get(data_config, 'augment_p', 0.2)),
       random_crop=bool(_get(data_config, 'random_crop', False)),
       random_crop_p=float(_get(data_config, 'random_crop_p', 0.5)),
-      flip=bool(_get(data_config, 'flip', True)), label_truth=train)
+      flip=bool(_get(data_config, 'flip', True)), label_truth=train,
+      flip_source_p=float(_get(data_config, 'flip_source_p', 0.0)))
 
 
 def _read_options(data_config) -> grain.ReadOptions:

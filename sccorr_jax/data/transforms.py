@@ -12,7 +12,10 @@ Follows the reference (`data/dataset.py`, `data/spair.py`, `data/pfpascal.py`,
    `(img_size / w, img_size / h)`;
 4. training only, PF-PASCAL pairs flagged by the csv: flip both images horizontally, keypoints
    `x -> img_size - x` while image column `x` moves to `img_size - 1 - x` (the reference's
-   one-pixel inconsistency, kept for parity), boxes mirrored the same way;
+   one-pixel inconsistency, kept for parity), boxes mirrored the same way; with
+   `flip_source_p` (datasets with keypoint ids: `parts`), mirror the *source* image alone
+   (`x -> img_size - 1 - x`) and relabel its keypoints with the category's left/right table
+   (`mirror_source`);
 5. PCK thresholds (img_size units) and the sparse flow label
    (`geometry.keypoints_to_flow(.., feature_size, receptive_field, img_size)`, NumPy twin here)
    from the *kept* keypoints only (the label budget, `LabelBudget`, marks a record's kept
@@ -41,6 +44,7 @@ import numpy as np
 from PIL import Image
 
 from sccorr_jax.data import augment as augment_lib
+from sccorr_jax.data import procedural
 from sccorr_jax.data import records
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
@@ -50,6 +54,8 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 STANDARD_THRESHOLD = {'spair71k': 'bbox', 'pfpascal': 'img', 'pfwillow': 'bbox',
                       'synthetic': 'bbox', 'parts': 'bbox'}
 BBOX_FROM_KEYPOINTS = {'pfwillow'}
+# Datasets whose records name their keypoints (`kps_ids`): category -> [K] left/right table.
+FLIP_TABLES = {'parts': procedural.flip_permutation}
 
 
 def keypoints_to_flow_np(src_kps, trg_kps, valid, feature_size: int, receptive_field: int,
@@ -132,6 +138,8 @@ class PreprocessOptions:
     flip: honour PF-PASCAL's flip flag (training only).
     label_truth: also output the withheld keypoints and the dense ground truth on the flow
       grid (the training pipeline; never inputs of the loss).
+    flip_source_p: probability of mirroring the source image of a training pair
+      (`mirror_source`; only datasets in `FLIP_TABLES`, others ignore it).
   """
   dataset: str
   img_size: int = 256
@@ -145,6 +153,7 @@ class PreprocessOptions:
   random_crop_p: float = 0.5
   flip: bool = True
   label_truth: bool = False
+  flip_source_p: float = 0.0
 
 
 def _pad_kps(kps: np.ndarray, n: int) -> np.ndarray:
@@ -152,6 +161,47 @@ def _pad_kps(kps: np.ndarray, n: int) -> np.ndarray:
   m = min(n, len(kps))
   out[:m] = kps[:m]
   return out
+
+
+def mirror_source(src_img, src_kps, trg_kps, valid, kept, kps_ids, perm, src_box):
+  """Mirrors the source image of a pair and re-pairs the keypoints semantically.
+
+  In the mirror image, the point that was keypoint `id` is keypoint `perm[id]` (a left eye
+  becomes a right eye), so target keypoint `t` now matches the mirrored source point of the
+  source slot whose id is `perm[t]`. Keypoints whose mirror partner is not labelled in the pair
+  drop out; a pair stays kept (visible to the loss) only if both slots were kept.
+
+  Args:
+    src_img: [S, S, 3] the resized source image.
+    src_kps, trg_kps: [n, 2] float32, (x, y) pixels of the S image.
+    valid, kept: [n] bool, real and kept (label budget) slots.
+    kps_ids: [n] int, each slot's keypoint id in its category.
+    perm: [K] int, the category's left/right table (`procedural.flip_permutation`).
+    src_box: [4] float32 xyxy source box.
+
+  Returns:
+    None when no keypoint has its partner in the pair (nothing to learn: keep the pair as it
+    is); else (src_img, src_kps, trg_kps, valid, kept, src_box) with the same shapes, mirrored
+    by `x -> S - 1 - x`, the re-paired keypoints as a prefix.
+  """
+  s = src_img.shape[1]
+  slot_of = {int(kps_ids[j]): j for j in np.nonzero(valid)[0]}
+  pairs = [(i, slot_of[int(perm[kps_ids[i]])]) for i in np.nonzero(valid)[0]
+           if int(perm[kps_ids[i]]) in slot_of]
+  if not pairs:
+    return None
+  ti, sj = np.array(pairs).T
+  n, m = len(valid), len(pairs)
+  new_src = np.zeros((n, 2), np.float32)
+  new_trg = np.zeros((n, 2), np.float32)
+  new_src[:m] = src_kps[sj]
+  new_src[:m, 0] = (s - 1) - new_src[:m, 0]
+  new_trg[:m] = trg_kps[ti]
+  new_valid = np.arange(n) < m
+  new_kept = np.zeros(n, bool)
+  new_kept[:m] = kept[ti] & kept[sj]
+  box = np.array([s - 1 - src_box[2], src_box[1], s - 1 - src_box[0], src_box[3]], np.float32)
+  return src_img[:, ::-1], new_src, new_trg, new_valid, new_kept, box
 
 
 def _compact(kps: np.ndarray, mask: np.ndarray, n: int):
@@ -319,6 +369,15 @@ def preprocess_pair(rec: dict, opts: PreprocessOptions,
       kps[side][valid, 0] = s - kps[side][valid, 0]
       x1, x2 = boxes[side][0], boxes[side][2]
       boxes[side][0], boxes[side][2] = s - x2, s - x1
+  dense_known = 'dense_flow' in rec
+  if (train and opts.flip_source_p > 0 and opts.dataset in FLIP_TABLES and 'kps_ids' in rec
+      and rng.random() < opts.flip_source_p):
+    mirrored = mirror_source(imgs['src'], kps['src'], kps['trg'], valid, kept,
+                             np.asarray(rec['kps_ids']),
+                             FLIP_TABLES[opts.dataset](int(rec['category'])), boxes['src'])
+    if mirrored is not None:
+      imgs['src'], kps['src'], kps['trg'], valid, kept, boxes['src'] = mirrored
+      dense_known = False  # the record's dense truth is for the unmirrored source
   src_box = boxes['src']
   if opts.dataset in BBOX_FROM_KEYPOINTS:
     ext = kps['src'][valid]
@@ -360,7 +419,7 @@ def preprocess_pair(rec: dict, opts: PreprocessOptions,
     out['withheld_src_kps'], out['withheld_kps_valid'] = _compact(kps['src'], withheld, n)
     out['withheld_trg_kps'], _ = _compact(kps['trg'], withheld, n)
     fs = int(opts.feature_size)
-    if 'dense_flow' in rec:
+    if dense_known:
       flow, dense_valid = dense_flow_to_grid(np.asarray(rec['dense_flow']),
                                              np.asarray(rec['dense_valid']), maps['trg'],
                                              maps['src'], s, fs)
