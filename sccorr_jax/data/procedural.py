@@ -600,6 +600,7 @@ def dense_correspondence(src: Instance, src_geo: np.ndarray, trg: Instance,
     flow: [S, S, 2] float32, target pixel -> its source match, (x, y) pixels (0 where the target
       pixel is unlabelled); valid: [S, S] bool, the match is visible in the source.
   """
+  del trg  # the target's canonical maps say all that is needed of it
   size = trg_part.shape[0]
   obj = trg_part >= 0
   ys, xs = np.nonzero(obj)
@@ -613,7 +614,6 @@ def dense_correspondence(src: Instance, src_geo: np.ndarray, trg: Instance,
   ok[inside] = src_geo[ix[inside, 1], ix[inside, 0]] == g[inside]
   valid = np.zeros((size, size), bool)
   valid[ys, xs] = ok
-  del trg
   return flow, valid
 
 
@@ -850,7 +850,10 @@ def make_pair(cat_id: int, rng: np.random.Generator, size: int, photos: Sequence
   n = len(ids)
   trg_kps = pix[ids].astype(np.float32)
   src_kps = trg_kps + flow[pix[ids, 1], pix[ids, 0]]
-  pad = lambda a: np.concatenate([a, np.zeros((records.MAX_KPS - n, 2), np.float32)])  # noqa: E731
+
+  def pad(a):
+    return np.concatenate([a, np.zeros((records.MAX_KPS - n, 2), np.float32)])
+
   kps_ids = np.full(records.MAX_KPS, -1, np.int32)
   kps_ids[:n] = ids
   out = dict(src_img=src['img'], trg_img=trg['img'], src_kps=pad(src_kps), trg_kps=pad(trg_kps),
