@@ -4,6 +4,10 @@
   `optim.backbone_lr`, everything else (context encoder, the trainable soft-argmax coordinate
   vectors `x_normal`, `y_normal`) at `optim.lr`; decoupled weight decay on every parameter, BN
   scales and biases included. A frozen backbone gets zero updates (`optax.set_to_zero`).
+* A DINOv2 backbone is trained only in its last `optim.backbone_trained_blocks` blocks (and its
+  final norm; everything when that covers every block run): the rest is 'frozen', zero updates
+  and no weight decay. The config files link the key to `model.dinov2_trained_blocks`, whose
+  model applies the matching `stop_gradient`.
 * Learning-rate schedules in optimiser steps: `step` reproduces `MultiStepLR(milestones, gamma)`
   stepped once per epoch (constant inside an epoch), `cosine` decays per step to 0.
 * The pseudo-loss weight and the remember rate are functions of the epoch, computed on the host
@@ -15,13 +19,14 @@
 
 from __future__ import annotations
 
-from typing import Callable, Dict, NamedTuple
+from typing import Callable, Dict, NamedTuple, Optional
 
 import jax
 import numpy as np
 import optax
 
 from sccorr_jax import losses
+from sccorr_jax.models import dinov2
 
 BACKBONE = 'backbone'
 HEAD = 'head'
@@ -29,16 +34,34 @@ FROZEN = 'frozen'
 COORDINATES = ('x_normal', 'y_normal')
 
 
-def param_groups(params, train_coordinates: bool = True) -> Dict[str, str]:
+def param_groups(params, train_coordinates: bool = True,
+                 backbone_trained_blocks: Optional[int] = None) -> Dict[str, str]:
   """Pytree of group labels with the structure of `params`.
 
   'backbone' for `params['backbone']`, 'head' for the rest (context encoder and, as in the
   reference, the soft-argmax coordinate vectors); with `train_coordinates=False` the coordinate
-  vectors are 'frozen' (kept at linspace(-1, 1)).
+  vectors are 'frozen' (kept at linspace(-1, 1)). A DINOv2 backbone (`pos_embed` in it) needs
+  `backbone_trained_blocks`: the backbone parameters it does not train are 'frozen'
+  (`dinov2.is_trained`).
+
+  Raises:
+    ValueError: a DINOv2 backbone without `backbone_trained_blocks`.
   """
+  backbone = params.get(BACKBONE, {}) if hasattr(params, 'get') else {}
+  dinov2_blocks = None
+  if 'pos_embed' in backbone:
+    if backbone_trained_blocks is None:
+      raise ValueError('a DINOv2 backbone needs optim.backbone_trained_blocks (the config files '
+                       'link it to model.dinov2_trained_blocks)')
+    dinov2_blocks = sum(1 for k in backbone if k.startswith('blocks_'))
+
   def label(path, _):
     top = getattr(path[0], 'key', None)
     if top == BACKBONE:
+      if dinov2_blocks is not None and not dinov2.is_trained(
+          tuple(getattr(p, 'key', None) for p in path[1:]), dinov2_blocks,
+          int(backbone_trained_blocks)):
+        return FROZEN
       return BACKBONE
     if top in COORDINATES and not train_coordinates:
       return FROZEN
@@ -79,9 +102,12 @@ def make_optimizer(optim_config, steps_per_epoch: int) -> optax.GradientTransfor
   backbone = optax.set_to_zero() if optim_config.freeze_backbone else adamw(
       optim_config.backbone_lr)
   train_coordinates = bool(optim_config.get('train_coordinates', True))
+  trained_blocks = optim_config.get('backbone_trained_blocks')
+  if trained_blocks is None and optim_config.freeze_backbone:
+    trained_blocks = 0
   return optax.multi_transform(
       {BACKBONE: backbone, HEAD: adamw(optim_config.lr), FROZEN: optax.set_to_zero()},
-      lambda params: param_groups(params, train_coordinates))
+      lambda params: param_groups(params, train_coordinates, trained_blocks))
 
 
 def learning_rates(optim_config, steps_per_epoch: int, step: int) -> Dict[str, float]:

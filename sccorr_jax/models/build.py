@@ -18,7 +18,9 @@ def build_model(config) -> SCorrSAN:
   own grid, no upsampling), `backbone_depth`, `stage_sizes`,
   `backbone_width`, `backbone_stages`, `use_context`, `use_mutual_nn`, `beta`, `dtype` (a name
   such as 'bfloat16' or None), `target_chunks`, `remat_backbone`; missing keys keep the model's
-  defaults.
+  defaults. DINOv2 (issue 12): `backbone` ('resnet' or 'dinov2'), `dinov2_preset`,
+  `dinov2_layers` (a block index or a tuple), `dinov2_trained_blocks`, `dinov2_overrides` (a
+  mapping of DINOv2 constructor kwargs replacing the preset's; tests use tiny ViTs).
   """
   m = config.get('model', config) if hasattr(config, 'get') else config.model
   kwargs = {}
@@ -31,4 +33,19 @@ def build_model(config) -> SCorrSAN:
     kwargs['stage_sizes'] = tuple(int(s) for s in kwargs['stage_sizes'])
   if m.get('dtype') is not None:
     kwargs['dtype'] = jnp.dtype(m['dtype'])
+  backbone = m.get('backbone') or 'resnet'
+  if backbone == 'dinov2':
+    kwargs['backbone_type'] = 'dinov2'
+    for key in ('dinov2_preset', 'dinov2_trained_blocks'):
+      if m.get(key) is not None:
+        kwargs[key] = m[key]
+    layers = m.get('dinov2_layers')
+    if layers is not None:
+      kwargs['dinov2_layers'] = int(layers) if isinstance(layers, int) else tuple(
+          int(i) for i in layers)
+    overrides = m.get('dinov2_overrides')
+    if overrides:
+      kwargs['dinov2_overrides'] = tuple(sorted(dict(overrides).items()))
+  elif backbone != 'resnet':
+    raise ValueError(f"model.backbone must be 'resnet' or 'dinov2', got {backbone!r}")
   return SCorrSAN(**kwargs)

@@ -4,6 +4,13 @@
 mutual-NN filter -> align-corners 4x upsampling -> soft-argmax (beta 0.02, trainable coordinate
 vectors) -> flow`.
 
+The backbone is a choice (`backbone_type`): the paper's ResNet, or DINOv2 (issue 12), whose patch
+tokens of one or more blocks (after the final LayerNorm, concatenated over channels) form an
+image/14 feature grid; the head is the same. Only the blocks up to the last one used are built
+and run; the last `dinov2_trained_blocks` of them are trained, and a `stop_gradient` below them
+keeps the frozen part out of the backward pass (`schedules.param_groups` gives the frozen
+parameters no updates).
+
 Differences from the reference's code, none of which change the numbers: source and target go
 through the backbone in one batched call (BatchNorm statistics stay separate per image set in
 training mode, as the reference's two calls); layer4 is not computed; the upsampling and the
@@ -13,12 +20,14 @@ flow conversion is not applied.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from sccorr_jax.models import backbone as backbone_lib
+from sccorr_jax.models import dinov2 as dinov2_lib
 from sccorr_jax.models import context
 from sccorr_jax.models import correlation
 from sccorr_jax.models import flow as flow_lib
@@ -46,6 +55,14 @@ class SCorrSAN(nn.Module):
       a float64 forward). The correlation, softmax and flow are computed in at least float32.
     target_chunks: chunks of target rows for the fused upsampling + soft-argmax (memory knob).
     remat_backbone: rematerialise backbone blocks in the backward pass (memory knob).
+    backbone_type: 'resnet' (the paper's) or 'dinov2'.
+    dinov2_preset: a `dinov2.PRESETS` name ('vits14', 'vitb14_reg', ...).
+    dinov2_layers: block index or indices (0-based; negative counts from the end) whose patch
+      tokens, after the final norm, are concatenated as the feature; None: the last block.
+    dinov2_trained_blocks: how many of the last blocks run are trained (with the final norm);
+      0 freezes the backbone; at least the number of blocks run trains everything (embeddings
+      included).
+    dinov2_overrides: `(name, value)` pairs replacing preset entries (tests use tiny ViTs).
   """
   sce_kernel_size: int = 7
   sce_features: int = 2048
@@ -62,13 +79,24 @@ class SCorrSAN(nn.Module):
   param_dtype: Any = jnp.float32
   target_chunks: int = 1
   remat_backbone: bool = False
+  backbone_type: str = "resnet"
+  dinov2_preset: str = "vits14"
+  dinov2_layers: Union[None, int, Sequence[int]] = None
+  dinov2_trained_blocks: int = 0
+  dinov2_overrides: Tuple[Tuple[str, Any], ...] = ()
 
   def setup(self):
-    kwargs = {} if self.stage_sizes is None else {"stage_sizes": tuple(self.stage_sizes)}
-    self.backbone = backbone_lib.resnet(self.backbone_depth, num_stages=self.backbone_stages,
-                                        width=self.backbone_width, dtype=self.dtype,
-                                        param_dtype=self.param_dtype,
-                                        remat=self.remat_backbone, **kwargs)
+    if self.backbone_type == "dinov2":
+      self.backbone = dinov2_lib.DINOv2(**self.dinov2_kwargs(), dtype=self.dtype,
+                                        param_dtype=self.param_dtype, remat=self.remat_backbone)
+    elif self.backbone_type == "resnet":
+      kwargs = {} if self.stage_sizes is None else {"stage_sizes": tuple(self.stage_sizes)}
+      self.backbone = backbone_lib.resnet(self.backbone_depth, num_stages=self.backbone_stages,
+                                          width=self.backbone_width, dtype=self.dtype,
+                                          param_dtype=self.param_dtype,
+                                          remat=self.remat_backbone, **kwargs)
+    else:
+      raise ValueError(f"backbone_type must be 'resnet' or 'dinov2', got {self.backbone_type!r}")
     if self.use_context:
       self.sce = context.SpatialContextEncoder(self.sce_kernel_size, self.sce_features,
                                                dtype=self.dtype, param_dtype=self.param_dtype)
@@ -80,7 +108,8 @@ class SCorrSAN(nn.Module):
     """Predicts the flow from every target cell to its source match.
 
     Args:
-      src_img: [b, H, W, 3] source images, ImageNet-normalised (H, W multiples of 16).
+      src_img: [b, H, W, 3] source images, ImageNet-normalised (H, W multiples of 16; of 14
+        for DINOv2).
       trg_img: [b, H, W, 3] target images, same size.
       train: BatchNorm uses batch statistics (separately for the source and the target batch)
         and updates the running ones; apply with `mutable=['batch_stats']`.
@@ -89,15 +118,19 @@ class SCorrSAN(nn.Module):
     Returns:
       flow [b, S, S, 2], (x, y) displacement target -> source in cells of the S grid
       (S = feature_size), or `(flow, aux)` with aux keys `src_feat`, `trg_feat` ([b, H/16, W/16,
-      c] backbone), `src_ctx`, `trg_ctx` (context encoder), `corr` (filtered
-      [b, hs, ws, ht, wt]) and `src_backbone`, `trg_backbone` (the backbone's aux dicts).
+      c] backbone; [b, H/14, W/14, c] DINOv2), `src_ctx`, `trg_ctx` (context encoder), `corr`
+      (filtered [b, hs, ws, ht, wt]) and `src_backbone`, `trg_backbone` (the backbone's aux
+      dicts; DINOv2: `block<i>` patch tokens of each used block).
     """
     if src_img.shape != trg_img.shape:
       raise ValueError(f"source and target batches must have one shape, got {src_img.shape} "
                        f"and {trg_img.shape}")
     b = src_img.shape[0]
-    feats, bb_aux = self.backbone(jnp.concatenate([src_img, trg_img], axis=0), train=train,
-                                  num_groups=2)
+    images = jnp.concatenate([src_img, trg_img], axis=0)
+    if self.backbone_type == "dinov2":
+      feats, bb_aux = self._dinov2_features(images)
+    else:
+      feats, bb_aux = self.backbone(images, train=train, num_groups=2)
     src_feat, trg_feat = feats[:b], feats[b:]
     flow, aux = self.head(src_feat, trg_feat, return_aux=True)
     if not return_aux:
@@ -106,6 +139,38 @@ class SCorrSAN(nn.Module):
                src_backbone={k: v[:b] for k, v in bb_aux.items()},
                trg_backbone={k: v[b:] for k, v in bb_aux.items()})
     return flow, aux
+
+  def dinov2_kwargs(self) -> dict:
+    """The DINOv2 constructor kwargs: the preset with `dinov2_overrides` applied."""
+    if self.dinov2_preset not in dinov2_lib.PRESETS:
+      raise ValueError(f"unknown DINOv2 preset {self.dinov2_preset!r}; known: "
+                       f"{', '.join(dinov2_lib.PRESETS)}")
+    return {**dinov2_lib.PRESETS[self.dinov2_preset], **dict(self.dinov2_overrides)}
+
+  def dinov2_blocks(self) -> Tuple[int, ...]:
+    """The DINOv2 blocks whose tokens form the feature: 0-based, ascending."""
+    depth = int(self.dinov2_kwargs()["depth"])
+    layers = self.dinov2_layers
+    if layers is None:
+      layers = (depth - 1,)
+    elif isinstance(layers, int):
+      layers = (layers,)
+    return dinov2_lib.check_layers([i + depth if i < 0 else i for i in layers], depth)
+
+  def dinov2_frozen_blocks(self) -> Optional[int]:
+    """`frozen_blocks` of the DINOv2 call (None: everything trained)."""
+    run = self.dinov2_blocks()[-1] + 1
+    n = int(self.dinov2_trained_blocks)
+    return None if n >= run else run - max(n, 0)
+
+  def _dinov2_features(self, images):
+    """[2b, H, W, 3] -> ([2b, H/14, W/14, sum of C over the used blocks], aux)."""
+    layers = self.dinov2_blocks()
+    out = self.backbone(images, layers, final=False, frozen_blocks=self.dinov2_frozen_blocks())
+    feats = jnp.concatenate(out["intermediate"], axis=-1)
+    if int(self.dinov2_trained_blocks) <= 0:  # Frozen: not even the final norm gets gradients.
+      feats = jax.lax.stop_gradient(feats)
+    return feats, {f"block{i}": t for i, t in zip(layers, out["intermediate"])}
 
   def head(self, src_feat, trg_feat, return_aux: bool = False):
     """Everything after the backbone: features -> flow.
