@@ -259,6 +259,88 @@ def sweep_to_flags(sweep: List[Dict[str, Any]]) -> List[str]:
   return [' '.join(f'--config.{k}={v}' for k, v in entry.items()) for entry in sweep]
 
 
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Dict[str, Any]
+                    ) -> ml_collections.ConfigDict:
+  """Sets dotted keys (`'teacher.dilation_kernel': 3`) in `config`, in place, as `--config.*`.
+
+  Raises:
+    KeyError: a key that is not in the config, named (a typo never adds a new key).
+    TypeError: a value of the wrong type for its key, named.
+  """
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split('.')
+    for i, p in enumerate(parents):
+      if not isinstance(node, ml_collections.ConfigDict) or p not in node:
+        raise KeyError(f'config has no section {".".join(parents[:i + 1])!r} (override {key!r})')
+      node = node[p]
+    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+      raise KeyError(f'config has no key {key!r}')
+    try:
+      node[leaf] = value
+    except TypeError as e:
+      raise TypeError(f'config key {key!r}: cannot set {value!r}: {e}') from e
+  return config
+
+
+# A sweep value `'cell:NAME'` stands for the workdir of the same sweep's cell NAME at the same
+# seed; `tools/experiment.py` resolves it and runs NAME first. An 'st' cell names its fixed
+# teacher this way: `'teacher.checkpoint': 'cell:baseline'`.
+CELL_REFERENCE = 'cell:'
+
+# Label budgets of the `budget` sweep: keypoints kept per training pair; 0 = all of them.
+BUDGET_KEYPOINTS = (1, 2, 4, 8, 0)
+
+
+def get_sweep(name: str) -> Dict[str, Dict[str, Any]]:
+  """The named cells of a sweep of `tools/experiment.py`: cell name -> dotted-key overrides.
+
+  Each cell runs once per seed (`config.seed` = 0..N-1) on top of the config file given to the
+  runner; a `'cell:NAME'` value is the workdir of cell NAME at the same seed (CELL_REFERENCE).
+
+    modes     the paper's Table 6 on one benchmark: `baseline`; `st` (its fixed teacher is the
+              same seed's `baseline`); `mt`; mt without small-loss selection; mt without the
+              dilated mask (every position a candidate); mt with dilation 3, 7 and 15 (a cell
+              identical to another under the base config, e.g. dilation 7 = `mt` when 7 is the
+              default, is run once and reported under both names).
+    budget    validation PCK against the labels per training pair k in BUDGET_KEYPOINTS
+              (`data.keypoints_per_pair`, 0 = all), for `baseline` and `mt`; cells `<mode>_k<k>`
+              and `<mode>_kall`.
+    ablation  what `ablation_sweep()` lists (Tables 4 and 6), named by their overrides; its
+              'st' entry takes the plain `baseline` entry as teacher.
+
+  Args:
+    name: 'modes', 'budget' or 'ablation'.
+
+  Raises:
+    ValueError: an unknown sweep name.
+  """
+  if name == 'modes':
+    return {
+        'baseline': {'learning_mode': 'baseline'},
+        'st': {'learning_mode': 'st', 'teacher.checkpoint': CELL_REFERENCE + 'baseline'},
+        'mt': {'learning_mode': 'mt'},
+        'mt_no_selection': {'learning_mode': 'mt', 'teacher.small_loss_selection': False},
+        'mt_no_mask': {'learning_mode': 'mt', 'teacher.dilation_kernel': 0},
+        'mt_dilation3': {'learning_mode': 'mt', 'teacher.dilation_kernel': 3},
+        'mt_dilation7': {'learning_mode': 'mt', 'teacher.dilation_kernel': 7},
+        'mt_dilation15': {'learning_mode': 'mt', 'teacher.dilation_kernel': 15},
+    }
+  if name == 'budget':
+    return {f'{mode}_k{k or "all"}': {'learning_mode': mode, 'data.keypoints_per_pair': k}
+            for mode in ('baseline', 'mt') for k in BUDGET_KEYPOINTS}
+  if name == 'ablation':
+    cells = {}
+    for entry in ablation_sweep():
+      rest = [f'{k}={v}' for k, v in entry.items() if k != 'learning_mode']
+      cells['+'.join([entry['learning_mode']] + rest)] = dict(entry)
+    for cell in cells.values():
+      if cell['learning_mode'] == 'st':
+        cell.setdefault('teacher.checkpoint', CELL_REFERENCE + 'baseline')
+    return cells
+  raise ValueError(f'unknown sweep {name!r}; known: modes, budget, ablation')
+
+
 def tiny_config(learning_mode: str = 'mt', data_dir: Optional[str] = None
                 ) -> ml_collections.ConfigDict:
   """A tiny, fast config on the synthetic dataset (tests; seconds per compile on a CPU).
