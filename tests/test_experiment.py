@@ -1,0 +1,181 @@
+"""Tests of the sweep runner `tools/experiment.py` (issue 11, part 3).
+
+One real run of the tiny config (`configs/demo.py:tiny`, 1 epoch of 2 steps): interrupted after
+step 1, finished by the runner from its checkpoint, then skipped by a second invocation. The
+rest needs no training: run order and the 'st' teacher reference, identical cells, the
+settings guard, and the Markdown and plot writers on hand-made results.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from conftest import load_tool
+import pytest
+
+from sccorr_jax import config_lib
+from sccorr_jax import train
+
+pytestmark = pytest.mark.usefixtures('fast_compiles')
+
+experiment = load_tool('experiment')
+
+CONFIG = 'configs/demo.py:tiny'
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp('synthetic_data'))
+
+
+def _files(root):
+  """Every file under `root` -> (size, mtime_ns)."""
+  out = {}
+  for dirpath, _, names in os.walk(root):
+    for n in names:
+      st = os.stat(os.path.join(dirpath, n))
+      out[os.path.join(dirpath, n)] = (st.st_size, st.st_mtime_ns)
+  return out
+
+
+def _no_training(config, workdir):
+  raise AssertionError(f'trained {workdir} again')
+
+
+def test_runner_resumes_a_killed_run_then_skips_it(data_dir, tmp_path):
+  out = str(tmp_path / 'sweep')
+  common = {'data.data_dir': data_dir, 'optim.num_epochs': 1}
+  cells = experiment.plan_cells({'baseline': {'learning_mode': 'baseline'}})
+  # A run killed after step 1 (of 2), with its checkpoint, in the runner's workdir.
+  workdir = experiment.run_dir(out, 'baseline', 0)
+  config = experiment.make_config(CONFIG, cells[0], 0, out, common)
+  assert train.train_and_evaluate(config, workdir, stop_after_steps=1)['step'] == 1
+
+  runs = experiment.run_sweep(CONFIG, 'test', cells, [0], out, common)
+  assert len(runs) == 1
+  entry = runs[0]
+  assert (entry['cell'], entry['seed'], entry['step']) == ('baseline', 0, 2)
+  assert entry['resumed_from_step'] == 1
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    rows = [json.loads(line) for line in f]
+  assert [r['step'] for r in rows if 'train/epoch' in r] == [1, 2]  # Each step trained once.
+  val = [r for r in rows if 'val/epoch' in r]
+  assert entry['final']['val/pck@0.1'] == pytest.approx(val[-1]['val/pck@0.1'])
+  assert entry['best']['metrics']['val/pck@0.1'] == pytest.approx(entry['best']['value'])
+  assert entry['wall_s'] > 0 and entry['compile_s'] > 0
+  for name in ('results.md', 'test.png'):
+    assert os.path.getsize(os.path.join(out, name)) > 0
+
+  # The second invocation trains nothing and writes neither results.json nor checkpoints.
+  with open(os.path.join(out, 'results.json'), 'rb') as f:
+    before = f.read()
+  files = _files(os.path.join(out, 'runs'))
+  again = experiment.run_sweep(CONFIG, 'test', cells, [0], out, common, train_fn=_no_training)
+  assert again == runs
+  with open(os.path.join(out, 'results.json'), 'rb') as f:
+    assert f.read() == before
+  assert _files(os.path.join(out, 'runs')) == files
+
+  # Other settings in the same directory are refused rather than mixed into one table.
+  with pytest.raises(ValueError, match='optim.num_epochs'):
+    experiment.run_sweep(CONFIG, 'test', cells, [0], out, {**common, 'optim.num_epochs': 2},
+                         train_fn=_no_training)
+
+
+def test_st_cells_follow_and_use_the_same_seeds_baseline(tmp_path):
+  sweep = config_lib.get_sweep('modes')
+  order = [c.name for c in experiment.plan_cells(sweep)]
+  assert order.index('baseline') < order.index('st')
+  assert [c.name for c in experiment.plan_cells(sweep, ['st'])] == ['baseline', 'st']
+  out = str(tmp_path)
+  st = experiment.plan_cells(sweep, ['st'])[1]
+  for seed in (0, 2):
+    config = experiment.make_config(CONFIG, st, seed, out)
+    assert config.learning_mode == 'st' and config.seed == seed
+    assert config.teacher.checkpoint == os.path.abspath(
+        experiment.run_dir(out, 'baseline', seed))
+  text = experiment.describe(CONFIG, experiment.plan_cells(sweep, ['st']), [0, 1], out, {})
+  assert 'st after baseline' in text and 'seed1: to run' in text
+  with pytest.raises(ValueError, match='unknown cell'):
+    experiment.plan_cells(sweep, ['nope'])
+  with pytest.raises(ValueError, match='cycle'):
+    experiment.plan_cells({'a': {'x': 'cell:b'}, 'b': {'x': 'cell:a'}})
+
+
+def test_cells_with_identical_configs_are_found(tmp_path):
+  sweep = config_lib.get_sweep('modes')
+  cells = experiment.plan_cells(sweep)
+  configs = [experiment.make_config(CONFIG, c, 0, str(tmp_path)) for c in cells]
+  same = experiment.identical_cells(cells, configs)
+  # The tiny config's default dilation is 7: that cell is `mt`; every other cell differs.
+  assert configs[0].teacher.dilation_kernel == 7
+  assert same == {'mt_dilation7': 'mt'}
+
+
+def test_sweeps_and_overrides():
+  budget = config_lib.get_sweep('budget')
+  assert {(o['learning_mode'], o['data.keypoints_per_pair']) for o in budget.values()} == {
+      (m, k) for m in ('baseline', 'mt') for k in (1, 2, 4, 8, 0)}
+  ablation = config_lib.get_sweep('ablation')
+  assert len(ablation) == len(config_lib.ablation_sweep())
+  assert ablation['st']['teacher.checkpoint'] == 'cell:baseline'
+  assert experiment.parse_set(['optim.lr=1e-3', 'data.data_dir=/tmp/x', 'a.b=true']) == {
+      'optim.lr': 1e-3, 'data.data_dir': '/tmp/x', 'a.b': True}
+  c = config_lib.load_config(CONFIG)
+  c.lock()
+  with pytest.raises(KeyError, match='optim.typo'):
+    config_lib.apply_overrides(c, {'optim.typo': 1})
+  with pytest.raises(TypeError, match='optim.num_epochs'):
+    config_lib.apply_overrides(c, {'optim.num_epochs': 'many'})
+
+
+def _entry(cell, seed, pck, overrides=None, pseudo=None):
+  return {'cell': cell, 'seed': seed, 'overrides': overrides or {'learning_mode': cell},
+          'select_metric': 'val/pck@0.1',
+          'final': {'val/pck@0.05': pck / 2, 'val/pck@0.1': pck},
+          'best': {'value': pck + 1.0, 'epoch': 3}, 'pseudo': pseudo or {},
+          'wall_s': 10.0, 'compile_s': 2.0}
+
+
+def test_markdown_mean_and_std_over_seeds():
+  entries = [_entry('baseline', s, v) for s, v in enumerate((10.0, 20.0, 30.0))]
+  entries.append(_entry('mt', 0, 40.0, pseudo={'train/a/pseudo_kept_epe': 0.5,
+                                               'train/b/pseudo_kept_epe': 0.7,
+                                               'train/pseudo_weight': 1.0}))
+  entries.append(_entry('st', 0, 30.0, pseudo={'train/pseudo_kept_epe': 0.25}))
+  text = experiment.markdown_table(entries, ['mt', 'baseline'])
+  main, pseudo = text.split('## Pseudo-labels')
+  rows = {line.split(' | ')[0].strip('| '): line for line in main.splitlines()
+          if line.startswith('| ') and '---' not in line}
+  # Sample std (ddof 1) of 10, 20, 30 is 10; one seed has no std.
+  assert ('| baseline | learning_mode=baseline | 3 | 10.00 ± 5.00 | 20.00 ± 10.00 '
+          '| 21.00 ± 10.00 | 3.0 ± 0.0 |') in rows['baseline']
+  assert '| mt | learning_mode=mt | 1 | 20.00 | 40.00 | 41.00 |' in rows['mt']
+  lines = main.splitlines()
+  assert lines.index(rows['mt']) < lines.index(rows['baseline'])  # The given order.
+  # Network a's pseudo-label metrics, for the cells that have any.
+  # One column for network a of mt and the student of st; b and the λ schedule left out.
+  assert '| cell | n | pseudo_kept_epe |' in pseudo
+  assert '| mt | 1 | 0.500 |' in pseudo and '| st | 1 | 0.250 |' in pseudo
+  assert '0.700' not in pseudo and 'weight' not in pseudo and 'baseline' not in pseudo
+
+
+def test_budget_curve_and_plots(tmp_path):
+  entries = []
+  for mode, shift in (('baseline', 0.0), ('mt', 5.0)):
+    for k in (0, 1, 4):
+      for seed, noise in enumerate((-1.0, 1.0)):
+        entries.append(_entry(f'{mode}_k{k}', seed, 10.0 * (k or 8) + shift + noise,
+                              {'learning_mode': mode, 'data.keypoints_per_pair': k}))
+  series = experiment.budget_series(entries, 'val/pck@0.1')
+  assert [p[0] for p in series['mt']] == [1, 4, 0]  # 'all' last.
+  k, mean, std, n = series['mt'][1]
+  assert (k, n) == (4, 2) and mean == pytest.approx(45.0) and std == pytest.approx(2 ** 0.5)
+  paths = experiment.write_reports(str(tmp_path), entries, settings={'sweep': 'budget'})
+  assert [os.path.basename(p) for p in paths] == ['results.md', 'budget.png']
+  bars = str(tmp_path / 'modes.png')
+  experiment.plot_bars(entries[:4], 'val/pck@0.1', bars)
+  for path in (paths[1], bars):
+    with open(path, 'rb') as f:
+      assert f.read(8) == b'\x89PNG\r\n\x1a\n'
