@@ -1,0 +1,387 @@
+r"""Cached DINOv2 patch tokens of a prepared dataset, for a frozen backbone (issue 12, part 4).
+
+    python -m sccorr_jax.data.cache_features \
+        --config=configs/spair_dinov2.py:trained_blocks=0 --splits=trn,val,test \
+        --config.model.pretrained=/path/to/dinov2_vitb14_pretrain.pth [--data_dir=...]
+
+With a frozen backbone the feature of an image never changes, so it is computed once: every
+distinct image (`src_imname` / `trg_imname`) of each split is resized to `data.img_size` as the
+pipeline does (PIL bilinear, antialiased), ImageNet-normalised, and its feature (the patch tokens
+of `model.dinov2_layers` after the final norm, concatenated: exactly what `SCorrSAN` feeds its
+head) is stored next to the dataset, bfloat16 by default:
+
+    <data_dir>/dinov2_features/<preset>_L<layers>_<img_size>px_<dtype>/
+        key.json                      what the cache was computed from (see `cache_key`)
+        <split>.names.json            image names, row order
+        <split>.npy                   [n_images, h, w, c] (bfloat16 stored as uint16 bits)
+        <split>.done.npy              [n_images] bool, rows written (resumable)
+
+* Resumable: rows are flushed and marked done chunk by chunk; a rerun computes only the rest.
+* Sharded: process `p` of `P` computes rows `p, p + P, ...`; each process splits its batch over
+  its local devices (a `('data',)` mesh). Processes write disjoint rows of the same files.
+* Keyed: `key.json` holds the preset (and overrides), the blocks, the resolution, the storage
+  dtype, a SHA-256 of the backbone parameters and the dataset's name, version and split
+  sizes. `FeatureCache.open` refuses a cache whose key differs from the model's, naming the
+  fields (a stale cache: other weights, another dataset version; a mismatched one: other
+  blocks or resolution), and an incomplete one.
+* Only a frozen backbone can be cached (`model.dinov2_trained_blocks == 0`).
+* Augmentation: colour augmentation changes the pixels and cannot apply to cached features;
+  horizontal flips can (`lookup(..., flip=...)` flips the token grid; keypoints are mirrored by
+  the pipeline as usual). Note that a ViT is not exactly flip-equivariant, so flipped cached
+  tokens approximate the tokens of the flipped image. Random crops cannot apply either.
+* The head runs on cached features with `head_flow` (`SCorrSAN.head`): the same flow as the
+  live frozen backbone up to the storage dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import sys
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+CACHE_DIRNAME = 'dinov2_features'
+DTYPES = {'bfloat16': ml_dtypes.bfloat16, 'float32': np.float32}
+_STORED = {'bfloat16': np.uint16, 'float32': np.float32}
+
+
+class CacheError(ValueError):
+  """A feature cache that cannot be used: missing, stale, mismatched or incomplete."""
+
+
+# ------------------------------------------------------------------------------------------------
+# The key.
+
+
+def backbone_digest(variables) -> str:
+  """SHA-256 over the backbone parameters (paths, dtypes, shapes, bytes), in path order."""
+  h = hashlib.sha256()
+  flat = jax.tree_util.tree_flatten_with_path(jax.device_get(variables['params']['backbone']))[0]
+  for path, leaf in sorted(flat, key=lambda kv: jax.tree_util.keystr(kv[0])):
+    a = np.ascontiguousarray(np.asarray(leaf))
+    h.update(jax.tree_util.keystr(path).encode())
+    h.update(a.dtype.str.encode())
+    h.update(repr(a.shape).encode())
+    h.update(a.tobytes())
+  return h.hexdigest()
+
+
+def _check_model(model) -> None:
+  if getattr(model, 'backbone_type', 'resnet') != 'dinov2':
+    raise CacheError("feature caches are for the DINOv2 backbone (model.backbone='dinov2')")
+  if int(model.dinov2_trained_blocks) != 0:
+    raise CacheError(f'only a frozen backbone can be cached; model.dinov2_trained_blocks is '
+                     f'{model.dinov2_trained_blocks} (set it to 0)')
+
+
+def cache_key(model, variables, data_config, dtype: str = 'bfloat16') -> Dict[str, Any]:
+  """What a cache is computed from: any difference makes it unusable for this model."""
+  _check_model(model)
+  if dtype not in DTYPES:
+    raise ValueError(f'cache dtype must be one of {sorted(DTYPES)}, got {dtype!r}')
+  from sccorr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  builder = pipeline.get_builder(data_config)
+  return {
+      'preset': model.dinov2_preset,
+      'dinov2_kwargs': {k: v for k, v in sorted(model.dinov2_kwargs().items())},
+      'layers': list(model.dinov2_blocks()),
+      'img_size': int(data_config.img_size),
+      'dtype': dtype,
+      'weights_sha256': backbone_digest(variables),
+      'dataset': {'name': str(data_config.name), 'builder': builder.info.full_name,
+                  'splits': {k: int(v.num_examples) for k, v in sorted(
+                      builder.info.splits.items())}},
+  }
+
+
+def cache_dir(data_config, key: Dict[str, Any]) -> pathlib.Path:
+  """`<data_dir>/dinov2_features/<preset>_L<layers>_<img>px_<dtype>`."""
+  layers = '-'.join(str(i) for i in key['layers'])
+  name = f"{key['preset']}_L{layers}_{key['img_size']}px_{key['dtype']}"
+  return pathlib.Path(os.path.expanduser(str(data_config.data_dir))) / CACHE_DIRNAME / name
+
+
+def _diff(stored: Dict[str, Any], wanted: Dict[str, Any], prefix: str = '') -> List[str]:
+  out = []
+  for k in sorted(set(stored) | set(wanted)):
+    a, b = stored.get(k), wanted.get(k)
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += _diff(a, b, f'{prefix}{k}.')
+    elif a != b:
+      short = lambda v: (str(v)[:16] + '...') if k == 'weights_sha256' else v  # noqa: E731
+      out.append(f'{prefix}{k}: cache {short(a)}, model {short(b)}')
+  return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Images and features.
+
+
+def split_image_names(data_config, split: str) -> Tuple[List[str], Dict[str, Tuple[int, str]]]:
+  """Distinct image names of a split in first-appearance order, and where to read each.
+
+  Returns:
+    `(names, where)`, `where[name] = (record index, 'src' | 'trg')`.
+  """
+  from sccorr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  source = pipeline.data_source(data_config, split)
+  names, where = [], {}
+  for i in range(len(source)):
+    rec = source[i]
+    for side in ('src', 'trg'):
+      name = rec[f'{side}_imname']
+      name = name.decode() if isinstance(name, bytes) else str(name)
+      if name not in where:
+        where[name] = (i, side)
+        names.append(name)
+  return names, where
+
+
+def preprocess_image(img: np.ndarray, img_size: int) -> np.ndarray:
+  """[h, w, 3] uint8 -> [S, S, 3] float32: the pipeline's resize and normalisation."""
+  from sccorr_jax.data import transforms  # pylint: disable=g-import-not-at-top
+  return transforms.normalize(transforms.resize_image(np.asarray(img), int(img_size)))
+
+
+def make_features_fn(model, mesh: Optional[jax.sharding.Mesh] = None):
+  """Jitted `(variables, images [b, S, S, 3]) -> features [b, S/14, S/14, c]`, batch sharded."""
+  _check_model(model)
+
+  def features(variables, images):
+    return model.apply(variables, images, method=lambda m, x: m._dinov2_features(x)[0])  # pylint: disable=protected-access
+
+  if mesh is None:
+    return jax.jit(features)
+  data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.jit(features, in_shardings=(rep, data), out_shardings=data)
+
+
+def head_flow(model, variables, src_feat, trg_feat):
+  """The flow from cached features: `SCorrSAN.head` ([b, S, S, 2], cells, target -> source)."""
+  return model.apply(variables, src_feat, trg_feat, method=lambda m, a, b: m.head(a, b))
+
+
+# ------------------------------------------------------------------------------------------------
+# Building.
+
+
+def _progress(total: int, desc: str, enabled: bool):
+  if not enabled:
+    return None
+  try:
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  return tqdm(total=total, desc=desc, unit='img', file=sys.stderr)
+
+
+def build_cache(model, variables, data_config, splits: Sequence[str], *,
+                dtype: str = 'bfloat16', batch_size: int = 32, overwrite: bool = False,
+                progress: bool = True, max_batches: Optional[int] = None) -> Dict[str, Any]:
+  """Computes (or completes) the feature cache of `splits`.
+
+  Args:
+    model: a `SCorrSAN` with the frozen DINOv2 backbone.
+    variables: its variables (only the backbone is used).
+    data_config: `config.data` (dataset, `data_dir`, `img_size`).
+    splits: e.g. ('trn', 'val', 'test').
+    dtype: storage dtype, 'bfloat16' or 'float32'.
+    batch_size: images per step of each process (padded to a multiple of its devices).
+    overwrite: replace a cache of the same name computed from another key (else refused).
+    progress: a progress bar on stderr (process 0).
+    max_batches: stop after this many steps per split (tests simulate an interruption).
+
+  Returns:
+    `{'dir': path, 'computed': {split: rows computed now}, 'rows': {split: total rows}}`.
+
+  Raises:
+    CacheError: a cache of that name from another key exists (without `overwrite`), or the
+      model is not a frozen DINOv2.
+  """
+  key = cache_key(model, variables, data_config, dtype)
+  directory = cache_dir(data_config, key)
+  pid, nproc = jax.process_index(), jax.process_count()
+  key_file = directory / 'key.json'
+  if key_file.exists():
+    stored = json.loads(key_file.read_text())
+    if stored != key:
+      if not overwrite:
+        raise CacheError(f'{directory} holds a cache of another key ('
+                         + '; '.join(_diff(stored, key)) + '); pass overwrite=True '
+                         '(--overwrite) to replace it')
+      if pid == 0:
+        for f in directory.iterdir():
+          f.unlink()
+  if pid == 0:
+    directory.mkdir(parents=True, exist_ok=True)
+    key_file.write_text(json.dumps(key, indent=1, sort_keys=True))
+  devices = jax.local_devices()
+  mesh = jax.sharding.Mesh(np.array(devices), ('data',))
+  features = make_features_fn(model, mesh)
+  variables = jax.device_put(jax.device_get({'params': variables['params']}),
+                             jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  step = -(-int(batch_size) // len(devices)) * len(devices)
+  from sccorr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  out = {'dir': str(directory), 'computed': {}, 'rows': {}}
+  for split in splits:
+    names, where = split_image_names(data_config, split)
+    n = len(names)
+    size = int(data_config.img_size)
+    probe = jax.eval_shape(features, variables, jax.ShapeDtypeStruct((step, size, size, 3),
+                                                                     jnp.float32))
+    shape = (n,) + tuple(probe.shape[1:])
+    feat_path, done_path = directory / f'{split}.npy', directory / f'{split}.done.npy'
+    if pid == 0:
+      (directory / f'{split}.names.json').write_text(json.dumps(names))
+      if not feat_path.exists():
+        np.lib.format.open_memmap(feat_path, 'w+', _STORED[dtype], shape).flush()
+        np.lib.format.open_memmap(done_path, 'w+', np.bool_, (n,)).flush()
+    if nproc > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices(f'cache_features_{split}_created')
+    store = np.lib.format.open_memmap(feat_path, 'r+')
+    done = np.lib.format.open_memmap(done_path, 'r+')
+    if store.shape != shape:
+      raise CacheError(f'{feat_path} has shape {store.shape}, expected {shape}')
+    todo = [r for r in range(pid, n, nproc) if not done[r]]
+    source = pipeline.data_source(data_config, split)
+    bar = _progress(len(todo), f'{split} features', progress and pid == 0)
+    computed = 0
+    for b, start in enumerate(range(0, len(todo), step)):
+      if max_batches is not None and b >= max_batches:
+        break
+      rows = todo[start:start + step]
+      batch = np.zeros((step, size, size, 3), np.float32)
+      for j, r in enumerate(rows):
+        i, side = where[names[r]]
+        batch[j] = preprocess_image(source[i][f'{side}_img'], size)
+      feats = np.asarray(jax.device_get(features(variables, batch)))[:len(rows)]
+      feats = feats.astype(DTYPES[dtype])
+      store[rows] = feats.view(np.uint16) if dtype == 'bfloat16' else feats
+      store.flush()  # Features on disk before they are marked done.
+      done[rows] = True
+      done.flush()
+      computed += len(rows)
+      if bar is not None:
+        bar.update(len(rows))
+    if bar is not None:
+      bar.close()
+    out['computed'][split] = computed
+    out['rows'][split] = n
+  if nproc > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices('cache_features_done')
+  return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading.
+
+
+@dataclasses.dataclass
+class FeatureCache:
+  """A verified, complete cache of one split (`FeatureCache.open`)."""
+  directory: pathlib.Path
+  split: str
+  key: Dict[str, Any]
+  names: List[str]
+  rows: Dict[str, int]
+  store: np.ndarray
+
+  @classmethod
+  def open(cls, model, variables, data_config, split: str,
+           dtype: str = 'bfloat16') -> 'FeatureCache':
+    """Opens the cache of `split` for this model, weights and data config.
+
+    Raises:
+      CacheError: none exists (saying how to build it), it is stale or mismatched (naming the
+        fields that differ), or incomplete.
+    """
+    key = cache_key(model, variables, data_config, dtype)
+    directory = cache_dir(data_config, key)
+    command = ('python -m sccorr_jax.data.cache_features --config=<the config> '
+               f'--splits={split}')
+    if not (directory / 'key.json').exists():
+      root = directory.parent
+      others = sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+      raise CacheError(f'no feature cache {directory.name} in {root} (present: '
+                       f'{", ".join(others) or "none"}); build it with: {command}')
+    stored = json.loads((directory / 'key.json').read_text())
+    if stored != key:
+      raise CacheError(f'the feature cache {directory} is stale or mismatched: '
+                       + '; '.join(_diff(stored, key)) + f'. Rebuild it with: {command} '
+                       '--overwrite')
+    feat_path = directory / f'{split}.npy'
+    if not feat_path.exists():
+      raise CacheError(f'{directory} has no {split} features; build them with: {command}')
+    done = np.load(directory / f'{split}.done.npy')
+    if not done.all():
+      raise CacheError(f'the {split} cache in {directory} is incomplete ({int(done.sum())} of '
+                       f'{done.size} images); resume it with: {command}')
+    names = json.loads((directory / f'{split}.names.json').read_text())
+    return cls(directory, split, stored, names, {n: i for i, n in enumerate(names)},
+               np.load(feat_path, mmap_mode='r'))
+
+  def lookup(self, names: Iterable[Any], flip: Optional[Sequence[bool]] = None) -> np.ndarray:
+    """Features of images by name: [n, h, w, c] float32; `flip[i]` mirrors row i's tokens."""
+    idx = []
+    for name in names:
+      name = name.decode() if isinstance(name, bytes) else str(name)
+      if name not in self.rows:
+        raise CacheError(f'image {name!r} is not in the {self.split} cache {self.directory}')
+      idx.append(self.rows[name])
+    raw = np.asarray(self.store[np.asarray(idx, np.int64)])
+    feats = (raw.view(ml_dtypes.bfloat16) if self.key['dtype'] == 'bfloat16' else raw
+             ).astype(np.float32)
+    if flip is not None:
+      flip = np.asarray(flip, bool)
+      feats[flip] = feats[flip][:, :, ::-1]
+    return feats
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line.
+
+
+def main(argv):
+  del argv
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from sccorr_jax import models  # pylint: disable=g-import-not-at-top
+  from sccorr_jax import train  # pylint: disable=g-import-not-at-top
+  cfg = flags.FLAGS.config
+  if flags.FLAGS.data_dir:
+    cfg.data.data_dir = flags.FLAGS.data_dir
+  model = models.build_model(cfg)
+  try:
+    variables = train.init_variables(cfg, model, jax.random.PRNGKey(int(cfg.seed)), 1)
+    result = build_cache(model, variables, cfg.data, flags.FLAGS.splits,
+                         dtype=flags.FLAGS.dtype, batch_size=flags.FLAGS.batch_size,
+                         overwrite=flags.FLAGS.overwrite)
+  except (CacheError, FileNotFoundError, ValueError) as e:  # ConversionError is a ValueError.
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  print(f"feature cache {result['dir']}: " + ', '.join(
+      f"{s} {result['rows'][s]} images ({result['computed'][s]} computed now)"
+      for s in result['rows']))
+
+
+if __name__ == '__main__':
+  from absl import app as _app  # pylint: disable=g-import-not-at-top
+  from absl import flags as _flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags as _config_flags  # pylint: disable=g-import-not-at-top
+  _config_flags.DEFINE_config_file('config', None, 'a DINOv2 config with trained_blocks=0')
+  _flags.DEFINE_list('splits', ['trn', 'val', 'test'], 'splits to cache')
+  _flags.DEFINE_string('data_dir', None, 'overrides config.data.data_dir')
+  _flags.DEFINE_enum('dtype', 'bfloat16', sorted(DTYPES), 'storage dtype')
+  _flags.DEFINE_integer('batch_size', 32, 'images per step and process')
+  _flags.DEFINE_bool('overwrite', False, 'replace a cache of the same name but another key')
+  _app.run(main)
