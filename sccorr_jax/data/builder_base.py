@@ -46,18 +46,24 @@ class PairDatasetBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
         citation=self.CITATION)
 
   def _find_root(self, dl_manager) -> str:
+    # A manual dir that was given but is missing or empty must not fall back to a download:
+    # tfds' `manual_dir` raises in both cases, so look at what was configured.
+    configured = getattr(dl_manager, '_manual_dir', None)
     try:
       manual = os.fspath(dl_manager.manual_dir)
     except Exception:  # pylint: disable=broad-except  # tfds raises when no manual dir exists
       manual = None
+    if manual is None and configured:
+      raise records.PreparationError(
+          manual_dir_problem(os.fspath(configured), type(self)) or
+          f'{self.name}: manual dir {os.fspath(configured)} cannot be used')
     if manual:
       root = records.find_root(manual, self.FOLDER, self.MARKER)
       if root:
         logging.info('%s: reading %s', self.name, root)
         return root
       raise records.PreparationError(
-          f'{self.name}: {manual} contains neither {self.MARKER} nor '
-          f'{self.FOLDER}/{self.MARKER}; see docs/data.md for the expected layout')
+          manual_dir_problem(manual, type(self)) or f'{self.name}: {manual} has the wrong layout')
     logging.info('%s: no manual dir, downloading %s', self.name, self.URLS)
     paths = dl_manager.download_and_extract(dict(self.URLS))
     for path in paths.values():
@@ -81,3 +87,27 @@ class PairDatasetBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
 
   def _examples(self, root: str, split: str, guard: records.SplitGuard):
     raise NotImplementedError
+
+
+def manual_dir_problem(manual: str, builder_cls, name: Optional[str] = None) -> Optional[str]:
+  """One line saying why `manual` is not a manual dir of `builder_cls` (None when it is); the
+  line starts with `name` (default: the builder's TFDS name)."""
+  name = name or getattr(builder_cls, 'name', builder_cls.__name__)
+  expected = f'{builder_cls.FOLDER}/{builder_cls.MARKER} or {builder_cls.MARKER}'
+  if not os.path.exists(manual):
+    return f'{name}: manual dir {manual} does not exist'
+  if not os.path.isdir(manual):
+    return f'{name}: manual dir {manual} is not a directory'
+  try:
+    entries = sorted(os.listdir(manual))
+  except OSError as e:
+    return f'{name}: manual dir {manual} cannot be read ({e.strerror})'
+  if not entries:
+    return (f'{name}: manual dir {manual} is empty; extract the archive there (expected '
+            f'{expected}; see docs/data.md)')
+  if records.find_root(manual, builder_cls.FOLDER, builder_cls.MARKER):
+    return None
+  shown = ', '.join(entries[:6]) + (', ...' if len(entries) > 6 else '')
+  return (f'{name}: manual dir {manual} has the wrong layout: it contains neither '
+          f'{builder_cls.FOLDER}/{builder_cls.MARKER} nor {builder_cls.MARKER} (found: {shown}); '
+          'see docs/data.md for the expected layout')

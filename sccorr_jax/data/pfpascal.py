@@ -18,7 +18,7 @@ the image side (256 after resizing).
 
 from __future__ import annotations
 
-import csv
+import functools
 import os
 
 import numpy as np
@@ -29,30 +29,42 @@ from sccorr_jax.data import records
 
 
 def read_mat(path: str):
-  """(kps [n, 2] float64, bbox [4] float32) of a PF-PASCAL annotation; `BadRecordError` else."""
+  """(kps [n, 2] float64, bbox [4] float32) of a PF-PASCAL annotation; `BadRecordError` else.
+
+  `kps` may hold NaN (an invisible keypoint); anything else that is not a real number (booleans,
+  infinities, cells, text) and a `bbox` that is not a non-empty xyxy box make the record bad.
+  """
   if not os.path.isfile(path):
     raise records.BadRecordError(path, 'annotation file is missing')
   try:
     mat = scipy.io.loadmat(path)
+    classes = {name: cls for name, _, cls in scipy.io.whosmat(path)}
   except Exception as e:  # pylint: disable=broad-except  # scipy raises many kinds
     raise records.BadRecordError(path, f'malformed .mat file ({type(e).__name__}: {e})') from e
   for field in ('kps', 'bbox'):
     if field not in mat:
       raise records.BadRecordError(path, f'missing field {field!r}')
-  kps = np.asarray(mat['kps'], dtype=np.float64)
-  if kps.ndim != 2 or kps.shape[1] != 2:
-    raise records.BadRecordError(path, f"field 'kps' must be [n, 2], got shape {kps.shape}")
+    if classes.get(field) == 'logical':  # stored as uint8: loadmat alone would hide it
+      raise records.BadRecordError(path, f'field {field!r}: booleans (MATLAB logical), '
+                                   'expected numbers')
+  kps = records.keypoint_array(mat['kps'], "field 'kps'", path, nan_invisible=True)
   bbox = records.parse_bbox(mat['bbox'], path, 'bbox')
   return kps, bbox
 
 
 def read_pairs_csv(path: str):
-  """Rows of a pair csv (header skipped) as lists of stripped strings."""
-  if not os.path.isfile(path):
-    raise records.PreparationError(f'pair list is missing: {path}')
-  with open(path, newline='') as f:
-    rows = [[c.strip() for c in row] for row in csv.reader(f) if any(c.strip() for c in row)]
-  return rows[1:]
+  """Rows of a pair csv (header skipped) as lists of stripped strings; rows that are not UTF-8
+  are left out (`read_pairs_csv_numbered` keeps them, as None)."""
+  return [row for _, row in read_pairs_csv_numbered(path) if row is not None]
+
+
+def read_pairs_csv_numbered(path: str):
+  """(line number, row) of a pair csv, header skipped; row is None when the line is not UTF-8.
+
+  Raises:
+    records.PreparationError: the file is missing or not a csv file.
+  """
+  return records.read_csv_rows(path)[1:]
 
 
 class PfPascal(builder_base.PairDatasetBuilder):
@@ -77,35 +89,32 @@ class PfPascal(builder_base.PairDatasetBuilder):
 
   def _examples(self, root, split, guard):
     csv_path = os.path.join(root, f'{split}_pairs.csv')
-    rows = read_pairs_csv(csv_path)
-    for i, row in enumerate(rows):
+    rows = read_pairs_csv_numbered(csv_path)
+    for i, (lineno, row) in enumerate(rows):
       key = f'{split}-{i:05d}'
-      example = guard.run(key, lambda: self._example(root, csv_path, i, row, split, guard))
+      example = guard.run(key, functools.partial(self._example, root, csv_path, i, row, split,
+                                                 guard, lineno))
       if example is not None:
         yield key, example
 
-  def _example(self, root, csv_path, i, row, split, guard):
-    where = f'{csv_path} row {i + 2}'
+  def _example(self, root, csv_path, i, row, split, guard, lineno=None):
+    where = f'{csv_path} row {lineno if lineno is not None else i + 2}'
+    if row is None:
+      raise records.BadRecordError(where, 'not UTF-8 text')
     if len(row) < 3:
       raise records.BadRecordError(where, f'expected source, target, class; got {row}')
-    try:
-      cls_id = int(float(row[2])) - 1
-    except ValueError as e:
-      raise records.BadRecordError(where, f'class id {row[2]!r} is not an integer') from e
-    if not 0 <= cls_id < len(self.CATEGORIES):
-      raise records.BadRecordError(where, f'class id {row[2]} outside 1..{len(self.CATEGORIES)}')
+    cls_id = records.parse_int_text(row[2], where, 'class id', 1, len(self.CATEGORIES)) - 1
     flip = 0
     if split == 'trn' and len(row) > 3 and row[3] != '':
-      try:
-        flip = int(float(row[3]))
-      except ValueError as e:
-        raise records.BadRecordError(where, f'flip flag {row[3]!r} is not 0/1') from e
+      flip = records.parse_int_text(row[3], where, 'flip flag', 0, 1)
     cls = self.CATEGORIES[cls_id]
     names = [os.path.basename(row[0]), os.path.basename(row[1])]
     imgs, sizes, kps, boxes = [], [], [], []
     for name in names:
       data, hw = records.load_image(os.path.join(root, 'JPEGImages', name))
-      k, b = read_mat(os.path.join(root, 'Annotations', cls, os.path.splitext(name)[0] + '.mat'))
+      mat_path = os.path.join(root, 'Annotations', cls, os.path.splitext(name)[0] + '.mat')
+      k, b = read_mat(mat_path)
+      records.check_box_in_image(b, hw, mat_path, 'bbox')
       imgs.append(data)
       sizes.append(hw)
       kps.append(k)

@@ -15,6 +15,7 @@ all 40 slots including the -1 padding, is available as the `legacy` threshold.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
@@ -45,10 +46,11 @@ class PfWillow(builder_base.PairDatasetBuilder):
 
   def _examples(self, root, split, guard):
     csv_path = os.path.join(root, 'test_pairs.csv')
-    rows = pfpascal.read_pairs_csv(csv_path)
-    for i, row in enumerate(rows):
+    rows = pfpascal.read_pairs_csv_numbered(csv_path)
+    for i, (lineno, row) in enumerate(rows):
       key = f'{split}-{i:05d}'
-      example = guard.run(key, lambda: self._example(root, csv_path, i, row, guard))
+      example = guard.run(key, functools.partial(self._example, root, csv_path, i, row, guard,
+                                                 lineno))
       if example is not None:
         yield key, example
 
@@ -60,8 +62,10 @@ class PfWillow(builder_base.PairDatasetBuilder):
         return cand
     return os.path.join(root, *parts[1:]) if len(parts) > 1 else os.path.join(root, name)
 
-  def _example(self, root, csv_path, i, row, guard):
-    where = f'{csv_path} row {i + 2}'
+  def _example(self, root, csv_path, i, row, guard, lineno=None):
+    where = f'{csv_path} row {lineno if lineno is not None else i + 2}'
+    if row is None:
+      raise records.BadRecordError(where, 'not UTF-8 text')
     n = NUM_WILLOW_KPS
     if len(row) != 2 + 4 * n:
       raise records.BadRecordError(where, f'expected {2 + 4 * n} columns, got {len(row)}')
@@ -80,7 +84,12 @@ class PfWillow(builder_base.PairDatasetBuilder):
     trg_bytes, trg_hw = records.load_image(trg_path)
     name = f'{os.path.basename(row[0])}-{os.path.basename(row[1])}'
     src, trg, valid = records.clean_keypoints(src_kps, trg_kps, src_hw, trg_hw, file=where,
-                                              record=name, guard=guard)
+                                              record=name, guard=guard, nan_invisible=False)
+    for side, kps in (('source', src), ('target', trg)):
+      box = records.keypoint_box(kps, valid)
+      if max(box[2] - box[0], box[3] - box[1]) <= 0:
+        raise records.BadRecordError(where, f'the {side} keypoints all lie on one point '
+                                     f'{tuple(box[:2].tolist())}: no PCK threshold')
     return records.base_example(
         pair_id=name, src_imname=os.path.relpath(src_path, root),
         trg_imname=os.path.relpath(trg_path, root), src_img=src_bytes, trg_img=trg_bytes,

@@ -18,24 +18,29 @@ in the *original* images' pixels; resizing to the network's input happens in the
 | `viewpoint_variation`, `scale_variation`, `truncation`, `occlusion` | int32 | SPair-71k difficulty levels (0 elsewhere) |
 
 Bad input (the documented rule, see `docs/data.md`): a problem confined to one pair (missing or
-unreadable image, missing or malformed annotation, no valid keypoint, more than 40 keypoints)
-makes the pair a *bad record*. With `on_bad_record='skip'` (default) it is logged with its file
-and problem, counted and listed at the end; with `'raise'` preparation stops at the first one.
-Preparation always stops with an error when a split file is missing, or when more than
-`max_bad_fraction` of a split's pairs are bad, or when a split has no good pair. A single
-keypoint outside its image (more than 1.5 pixels beyond the border) is dropped from the pair,
-like PF-PASCAL's NaN keypoints, and reported. TFDS writes into a temporary directory and renames it
-only when every split is complete, so a failed preparation never leaves a dataset that reads as
-complete.
+unreadable image, an image whose pixel values cannot be mapped to 8 bits, missing or malformed
+annotation, keypoints that are not [n, 2] finite numbers, a box that is not a non-empty xyxy box
+inside its image, a difficulty level that is not an integer in its range, an undecodable
+split-file line, no valid keypoint, more than 40 keypoints) makes the pair a *bad record*. With
+`on_bad_record='skip'` (default) it is logged with its file and problem, counted and listed at
+the end; with `'raise'` preparation stops at the first one. A pair listed twice in a split file
+is kept once, with a note. Preparation always stops with an error when a split file is missing,
+or when more than `max_bad_fraction` of a split's pairs are bad, or when a split has no good
+pair. A single keypoint outside its image (more than 1.5 pixels beyond the border) is dropped
+from the pair, like PF-PASCAL's NaN keypoints, and reported. TFDS writes into a temporary
+directory and renames it only when every split is complete, so a failed preparation never
+leaves a dataset that reads as complete.
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import functools
 import io
 import json
 import os
+import re
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from absl import logging
@@ -58,6 +63,11 @@ WILLOW_CATEGORIES = ('car(G)', 'car(M)', 'car(S)', 'duck(S)', 'motorbike(G)', 'm
                      'motorbike(S)', 'winebottle(M)', 'winebottle(wC)', 'winebottle(woC)')
 
 DIFFICULTY_FIELDS = ('viewpoint_variation', 'scale_variation', 'truncation', 'occlusion')
+# The largest level of each SPair-71k difficulty field (Min et al. 2019): viewpoint and scale
+# variation 0 easy / 1 medium / 2 hard; truncation and occlusion 0 none / 1 source / 2 target /
+# 3 both.
+SPAIR_MAX_LEVELS = {'viewpoint_variation': 2, 'scale_variation': 2, 'truncation': 3,
+                    'occlusion': 3}
 
 
 def pair_features(category_names: Sequence[str],
@@ -113,14 +123,17 @@ class BadRecordPolicy:
   def __post_init__(self):
     if self.on_bad_record not in ('skip', 'raise'):
       raise ValueError(f"on_bad_record must be 'skip' or 'raise', got {self.on_bad_record!r}")
+    if not 0 <= self.max_bad_fraction <= 1:
+      raise ValueError(f'max_bad_fraction must lie in [0, 1], got {self.max_bad_fraction}')
 
 
 @dataclasses.dataclass
 class PreparationReport:
-  """Bad records and dropped keypoints met during preparation, per split."""
+  """Bad records, dropped keypoints and other notes (duplicates) met during preparation."""
   bad: List[Dict[str, str]] = dataclasses.field(default_factory=list)
   dropped_kps: List[Dict[str, str]] = dataclasses.field(default_factory=list)
   counts: Dict[str, Dict[str, int]] = dataclasses.field(default_factory=dict)
+  notes: List[Dict[str, str]] = dataclasses.field(default_factory=list)
 
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self), indent=1)
@@ -133,6 +146,8 @@ class PreparationReport:
       lines.append(f'  skipped [{b["split"]}] {b["record"]}: {b["file"]}: {b["problem"]}')
     for d in self.dropped_kps:
       lines.append(f'  dropped keypoints [{d["split"]}] {d["record"]}: {d["problem"]}')
+    for n in self.notes:
+      lines.append(f'  note [{n["split"]}] {n["record"]}: {n["problem"]}')
     return '\n'.join(lines)
 
 
@@ -141,6 +156,8 @@ class SplitGuard:
 
   Usage inside `_generate_examples`: `for name, make in items: ex = guard.run(name, make)`;
   `make()` builds the example or raises `BadRecordError`; `run` returns None for a skipped record.
+  Any other exception from `make()` stops preparation with a `PreparationError` naming the
+  record (it is a defect nobody foresaw, or a bug: it is not skipped silently).
   `guard.finish()` raises `PreparationError` when too many records were bad.
   """
 
@@ -162,11 +179,22 @@ class SplitGuard:
                                   problem=e.problem))
       logging.warning('Skipping bad record [%s] %s: %s', self.split, record, e)
       return None
+    except (PreparationError, KeyboardInterrupt):
+      raise
+    except Exception as e:  # pylint: disable=broad-except  # named, never swallowed
+      raise PreparationError(
+          f'[{self.split}] record {record}: unexpected {type(e).__name__}: {_one_line(e)} '
+          '(an unforeseen defect of the input or a bug; please report it)') from e
     self.written += 1
     return example
 
   def drop_note(self, record: str, problem: str):
     self.report.dropped_kps.append(dict(split=self.split, record=record, problem=problem))
+    logging.warning('[%s] %s: %s', self.split, record, problem)
+
+  def note(self, record: str, problem: str):
+    """Records something about the input that preparation worked around (a duplicate line)."""
+    self.report.notes.append(dict(split=self.split, record=record, problem=problem))
     logging.warning('[%s] %s: %s', self.split, record, problem)
 
   def finish(self):
@@ -175,12 +203,22 @@ class SplitGuard:
     if self.bad:
       logging.warning('[%s] %d of %d pairs skipped as bad records', self.split, self.bad, total)
     if self.written == 0:
-      raise PreparationError(f'split {self.split!r}: no usable pair out of {total}')
+      if self.bad:
+        logging.error('Bad records:\n%s', self.report.summary())
+      first = self.report.bad[-self.bad] if self.bad else None
+      raise PreparationError(
+          f'split {self.split!r}: no usable pair out of {total}'
+          + (f' (first problem: {first["file"]}: {first["problem"]})' if first else ''))
     if self.bad > self.policy.max_bad_fraction * total:
+      logging.error('Bad records:\n%s', self.report.summary())
       raise PreparationError(
           f'split {self.split!r}: {self.bad} of {total} pairs are bad (more than '
           f'max_bad_fraction={self.policy.max_bad_fraction}); is the dataset directory right? '
-          'Bad records:\n' + self.report.summary())
+          'The bad records are listed above.')
+
+
+def _one_line(e: BaseException) -> str:
+  return ' '.join(str(e).split())[:500]
 
 
 @functools.lru_cache(maxsize=4096)
@@ -193,10 +231,13 @@ def load_image(path: str) -> Tuple[bytes, Tuple[int, int]]:
   Returns:
     (encoded bytes, (h, w)). RGB JPEGs keep their original bytes; any other image (grey, CMYK,
     RGBA, palette, PNG, ...) is converted to RGB as the reference does (`PIL .convert('RGB')`,
-    which drops alpha) and re-encoded as lossless PNG.
+    which drops alpha) and re-encoded as lossless PNG. 16-bit grey images (PIL modes `I;16*`)
+    are scaled to 8 bits (`round(v * 255 / 65535)`; PIL's own conversion would clip them to
+    255); 16-bit colour PNGs are read by PIL as their high bytes.
 
   Raises:
-    BadRecordError: the file is missing or cannot be decoded.
+    BadRecordError: the file is missing or cannot be decoded, or its pixels are 32-bit integers
+      or floats (PIL modes `I`, `F`), whose range is unknown.
   """
   if not os.path.isfile(path):
     raise BadRecordError(path, 'image file is missing')
@@ -209,9 +250,23 @@ def load_image(path: str) -> Tuple[bytes, Tuple[int, int]]:
       w, h = im.size
       if fmt == 'JPEG' and mode == 'RGB':
         return data, (h, w)
-      rgb = im.convert('RGB')
-  except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
-    raise BadRecordError(path, f'image cannot be decoded ({type(e).__name__}: {e})') from e
+      if mode.startswith('I;16'):
+        grey = np.asarray(im).astype(np.uint32)
+        grey8 = ((grey * 255 + 32767) // 65535).astype(np.uint8)
+        rgb = Image.fromarray(np.repeat(grey8[..., None], 3, axis=-1), 'RGB')
+      elif mode in ('I', 'F') or mode.startswith(('I;', 'F;')):
+        raise BadRecordError(
+            path, f'{fmt} image with {"float" if mode[0] == "F" else "32-bit integer"} pixels '
+            f'(PIL mode {mode!r}): their range is unknown, convert it to an 8-bit RGB image')
+      else:
+        rgb = im.convert('RGB')
+  except BadRecordError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  # PIL raises many kinds on bad files
+    raise BadRecordError(path, f'image cannot be decoded ({type(e).__name__}: {_one_line(e)})'
+                         ) from e
+  if w < 1 or h < 1:
+    raise BadRecordError(path, f'image has no pixels ({w}x{h})')
   buf = io.BytesIO()
   rgb.save(buf, format='PNG')
   return buf.getvalue(), (h, w)
@@ -224,12 +279,104 @@ def _inside(kps: np.ndarray, hw: Tuple[int, int]) -> np.ndarray:
           & (kps[:, 1] <= h - 1 + t))
 
 
+def _describe(value, limit: int = 80) -> str:
+  text = repr(value)
+  return text if len(text) <= limit else text[:limit] + '...'
+
+
+def _check_numbers(value, what: str, file: str):
+  """Raises `BadRecordError` unless `value` is (nested lists/tuples of) int/float numbers."""
+  if isinstance(value, (bool, np.bool_)):
+    raise BadRecordError(file, f'{what}: booleans ({_describe(value)}), expected numbers')
+  if isinstance(value, (int, float, np.integer, np.floating)):
+    return
+  if isinstance(value, (list, tuple)):
+    for v in value:
+      _check_numbers(v, what, file)
+    return
+  raise BadRecordError(file, f'{what}: {type(value).__name__} {_describe(value)} where numbers '
+                       'were expected')
+
+
+def numeric_array(value, what: str, file: str) -> np.ndarray:
+  """`value` (a JSON value, a numpy array) as a float64 array, checked element by element.
+
+  Booleans, strings, nulls, complex numbers and integers too large for a float are refused
+  (numpy would silently turn `True` into 1.0 and `'12'` into 12.0).
+
+  Args:
+    value: nested lists/tuples of numbers, or a numeric numpy array.
+    what: the field, for messages (e.g. "field 'src_kps'").
+    file: the annotation file, for messages.
+
+  Returns:
+    float64 array of the same nesting (non-finite values are kept: callers decide).
+
+  Raises:
+    BadRecordError: naming `file`, `what` and the problem.
+  """
+  if isinstance(value, np.ndarray):
+    if value.dtype.kind == 'b':
+      raise BadRecordError(file, f'{what}: booleans, expected numbers')
+    if value.dtype.kind == 'O':
+      value = value.tolist()
+    elif value.dtype.kind not in 'iuf':
+      raise BadRecordError(file, f'{what}: values of type {value.dtype}, expected real numbers')
+    else:
+      return value.astype(np.float64)
+  try:
+    _check_numbers(value, what, file)
+  except RecursionError as e:
+    raise BadRecordError(file, f'{what}: nested too deeply') from e
+  try:
+    return np.array(value, dtype=np.float64)
+  except OverflowError as e:
+    raise BadRecordError(file, f'{what}: a number too large for a float ({e})') from e
+  except (TypeError, ValueError) as e:
+    raise BadRecordError(file, f'{what}: not a regular array of numbers ({_one_line(e)})') from e
+
+
+def keypoint_array(value, what: str, file: str, *, nan_invisible: bool = False) -> np.ndarray:
+  """[n, 2] float64 (x, y) keypoints from an annotation value; refuses anything else.
+
+  Args:
+    value: nested lists [[x, y], ...] or an [n, 2] numeric array; `[]` means no keypoint.
+    what: the field, for messages.
+    file: the annotation file, for messages.
+    nan_invisible: NaN marks an invisible keypoint (PF-PASCAL) and is kept for the caller to
+      drop; otherwise a NaN is a defect. Infinities are always a defect.
+
+  Raises:
+    BadRecordError: booleans, strings, flat lists, (x, y, visibility) triples, NaN (unless
+      `nan_invisible`), infinities or numbers too large for a float.
+  """
+  arr = numeric_array(value, what, file)
+  if arr.size == 0:
+    return np.zeros((0, 2), np.float64)
+  if arr.ndim != 2 or arr.shape[1] != 2:
+    hint = ''
+    if arr.ndim == 1:
+      hint = f' (a flat list of {arr.shape[0]} numbers)'
+    elif arr.ndim == 2 and arr.shape[1] == 3:
+      hint = ' ((x, y, visibility) triples?)'
+    raise BadRecordError(file, f'{what}: keypoints must be [n, 2] (x, y) pairs, got shape '
+                         f'{arr.shape}{hint}')
+  bad = np.isinf(arr) if nan_invisible else ~np.isfinite(arr)
+  if bad.any():
+    i = int(np.nonzero(bad.any(1))[0][0])
+    raise BadRecordError(file, f'{what}: keypoint {i} is not finite ({tuple(arr[i])}); '
+                         f'{int(bad.any(1).sum())} such keypoint(s)')
+  return arr
+
+
 def clean_keypoints(src_kps, trg_kps, src_hw, trg_hw, *, file: str, record: str,
-                    guard: Optional[SplitGuard] = None):
+                    guard: Optional[SplitGuard] = None, nan_invisible: bool = True):
   """Validates, filters and pads one pair's keypoints.
 
-  Keypoints with a NaN in either image are dropped silently (PF-PASCAL's rule); keypoints
-  outside either image (beyond `KPS_BORDER_TOLERANCE`) are dropped and reported.
+  Keypoints must be [n, 2] real numbers (see `keypoint_array`). With `nan_invisible` (the
+  default, PF-PASCAL's rule) keypoints with a NaN in either image are dropped silently;
+  otherwise a NaN makes the pair bad. Keypoints outside either image (beyond
+  `KPS_BORDER_TOLERANCE`) are dropped and reported.
 
   Args:
     src_kps, trg_kps: [n, 2] array-likes, (x, y) original pixels.
@@ -237,6 +384,7 @@ def clean_keypoints(src_kps, trg_kps, src_hw, trg_hw, *, file: str, record: str,
     file: annotation file, for messages.
     record: record name, for messages.
     guard: where to report dropped keypoints.
+    nan_invisible: whether NaN marks an invisible keypoint.
 
   Returns:
     (src_kps [40, 2] float32, trg_kps [40, 2] float32, kps_valid [40] bool); padding is 0.
@@ -244,11 +392,8 @@ def clean_keypoints(src_kps, trg_kps, src_hw, trg_hw, *, file: str, record: str,
   Raises:
     BadRecordError: malformed arrays, different counts, more than 40 keypoints, or none left.
   """
-  try:
-    src = np.asarray(src_kps, dtype=np.float64).reshape(-1, 2)
-    trg = np.asarray(trg_kps, dtype=np.float64).reshape(-1, 2)
-  except (TypeError, ValueError) as e:
-    raise BadRecordError(file, f'keypoints are not (x, y) number pairs ({e})') from e
+  src = keypoint_array(src_kps, 'source keypoints', file, nan_invisible=nan_invisible)
+  trg = keypoint_array(trg_kps, 'target keypoints', file, nan_invisible=nan_invisible)
   if len(src) != len(trg):
     raise BadRecordError(file, f'{len(src)} source keypoints but {len(trg)} target keypoints')
   finite = np.isfinite(src).all(1) & np.isfinite(trg).all(1)
@@ -275,15 +420,112 @@ def clean_keypoints(src_kps, trg_kps, src_hw, trg_hw, *, file: str, record: str,
   return out_src, out_trg, valid
 
 
-def parse_bbox(value, file: str, field: str) -> np.ndarray:
-  """[4] xyxy float32 from an annotation value; raises `BadRecordError` naming the field."""
-  try:
-    box = np.asarray(value, dtype=np.float64).reshape(-1)
-  except (TypeError, ValueError) as e:
-    raise BadRecordError(file, f'field {field!r} is not a box ({e})') from e
-  if box.shape != (4,) or not np.isfinite(box).all():
-    raise BadRecordError(file, f'field {field!r} must be 4 finite numbers xyxy, got {value!r}')
+def parse_bbox(value, file: str, field: str, hw: Optional[Tuple[int, int]] = None
+               ) -> np.ndarray:
+  """[4] xyxy float32 from an annotation value; raises `BadRecordError` naming the field.
+
+  The box must be 4 finite real numbers (a [1, 4] array is accepted) with x1 < x2 and y1 < y2;
+  given the image's `hw` = (h, w), it must also lie inside the image, with the keypoints'
+  tolerance (`KPS_BORDER_TOLERANCE` beyond the pixel-centre range [0, size - 1]).
+  """
+  box = numeric_array(value, f'field {field!r}', file)
+  if box.shape not in ((4,), (1, 4)) or not np.isfinite(box).all():
+    raise BadRecordError(file, f'field {field!r} must be 4 finite numbers xyxy, got '
+                         f'{_describe(value)}')
+  box = box.reshape(4)
+  x1, y1, x2, y2 = box
+  if not (x1 < x2 and y1 < y2):
+    kind = 'zero area' if x1 == x2 or y1 == y2 else 'inverted (x2 < x1 or y2 < y1)'
+    raise BadRecordError(file, f'field {field!r}: box {box.tolist()} is {kind}; expected xyxy '
+                         'with x1 < x2 and y1 < y2')
+  if hw is not None:
+    check_box_in_image(box, hw, file, field)
   return box.astype(np.float32)
+
+
+def check_box_in_image(box, hw: Tuple[int, int], file: str, field: str):
+  """Raises `BadRecordError` when the xyxy `box` extends beyond the (h, w) image by more than
+  `KPS_BORDER_TOLERANCE` pixels (boxes of the benchmarks are 0- or 1-based pixel boxes)."""
+  h, w = hw
+  x1, y1, x2, y2 = (float(v) for v in box)
+  t = KPS_BORDER_TOLERANCE
+  if x1 < -t or y1 < -t or x2 > w - 1 + t or y2 > h - 1 + t:
+    raise BadRecordError(file, f'field {field!r}: box {[x1, y1, x2, y2]} extends beyond the '
+                         f'image (h, w)={tuple(hw)}')
+
+
+def parse_level(value, file: str, field: str, max_level: int) -> np.int32:
+  """A difficulty level: an integer (JSON int, not bool/float/string) in [0, max_level]."""
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+    raise BadRecordError(file, f'field {field!r}: {_describe(value)} is not an integer level '
+                         f'(0..{max_level})')
+  if not 0 <= value <= max_level:
+    raise BadRecordError(file, f'field {field!r}: level {_describe(value)} outside '
+                         f'0..{max_level}')
+  return np.int32(value)
+
+
+_INT_TEXT = re.compile(r'[+-]?\d+(\.0*)?')
+
+
+def parse_int_text(text: str, file: str, what: str, lo: int, hi: int) -> int:
+  """An integer written in a csv cell ('3', '3.0'), checked to lie in [lo, hi]."""
+  if not _INT_TEXT.fullmatch(text.strip()):
+    raise BadRecordError(file, f'{what} {_describe(text)} is not an integer')
+  v = int(text.strip().split('.')[0])
+  if not lo <= v <= hi:
+    raise BadRecordError(file, f'{what} {_describe(text)} outside {lo}..{hi}')
+  return v
+
+
+def read_text_lines(path: str) -> List[Tuple[int, Optional[str]]]:
+  """Non-empty lines of a text file as (1-based line number, stripped text); the text is None
+  for a line that is not UTF-8 (a leading byte-order mark is ignored)."""
+  with open(path, 'rb') as f:
+    raw = f.read()
+  if raw.startswith(b'\xef\xbb\xbf'):
+    raw = raw[3:]
+  out = []
+  for i, line in enumerate(raw.split(b'\n')):
+    try:
+      text = line.decode('utf-8').strip()
+    except UnicodeDecodeError:
+      if line.strip():
+        out.append((i + 1, None))
+      continue
+    if text:
+      out.append((i + 1, text))
+  return out
+
+
+def _undecodable(text: str) -> bool:
+  return any('\udc80' <= ch <= '\udcff' for ch in text)
+
+
+def read_csv_rows(path: str) -> List[Tuple[int, Optional[List[str]]]]:
+  """Non-empty rows of a csv file (header included) as (1-based line number, stripped cells);
+  the cells are None for a row that is not UTF-8.
+
+  Raises:
+    PreparationError: the file is missing or is not csv (e.g. a field over the csv limit).
+  """
+  if not os.path.isfile(path):
+    raise PreparationError(f'pair list is missing: {path}')
+  with open(path, 'rb') as f:
+    raw = f.read()
+  if raw.startswith(b'\xef\xbb\xbf'):
+    raw = raw[3:]
+  reader = csv.reader(io.StringIO(raw.decode('utf-8', errors='surrogateescape'), newline=''))
+  out = []
+  try:
+    for row in reader:
+      if any(_undecodable(c) for c in row):
+        out.append((reader.line_num, None))
+      elif any(c.strip() for c in row):
+        out.append((reader.line_num, [c.strip() for c in row]))
+  except csv.Error as e:
+    raise PreparationError(f'{path} line {reader.line_num}: not a csv file ({e})') from e
+  return out
 
 
 def keypoint_box(kps: np.ndarray, valid: np.ndarray) -> np.ndarray:

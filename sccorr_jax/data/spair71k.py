@@ -17,6 +17,7 @@ The PCK threshold of SPair-71k is `bbox`: max(w, h) of the source box.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -61,33 +62,41 @@ class Spair71k(builder_base.PairDatasetBuilder):
     layout = os.path.join(root, 'Layout', 'large', f'{split}.txt')
     if not os.path.isfile(layout):
       raise records.PreparationError(f'SPair-71k split file is missing: {layout}')
-    with open(layout) as f:
-      names = [line.strip() for line in f if line.strip()]
     ann_dir = os.path.join(root, 'PairAnnotation', split)
-    for line in names:
+    seen = {}  # canonical pair name -> line number of its first listing
+    for lineno, line in records.read_text_lines(layout):
+      where = f'{layout} line {lineno}'
+      if line is None:
+        guard.run(f'line {lineno}', functools.partial(_raise_bad, where, 'not UTF-8 text'))
+        continue
       try:
         key = parse_pair_name(line)[0]
       except ValueError:
         key = line
-      example = guard.run(key, lambda: self._example(root, ann_dir, line, guard))
+      if key in seen:
+        guard.note(key, f'{where}: {line!r} repeats the pair of line {seen[key]}; kept once')
+        continue
+      seen[key] = lineno
+      example = guard.run(key, functools.partial(self._example, root, ann_dir, line, guard,
+                                                 where))
       if example is not None:
         yield key, example
 
-  def _example(self, root, ann_dir, line, guard):
+  def _example(self, root, ann_dir, line, guard, where='Layout'):
     try:
       name, src_stem, trg_stem, _ = parse_pair_name(line)
     except ValueError as e:
-      raise records.BadRecordError(f'Layout line {line!r}', str(e)) from e
+      raise records.BadRecordError(where, str(e)) from e
     stem, cat = name.rsplit(':', 1)
     candidates = [os.path.join(ann_dir, f'{stem}{sep}{cat}.json') for sep in (':', '-')]
     ann_path = next((p for p in candidates if os.path.isfile(p)), None)
     if ann_path is None:
       raise records.BadRecordError(candidates[0], "annotation file is missing (also tried '-')")
     try:
-      with open(ann_path) as f:
+      with open(ann_path, encoding='utf-8') as f:
         ann = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-      raise records.BadRecordError(ann_path, f'malformed JSON ({e})') from e
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: JSON, UTF-8, huge ints
+      raise records.BadRecordError(ann_path, f'malformed JSON ({type(e).__name__}: {e})') from e
     if not isinstance(ann, dict):
       raise records.BadRecordError(ann_path, 'annotation is not a JSON object')
     required = ('src_kps', 'trg_kps', 'src_bndbox', 'trg_bndbox', 'category',
@@ -103,18 +112,19 @@ class Spair71k(builder_base.PairDatasetBuilder):
     src_bytes, src_hw = records.load_image(os.path.join(root, src_name))
     trg_bytes, trg_hw = records.load_image(os.path.join(root, trg_name))
     src_kps, trg_kps, valid = records.clean_keypoints(
-        ann['src_kps'], ann['trg_kps'], src_hw, trg_hw, file=ann_path, record=name, guard=guard)
-    difficulty = {}
-    for field in records.DIFFICULTY_FIELDS:
-      try:
-        difficulty[field] = np.int32(int(ann[field]))
-      except (TypeError, ValueError) as e:
-        raise records.BadRecordError(ann_path, f'field {field!r} is not an integer') from e
+        ann['src_kps'], ann['trg_kps'], src_hw, trg_hw, file=ann_path, record=name, guard=guard,
+        nan_invisible=False)
+    difficulty = {field: records.parse_level(ann[field], ann_path, field, max_level)
+                  for field, max_level in records.SPAIR_MAX_LEVELS.items()}
     return records.base_example(
         pair_id=name, src_imname=src_name, trg_imname=trg_name, src_img=src_bytes,
         trg_img=trg_bytes, src_imsize=np.array(src_hw, np.int32),
         trg_imsize=np.array(trg_hw, np.int32), src_kps=src_kps, trg_kps=trg_kps,
         kps_valid=valid,
-        src_bbox=records.parse_bbox(ann['src_bndbox'], ann_path, 'src_bndbox'),
-        trg_bbox=records.parse_bbox(ann['trg_bndbox'], ann_path, 'trg_bndbox'),
+        src_bbox=records.parse_bbox(ann['src_bndbox'], ann_path, 'src_bndbox', src_hw),
+        trg_bbox=records.parse_bbox(ann['trg_bndbox'], ann_path, 'trg_bndbox', trg_hw),
         category=self.CATEGORIES.index(category), **difficulty)
+
+
+def _raise_bad(file: str, problem: str):
+  raise records.BadRecordError(file, problem)
