@@ -8,10 +8,11 @@ Official archive layout (`SPair-71k.tar.gz`, ~220 MB):
 
 A layout line names a pair `<id>-<src image>-<trg image>:<category>`; the annotation file of
 that pair may use `-` instead of `:` before the category (archives extracted on file systems
-without `:`), and a layout may use either form: both are accepted. The annotation JSON gives
-`src_kps`/`trg_kps` ([[x, y], ...]), `src_bndbox`/`trg_bndbox` (xyxy), `category` and the
-difficulty levels `viewpoint_variation`, `scale_variation`, `truncation`, `occlusion`; images
-are read from `JPEGImages/<category>/` as the reference does (image names from the pair name).
+without `:`), and a layout may use either form: both are accepted (a pair a layout lists twice,
+in either spelling, is kept once with a note). The annotation JSON gives `src_kps`/`trg_kps`
+([[x, y], ...]), `src_bndbox`/`trg_bndbox` (xyxy), `category` and the difficulty levels
+`viewpoint_variation`, `scale_variation` (0..2), `truncation`, `occlusion` (0..3); images are
+read from `JPEGImages/<category>/` as the reference does (image names from the pair name).
 The PCK threshold of SPair-71k is `bbox`: max(w, h) of the source box.
 """
 
