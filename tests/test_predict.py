@@ -74,11 +74,52 @@ def test_sample_flow_equals_the_evaluator_at_integer_pixels():
 def test_confidence_peaked_and_flat():
   kps = np.array([[5.0, 5.0], [60.0, 10.0]])
   img = np.zeros((64, 64, 3), np.uint8)
-  peaked = _predictor().predict(img, img, trg_kps=kps)
+  # A zero flow both ways is consistent: the confidence is the mass.
+  peaked = _predictor(shift=(0.0, 0.0)).predict(img, img, trg_kps=kps)
+  np.testing.assert_allclose(peaked.consistency, 1.0)
   assert (peaked.confidence > 0.99).all()
-  flat = _predictor(peak=False).predict(img, img, trg_kps=kps)
+  flat = _predictor(shift=(0.0, 0.0), peak=False).predict(img, img, trg_kps=kps)
   # Uniform over 8x8 cells, expected position (3.5, 3.5): 12 cells lie within radius 2.
+  np.testing.assert_allclose(flat.mass, 12 / 64, rtol=1e-5)
   np.testing.assert_allclose(flat.confidence, 12 / 64, rtol=1e-5)
+
+
+def test_consistency_of_a_flow_that_does_not_come_back():
+  # The stand-in moves every point by (1, -0.5) cells = (8, -4) input pixels in BOTH directions,
+  # so the round trip misses by (16, -8) pixels of the 64-pixel input.
+  kps = np.array([[20.0, 30.0], [40.0, 25.0]])
+  img = np.zeros((64, 64, 3), np.uint8)
+  out = _predictor(shift=(1.0, -0.5)).predict(img, img, trg_kps=kps)
+  miss = np.hypot(16, 8) / 64
+  np.testing.assert_allclose(out.consistency, np.exp(-0.5 * (miss / 0.05) ** 2), rtol=1e-5)
+  np.testing.assert_allclose(out.confidence, out.mass * out.consistency, rtol=1e-6)
+  # A smaller shift misses less: the consistency orders round trips by their miss.
+  near = _predictor(shift=(0.1, 0.0)).predict(img, img, trg_kps=kps)
+  assert (near.consistency > 0.5).all() and (out.consistency < 1e-3).all()
+  rec = out.to_json()
+  assert rec["matches"][0]["consistency"] == pytest.approx(float(out.consistency[0]))
+
+
+def test_large_images_are_shrunk_and_the_flow_bounded():
+  rng = np.random.default_rng(4)
+  src = rng.integers(0, 256, (1500, 2400, 3), np.uint8)
+  trg = rng.integers(0, 256, (2000, 3000, 3), np.uint8)
+  kps = np.array([[2999.0, 1999.0], [10.0, 20.0]])
+  p = _predictor()
+  out = p.predict(src, trg, trg_kps=kps, max_side=300)
+  assert out.flow.shape == (200, 300, 2) and out.trg_image.shape == (200, 300, 3)
+  assert out.src_image.shape == (188, 300, 3)
+  assert out.trg_size_hw == (2000, 3000) and out.to_json()["trg_size_hw"] == [2000, 3000]
+  # Keypoints stay in original pixels; flow pixel (i, j) is the target point
+  # ((j + .5) * 10 - .5, (i + .5) * 10 - .5), and its value maps it as the keypoints are mapped.
+  want = (kps * [64 / 3000, 64 / 2000] + [8.0, -4.0]) * [2400 / 64, 1500 / 64]
+  np.testing.assert_allclose(out.src_kps, want, atol=1e-6)
+  i, j = 57, 123
+  point = np.array([(j + 0.5) * 10 - 0.5, (i + 0.5) * 10 - 0.5])
+  mapped = (point * [64 / 3000, 64 / 2000] + [8.0, -4.0]) * [2400 / 64, 1500 / 64]
+  np.testing.assert_allclose(point + out.flow[i, j], mapped, atol=1e-3)
+  full = p.predict(src[:300, :400], trg[:200, :300], max_side=None)
+  assert full.flow.shape == (200, 300, 2)
 
 
 def test_keypoint_confidence_equals_the_full_upsampled_softmax():
@@ -127,6 +168,8 @@ def test_bad_input_messages(tmp_path):
     predict.load_image(str(junk))
   with pytest.raises(predict.ImageError, match="shape"):
     predict.load_image(np.zeros((4, 4, 2), np.uint8))
+  with pytest.raises(predict.ImageError, match=r"1x1 pixels .* too small .* at least 16"):
+    predict.read_image(np.zeros((1, 1, 3), np.uint8), "tiny.png")
   with pytest.raises(predict.KeypointError, match=r"#1 \(x=95, y=3\)"):
     predict.check_keypoints([[3, 3], [95, 3]], (40, 90))
   with pytest.raises(predict.KeypointError, match="not finite"):
@@ -139,7 +182,7 @@ def test_bad_input_messages(tmp_path):
   np.testing.assert_array_equal(predict.load_keypoints(str(kp_file)), [[1, 2], [3.5, 4]])
   p = _predictor()
   with pytest.raises(predict.KeypointError, match="outside the 64x32"):
-    p.predict(np.zeros((10, 10, 3), np.uint8), np.zeros((32, 64, 3), np.uint8),
+    p.predict(np.zeros((16, 16, 3), np.uint8), np.zeros((32, 64, 3), np.uint8),
               trg_kps=[[70, 3]])
   with pytest.raises(FileNotFoundError, match="no checkpoint there"):
     predict.load_model(str(tmp_path / "missing_run"))
