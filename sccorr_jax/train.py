@@ -51,7 +51,6 @@ from sccorr_jax import train_step as ts
 
 
 TRAIN_KEYS = ('src_img', 'trg_img', 'flow')
-SELECT_METRIC = 'val/pck@0.1'
 
 
 # ------------------------------------------------------------------------------------------------
@@ -148,8 +147,10 @@ def eval_protocol(config) -> evaluation.Protocol:
   threshold = config.eval.threshold
   if threshold == 'standard':
     threshold = evaluation.STANDARD_THRESHOLD[config.data.name]
+  alphas = tuple(config.eval.alphas)  # Plus the one selecting the model and the checkpoint.
+  alphas += () if config.eval.select_alpha in alphas else (config.eval.select_alpha,)
   return evaluation.Protocol(benchmark=config.data.name, split=config.eval.split,
-                             alphas=tuple(config.eval.alphas), thresholds=(threshold,),
+                             alphas=alphas, thresholds=(threshold,),
                              img_size=int(config.data.img_size))
 
 
@@ -211,16 +212,24 @@ class _ZeroFlow:
 
 
 class MetricWriter:
-  """Scalars to TensorBoard event files and `<workdir>/metrics.jsonl` (process 0 only)."""
+  """Scalars to TensorBoard event files and `<workdir>/metrics.jsonl` (process 0 only).
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  A run resumed at `resume_step` first drops what the interrupted run logged after that step
+  (JSONL rows with a later step, or torn; TensorBoard events from `resume_step + 1` on), so
+  that every step is logged once.
+  """
+
+  def __init__(self, workdir: str, enabled: bool = True, resume_step: int = 0):
     self.enabled = enabled
     self._tb = None
     self._jsonl = None
     if enabled:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
-      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+      path = os.path.join(workdir, 'metrics.jsonl')
+      _drop_rows_after(path, resume_step)
+      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'),
+                               purge_step=resume_step + 1)
+      self._jsonl = open(path, 'a')
 
   def write(self, step: int, scalars: Dict[str, Any]) -> None:
     if not self.enabled:
@@ -240,6 +249,25 @@ class MetricWriter:
       self._jsonl.close()
 
 
+def _drop_rows_after(path: str, step: int) -> None:
+  """Rewrites the JSONL file `path` (atomically) without rows of steps after `step`."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.readlines()
+  keep = []
+  for line in lines:
+    try:
+      if int(json.loads(line)['step']) <= step and line.endswith('\n'):
+        keep.append(line)
+    except (ValueError, KeyError, TypeError):
+      pass  # A row torn by a kill: dropped.
+  if len(keep) != len(lines):
+    with open(path + '.tmp', 'w') as f:
+      f.writelines(keep)
+    os.replace(path + '.tmp', path)
+
+
 def _py(v):
   v = np.asarray(v).item() if not isinstance(v, (int, float, str)) else v
   if isinstance(v, float) and not math.isfinite(v):
@@ -248,10 +276,15 @@ def _py(v):
 
 
 class _Window:
-  """Means of per-step scalars over a logging window."""
+  """Means of per-step scalars over a logging window (its sums travel in the checkpoint, so a
+  resumed run logs the means an uninterrupted one would)."""
 
-  def __init__(self):
-    self.sums, self.counts = {}, {}
+  def __init__(self, state: Optional[Dict[str, Dict[str, float]]] = None):
+    state = state or {}
+    self.sums, self.counts = dict(state.get('sums', {})), dict(state.get('counts', {}))
+
+  def state(self) -> Dict[str, Dict[str, float]]:
+    return {'sums': dict(self.sums), 'counts': dict(self.counts)}
 
   def add(self, metrics: Dict[str, Any]) -> None:
     for k, v in metrics.items():
@@ -358,9 +391,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   train_iter = data_lib.create_train_iterator(
       config.data, batch_size=int(config.optim.batch_size), seed=data_seed,
       process_index=jax.process_index(), process_count=jax.process_count())
-  manager = ckpt_lib.make_manager(workdir, async_saves=bool(config.async_checkpoints))
-  meta: Dict[str, Any] = {'best': None, 'metrics': {}}
-  restored = ckpt_lib.restore(manager, ckpt_lib.abstract_like(state, replicated), train_iter)
+  manager = ckpt_lib.make_manager(workdir, ckpt_lib.select_metric(config),
+                                  async_saves=bool(config.async_checkpoints))
+  meta: Dict[str, Any] = {'metrics': {}}
+  restored = ckpt_lib.restore(manager, ckpt_lib.abstract_like(state, replicated), train_iter,
+                              config=config)
   if restored is not None:
     state, meta = restored
     logging.info('resumed from %s at step %d (epoch %d)', manager.directory,
@@ -394,7 +429,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   protocol = eval_protocol(config)
   eval_step = evaluation.make_eval_step(model, protocol)
-  writer = MetricWriter(workdir, enabled=lead)
+  writer = MetricWriter(workdir, enabled=lead, resume_step=step)
   if compiled is not None:
     writer.write(step, {'compile/train_step_s': compile_s})
   lr_of = schedules.lr_fn(config.optim, spe)
@@ -434,23 +469,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   def save_checkpoint(epoch: int, val: Optional[Dict[str, float]] = None):
     meta['step'] = step
     meta['epoch'] = epoch
-    meta['rng'] = np.asarray(jax.random.key_data(step_rng)).tolist() if hasattr(
-        jax.random, 'key_data') else np.asarray(step_rng).tolist()
     meta['learning_mode'] = mode
     meta['config'] = _config_json(config)
-    metrics = None
+    meta['log_window'] = window.state()
     if val is not None:
       meta['metrics'] = {k: _py(v) for k, v in val.items()}
       if mutual:
         meta['best_model'] = int(val['val/best_model'])
-      value = val.get(SELECT_METRIC, float('nan'))
-      metrics = {SELECT_METRIC: value if math.isfinite(value) else -1.0}
-      best = meta.get('best')
-      if best is None or (math.isfinite(value) and value > best['value']):
-        meta['best'] = {'step': step, 'epoch': epoch, 'value': value, 'metric': SELECT_METRIC,
-                        'model': meta.get('best_model')}
     t = time.time()
-    ckpt_lib.save(manager, step, state, meta, train_iter, metrics)
+    # The manager ranks the steps by `ckpt_lib.select_metric(config)` among `val`.
+    ckpt_lib.save(manager, step, state, meta, train_iter, val)
     return time.time() - t
 
   bar = None
@@ -458,7 +486,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     import tqdm  # pylint: disable=g-import-not-at-top
     bar = tqdm.tqdm(total=total_steps, initial=step, unit='step', dynamic_ncols=True,
                     desc=f'train {mode}')
-  window = _Window()
+  window = _Window(meta.get('log_window'))
   step_times = []
   last_val: Dict[str, float] = dict(meta.get('metrics') or {})
   hp_epoch, hp = None, None
@@ -551,6 +579,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         t_log = time.time()  # evaluation and checkpointing are not step time
       elif config.get('checkpoint_every_steps') and step % int(
           config.checkpoint_every_steps) == 0:
+        if pending is not None:  # The saved logging window includes this step.
+          consume(*pending)
+          pending = None
         save_checkpoint(step // spe)
       asked = stop_after_steps is not None and step >= stop_after_steps
       preempted = signalled['stop'] or (jax.process_count() > 1
@@ -575,7 +606,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     writer.close()
 
   nonfinite_total = int(jax.device_get(state.nonfinite_total))
-  summary = {'step': step, 'epoch': step // spe, 'val': last_val, 'best': meta.get('best'),
+  summary = {'step': step, 'epoch': step // spe, 'val': last_val,
+             'best': ckpt_lib.best_checkpoint(manager),
              'compile_s': compile_s,
              'mean_step_s': float(np.median(step_times)) if step_times else None,
              'nonfinite_total': nonfinite_total, 'state': state}

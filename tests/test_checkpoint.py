@@ -1,9 +1,9 @@
-"""Checkpoints: best + latest kept, model exports, loading from exports/workdirs/step dirs."""
+"""Checkpoints: the two latest + the best kept, checksummed; model exports; loading from
+exports, workdirs and step dirs. Damaged checkpoints: tests/test_checkpoint_damage.py."""
 
 from __future__ import annotations
 
-import os
-import sys
+import json
 
 import jax
 import jax.numpy as jnp
@@ -55,23 +55,44 @@ def test_export_roundtrip_and_errors(tiny, tmp_path):
   other = common.tiny_config('mt')
   other.model.sce_features = 24
   with pytest.raises(ckpt_lib.CheckpointError,
-                     match=r'(?s)export.*sce.*\(44, 16\), expected \(44, 24\)'):
+                     match=r'export/variables does not fit .*sce/conv/kernel has shape '
+                           r'\(44, 16\), the model needs \(44, 24\).* another config '
+                           r'\(model.sce_features: 16 in the checkpoint, 24 here\)$'):
     ckpt_lib.load_model_variables(path, model_config=other)
+  # The export is sealed with checksums; a changed byte is named, in one line.
+  manifest = json.loads((tmp_path / 'export' / ckpt_lib.MANIFEST).read_text())['files']
+  assert 'config/metadata' in manifest and 'variables/_METADATA' in manifest
+  target = tmp_path / 'export' / 'config' / 'metadata'
+  target.write_text(target.read_text().replace('"sce_features": 16', '"sce_features": 61'))
+  with pytest.raises(ckpt_lib.CheckpointError,
+                     match=r'^damaged checkpoint: .*export/config/metadata: contents changed '
+                           r'since the save \(CRC-32 mismatch\)$'):
+    ckpt_lib.load_model_variables(path)
 
 
 def test_manager_keeps_latest_and_best_and_restores_abstract(tiny, tmp_path):
   config, model, variables = tiny
   tx = schedules.make_optimizer(config.optim, 2)
   state = train.create_train_state(config, model, tx, jax.random.PRNGKey(1))
-  manager = ckpt_lib.make_manager(tmp_path, async_saves=True)
+  manager = ckpt_lib.make_manager(tmp_path, 'val/pck@0.1', async_saves=True)
   meta = {'config': config.to_json_best_effort(), 'best_model': 1}
   for step, pck in [(1, 50.0), (2, 70.0), (3, 40.0), (4, None), (5, 60.0)]:
     metrics = None if pck is None else {'val/pck@0.1': pck}
     ckpt_lib.save(manager, step, state.replace(step=jnp.int32(step)),
                   dict(meta, step=step, metrics=metrics or {}), metrics=metrics)
   manager.wait_until_finished()
-  assert manager.all_steps() == [2, 5]  # the best (70) and the latest
+  assert manager.all_steps() == [2, 4, 5]  # the best (70) and the two latest
   assert manager.best_step() == 2
+  # Async saves are sealed too: every kept step verifies, its manifest covers the arrays.
+  for step in manager.all_steps():
+    ckpt_lib.verify(tmp_path / 'checkpoints' / str(step), ('state', 'meta'))
+    files = json.loads((tmp_path / 'checkpoints' / str(step) / ckpt_lib.MANIFEST).read_text())
+    assert any(f.startswith('state/ocdbt.process_0/d/') for f in files['files'])
+  # A crash mid-save leaves only Orbax's temporary directory: the latest good step is used.
+  partial = tmp_path / 'checkpoints' / '6.orbax-checkpoint-tmp-1234567'
+  (partial / 'state').mkdir(parents=True)
+  manager = ckpt_lib.make_manager(tmp_path, 'val/pck@0.1', async_saves=True)
+  assert manager.all_steps() == [2, 4, 5]
   restored, meta_back = ckpt_lib.restore(manager, ckpt_lib.abstract_like(state))
   assert int(restored.step) == 5 and meta_back['step'] == 5
   for x, y in zip(jax.tree.leaves(restored.opt_state), jax.tree.leaves(state.opt_state)):
@@ -91,6 +112,9 @@ def test_manager_keeps_latest_and_best_and_restores_abstract(tiny, tmp_path):
   other.model.sce_features = 24
   other_state = train.create_train_state(other, models.build_model(other), tx,
                                          jax.random.PRNGKey(1))
-  with pytest.raises(ckpt_lib.CheckpointError, match=r'(?s)checkpoints/5/state.*sce'):
-    ckpt_lib.restore(manager, ckpt_lib.abstract_like(other_state))
+  with pytest.raises(ckpt_lib.CheckpointError,
+                     match=r'checkpoints/5/state does not fit the training state .*sce.* '
+                           r'another config \(model.sce_features: 16 in the checkpoint, 24 '
+                           r'here\)$'):
+    ckpt_lib.restore(manager, ckpt_lib.abstract_like(other_state), config=other)
   del variables
