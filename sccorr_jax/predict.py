@@ -4,9 +4,10 @@ transferred keypoints and a confidence per keypoint.
     from sccorr_jax import predict
     predictor = predict.Predictor.from_checkpoint('runs/spair_mt')   # workdir: its best model
     out = predictor.predict('cat_a.jpg', 'cat_b.jpg', trg_kps=[[120, 80], [200, 150]])
-    out.flow        # [Ht, Wt, 2]: for every target pixel, the displacement to its source match
+    out.flow        # [hf, wf, 2]: for every target pixel, the displacement to its source match
+                    # (hf, wf = the target's size, shrunk to at most 1024 on the longer side)
     out.src_kps     # [n, 2]: where the given target keypoints land in the source image
-    out.confidence  # [n] in [0, 1]: soft-argmax probability mass near that location
+    out.confidence  # [n] in [0, 1]: peakedness x forward-backward consistency of each match
 
 Direction (the project's convention, README "A note on coordinates and direction"): the network
 predicts, for every *target* pixel, its match in the *source*. Keypoints are therefore given on
@@ -17,13 +18,24 @@ Images of any size, aspect ratio and mode (grey, RGBA, palette, 16-bit, EXIF-rot
 converted to RGB (transparency composited on white), resized to the model's input
 (`img_size` x `img_size`, bilinear with antialiasing, aspect not kept, as the data pipeline) and
 ImageNet-normalised. Keypoints are scaled per axis (`x * S / w`, pixel centres at integers, the
-reference's convention) and every output is mapped back to the original images' pixels.
+reference's convention) and every output is mapped back to the original images' pixels. Images
+smaller than `MIN_IMAGE_SIDE` pixels are refused. Images larger than `max_side` (default
+`MAX_IMAGE_SIDE`) are shrunk right after decoding (the model sees S x S anyway): the returned
+pictures and the dense flow are then at most `max_side` on their longer side (the flow's pixel
+(i, j) is the target point `((j + 0.5) * Wt / wf - 0.5, (i + 0.5) * Ht / hf - 0.5)`; its values
+are still in original source pixels). Keypoints always use the original pixels.
 
-Confidence of a keypoint: at the target cell nearest to it, the upsampled correlation's softmax
-(temperature beta, over all source cells; the distribution whose mean is the soft-argmax) is
-computed for that cell only, and the probability mass within `confidence_radius` source cells
-of its expected location is reported (1 = all mass at the match, about `pi r^2 / S^2` for a
-flat distribution).
+Confidence of a keypoint (`docs/matching.md` has the measurements): the product of
+* `mass`: at the target cell nearest to it, the upsampled correlation's softmax (temperature
+  beta, over all source cells; the distribution whose mean is the soft-argmax) is computed for
+  that cell only, and the probability mass within `confidence_radius` source cells of its
+  expected location is reported (1 = all mass at the match, about `pi r^2 / S^2` for a flat
+  distribution): how unambiguous the match is;
+* `consistency`: the pair is also matched the other way (source -> target, a second forward
+  pass in the same batch); the keypoint's match is carried back with that flow and
+  `exp(-e^2 / (2 sigma^2))` of the round trip's miss `e` is reported, `e` as a fraction of the
+  image side, `sigma = CONSISTENCY_SIGMA` (0.05, half the PCK@0.1 tolerance): whether the two
+  directions agree. A pair of unrelated images gets matches that are peaked but do not agree.
 """
 
 from __future__ import annotations
@@ -49,6 +61,13 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 # A keypoint may lie this many pixels beyond the pixel-centre range [0, size - 1] (the same
 # tolerance the dataset preparation applies).
 KPS_BORDER_TOLERANCE = 1.5
+# Images below this side (pixels) are refused: nothing can be matched in them.
+MIN_IMAGE_SIDE = 16
+# Larger images are shrunk to this longer side right after decoding; the dense flow and the
+# pictures of a prediction are at most this size (the network's input is S x S anyway).
+MAX_IMAGE_SIDE = 1024
+# Scale of the forward-backward miss in the confidence, fraction of the image side.
+CONSISTENCY_SIGMA = 0.05
 
 ImageLike = Union[str, os.PathLike, np.ndarray, Image.Image]
 
@@ -97,6 +116,9 @@ def load_image(image: ImageLike, name: Optional[str] = None) -> np.ndarray:
       with Image.open(io.BytesIO(data)) as im:
         im.load()
         return _pil_to_rgb(im)
+    except Image.UnidentifiedImageError as e:
+      raise ImageError(f"{name}: cannot read the image (not an image format PIL can decode, or "
+                       f"the file is damaged)") from e
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
       raise ImageError(f"{name}: cannot read the image ({type(e).__name__}: {e})") from e
   if isinstance(image, Image.Image):
@@ -125,6 +147,35 @@ def load_image(image: ImageLike, name: Optional[str] = None) -> np.ndarray:
     alpha = arr[..., 3:4].astype(np.float32) / 255.0
     arr = np.rint(arr[..., :3] * alpha + 255.0 * (1 - alpha)).astype(np.uint8)
   return np.ascontiguousarray(arr)
+
+
+def read_image(image: ImageLike, name: Optional[str] = None, max_side: Optional[int] = None,
+               min_side: int = MIN_IMAGE_SIDE) -> Tuple[np.ndarray, Tuple[int, int]]:
+  """`load_image`, refusing tiny images and shrinking large ones right away.
+
+  Args:
+    image, name: see `load_image`.
+    max_side: shrink (bilinear, antialiased, aspect kept) so that the longer side is at most
+      this; None = keep the size.
+    min_side: refuse images with a side below this (pixels).
+
+  Returns:
+    `(rgb, (h, w))`: [h', w', 3] uint8 (h', w' <= max_side) and the original size.
+
+  Raises:
+    FileNotFoundError, ImageError: as `load_image`; ImageError for an image below `min_side`.
+  """
+  name = name or (os.fspath(image) if isinstance(image, (str, os.PathLike)) else "image")
+  img = load_image(image, name)
+  h, w = img.shape[:2]
+  if min(h, w) < min_side:
+    raise ImageError(f"{name}: {w}x{h} pixels (w x h) is too small to match; images need at "
+                     f"least {min_side} pixels on each side")
+  if max_side and max(h, w) > max_side:
+    r = max_side / max(h, w)
+    size = (max(1, int(round(w * r))), max(1, int(round(h * r))))
+    img = np.asarray(Image.fromarray(img).resize(size, Image.BILINEAR))
+  return img, (h, w)
 
 
 def _pil_to_rgb(im: Image.Image) -> np.ndarray:
@@ -285,6 +336,79 @@ def keypoint_confidence(corr, trg_cells, x_coords, y_coords, size: Optional[int]
   return conf, jnp.stack([ex, ey], axis=-1)
 
 
+def _axis_weights(points: np.ndarray, cells: int, img_len: int) -> np.ndarray:
+  """[len(points), cells] bilinear weights of `sample_flow` along one axis (align_corners=False,
+  clamped): sampling a grid at a lattice of points is `W_y @ grid @ W_x^T` per channel."""
+  u = np.clip((np.asarray(points, np.float64) + 0.5) * (cells / img_len) - 0.5, 0, cells - 1)
+  i0 = np.floor(u).astype(np.int64)
+  i1 = np.minimum(i0 + 1, cells - 1)
+  frac = u - i0
+  w = np.zeros((len(u), cells), np.float64)
+  np.add.at(w, (np.arange(len(u)), i0), 1 - frac)
+  np.add.at(w, (np.arange(len(u)), i1), frac)
+  return w
+
+
+def dense_flow(flow_grid: np.ndarray, img_size: int, src_hw: Tuple[int, int],
+               trg_hw: Tuple[int, int], out_hw: Optional[Tuple[int, int]] = None) -> np.ndarray:
+  """The network's flow as a displacement per target pixel, in source pixels.
+
+  Equal to mapping every target pixel with `sample_flow` (as `Predictor.predict` does for the
+  keypoints), but separable: memory is the output's, not a multiple of it.
+
+  Args:
+    flow_grid: [fs, fs, 2] flow target -> source in grid cells of the S x S input.
+    img_size: S, the network's input side.
+    src_hw, trg_hw: the original images' sizes (h, w).
+    out_hw: (hf, wf) of the result (default: `trg_hw`); pixel (i, j) is the target point
+      `((j + 0.5) * Wt / wf - 0.5, (i + 0.5) * Ht / hf - 0.5)`.
+
+  Returns:
+    [hf, wf, 2] float32: `source = target point + flow`, original source pixels.
+  """
+  (hs, ws), (ht, wt) = src_hw, trg_hw
+  hf, wf = out_hw or trg_hw
+  s = img_size
+  fs_h, fs_w = flow_grid.shape[:2]
+  # Target points of the output lattice, original pixels, and in input pixels.
+  xt = (np.arange(wf) + 0.5) * (wt / wf) - 0.5
+  yt = (np.arange(hf) + 0.5) * (ht / hf) - 0.5
+  wx = _axis_weights(xt * (s / wt), fs_w, s)  # [wf, fs]
+  wy = _axis_weights(yt * (s / ht), fs_h, s)  # [hf, fs]
+  g = np.asarray(flow_grid, np.float64)
+  out = np.empty((hf, wf, 2), np.float32)
+  # source x = (x_in + disp_x) * ws / s with disp in input pixels (cells * s / fs).
+  disp_x = wy @ g[..., 0] @ wx.T * (s / fs_w)
+  out[..., 0] = (xt[None, :] * (s / wt) + disp_x) * (ws / s) - xt[None, :]
+  del disp_x
+  disp_y = wy @ g[..., 1] @ wx.T * (s / fs_h)
+  out[..., 1] = (yt[:, None] * (s / ht) + disp_y) * (hs / s) - yt[:, None]
+  return out
+
+
+def cycle_consistency(flow_ts: np.ndarray, flow_st: np.ndarray, points: np.ndarray,
+                      img_size: int, sigma: float = CONSISTENCY_SIGMA):
+  """Forward-backward agreement of matches: target point -> source (flow_ts) -> back (flow_st).
+
+  Args:
+    flow_ts: [fs, fs, 2] flow target -> source, grid cells (the pair as given).
+    flow_st: [fs, fs, 2] flow source -> target, grid cells (the pair swapped).
+    points: [n, 2] (x, y) target points, pixels of the S x S input.
+    img_size: S.
+    sigma: scale of the miss, fraction of the image side.
+
+  Returns:
+    `(consistency [n] in [0, 1], miss [n])`: `exp(-miss^2 / (2 sigma^2))` and the round trip's
+    miss `|back - point| / S`.
+  """
+  s = (img_size, img_size)
+  points = np.asarray(points, np.float64).reshape(-1, 2)
+  there = points + sample_flow(flow_ts, points, s)
+  back = there + sample_flow(flow_st, there, s)
+  miss = np.linalg.norm(back - points, axis=-1) / img_size
+  return np.exp(-0.5 * (miss / sigma) ** 2), miss
+
+
 # ------------------------------------------------------------------------------------------------
 # The predictor.
 
@@ -296,13 +420,19 @@ class Prediction:
   Attributes:
     src_image: [Hs, Ws, 3] uint8, the source as read.
     trg_image: [Ht, Wt, 3] uint8, the target as read.
-    flow: [Ht, Wt, 2] float32: for every target pixel (x, y), the displacement to its match in
-      the source, `source = (x + flow[y, x, 0], y + flow[y, x, 1])`, source pixels.
+    flow: [hf, wf, 2] float32: for every target pixel (x, y), the displacement to its match in
+      the source, `source = (x + flow[y, x, 0], y + flow[y, x, 1])`, source pixels. (hf, wf) =
+      (Ht, Wt), or smaller when the target is larger than `max_side`: then pixel (i, j) is the
+      target point `((j + 0.5) * Wt / wf - 0.5, (i + 0.5) * Ht / hf - 0.5)`.
     flow_grid: [S, S, 2] float32, the network's flow in cells of its S grid (target -> source).
     trg_kps: [n, 2] float64, the given target keypoints (x, y), target pixels.
     src_kps: [n, 2] float64, their matches in the source, source pixels.
-    confidence: [n] float32 in [0, 1], soft-argmax mass within the radius of the match.
+    confidence: [n] float32 in [0, 1], `mass * consistency`.
     img_size: S_img, the network's input side (pixels).
+    mass: [n] float32, soft-argmax mass within the radius of the match.
+    consistency: [n] float32, forward-backward agreement (module docstring).
+    src_size_hw, trg_size_hw: the original images' sizes (src_image and trg_image are shrunk
+      to at most `max_side`).
   """
   src_image: np.ndarray
   trg_image: np.ndarray
@@ -312,18 +442,31 @@ class Prediction:
   src_kps: np.ndarray
   confidence: np.ndarray
   img_size: int
+  mass: Optional[np.ndarray] = None
+  consistency: Optional[np.ndarray] = None
+  src_size_hw: Optional[Tuple[int, int]] = None
+  trg_size_hw: Optional[Tuple[int, int]] = None
 
   def to_json(self, **extra) -> dict:
     """Keypoints and confidences as a JSON-able dict (the CLI's keypoints file)."""
-    hs, ws = self.src_image.shape[:2]
-    ht, wt = self.trg_image.shape[:2]
+    hs, ws = self.src_size_hw or self.src_image.shape[:2]
+    ht, wt = self.trg_size_hw or self.trg_image.shape[:2]
+    n = len(self.trg_kps)
+    mass = self.mass if self.mass is not None else [None] * n
+    consistency = self.consistency if self.consistency is not None else [None] * n
+    opt = lambda v: None if v is None else float(v)  # noqa: E731
     return {
         "direction": "target keypoints -> their matches in the source (flow: target -> source)",
         "units": "pixels of the original images, (x, y), pixel centres at integers",
-        "src_size_hw": [hs, ws], "trg_size_hw": [ht, wt], **extra,
+        "confidence": "mass (soft-argmax peakedness) x consistency (forward-backward "
+                      "agreement); see docs/matching.md",
+        "src_size_hw": [int(hs), int(ws)], "trg_size_hw": [int(ht), int(wt)],
+        "flow_size_hw": [int(a) for a in self.flow.shape[:2]], **extra,
+        "mean_confidence": float(np.mean(self.confidence)) if n else None,
         "matches": [{"trg": [float(a) for a in t], "src": [float(a) for a in s],
-                     "confidence": float(c)}
-                    for t, s, c in zip(self.trg_kps, self.src_kps, self.confidence)],
+                     "confidence": float(c), "mass": opt(m), "consistency": opt(k)}
+                    for t, s, c, m, k in zip(self.trg_kps, self.src_kps, self.confidence, mass,
+                                             consistency)],
     }
 
 
@@ -396,13 +539,16 @@ class Predictor:
     lin = jnp.linspace(-1.0, 1.0, s, dtype=jnp.float32)
     return lin, lin
 
-  def predict(self, src: ImageLike, trg: ImageLike, trg_kps=None) -> Prediction:
-    """Matches one pair.
+  def predict(self, src: ImageLike, trg: ImageLike, trg_kps=None,
+              max_side: Optional[int] = MAX_IMAGE_SIDE) -> Prediction:
+    """Matches one pair (both directions in one batch: the second gives the consistency).
 
     Args:
       src: the source image (path, PIL image or array; see `load_image`).
       trg: the target image.
       trg_kps: [n, 2] (x, y) keypoints on the *target*, its original pixels, or None.
+      max_side: images are shrunk to this longer side when read, and the dense flow is at most
+        this size (None: full size; module docstring).
 
     Returns:
       A `Prediction` (original pixel coordinates).
@@ -410,45 +556,44 @@ class Predictor:
     Raises:
       FileNotFoundError, ImageError, KeypointError: naming the image or keypoints at fault.
     """
-    src_img = load_image(src, _name(src, "source image"))
-    trg_img = load_image(trg, _name(trg, "target image"))
-    hs, ws = src_img.shape[:2]
-    ht, wt = trg_img.shape[:2]
+    src_img, (hs, ws) = read_image(src, _name(src, "source image"), max_side)
+    trg_img, (ht, wt) = read_image(trg, _name(trg, "target image"), max_side)
     if trg_kps is None:
       trg_kps = np.zeros((0, 2))
     trg_kps = check_keypoints(trg_kps, (ht, wt), name=f"keypoints on {_name(trg, 'target')}")
     s = self.img_size
-    src_in = jnp.asarray(preprocess_image(src_img, s)[None])
-    trg_in = jnp.asarray(preprocess_image(trg_img, s)[None])
-    flow, corr = self._forward(self.variables, src_in, trg_in)
-    flow_grid = np.asarray(flow[0], np.float64)
+    src_in = preprocess_image(src_img, s)
+    trg_in = preprocess_image(trg_img, s)
+    # Row 0: the pair as given (target -> source); row 1: swapped (source -> target).
+    flow, corr = self._forward(self.variables, jnp.asarray(np.stack([src_in, trg_in])),
+                               jnp.asarray(np.stack([trg_in, src_in])))
+    flows = np.asarray(flow, np.float64)
+    flow_grid = flows[0]
     scale_t = np.array([s / wt, s / ht])  # target original -> input pixels
     scale_s = np.array([ws / s, hs / s])  # source input -> original pixels
-
-    def to_source(points):  # target original pixels -> source original pixels
-      p = points * scale_t
-      return (p + sample_flow(flow_grid, p, (s, s))) * scale_s
-
-    ys, xs = np.meshgrid(np.arange(ht, dtype=np.float64), np.arange(wt, dtype=np.float64),
-                         indexing="ij")
-    grid = np.stack([xs, ys], -1).reshape(-1, 2)
-    dense = (to_source(grid) - grid).reshape(ht, wt, 2).astype(np.float32)
-    src_kps = to_source(trg_kps)
+    out_hw = (ht, wt)
+    if max_side and max(ht, wt) > max_side:
+      out_hw = trg_img.shape[:2]
+    dense = dense_flow(flow_grid, s, (hs, ws), (ht, wt), out_hw)
+    p = trg_kps * scale_t
+    src_kps = (p + sample_flow(flow_grid, p, (s, s))) * scale_s
     n = len(trg_kps)
     if n:
       fs = flow_grid.shape[0]
       # The flow-grid cell whose centre is nearest to each keypoint (align_corners=False).
-      cells = np.clip(np.rint((trg_kps * scale_t + 0.5) * (fs / s) - 0.5), 0, fs - 1)
+      cells = np.clip(np.rint((p + 0.5) * (fs / s) - 0.5), 0, fs - 1)
       padded = max(8, 1 << (n - 1).bit_length())  # bucket n to limit recompilations
       cells = np.concatenate([cells, np.zeros((padded - n, 2))]).astype(np.int32)
       x_c, y_c = self._coords(fs)
-      conf, _ = self._confidence(corr, jnp.asarray(cells[None]), x_c, y_c)
-      confidence = np.asarray(conf[0, :n], np.float32)
+      conf, _ = self._confidence(corr[:1], jnp.asarray(cells[None]), x_c, y_c)
+      mass = np.asarray(conf[0, :n], np.float32)
+      consistency = cycle_consistency(flow_grid, flows[1], p, s)[0].astype(np.float32)
     else:
-      confidence = np.zeros((0,), np.float32)
+      mass = consistency = np.zeros((0,), np.float32)
     return Prediction(src_image=src_img, trg_image=trg_img, flow=dense,
                       flow_grid=flow_grid.astype(np.float32), trg_kps=trg_kps,
-                      src_kps=src_kps, confidence=confidence, img_size=s)
+                      src_kps=src_kps, confidence=mass * consistency, img_size=s, mass=mass,
+                      consistency=consistency, src_size_hw=(hs, ws), trg_size_hw=(ht, wt))
 
 
 def _name(image: Any, default: str) -> str:
