@@ -100,7 +100,8 @@ class BadRecordError(ValueError):
   """A record (pair) of a benchmark is unusable; the message names the file and the problem."""
 
   def __init__(self, file: str, problem: str):
-    super().__init__(f'{file}: {problem}')
+    problem = ' '.join(str(problem).split())  # one line, whatever a library's message was
+    super().__init__(f'{" ".join(str(file).splitlines())}: {problem}')
     self.file = str(file)
     self.problem = problem
 
@@ -255,9 +256,10 @@ def load_image(path: str) -> Tuple[bytes, Tuple[int, int]]:
         grey8 = ((grey * 255 + 32767) // 65535).astype(np.uint8)
         rgb = Image.fromarray(np.repeat(grey8[..., None], 3, axis=-1), 'RGB')
       elif mode in ('I', 'F') or mode.startswith(('I;', 'F;')):
+        kind = 'float' if mode[0] == 'F' else '32-bit integer'
         raise BadRecordError(
-            path, f'{fmt} image with {"float" if mode[0] == "F" else "32-bit integer"} pixels '
-            f'(PIL mode {mode!r}): their range is unknown, convert it to an 8-bit RGB image')
+            path, f'{fmt} image whose pixels PIL reads as {kind}s (mode {mode!r}): their range '
+            'is unknown; convert it to an 8-bit RGB image')
       else:
         rgb = im.convert('RGB')
   except BadRecordError:
@@ -280,7 +282,8 @@ def _inside(kps: np.ndarray, hw: Tuple[int, int]) -> np.ndarray:
 
 
 def _describe(value, limit: int = 80) -> str:
-  text = repr(value)
+  """`repr(value)` on one line, shortened to `limit` characters."""
+  text = ' '.join(repr(value).split())
   return text if len(text) <= limit else text[:limit] + '...'
 
 
