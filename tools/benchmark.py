@@ -44,7 +44,6 @@ from typing import Any, Dict, Optional
 
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
@@ -52,6 +51,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 import numpy as np
 
+from sccorr_jax import cli
 from sccorr_jax import config_lib
 from sccorr_jax import models
 from sccorr_jax import schedules
@@ -384,4 +384,4 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['config'])
-  app.run(main)
+  cli.run(main)

@@ -25,18 +25,20 @@ checkpoint that needs no PyTorch.
 from __future__ import annotations
 
 import os
-import sys
+import pathlib
 
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from sccorr_jax import checkpoint, convert, models
+from sccorr_jax import checkpoint, cli, convert, models
 
 _INPUT = flags.DEFINE_string("input", None, "state dict: .pth, .npz or .safetensors", required=True)
 _OUTPUT = flags.DEFINE_string("output", None, "output checkpoint directory", required=True)
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/spair.py",
-                                          "config whose `model` section describes the network")
+# The default is the repository's configs/spair.py wherever the tool is run from.
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "spair.py"),
+    "config whose `model` section describes the network")
 _KIND = flags.DEFINE_enum("kind", "auto", ["auto", "scorrsan", "dinov2"],
                           "checkpoint kind: auto (by its keys), scorrsan (reference SCorrSAN or "
                           "torchvision ResNet), dinov2 (official DINOv2 torch-hub weights)")
@@ -59,11 +61,10 @@ def main(argv):
     variables = convert.from_torch_state_dict(sd, models.build_model(config))
     checkpoint.save_model_variables(_OUTPUT.value, variables, config)
   except (FileNotFoundError, ImportError, ValueError) as e:  # ConversionError, CheckpointError
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    cli.fail(str(e), e)
   n = sum(v.size for v in __import__("jax").tree.leaves(variables))
   print(f"wrote {_OUTPUT.value}: {n:,} values from {_INPUT.value}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

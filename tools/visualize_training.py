@@ -19,10 +19,10 @@ The selection runs over the whole batch at once, as in training, with the rememb
 
 from __future__ import annotations
 
-import argparse
 import functools
 import os
-import sys
+
+from absl import flags
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image
 from PIL import ImageDraw
 
+from sccorr_jax import cli
 from sccorr_jax import losses
 from sccorr_jax import schedules
 from sccorr_jax import train_step as ts
@@ -101,42 +102,51 @@ def render(batch, signals, scale: int = 2, legend: bool = True) -> np.ndarray:
   return out
 
 
-def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--checkpoint", required=True, help="training workdir or checkpoint")
-  p.add_argument("--out", required=True, help="output PNG")
-  p.add_argument("--num_pairs", type=int, default=4)
-  p.add_argument("--split", default=None, help="default: the config's eval split")
-  p.add_argument("--epoch", type=int, default=None,
-                 help="whose remember rate to use (default: the end of the run's schedule)")
-  p.add_argument("--scale", type=int, default=2)
-  args = p.parse_args(argv)
+def define_flags() -> None:
+  """The command line's flags (defined when run as a script, not on import: tests load this file
+  beside other tools)."""
+  flags.DEFINE_string("checkpoint", None, "Training workdir or checkpoint (required).")
+  flags.DEFINE_string("out", None, "Output PNG (required).")
+  flags.DEFINE_integer("num_pairs", 4, "Validation pairs to draw.", lower_bound=1)
+  flags.DEFINE_string("split", None, "Split to draw (default: the config's eval split).")
+  flags.DEFINE_integer("epoch", None, "Whose remember rate to use (default: the end of the "
+                       "run's schedule).", lower_bound=0)
+  flags.DEFINE_integer("scale", 2, "Magnification of the panels.", lower_bound=1)
+  flags.mark_flags_as_required(["checkpoint", "out"])
+
+
+def main(argv) -> int:
+  if len(argv) > 1:
+    cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
+  f = flags.FLAGS
+  cli.existing_path("checkpoint", f.checkpoint, "any")
+  if os.path.isdir(f.out):
+    cli.fail(f"--out={f.out}: is a directory; give a .png file name")
+  cli.new_output_dir("out", os.path.dirname(os.path.abspath(f.out)))
 
   from sccorr_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   from sccorr_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   from sccorr_jax import predict  # pylint: disable=g-import-not-at-top
+  cli.quiet_libraries()  # again, for what the imports above brought in
 
+  model, variables_a, config = predict.load_model(f.checkpoint, model_index=0)
   try:
-    model, variables_a, config = predict.load_model(args.checkpoint, model_index=0)
-    try:
-      variables_b, _ = ckpt_lib.load_model_variables(args.checkpoint, model_index=1)
-    except (ValueError, KeyError, IndexError):
-      variables_b = variables_a  # a single-model checkpoint
-  except (FileNotFoundError, predict.CheckpointError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  split = args.split or config.get("eval", {}).get("split", "val")
-  batches = data_lib.create_eval_iterator(config.data, split, batch_size=args.num_pairs)
+    variables_b, _ = ckpt_lib.load_model_variables(f.checkpoint, model_index=1)
+  except ckpt_lib.CheckpointError:
+    variables_b = variables_a  # a single-model checkpoint
+  split = f.split or config.get("eval", {}).get("split", "val")
+  batches = data_lib.create_eval_iterator(config.data, split, batch_size=f.num_pairs)
   batch = next(iter(batches))
-  signals = compute_signals(config, model, variables_a, variables_b, batch, args.epoch)
-  img = render(batch, signals, scale=args.scale)
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  visualize.save_png(args.out, img)
-  print(f"wrote {args.out} ({img.shape[1]}x{img.shape[0]}): kept {signals['num_remember']} of "
+  signals = compute_signals(config, model, variables_a, variables_b, batch, f.epoch)
+  img = render(batch, signals, scale=f.scale)
+  os.makedirs(os.path.dirname(os.path.abspath(f.out)), exist_ok=True)
+  visualize.save_png(f.out, img)
+  print(f"wrote {f.out} ({img.shape[1]}x{img.shape[0]}): kept {signals['num_remember']} of "
         f"{signals['num_candidates']} pseudo-label candidates at remember rate "
         f"{signals['remember_rate']:g}")
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  define_flags()
+  cli.run(main)
