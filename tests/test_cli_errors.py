@@ -1,0 +1,121 @@
+"""Every user mistake through the real command line: exit status 2, one last line that names the
+file or flag and the problem, no traceback (`sccorr_jax.cli`). Run from a directory other than
+the checkout, as a user would. Most cases fail before JAX or the model is loaded."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+MAIN = ['-m', 'sccorr_jax.main']
+MATCH = [str(ROOT / 'tools' / 'match.py')]
+DEMO = str(ROOT / 'configs' / 'demo.py')
+
+
+def _run(cmd, cwd, *args, timeout=300):
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  return subprocess.run([sys.executable, *cmd, *args], cwd=cwd, env=env, capture_output=True,
+                        text=True, timeout=timeout, check=False)
+
+
+def _assert_one_line(r, *fragments):
+  """Exit status 2, no traceback, exactly one `error:` line, the last one, naming `fragments`."""
+  assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
+  assert 'Traceback' not in r.stderr, r.stderr[-3000:]
+  lines = r.stderr.strip().splitlines()
+  assert lines and lines[-1].startswith('error: '), r.stderr[-3000:]
+  assert [x for x in lines if x.startswith('error:')] == lines[-1:], r.stderr[-3000:]
+  for f in fragments:
+    assert f in lines[-1], (f, lines[-1])
+  return lines[-1]
+
+
+@pytest.mark.parametrize('tool', [MAIN, MATCH, [str(ROOT / 'tools' / 'visualize_training.py')],
+                                  [str(ROOT / 'tools' / 'convert_torch.py')],
+                                  [str(ROOT / 'tools' / 'benchmark.py')]],
+                         ids=['main', 'match', 'visualize_training', 'convert_torch',
+                              'benchmark'])
+def test_help_exits_0_from_any_directory(tmp_path, tool):
+  for flag in ('--help', '-h'):
+    r = _run(tool, tmp_path, flag)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert 'flags:' in r.stdout and "(default: 'None')" not in r.stdout, r.stdout
+
+
+def test_missing_config_file_fails_before_jax_starts(tmp_path):
+  # -X importtime lists every module imported: jax must not be among them.
+  r = _run(['-X', 'importtime', *MAIN], tmp_path, '--config=configs/demo.py',
+           f'--workdir={tmp_path / "w"}')
+  line = _assert_one_line(r, '--config=configs/demo.py', 'does not exist',
+                          f'did you mean --config={DEMO}')
+  assert not [x for x in r.stderr.splitlines() if x.rstrip().endswith('| jax')], line
+
+
+@pytest.mark.parametrize('args, fragments', [
+    ([f'--config={DEMO}:mtt', '--workdir=w'],
+     [f'--config={DEMO}:mtt', "variant must be one of ('baseline', 'st', 'mt'), got 'mtt'"]),
+    ([f'--config={DEMO}:tiny'], ['--workdir is required']),
+    ([f'--config={DEMO}:tiny', '--workdir=w', '--mode=eval', '--checkpoint=nowhere'],
+     ['--checkpoint=nowhere: no such file or directory']),
+    ([f'--config={DEMO}:tiny', '--workdir=w', '--mode=eval', '--checkpoint=empty'],
+     ['--checkpoint=empty: is an empty directory']),
+    ([f'--config={DEMO}:tiny', '--workdir=w', '--mode=eval', '--checkpoint=foreign'],
+     ['foreign is neither a model export']),
+    ([f'--config={DEMO}:tiny', '--workdir=afile'], ['--workdir=afile: exists and is a file']),
+], ids=['bad_variant', 'no_workdir', 'missing_checkpoint', 'empty_checkpoint',
+        'not_a_checkpoint', 'workdir_is_a_file'])
+def test_main_mistakes(tmp_path, args, fragments):
+  (tmp_path / 'empty').mkdir()
+  (tmp_path / 'foreign').mkdir()
+  (tmp_path / 'foreign' / 'notes.txt').write_text('hello')
+  (tmp_path / 'afile').write_text('x')
+  _assert_one_line(_run(MAIN, tmp_path, *args), *fragments)
+
+
+@pytest.fixture(scope='module')
+def files(tmp_path_factory):
+  d = tmp_path_factory.mktemp('match_inputs')
+  rng = np.random.default_rng(0)
+  Image.fromarray(rng.integers(0, 256, (40, 60, 3), np.uint8)).save(d / 'ok.png')
+  Image.fromarray(np.zeros((1, 1, 3), np.uint8)).save(d / 'one.png')
+  (d / 'corrupt.jpg').write_bytes(b'\xff\xd8\xff\xe0 truncated JPEG' * 4)
+  (d / 'bad.json').write_text('[[1, 2], [3')
+  (d / 'outside.json').write_text(json.dumps({'keypoints': [[5, 5], [75, 10]]}))
+  (d / 'afile').write_text('x')
+  (d / 'ckpt').mkdir()  # exists; the checks below fail before it is read
+  return d
+
+
+@pytest.mark.parametrize('args, fragments', [
+    (['missing.png', 'ok.png', '--out=o'], ['SRC missing.png: no such image file']),
+    (['ok.png', 'ok.png', '--out=afile'], ['--out=afile: exists and is a file']),
+    (['ok.png', 'ok.png', '--out=o', '--checkpoint=nowhere'],
+     ['--checkpoint=nowhere: no such file or directory']),
+    (['ok.png', '--out=o'], ['expected two images, SRC and TRG, got 1']),
+    (['corrupt.jpg', 'ok.png', '--out=o'], ['SRC corrupt.jpg: cannot read the image']),
+    (['ok.png', 'one.png', '--out=o'], ['TRG one.png: 1x1 pixels', 'too small',
+                                        'at least 16']),
+    (['ok.png', 'ok.png', '--out=o', '--keypoints=bad.json'], ['bad.json: not valid JSON']),
+    (['ok.png', 'ok.png', '--out=o', '--keypoints=outside.json'],
+     ['--keypoints=outside.json: 1 keypoint(s) outside the 60x40', '#1 (x=75, y=10)']),
+], ids=['missing_image', 'out_is_a_file', 'missing_checkpoint', 'one_image', 'corrupt_image',
+        'one_pixel_image', 'malformed_keypoints', 'keypoints_outside'])
+def test_match_mistakes(files, args, fragments):
+  if not any(a.startswith('--checkpoint') for a in args):
+    args = args + ['--checkpoint=ckpt']
+  _assert_one_line(_run(MATCH, files, *args), *fragments)
+  assert not (files / 'o').exists()  # nothing written
+
+
+def test_verbose_adds_the_traceback(files):
+  r = _run(MATCH, files, 'corrupt.jpg', 'ok.png', '--out=o', '--checkpoint=ckpt', '--verbose')
+  assert r.returncode == 2 and 'Traceback' in r.stderr and 'in load_image' in r.stderr
+  assert r.stderr.strip().splitlines()[-1].startswith('error: SRC corrupt.jpg: cannot read')
