@@ -109,6 +109,7 @@ def _one_line(e) -> str:
     ('garble_data', r'data/process_0-of-1\.json: not valid JSON'),
     ('empty_state_metadata', r'state/_METADATA: empty \(0 bytes\)'),
     ('delete_state_metadata', r'state/_METADATA: missing'),
+    ('delete_manifest', r'4/checksums\.json: missing'),
 ])
 def test_damaged_latest_step_resumes_from_the_previous_one(trained, workdir, caplog, damage,
                                                            problem):
@@ -129,6 +130,8 @@ def test_damaged_latest_step_resumes_from_the_previous_one(trained, workdir, cap
     (step4 / 'state' / '_METADATA').write_bytes(b'')
   elif damage == 'delete_state_metadata':
     (step4 / 'state' / '_METADATA').unlink()
+  elif damage == 'delete_manifest':
+    (step4 / ckpt_lib.MANIFEST).unlink()
   with caplog.at_level(logging.WARNING):
     step, manager = _restore(config, workdir)
   assert step == 2
@@ -141,6 +144,24 @@ def test_damaged_latest_step_resumes_from_the_previous_one(trained, workdir, cap
   # The damaged step is set aside (not deleted), and the manager no longer lists it.
   assert manager.all_steps() == [2]
   assert (workdir / ckpt_lib.DAMAGED_DIR / '4').is_dir() and not step4.exists()
+
+
+def test_checkpoint_without_manifest_gets_orbax_checks(trained, workdir, caplog):
+  """A step written before manifests existed: used if Orbax reads it, else skipped."""
+  step4 = _step(workdir)
+  (step4 / ckpt_lib.MANIFEST).unlink()
+  orbax_meta = json.loads((step4 / '_CHECKPOINT_METADATA').read_text())
+  orbax_meta['custom_metadata'] = {}
+  (step4 / '_CHECKPOINT_METADATA').write_text(json.dumps(orbax_meta))
+  backup = workdir.parent / 'legacy'
+  shutil.copytree(workdir, backup)
+  assert _restore(trained[0], workdir)[0] == 4
+  array = _largest_array_file(_step(backup))
+  array.write_bytes(array.read_bytes()[:100])
+  with caplog.at_level(logging.WARNING):
+    assert _restore(trained[0], backup)[0] == 2
+  warnings = _warnings(caplog)
+  assert len(warnings) == 1 and 'step 4' in warnings[0] and 'Orbax cannot read it' in warnings[0]
 
 
 def test_resume_after_fallback_logs_each_step_once_with_uninterrupted_means(trained, workdir):
@@ -247,6 +268,14 @@ def test_eval_and_match_on_a_damaged_best_checkpoint_name_the_file(trained, work
   assert r.returncode == 2 and 'Traceback' not in r.stderr, r.stderr[-3000:]
   assert len(errors) == 1 and str(array) in errors[0] and 'CRC-32 mismatch' in errors[0], errors
   assert not (tmp_path / 'out').exists()
+  r = subprocess.run([sys.executable, '-m', 'sccorr_jax.main', '--mode=eval',
+                      '--config=configs/demo.py:baseline,tiny', f'--checkpoint={workdir}',
+                      f'--config.data.data_dir={config.data.data_dir}',
+                      f'--workdir={tmp_path / "eval"}'], cwd=ROOT, capture_output=True,
+                     text=True, timeout=300, check=False)
+  errors = [line for line in r.stderr.splitlines() if line.startswith('error:')]
+  assert r.returncode == 2 and 'Traceback' not in r.stderr, r.stderr[-3000:]
+  assert len(errors) == 1 and str(array) in errors[0] and 'CRC-32 mismatch' in errors[0], errors
 
 
 def test_missing_empty_and_foreign_paths_are_one_line(tmp_path):
