@@ -115,3 +115,15 @@ def test_checkpoint_of_another_configuration_is_named(setup):
   model, variables, _ = predict.load_model(setup["export"])
   with pytest.raises(predict.CheckpointError, match=r"params/sce/conv/kernel has shape"):
     predict.check_variables(models.build_model(other), variables, 64, source="export")
+
+
+def test_measure_confidence_statistics():
+  from conftest import load_tool  # pylint: disable=g-import-not-at-top
+  tool = load_tool("measure_confidence")
+  assert tool.auc([2.0, 3.0], [1.0]) == 1.0 and tool.auc([1.0], [2.0, 3.0]) == 0.0
+  assert tool.auc([1.0, 2.0], [1.0, 2.0]) == 0.5  # ties count half
+  category = np.array([0, 0, 0, 1, 1, 2])
+  partner = tool.other_category(category)
+  assert (category[partner] != category).all()
+  with pytest.raises(ValueError, match="same category"):
+    tool.other_category(np.zeros(3, int))
