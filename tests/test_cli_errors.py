@@ -41,9 +41,10 @@ def _assert_one_line(r, *fragments):
 @pytest.mark.parametrize('tool', [MAIN, MATCH, [str(ROOT / 'tools' / 'visualize_training.py')],
                                   [str(ROOT / 'tools' / 'convert_torch.py')],
                                   [str(ROOT / 'tools' / 'benchmark.py')],
-                                  [str(ROOT / 'tools' / 'measure_confidence.py')]],
+                                  [str(ROOT / 'tools' / 'measure_confidence.py')],
+                                  ['-m', 'sccorr_jax.data.prepare']],
                          ids=['main', 'match', 'visualize_training', 'convert_torch',
-                              'benchmark', 'measure_confidence'])
+                              'benchmark', 'measure_confidence', 'prepare'])
 def test_help_exits_0_from_any_directory(tmp_path, tool):
   for flag in ('--help', '-h'):
     r = _run(tool, tmp_path, flag)

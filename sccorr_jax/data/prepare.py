@@ -27,11 +27,11 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app
 from absl import flags
 from absl import logging
 import tensorflow_datasets as tfds
 
+from sccorr_jax import cli
 from sccorr_jax.data import builder_base
 from sccorr_jax.data import pipeline
 from sccorr_jax.data import records
@@ -100,13 +100,6 @@ def _fail(message: str, status: int = EXIT_USER_ERROR):
   sys.exit(status)
 
 
-def _parse_flags(argv):
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    _fail(str(e))
-
-
 def _run():
   if not _DATASET.value:
     raise records.PreparationError(
@@ -144,4 +137,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=_parse_flags)
+  # The project's runner: flag mistakes in one line, --help exits 0, quiet library logs (the
+  # progress bars of a long preparation stay).
+  cli.run(main, progress_bars=True)
