@@ -442,7 +442,6 @@ def restore(manager: ocp.CheckpointManager, abstract_state, data_iter=None, *,
       problem), or the checkpoint does not fit `abstract_state` (another config: the message
       names the differing keys).
   """
-  import grain  # pylint: disable=g-import-not-at-top  # Only the trainer needs grain.
   ckpt_dir = pathlib.Path(manager.directory)
   steps = sorted(manager.all_steps(), reverse=True)
   if not steps:
@@ -450,28 +449,17 @@ def restore(manager: ocp.CheckpointManager, abstract_state, data_iter=None, *,
   items = (STATE, META) + ((DATA,) if data_iter is not None else ())
   damaged = []
   for step in steps[:KEEP_LATEST]:
-    path = ckpt_dir / str(step)
-    problem = _damage(path, items)
+    problem = _damage(ckpt_dir / str(step), items)
     if problem is None:
-      stored_config = _read_json(path / META).get('config')
-      _check_tree(_tree_metadata(path / STATE), abstract_state, f'checkpoint {path / STATE}',
-                  'the training state of this config', allow_extra=True,
-                  stored_config=stored_config, config=config)
-      args = {STATE: ocp.args.StandardRestore(abstract_state), META: ocp.args.JsonRestore()}
-      if data_iter is not None:
-        args[DATA] = grain.checkpoint.CheckpointRestore(data_iter)
-      try:
-        restored = manager.restore(step, args=ocp.args.Composite(**args))
-      except Exception as e:  # pylint: disable=broad-except  # Orbax's own checks failed.
-        problem = f'{path}: Orbax cannot read it ({_first_line(e)})'
-      else:
-        if damaged:
-          moved = _set_aside(ckpt_dir, [s for s, _ in damaged])
-          manager.reload()
-          logging.warning('damaged checkpoint %s; resuming from step %d, the newest intact one '
-                          '(damaged steps moved to %s)', '; '.join(
-                              f'step {s} ({p})' for s, p in damaged), step, moved)
-        return restored[STATE], dict(restored[META])
+      problem, restored = _restore_step(manager, step, abstract_state, data_iter, config)
+    if problem is None:
+      if damaged:
+        moved = _set_aside(ckpt_dir, [s for s, _ in damaged])
+        manager.reload()
+        logging.warning('damaged checkpoint %s; resuming from step %d, the newest intact one '
+                        '(damaged steps moved to %s)', '; '.join(
+                            f'step {s} ({p})' for s, p in damaged), step, moved)
+      return restored
     damaged.append((step, problem))
   others = sorted(set(steps) - set(steps[:KEEP_LATEST]))
   raise CheckpointError(
@@ -479,6 +467,31 @@ def restore(manager: ocp.CheckpointManager, abstract_state, data_iter=None, *,
           f'step {s}: {p}' for s, p in damaged)
       + (f' (step(s) {others} are kept as the best, not as resume points; move the damaged '
          'steps away to resume from one)' if others else ''))
+
+
+def _restore_step(manager: ocp.CheckpointManager, step: int, abstract_state, data_iter, config):
+  """`(None, (state, meta))` of a verified step, or `(problem, None)` if Orbax cannot read it.
+
+  Raises:
+    CheckpointError: the step does not fit `abstract_state` (another config).
+  """
+  import grain  # pylint: disable=g-import-not-at-top  # Only the trainer needs grain.
+  path = pathlib.Path(manager.directory) / str(step)
+  try:
+    stored = _tree_metadata(path / STATE)
+  except CheckpointError as e:
+    return str(e).removeprefix('damaged checkpoint: '), None
+  _check_tree(stored, abstract_state, f'checkpoint {path / STATE}',
+              'the training state of this config', allow_extra=True,
+              stored_config=_read_json(path / META).get('config'), config=config)
+  args = {STATE: ocp.args.StandardRestore(abstract_state), META: ocp.args.JsonRestore()}
+  if data_iter is not None:
+    args[DATA] = grain.checkpoint.CheckpointRestore(data_iter)
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(**args))
+  except Exception as e:  # pylint: disable=broad-except  # Orbax's own checks failed.
+    return f'{path}: Orbax cannot read it ({_first_line(e)})', None
+  return None, (restored[STATE], dict(restored[META]))
 
 
 def best_checkpoint(manager: ocp.CheckpointManager) -> Optional[Dict[str, Any]]:
