@@ -43,7 +43,6 @@ import json
 import math
 import os
 import re
-import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -52,6 +51,7 @@ from absl import flags
 from absl import logging
 import numpy as np
 
+from sccorr_jax import cli
 from sccorr_jax import config_lib
 
 RESULTS_JSON = 'results.json'
@@ -406,13 +406,20 @@ def describe(config_spec: str, cells: Sequence[Cell], seeds: Sequence[int], out:
   (done, a checkpoint to resume from, or to run), and the equivalent `sccorr_jax.main` flags."""
   configs = build_configs(config_spec, cells, seeds, out, common)
   path = os.path.join(out, RESULTS_JSON)
-  done = set()
+  done, conflict = set(), []
   if os.path.exists(path):
     with open(path) as f:
-      done = {(r['cell'], r['seed']) for r in json.load(f).get('runs', [])}
+      data = json.load(f)
+    done = {(r['cell'], r['seed']) for r in data.get('runs', [])}
+    given = _jsonable({'config': config_spec, 'set': dict(common)})
+    conflict = [f'{k}={data.get("settings", {}).get(k)!r}' for k, v in given.items()
+                if data.get('settings', {}).get(k) != v]
   same = identical_cells(cells, [configs[c.name, seeds[0]] for c in cells])
   lines = [f'{len(cells)} cells x {len(seeds)} seeds of {config_spec}'
            + (f' with {common}' if common else '') + f', into {out}:']
+  if conflict:
+    lines.append(f'NOTE: {path} was written with {", ".join(conflict)}; running this would stop '
+                 'with an error (use another --out)')
   for i, cell in enumerate(cells, 1):
     states = []
     for seed in seeds:
@@ -670,14 +677,15 @@ def main(argv):
   f = flags.FLAGS
   config_spec, sweep, out = f['config'].value, f['sweep'].value, f['out'].value
   seeds = list(range(f['seeds'].value))
+  cli.check_config_file('config', config_spec)
+  cli.new_output_dir('out', out)
   try:
     cells = plan_cells(load_sweep(config_spec, sweep), f['cells'].value)
     common = parse_set(f['set'].value)
     build_configs(config_spec, cells, seeds, out, common)  # Every mistake before any run.
   except (ValueError, config_lib.ConfigFileError) as e:
-    # A mistake of the command's, before anything ran: one line, as the project's tools.
-    sys.stderr.write(f'error: {e}\n')
-    sys.exit(2)
+    cli.fail(str(e), e)  # One line, exit status 2, before anything ran.
+  cli.quiet_libraries()  # Again, for what building the configs imported.
   if f['dry_run'].value:
     print(describe(config_spec, cells, seeds, out, common))
     return
@@ -695,4 +703,4 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  cli.run(main)
