@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 import pytest
 import scipy.io
+import tensorflow_datasets as tfds
 
 import sccorr_jax.data as data
 from sccorr_jax.data import pipeline
@@ -521,3 +522,29 @@ def test_prepare_command_success_lists_notes(cli_dirs):
   assert rc == 0, err
   assert 'trn: 4 pairs' in out and 'repeats the pair of line 1; kept once' in out
   assert out.strip().splitlines()[-1].startswith('prepared in ')
+
+
+def test_manual_dir_given_never_downloads_and_none_given_downloads(templates, tmp_path,
+                                                                    monkeypatch):
+  """A mistyped manual dir is an error (it used to start a download); no manual dir at all
+  downloads (here: a stand-in returning the extracted archive)."""
+  raw, _ = templates
+  calls = []
+
+  def fake_download_and_extract(self, urls):
+    del self
+    calls.append(urls)
+    return {k: raw for k in urls}
+
+  monkeypatch.setattr(tfds.download.DownloadManager, 'download_and_extract',
+                      fake_download_and_extract)
+  builder = pipeline.BUILDERS['pfwillow'](data_dir=str(tmp_path / 'a'))
+  for missing in (tmp_path / 'nope', tmp_path / 'empty'):
+    if missing.name == 'empty':
+      missing.mkdir()
+    with pytest.raises(records.PreparationError, match=f'{missing}.*(does not exist|is empty)'):
+      builder.download_and_prepare(
+          download_config=tfds.download.DownloadConfig(manual_dir=str(missing)))
+  assert not calls and not builder.is_prepared()
+  builder = prepare.prepare('pfwillow', str(tmp_path / 'b'))
+  assert len(calls) == 1 and builder.info.splits['test'].num_examples == 3

@@ -47,8 +47,12 @@ class PairDatasetBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
 
   def _find_root(self, dl_manager) -> str:
     # A manual dir that was given but is missing or empty must not fall back to a download:
-    # tfds' `manual_dir` raises in both cases, so look at what was configured.
+    # tfds' `manual_dir` raises in both cases, so look at what was configured. Without one,
+    # tfds configures `<download dir>/manual`, which may well not exist: then download.
     configured = getattr(dl_manager, '_manual_dir', None)
+    default = os.path.join(os.fspath(dl_manager.download_dir), 'manual')
+    if configured and os.path.normpath(os.fspath(configured)) == os.path.normpath(default):
+      configured = None
     try:
       manual = os.fspath(dl_manager.manual_dir)
     except Exception:  # pylint: disable=broad-except  # tfds raises when no manual dir exists
