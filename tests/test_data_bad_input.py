@@ -548,3 +548,18 @@ def test_manual_dir_given_never_downloads_and_none_given_downloads(templates, tm
   assert not calls and not builder.is_prepared()
   builder = prepare.prepare('pfwillow', str(tmp_path / 'b'))
   assert len(calls) == 1 and builder.info.splits['test'].num_examples == 3
+
+
+def test_unforeseen_exception_in_a_record_stops_naming_it(templates, tmp_path, monkeypatch):
+  """Not a BadRecordError: neither skipped silently nor a bare traceback from deep inside."""
+  _, written = _copy(templates, tmp_path, 'spair71k')
+
+  def broken(*args, **kwargs):
+    raise ZeroDivisionError('something nobody foresaw')
+
+  monkeypatch.setattr(records, 'parse_level', broken)
+  with pytest.raises(records.PreparationError, match=r'\[trn\] record .*unexpected '
+                     'ZeroDivisionError: something nobody foresaw') as e:
+    _prepare(tmp_path, max_bad_fraction=1.0)
+  assert any(p['name'] in str(e.value) for p in written['trn'])
+  assert not _is_prepared(tmp_path)
