@@ -121,3 +121,34 @@ def test_verbose_adds_the_traceback(files):
   r = _run(MATCH, files, 'corrupt.jpg', 'ok.png', '--out=o', '--checkpoint=ckpt', '--verbose')
   assert r.returncode == 2 and 'Traceback' in r.stderr and 'in load_image' in r.stderr
   assert r.stderr.strip().splitlines()[-1].startswith('error: SRC corrupt.jpg: cannot read')
+
+
+def test_library_chatter_is_dropped_and_real_warnings_kept():
+  import logging  # pylint: disable=g-import-not-at-top
+  from sccorr_jax import cli  # pylint: disable=g-import-not-at-top
+
+  def passes(path, level, msg):
+    record = logging.LogRecord('absl', level, path, 1, msg, (), None)
+    return cli.LibraryChatter().filter(record)
+
+  site = '/venv/lib/python3.11/site-packages'
+  dropped = [
+      (f'{site}/tensorflow_datasets/core/dataset_builder.py', logging.WARNING,
+       'Using custom data configuration: %s'),
+      (f'{site}/tensorflow_datasets/core/dataset_info.py', logging.INFO,
+       'Load dataset info from %s'),
+      (f'{site}/orbax/checkpoint/checkpoint_manager.py', logging.WARNING,
+       'Requested `tracked_metric`; did not provide metrics.'),
+      (f'{site}/orbax/checkpoint/_src/metadata/checkpoint.py', logging.WARNING,
+       'Metadata file does not exist: %s'),
+      (f'{site}/jax/_src/xla_bridge.py', logging.INFO, "Unable to initialize backend 'tpu'"),
+  ]
+  kept = [
+      (f'{site}/orbax/checkpoint/_src/metadata/checkpoint.py', logging.ERROR,
+       'Failed to read Metadata file: %s'),
+      (f'{site}/jax/_src/xla_bridge.py', logging.WARNING, 'An NVIDIA GPU may be present'),
+      (f'{site}/tensorflow_datasets/core/dataset_builder.py', logging.WARNING, 'Other warning'),
+      ('/work/main/sccorr_jax/train.py', logging.INFO, 'compiled the mt train step in %.1f s'),
+  ]
+  assert not any(passes(*r) for r in dropped)
+  assert all(passes(*r) for r in kept)
