@@ -299,7 +299,7 @@ def test_frozen_blocks_stop_gradients_exactly_where_the_optimiser_partition_free
                         frozen_blocks=frozen)
       return sum(jnp.sum(jnp.sin(t)) for t in out['intermediate'])
 
-    grads = jax.grad(loss)(variables['params'])
+    grads = jax.jit(jax.grad(loss))(variables['params'])
     for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
       keys = tuple(p.key for p in path)
       # The final norm is applied to the collected outputs, so it always gets a gradient here

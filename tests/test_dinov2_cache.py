@@ -96,6 +96,19 @@ def test_head_on_cached_features_gives_the_live_flow(setup, built):
   assert live.shape == cached.shape == (3, 6, 6, 2)
   # float32 storage: only the two compilations' rounding (soft-argmax, beta 0.02).
   np.testing.assert_allclose(cached, live, rtol=0, atol=1e-3)
+  # The head-only model (`model.inputs='features'`, what a cached run trains) has the full
+  # model's variables without the backbone and gives the same flow.
+  config.model.inputs = 'features'
+  head = models.build_model(config)
+  config.model.inputs = 'images'
+  head_vars = {'params': {k: v for k, v in variables['params'].items() if k != 'backbone'}}
+  shapes = jax.eval_shape(head.init, jax.random.PRNGKey(0), cache.lookup(
+      [recs[0]['src_imname']]), cache.lookup([recs[0]['trg_imname']]))
+  assert jax.tree.map(lambda a: a.shape, shapes['params']) == jax.tree.map(
+      np.shape, head_vars['params'])
+  only_head = np.asarray(head.apply(head_vars, cache.lookup([r['src_imname'] for r in recs]),
+                                    cache.lookup([r['trg_imname'] for r in recs])))
+  np.testing.assert_allclose(only_head, cached, rtol=0, atol=1e-6)
 
 
 def test_bfloat16_cache_is_the_rounded_features(setup, built):

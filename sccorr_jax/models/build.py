@@ -20,7 +20,8 @@ def build_model(config) -> SCorrSAN:
   such as 'bfloat16' or None), `target_chunks`, `remat_backbone`; missing keys keep the model's
   defaults. DINOv2 (issue 12): `backbone` ('resnet' or 'dinov2'), `dinov2_preset`,
   `dinov2_layers` (a block index or a tuple), `dinov2_trained_blocks`, `dinov2_overrides` (a
-  mapping of DINOv2 constructor kwargs replacing the preset's; tests use tiny ViTs).
+  mapping of DINOv2 constructor kwargs replacing the preset's; tests use tiny ViTs), `inputs`
+  ('images', or 'features' for the head alone on cached features).
   """
   m = config.get('model', config) if hasattr(config, 'get') else config.model
   kwargs = {}
@@ -46,6 +47,8 @@ def build_model(config) -> SCorrSAN:
     overrides = m.get('dinov2_overrides')
     if overrides:
       kwargs['dinov2_overrides'] = tuple(sorted(dict(overrides).items()))
-  elif backbone != 'resnet':
+  if m.get('inputs', 'images') != 'images':  # 'features': the head on cached features.
+    kwargs['inputs'] = m['inputs']
+  if backbone not in ('resnet', 'dinov2'):
     raise ValueError(f"model.backbone must be 'resnet' or 'dinov2', got {backbone!r}")
   return SCorrSAN(**kwargs)

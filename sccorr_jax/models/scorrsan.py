@@ -63,6 +63,9 @@ class SCorrSAN(nn.Module):
       0 freezes the backbone; at least the number of blocks run trains everything (embeddings
       included).
     dinov2_overrides: `(name, value)` pairs replacing preset entries (tests use tiny ViTs).
+    inputs: 'images', or 'features': the inputs are a frozen backbone's features (a feature
+      cache, `sccorr_jax.data.cache_features`) and only the head is built and run; its
+      variables are the full model's without `backbone`.
   """
   sce_kernel_size: int = 7
   sce_features: int = 2048
@@ -84,9 +87,14 @@ class SCorrSAN(nn.Module):
   dinov2_layers: Union[None, int, Sequence[int]] = None
   dinov2_trained_blocks: int = 0
   dinov2_overrides: Tuple[Tuple[str, Any], ...] = ()
+  inputs: str = "images"
 
   def setup(self):
-    if self.backbone_type == "dinov2":
+    if self.inputs not in ("images", "features"):
+      raise ValueError(f"inputs must be 'images' or 'features', got {self.inputs!r}")
+    if self.inputs == "features":
+      pass
+    elif self.backbone_type == "dinov2":
       self.backbone = dinov2_lib.DINOv2(**self.dinov2_kwargs(), dtype=self.dtype,
                                         param_dtype=self.param_dtype, remat=self.remat_backbone)
     elif self.backbone_type == "resnet":
@@ -125,6 +133,9 @@ class SCorrSAN(nn.Module):
     if src_img.shape != trg_img.shape:
       raise ValueError(f"source and target batches must have one shape, got {src_img.shape} "
                        f"and {trg_img.shape}")
+    if self.inputs == "features":  # Cached features [b, h, w, c]: the head only.
+      flow, aux = self.head(src_img, trg_img, return_aux=True)
+      return (flow, dict(aux, src_feat=src_img, trg_feat=trg_img)) if return_aux else flow
     b = src_img.shape[0]
     images = jnp.concatenate([src_img, trg_img], axis=0)
     if self.backbone_type == "dinov2":
