@@ -280,12 +280,13 @@ def parse_flags(argv: Sequence[str]) -> list:
     raise
   except flags.Error as e:
     fail(_flag_error_line(e), e)
-  except (AttributeError, KeyError, TypeError, ValueError, OSError) as e:
+  except (AttributeError, KeyError, TypeError, ValueError, OSError, SyntaxError,
+          ImportError) as e:
     if not _from_config_flags(e):
       raise
     if isinstance(e, (AttributeError, KeyError)):
       fail(_unknown_config_key_line(e, argv), e)
-    fail(f'--config: {type(e).__name__}: {e}', e)
+    fail(f'--config={_flag_value(argv, "config")}: {type(e).__name__}: {e}', e)
   return []  # not reached
 
 
