@@ -10,8 +10,9 @@
 * **One line for a user's mistake.** A missing or unreadable config file, a mistyped
   `--config.a.b` override, a bad config variant, a missing required flag, a file that does not
   exist or already exists, a checkpoint/image/keypoint file that cannot be used (the exception
-  classes in `USER_ERRORS`) ends the program with ONE line on stderr, `error: <what>: <why>`,
-  and exit status 2. `--verbose` adds the traceback. Anything else (a bug) keeps its traceback.
+  classes of `USER_ERRORS` and `USER_ERROR_NAMES`) ends the program with ONE line on stderr,
+  `error: <what>: <why>`, and exit status 2. `--verbose` adds the traceback. Anything else (a
+  bug) keeps its traceback.
 * **A config file is checked before anything heavy is imported**: `--config=missing.py` fails
   in a fraction of a second, before JAX starts.
 * **`--help` exits 0** (absl exits 1) and `-h` is accepted; a config flag without a default does
