@@ -1,12 +1,17 @@
-"""The training loop: state, data, one compiled data-parallel step, validation, checkpoints, logs.
+"""The training loop: one set-up, one compiled data-parallel step, validation, checkpoints, logs.
+
+`setup(config)` builds what a run needs (model, optimiser, step config, initial state, the
+jitted step and the abstract batch it is compiled for); `train_and_evaluate`, the benchmark and
+the experiment runner share it. `compile_step` compiles it once per distinct shape in a process
+(the experiment runner's seeds reuse it).
 
 `train_and_evaluate(config, workdir)` trains in the learning mode `config.learning_mode`
-('baseline', 'st', 'mt'; see `train_step`), validates PCK@alpha on `config.eval.split` at the end
-of every `config.eval.every_epochs` epochs for every trained model, and checkpoints the latest and
-the best step (by validation PCK@0.1; for 'mt' the better of the two models, whose index is
-recorded). A restarted run continues from the latest checkpoint exactly where it stopped: the
-parameters, optimiser states, step, data-iterator position and best-so-far are restored, and the
-step's randomness is `fold_in(key, step)`.
+('baseline', 'st', 'mt'; see `train_step`), validates PCK on `config.eval.split` at the end of
+every `config.eval.every_epochs` epochs for every trained model, and checkpoints (the two latest
+steps and the best by `val/pck@<eval.select_alpha>`; for 'mt' the better of the two models by
+the same metric, whose index is recorded). A restarted run continues from the newest intact
+checkpoint exactly where it stopped: parameters, optimiser states, step, data-iterator position
+and logging window are restored, and the step's randomness is `fold_in(key, step)`.
 
 Data parallelism: one `jax.jit` step over all devices of a 1-D `('data',)` mesh, the batch sharded
 along its first axis and the state replicated. Batch statistics and the small-loss selection are
@@ -15,25 +20,25 @@ then global over the batch, so N devices compute what one device computes. Sever
 the data (`process_index::process_count`) and the global batch is assembled with
 `jax.make_array_from_process_local_data`.
 
-Logging (process 0): a tqdm bar with steps/s and the current losses; the compile time apart from
-the step time; scalars every `log_every_steps` steps (window means) and every evaluation to
-TensorBoard event files (`<workdir>/tensorboard`) and to `<workdir>/metrics.jsonl`, one JSON object
-per line with `step` and keys such as `train/a/loss_sup`, `train/lr/head`, `val/pck@0.1`.
+Logging (process 0; `metric_writer`): a tqdm bar; the compile time apart from the step time;
+every `log_every_steps` steps the window means of the step metrics (read from the device only
+there, where non-finite steps are also checked, as big_vision does) and every validation, to
+`<workdir>/metrics.jsonl` and TensorBoard.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import dataclasses
 import functools
 import json
-import math
 import os
 import pathlib
-import re
 import signal
 import threading
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from absl import logging
 import flax
@@ -44,13 +49,20 @@ import ml_collections
 import numpy as np
 
 from sccorr_jax import checkpoint as ckpt_lib
+from sccorr_jax import data as data_lib
 from sccorr_jax import evaluation
 from sccorr_jax import models
 from sccorr_jax import schedules
 from sccorr_jax import train_step as ts
-
+from sccorr_jax.metric_writer import MetricWriter
+from sccorr_jax.metric_writer import to_python
+from sccorr_jax.metric_writer import Window
 
 TRAIN_KEYS = ('src_img', 'trg_img', 'flow')
+# What the pseudo-label metrics are measured against (`train_step.pseudo_label_truth`); never
+# seen by a loss. Every training batch carries them (all invalid where a dataset has none).
+TRUTH_KEYS = ('dense_flow', 'dense_valid', 'withheld_src_kps', 'withheld_trg_kps',
+              'withheld_kps_valid')
 
 
 # ------------------------------------------------------------------------------------------------
@@ -67,7 +79,6 @@ def steps_per_epoch(config) -> int:
   """`optim.steps_per_epoch`, or the training pairs divided by the global batch size."""
   if config.optim.get('steps_per_epoch'):
     return int(config.optim.steps_per_epoch)
-  from sccorr_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   n = data_lib.num_examples(config.data, config.data.get('train_split', 'trn'))
   spe = n // int(config.optim.batch_size)
   if spe < 1:
@@ -76,12 +87,15 @@ def steps_per_epoch(config) -> int:
   return spe
 
 
-def check_config(config) -> None:
-  """Raises ValueError on inconsistent settings, naming the keys."""
+def check_config(config, need_teacher: bool = True) -> None:
+  """Raises ValueError on inconsistent settings, naming the keys.
+
+  `need_teacher`: 'st' must name its teacher (`teacher.checkpoint`) unless one is given.
+  """
   mode = config.learning_mode
   if mode not in ts.STEPS:
     raise ValueError(f'learning_mode must be one of {tuple(ts.STEPS)}, got {mode!r}')
-  if mode == 'st' and not config.teacher.get('checkpoint'):
+  if mode == 'st' and need_teacher and not config.teacher.get('checkpoint'):
     raise ValueError("learning_mode 'st' needs --config.teacher.checkpoint=<baseline workdir, "
                      'checkpoint step directory or exported model>')
   stride = 2 ** (int(config.model.get('backbone_stages', 3)) + 1)
@@ -142,16 +156,131 @@ def create_train_state(config, model, tx, rng, teacher=None) -> ts.TrainState:
                        batch_stats=v['batch_stats'], opt_state=opt_state, teacher=teacher)
 
 
-def eval_protocol(config) -> evaluation.Protocol:
-  """The validation protocol: `eval.alphas` at `eval.threshold` on `eval.split`."""
-  threshold = config.eval.threshold
-  if threshold == 'standard':
-    threshold = evaluation.STANDARD_THRESHOLD[config.data.name]
-  alphas = tuple(config.eval.alphas)  # Plus the one selecting the model and the checkpoint.
-  alphas += () if config.eval.select_alpha in alphas else (config.eval.select_alpha,)
-  return evaluation.Protocol(benchmark=config.data.name, split=config.eval.split,
-                             alphas=alphas, thresholds=(threshold,),
-                             img_size=int(config.data.img_size))
+def abstract_train_batch(config, sharding) -> Dict[str, jax.ShapeDtypeStruct]:
+  """The global training batch the step is compiled for (`TRAIN_KEYS` + `TRUTH_KEYS`)."""
+  b, s = int(config.optim.batch_size), int(config.data.img_size)
+  fs, n = int(config.data.feature_size), data_lib.MAX_KPS
+  shapes = {'src_img': ((b, s, s, 3), jnp.float32), 'trg_img': ((b, s, s, 3), jnp.float32),
+            'flow': ((b, fs, fs, 2), jnp.float32), 'dense_flow': ((b, fs, fs, 2), jnp.float32),
+            'dense_valid': ((b, fs, fs), jnp.bool_),
+            'withheld_src_kps': ((b, n, 2), jnp.float32),
+            'withheld_trg_kps': ((b, n, 2), jnp.float32),
+            'withheld_kps_valid': ((b, n), jnp.bool_)}
+  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+          for k, (shape, dtype) in shapes.items()}
+
+
+@dataclasses.dataclass
+class Setup:
+  """What a training run needs, built once from the config (`setup`).
+
+  Attributes:
+    config: the experiment config.
+    mesh: the 1-D `('data',)` device mesh; `replicated` / `data_sharding` on it.
+    model, tx, step_config: the network, the optimiser, the step's static config.
+    state: the initial `TrainState`, replicated on the mesh.
+    step_fn: the jitted step `(state, batch, rng, hparams) -> (state, metrics)` (state donated).
+    abstract_batch: the global batch it is compiled for.
+    steps_per_epoch, total_steps: the schedule.
+    step_rng: the root key of the step randomness (`fold_in(step_rng, step)`).
+    data_seed: the training data order's seed.
+    n_max: flow positions of a global batch (the remember table's length - 1).
+  """
+  config: Any
+  mesh: jax.sharding.Mesh
+  replicated: NamedSharding
+  data_sharding: NamedSharding
+  model: Any
+  tx: Any
+  step_config: ts.StepConfig
+  state: ts.TrainState
+  step_fn: Callable
+  abstract_batch: Dict[str, jax.ShapeDtypeStruct]
+  steps_per_epoch: int
+  total_steps: int
+  step_rng: jax.Array
+  data_seed: int
+  n_max: int
+
+  def hparams(self, epoch: int) -> schedules.StepHparams:
+    """This epoch's λ and remember table, on the device (fixed shapes: no recompilation)."""
+    return jax.device_put(schedules.step_hparams(self.config.teacher, epoch, self.n_max),
+                          self.replicated)
+
+
+def setup(config, mesh: Optional[jax.sharding.Mesh] = None, *, teacher=None) -> Setup:
+  """Builds a run's model, optimiser, initial state and jitted step from `config`.
+
+  Args:
+    config: the experiment config (checked by `check_config`).
+    mesh: default `make_mesh()`.
+    teacher: 'st' only: the fixed teacher's `{'params', 'batch_stats'}`; default: loaded from
+      `config.teacher.checkpoint` (its best model).
+  """
+  check_config(config, need_teacher=teacher is None)
+  mesh = mesh or make_mesh()
+  replicated, data_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
+  mode = config.learning_mode
+  spe = steps_per_epoch(config)
+  init_rng, step_rng, data_seed_rng = jax.random.split(jax.random.PRNGKey(int(config.seed)), 3)
+  model = models.build_model(config)
+  tx = schedules.make_optimizer(config.optim, spe)
+  step_config = ts.StepConfig.from_config(config, model, tx)
+  if mode == 'st' and teacher is None:
+    teacher, teacher_config = ckpt_lib.load_model_variables(
+        config.teacher.checkpoint, 'best', sharding=replicated, model_config=config)
+    logging.info('fixed teacher loaded from %s (its learning mode: %s)',
+                 config.teacher.checkpoint, teacher_config.get('learning_mode'))
+  state = jax.device_put(create_train_state(config, model, tx, init_rng, teacher), replicated)
+  step_fn = jax.jit(functools.partial(ts.get_step_fn(mode), step_config),
+                    in_shardings=(replicated, data_sharding, replicated, replicated),
+                    out_shardings=(replicated, replicated), donate_argnums=(0,))
+  return Setup(config=config, mesh=mesh, replicated=replicated, data_sharding=data_sharding,
+               model=model, tx=tx, step_config=step_config, state=state, step_fn=step_fn,
+               abstract_batch=abstract_train_batch(config, data_sharding),
+               steps_per_epoch=spe, total_steps=spe * int(config.optim.num_epochs),
+               step_rng=step_rng,
+               data_seed=int(jax.random.randint(data_seed_rng, (), 0, 2 ** 31 - 1)),
+               n_max=int(config.optim.batch_size) * int(config.data.feature_size) ** 2)
+
+
+_COMPILED: Dict[str, Any] = {}
+
+
+def _compile_key(s: Setup) -> str:
+  """What the compiled step depends on: everything but seeds, data contents and schedules."""
+  c = s.config
+  return json.dumps({'mode': c.learning_mode, 'model': c.model.to_dict(),
+                     'optim': c.optim.to_dict(), 'spe': s.steps_per_epoch,
+                     'dilation': c.teacher.dilation_kernel, 'batch': {
+                         k: (v.shape, str(v.dtype)) for k, v in s.abstract_batch.items()},
+                     'devices': [d.id for d in s.mesh.devices.flat]},
+                    sort_keys=True, default=str)
+
+
+def compile_step(s: Setup) -> Tuple[Any, float]:
+  """The step compiled ahead of time for `s.abstract_batch`, and the seconds it took.
+
+  Compiled once per distinct shape and setting in a process: runs that differ only in seeds,
+  data or host-side schedules (λ, remember rate) reuse it.
+  """
+  key = _compile_key(s)
+  if key in _COMPILED:
+    return _COMPILED[key], 0.0
+  t0 = time.time()
+  abstract = lambda tree: ckpt_lib.abstract_like(tree, s.replicated)  # noqa: E731
+  compiled = s.step_fn.lower(abstract(s.state), s.abstract_batch, abstract(s.step_rng),
+                             abstract(schedules.step_hparams(s.config.teacher, 0, s.n_max))
+                             ).compile()
+  compile_s = time.time() - t0
+  logging.info('compiled the %s train step in %.1f s', s.config.learning_mode, compile_s)
+  release_free_heap()
+  _COMPILED[key] = compiled
+  return compiled, compile_s
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation.
 
 
 def evaluate(model, variables, data_iter, protocol: evaluation.Protocol, *, mesh=None,
@@ -164,9 +293,9 @@ def evaluate(model, variables, data_iter, protocol: evaluation.Protocol, *, mesh
     variables: one model's `{'params', 'batch_stats'}`.
     data_iter: iterable of eval batches (`data.create_eval_iterator`; padding rows masked by
       `pair_valid`, padded keypoints by `kps_valid`).
-    protocol: alphas, threshold kind, resolution (`eval_protocol`).
+    protocol: alphas, threshold kind, resolution (`Protocol.from_config(.., validation=True)`).
     mesh: device mesh (default all devices).
-    eval_step: a prebuilt `evaluation.make_eval_step(model, protocol)` (no recompilation).
+    eval_step: a prebuilt `evaluation.make_eval_step(model, protocol, zero_flow)`.
     max_batches: stop early (smoke runs).
     prefix: key prefix.
     zero_flow: also report the PCK of the zero flow (identity transfer) on the same pairs.
@@ -176,137 +305,166 @@ def evaluate(model, variables, data_iter, protocol: evaluation.Protocol, *, mesh
     prefix + 'pck_kp@<alpha>': per keypoint, prefix + 'num_pairs': pairs}` and, with
     `zero_flow`, `prefix + 'pck_zero_flow@<alpha>'`.
   """
-  def run(v, step):
-    return evaluation.evaluate_model(model, v, data_iter, protocol, mesh=mesh, eval_step=step,
-                                     max_batches=max_batches, progress=False)
-
-  result = run(variables, eval_step)
+  result = evaluation.evaluate_model(model, variables, data_iter, protocol, mesh=mesh,
+                                     eval_step=eval_step, max_batches=max_batches,
+                                     progress=False, zero_flow=zero_flow)
   kind = protocol.thresholds[0]
   out = {f'{prefix}num_pairs': float(result.groups['all'].pairs)}
   for a in protocol.alphas:
     out[f'{prefix}pck@{a:g}'] = result.pck(kind, a, 'per_pair')
     out[f'{prefix}pck_kp@{a:g}'] = result.pck(kind, a, 'per_keypoint')
   if zero_flow:
-    zero = evaluation.evaluate_model(_ZeroFlow(model), variables, data_iter, protocol,
-                                     mesh=mesh, max_batches=max_batches, progress=False)
     for a in protocol.alphas:
-      out[f'{prefix}pck_zero_flow@{a:g}'] = zero.pck(kind, a, 'per_pair')
+      out[f'{prefix}pck_zero_flow@{a:g}'] = result.zero_flow.pck(kind, a, 'per_pair')
   return out
 
 
-class _ZeroFlow:
-  """A stand-in model predicting zero flow on the model's grid (the trivial baseline)."""
+class Validator:
+  """Validation of every trained model of a run (one compiled evaluation step)."""
 
-  def __init__(self, model):
-    self._model = model
+  def __init__(self, s: Setup):
+    self.setup = s
+    self.protocol = evaluation.Protocol.from_config(s.config, validation=True)
+    self.eval_step = evaluation.make_eval_step(s.model, self.protocol, zero_flow=True)
 
-  def apply(self, variables, src_img, trg_img):
-    del variables, trg_img
-    b, h = src_img.shape[0], src_img.shape[1]
-    s = self._model.feature_size or h // 16
-    return jnp.zeros((b, s, s, 2), jnp.float32)
-
-
-# ------------------------------------------------------------------------------------------------
-# Logging.
-
-
-class MetricWriter:
-  """Scalars to TensorBoard event files and `<workdir>/metrics.jsonl` (process 0 only).
-
-  A run resumed at `resume_step` first drops what the interrupted run logged after that step
-  (JSONL rows with a later step, or torn; TensorBoard events from `resume_step + 1` on), so
-  that every step is logged once.
-  """
-
-  def __init__(self, workdir: str, enabled: bool = True, resume_step: int = 0):
-    self.enabled = enabled
-    self._tb = None
-    self._jsonl = None
-    if enabled:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      path = os.path.join(workdir, 'metrics.jsonl')
-      _drop_rows_after(path, resume_step)
-      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'),
-                               purge_step=resume_step + 1)
-      self._jsonl = open(path, 'a')
-
-  def write(self, step: int, scalars: Dict[str, Any]) -> None:
-    if not self.enabled:
-      return
-    clean = {k: _py(v) for k, v in scalars.items()}
-    for k, v in clean.items():
-      if isinstance(v, (int, float)) and v is not None:
-        # TensorBoard tags allow [A-Za-z0-9_./-]: `val/pck@0.1` -> `val/pck_0.1` (the JSONL
-        # keeps the original names).
-        self._tb.add_scalar(re.sub(r'[^A-Za-z0-9_./-]', '_', k), v, step)
-    self._jsonl.write(json.dumps({'step': int(step), **clean}) + '\n')
-    self._jsonl.flush()
-
-  def close(self) -> None:
-    if self.enabled:
-      self._tb.close()
-      self._jsonl.close()
-
-
-def _drop_rows_after(path: str, step: int) -> None:
-  """Rewrites the JSONL file `path` (atomically) without rows of steps after `step`."""
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    lines = f.readlines()
-  keep = []
-  for line in lines:
-    try:
-      if int(json.loads(line)['step']) <= step and line.endswith('\n'):
-        keep.append(line)
-    except (ValueError, KeyError, TypeError):
-      pass  # A row torn by a kill: dropped.
-  if len(keep) != len(lines):
-    with open(path + '.tmp', 'w') as f:
-      f.writelines(keep)
-    os.replace(path + '.tmp', path)
-
-
-def _py(v):
-  v = np.asarray(v).item() if not isinstance(v, (int, float, str)) else v
-  if isinstance(v, float) and not math.isfinite(v):
-    return None if math.isnan(v) else v
-  return v
-
-
-class _Window:
-  """Means of per-step scalars over a logging window (its sums travel in the checkpoint, so a
-  resumed run logs the means an uninterrupted one would)."""
-
-  def __init__(self, state: Optional[Dict[str, Dict[str, float]]] = None):
-    state = state or {}
-    self.sums, self.counts = dict(state.get('sums', {})), dict(state.get('counts', {}))
-
-  def state(self) -> Dict[str, Dict[str, float]]:
-    return {'sums': dict(self.sums), 'counts': dict(self.counts)}
-
-  def add(self, metrics: Dict[str, Any]) -> None:
-    for k, v in metrics.items():
-      v = float(v)
-      if math.isfinite(v):
-        self.sums[k] = self.sums.get(k, 0.0) + v
-        self.counts[k] = self.counts.get(k, 0) + 1
-
-  def means(self) -> Dict[str, float]:
-    out = {k: self.sums[k] / self.counts[k] for k in self.sums}
-    self.sums, self.counts = {}, {}
+  def __call__(self, state: ts.TrainState, epoch: int, zero_flow: bool) -> Dict[str, float]:
+    """`val/...` scalars of the state's model(s); for 'mt' also `val/a/...`, `val/b/...` and
+    `val/best_model` (the better one by `val/pck@<eval.select_alpha>`, whose numbers are the
+    `val/pck@...` ones); with `zero_flow`, the zero flow's PCK on the same pairs."""
+    c, t = self.setup.config, time.time()
+    mutual = c.learning_mode == 'mt'
+    variables = jax.device_get({'params': state.params, 'batch_stats': state.batch_stats})
+    out = {}
+    for i, name in enumerate('ab' if mutual else ['']):
+      v = jax.tree.map(lambda x, i=i: x[i], variables) if mutual else variables
+      batches = data_lib.create_eval_iterator(
+          c.data, c.eval.split, batch_size=int(c.eval.batch_size),
+          process_index=jax.process_index(), process_count=jax.process_count())
+      out.update(evaluate(self.setup.model, v, batches, self.protocol, mesh=self.setup.mesh,
+                          eval_step=self.eval_step, max_batches=c.eval.get('max_batches'),
+                          prefix=f'val/{name}/' if name else 'val/',
+                          zero_flow=zero_flow and i == 0))
+    if mutual:
+      sel = [out[f'val/{m}/pck@{c.eval.select_alpha:g}'] for m in 'ab']
+      winner = int(np.nanargmax(sel)) if np.isfinite(sel).any() else 0
+      for a in self.protocol.alphas:
+        out[f'val/pck@{a:g}'] = out[f'val/{"ab"[winner]}/pck@{a:g}']
+      out['val/best_model'] = float(winner)
+      out = {k.replace('val/a/pck_zero_flow', 'val/pck_zero_flow'): v for k, v in out.items()}
+    out['val/epoch'] = float(epoch)
+    out['time/eval_s'] = time.time() - t
     return out
 
 
 # ------------------------------------------------------------------------------------------------
-# The loop.
+# The loop's helpers (explicit arguments, no shared mutable state).
 
 
-def _global_batch(batch, sharding, keys=TRAIN_KEYS):
+def _global_batch(batch, sharding, keys=TRAIN_KEYS + TRUTH_KEYS):
   """Process-local numpy batch -> global arrays sharded over the mesh."""
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k]))
           for k in keys}
+
+
+def _restore(s: Setup, manager, train_iter) -> Tuple[ts.TrainState, Dict[str, Any]]:
+  """The newest intact checkpoint's state and meta, or the fresh state."""
+  restored = ckpt_lib.restore(manager, ckpt_lib.abstract_like(s.state, s.replicated),
+                              train_iter, config=s.config)
+  if restored is None:
+    return s.state, {'metrics': {}}
+  state, meta = restored
+  logging.info('resumed from %s at step %d (epoch %d)', manager.directory, int(state.step),
+               int(meta.get('epoch', 0)))
+  return state, meta
+
+
+def read_metrics(pending: List[Tuple[int, Dict[str, Any]]], window: Window,
+                 writer: MetricWriter, max_nonfinite: int, directory) -> Dict[str, float]:
+  """Reads the steps' metrics from the device into the window, in one transfer.
+
+  Logs every step that was skipped as non-finite and raises when the streak of such steps
+  reaches `max_nonfinite`. Empties `pending`; returns the last step's metrics.
+
+  Raises:
+    FloatingPointError: too many consecutive non-finite steps.
+  """
+  last = {}
+  for step, metrics in jax.device_get(pending):
+    streak = int(metrics.pop('nonfinite_streak'))
+    total = int(metrics.pop('nonfinite_total'))
+    if bool(metrics.pop('nonfinite')):
+      logging.warning('step %d: non-finite loss or gradient, update skipped (%d in a row, %d in '
+                      'total)', step, streak, total)
+      writer.write(step, {'train/nonfinite_total': total, 'train/nonfinite_streak': streak})
+    if streak >= max_nonfinite:
+      raise FloatingPointError(
+          f'{streak} consecutive training steps (steps {step - streak + 1}..{step}) had a '
+          f'non-finite loss or gradient and were skipped; stopping (max_consecutive_nonfinite='
+          f'{max_nonfinite}). The latest checkpoint in {directory} is from before the problem; '
+          'lower the learning rate or check the data.')
+    window.add(metrics)
+    last = metrics
+  pending.clear()
+  return last
+
+
+def _train_scalars(config, step: int, spe: int, window: Window, steps: int, seconds: float
+                   ) -> Dict[str, Any]:
+  """The logged training scalars: window means, learning rates, speed, schedules."""
+  scalars = {f'train/{k}': v for k, v in window.means().items()}
+  scalars.update({f'train/{k}': v
+                  for k, v in schedules.learning_rates(config.optim, spe, step - 1).items()})
+  scalars['train/steps_per_s'] = steps / max(seconds, 1e-9)
+  scalars['train/epoch'] = step / spe
+  if config.learning_mode != 'baseline':
+    epoch = (step - 1) // spe
+    scalars['train/pseudo_weight'] = schedules.pseudo_weight(config.teacher, epoch)
+    scalars['train/remember_rate'] = schedules.remember_rate(config.teacher, epoch)
+  return scalars
+
+
+def _save(manager, step: int, epoch: int, state, meta: Dict[str, Any], window: Window,
+          train_iter, config, val: Optional[Dict[str, float]] = None) -> None:
+  """Checkpoints the step; the manager ranks steps by `ckpt_lib.select_metric(config)`."""
+  meta.update(step=step, epoch=epoch, learning_mode=config.learning_mode,
+              config=_config_json(config), log_window=window.state())
+  if val is not None:
+    meta['metrics'] = {k: to_python(v) for k, v in val.items()}
+    if config.learning_mode == 'mt':
+      meta['best_model'] = int(val['val/best_model'])
+  ckpt_lib.save(manager, step, state, meta, train_iter, val)
+
+
+@contextlib.contextmanager
+def _sigterm_requests_stop():
+  """Yields a dict whose 'stop' turns True on SIGTERM (preemption, `kill`); the handler is
+  restored on exit. Only the main thread can install one."""
+  flag = {'stop': False}
+  if threading.current_thread() is not threading.main_thread():
+    yield flag
+    return
+
+  def on_sigterm(signum, frame):
+    del signum, frame
+    flag['stop'] = True
+
+  old = signal.signal(signal.SIGTERM, on_sigterm)
+  try:
+    yield flag
+  finally:
+    signal.signal(signal.SIGTERM, old)
+
+
+def _progress_bar(config, total: int, initial: int, lead: bool):
+  if not (lead and config.get('progress_bar', True)):
+    return None
+  import tqdm  # pylint: disable=g-import-not-at-top
+  return tqdm.tqdm(total=total, initial=initial, unit='step', dynamic_ncols=True,
+                   desc=f'train {config.learning_mode}')
+
+
+# ------------------------------------------------------------------------------------------------
+# The loop.
 
 
 def _config_json(config) -> str:
@@ -349,269 +507,94 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       preemption would; a later call resumes. None: train to the end.
 
   Returns:
-    A summary: `step`, `epoch`, the last validation metrics, `best` (step, epoch, metric,
-    model index), `compile_s`, `mean_step_s`, `nonfinite_total`.
+    A summary: `step`, `epoch`, the last validation metrics `val`, `best` (step, epoch, metric,
+    value, model index), `compile_s`, `mean_step_s`, `nonfinite_total`, `state`.
   """
-  from sccorr_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-  check_config(config)
   workdir = os.path.abspath(workdir)
   write_config(config, workdir)
   lead = jax.process_index() == 0
-  mode = config.learning_mode
-  mutual = mode == 'mt'
-  mesh = make_mesh()
-  replicated = NamedSharding(mesh, P())
-  data_sharding = NamedSharding(mesh, P('data'))
-  logging.info('learning mode %s; %d process(es), %d device(s) (%d local): %s', mode,
-               jax.process_count(), jax.device_count(), jax.local_device_count(),
-               jax.devices()[0].platform)
-
-  spe = steps_per_epoch(config)
-  num_epochs = int(config.optim.num_epochs)
-  total_steps = spe * num_epochs
-  rng = jax.random.PRNGKey(int(config.seed))
-  init_rng, step_rng, data_seed_rng = jax.random.split(rng, 3)
-  data_seed = int(jax.random.randint(data_seed_rng, (), 0, 2 ** 31 - 1))
-
-  model = models.build_model(config)
-  tx = schedules.make_optimizer(config.optim, spe)
-  step_cfg = ts.StepConfig(model=model, tx=tx, batch_norm=config.model.batch_norm,
-                           dilation_kernel=config.teacher.dilation_kernel or None)
-  teacher = None
-  if mode == 'st':
-    teacher, teacher_config = ckpt_lib.load_model_variables(
-        config.teacher.checkpoint, 'best', sharding=replicated, model_config=config)
-    logging.info('fixed teacher loaded from %s (its learning mode: %s)',
-                 config.teacher.checkpoint, teacher_config.get('learning_mode'))
-  state = create_train_state(config, model, tx, init_rng, teacher)
-  state = jax.device_put(state, replicated)
-  n_params = sum(x.size for x in jax.tree.leaves(state.params))
-  logging.info('%s parameters%s', f'{n_params:,}', ' (2 models)' if mutual else '')
-
+  logging.info('learning mode %s; %d process(es), %d device(s) (%d local): %s',
+               config.learning_mode, jax.process_count(), jax.device_count(),
+               jax.local_device_count(), jax.devices()[0].platform)
+  s = setup(config)
+  spe, total = s.steps_per_epoch, s.total_steps
+  logging.info('%s parameters%s', f'{sum(x.size for x in jax.tree.leaves(s.state.params)):,}',
+               ' (2 models)' if config.learning_mode == 'mt' else '')
   train_iter = data_lib.create_train_iterator(
-      config.data, batch_size=int(config.optim.batch_size), seed=data_seed,
+      config.data, batch_size=int(config.optim.batch_size), seed=s.data_seed,
       process_index=jax.process_index(), process_count=jax.process_count())
   manager = ckpt_lib.make_manager(workdir, ckpt_lib.select_metric(config),
                                   async_saves=bool(config.async_checkpoints))
-  meta: Dict[str, Any] = {'metrics': {}}
-  restored = ckpt_lib.restore(manager, ckpt_lib.abstract_like(state, replicated), train_iter,
-                              config=config)
-  if restored is not None:
-    state, meta = restored
-    logging.info('resumed from %s at step %d (epoch %d)', manager.directory,
-                 int(state.step), int(meta.get('epoch', 0)))
+  state, meta = _restore(s, manager, train_iter)
   step = int(jax.device_get(state.step))
-
-  # Compile once, ahead of time, and report it apart from the step time.
-  n_max = int(config.optim.batch_size) * int(config.data.feature_size) ** 2
-  step_fn = functools.partial(ts.get_step_fn(mode), step_cfg)
-  jitted = jax.jit(step_fn, in_shardings=(replicated, data_sharding, replicated, replicated),
-                   out_shardings=(replicated, replicated), donate_argnums=(0,))
-  hp_host = schedules.step_hparams(config.teacher, step // spe if spe else 0, n_max)
-  b, s, fs = int(config.optim.batch_size), int(config.data.img_size), int(config.data.feature_size)
-  abstract_batch = {
-      'src_img': jax.ShapeDtypeStruct((b, s, s, 3), jnp.float32, sharding=data_sharding),
-      'trg_img': jax.ShapeDtypeStruct((b, s, s, 3), jnp.float32, sharding=data_sharding),
-      'flow': jax.ShapeDtypeStruct((b, fs, fs, 2), jnp.float32, sharding=data_sharding)}
-  t0 = time.time()
-  compiled = None
-  if step < total_steps:
-    compiled = jitted.lower(
-        ckpt_lib.abstract_like(state, replicated), abstract_batch,
-        jax.ShapeDtypeStruct(step_rng.shape, step_rng.dtype, sharding=replicated),
-        ckpt_lib.abstract_like(hp_host, replicated)).compile()
-  compile_s = time.time() - t0
-  if compiled is not None:
-    logging.info('compiled the %s train step in %.1f s', mode, compile_s)
-    release_free_heap()
-  else:
-    logging.info('step %d: training already finished (%d epochs)', step, num_epochs)
-
-  protocol = eval_protocol(config)
-  eval_step = evaluation.make_eval_step(model, protocol)
   writer = MetricWriter(workdir, enabled=lead, resume_step=step)
+  compiled, compile_s = compile_step(s) if step < total else (None, 0.0)
   if compiled is not None:
     writer.write(step, {'compile/train_step_s': compile_s})
-  lr_of = schedules.lr_fn(config.optim, spe)
-
-  def eval_iter():
-    return data_lib.create_eval_iterator(
-        config.data, config.eval.split, batch_size=int(config.eval.batch_size),
-        process_index=jax.process_index(), process_count=jax.process_count())
-
-  def validate(epoch: int) -> Dict[str, float]:
-    t = time.time()
-    out = {}
-    models_ = [('a', 0), ('b', 1)] if mutual else [('', None)]
-    params = jax.device_get(state.params)
-    stats = jax.device_get(state.batch_stats)
-    for name, i in models_:
-      v = {'params': params, 'batch_stats': stats}
-      if i is not None:
-        v = jax.tree.map(lambda x, i=i: x[i], v)
-      prefix = f'val/{name}/' if name else 'val/'
-      out.update(evaluate(model, v, eval_iter(), protocol, mesh=mesh, eval_step=eval_step,
-                          max_batches=config.eval.get('max_batches'), prefix=prefix,
-                          zero_flow=(i in (None, 0) and meta.get('zero_flow') is None)))
-    if mutual:
-      sel = [out[f'val/{m}/pck@{config.eval.select_alpha:g}'] for m in 'ab']
-      winner = int(np.nanargmax(sel)) if np.isfinite(sel).any() else 0
-      for a in protocol.alphas:
-        out[f'val/pck@{a:g}'] = out[f'val/{"ab"[winner]}/pck@{a:g}']
-      out['val/best_model'] = float(winner)
-      zf = {k.replace('val/a/', 'val/'): v for k, v in out.items() if 'zero_flow' in k}
-      out = {k: v for k, v in out.items() if 'zero_flow' not in k}
-      out.update(zf)
-    out['val/epoch'] = float(epoch)
-    out['time/eval_s'] = time.time() - t
-    return out
-
-  def save_checkpoint(epoch: int, val: Optional[Dict[str, float]] = None):
-    meta['step'] = step
-    meta['epoch'] = epoch
-    meta['learning_mode'] = mode
-    meta['config'] = _config_json(config)
-    meta['log_window'] = window.state()
-    if val is not None:
-      meta['metrics'] = {k: _py(v) for k, v in val.items()}
-      if mutual:
-        meta['best_model'] = int(val['val/best_model'])
-    t = time.time()
-    # The manager ranks the steps by `ckpt_lib.select_metric(config)` among `val`.
-    ckpt_lib.save(manager, step, state, meta, train_iter, val)
-    return time.time() - t
-
-  bar = None
-  if lead and config.get('progress_bar', True):
-    import tqdm  # pylint: disable=g-import-not-at-top
-    bar = tqdm.tqdm(total=total_steps, initial=step, unit='step', dynamic_ncols=True,
-                    desc=f'train {mode}')
-  window = _Window(meta.get('log_window'))
-  step_times = []
-  last_val: Dict[str, float] = dict(meta.get('metrics') or {})
-  hp_epoch, hp = None, None
-  pending = None  # metrics of the previous step, read one step late (keeps the device busy)
-  max_nonfinite = int(config.max_consecutive_nonfinite)
-  t_log = time.time()
-  steps_since_log = 0
-
-  def consume(pending_step, metrics):
-    metrics = jax.device_get(metrics)
-    streak = int(metrics.pop('nonfinite_streak'))
-    total_nf = int(metrics.pop('nonfinite_total'))
-    if bool(metrics.pop('nonfinite')):
-      logging.warning('step %d: non-finite loss or gradient, update skipped (%d in a row, '
-                      '%d in total)', pending_step, streak, total_nf)
-      writer.write(pending_step, {'train/nonfinite_total': total_nf,
-                                  'train/nonfinite_streak': streak})
-    if streak >= max_nonfinite:
-      manager.wait_until_finished()
-      raise FloatingPointError(
-          f'{streak} consecutive training steps (steps {pending_step - streak + 1}..'
-          f'{pending_step}) had a non-finite loss or gradient and were skipped; stopping '
-          f'(max_consecutive_nonfinite={max_nonfinite}). The latest checkpoint in '
-          f'{manager.directory} is from before the problem; lower the learning rate or check '
-          'the data.')
-    window.add(metrics)
-    return metrics
-
-  # SIGTERM (preemption, `kill`): finish the current step, checkpoint, exit cleanly.
-  signalled = {'stop': False}
-  old_handler = None
-  if threading.current_thread() is threading.main_thread():
-    def on_sigterm(signum, frame):
-      del signum, frame
-      signalled['stop'] = True
-    old_handler = signal.signal(signal.SIGTERM, on_sigterm)
-
+  validate = Validator(s)
+  window = Window(meta.get('log_window'))
+  pending: List[Tuple[int, Dict[str, Any]]] = []  # step metrics not yet read from the device
+  read = functools.partial(read_metrics, pending, window, writer,
+                           int(config.max_consecutive_nonfinite), manager.directory)
+  last_val = dict(meta.get('metrics') or {})
+  step_times, t_log, steps_since_log = [], time.time(), 0
+  bar = _progress_bar(config, total, step, lead)
   try:
-    while step < total_steps:
-      epoch = step // spe
-      if hp_epoch != epoch:
-        hp = jax.device_put(schedules.step_hparams(config.teacher, epoch, n_max), replicated)
-        hp_epoch = epoch
-      batch = _global_batch(next(train_iter), data_sharding)
-      rng = jax.device_put(jax.random.fold_in(step_rng, step), replicated)
-      state, metrics = compiled(state, batch, rng, hp)
-      if pending is not None:
-        last = consume(*pending)
+    with _sigterm_requests_stop() as signalled:
+      while step < total:
+        epoch = step // spe
+        batch = _global_batch(next(train_iter), s.data_sharding)
+        rng = jax.device_put(jax.random.fold_in(s.step_rng, step), s.replicated)
+        state, metrics = compiled(state, batch, rng, s.hparams(epoch))
+        step, steps_since_log = step + 1, steps_since_log + 1
+        pending.append((step, metrics))
         if bar is not None:
-          bar.set_postfix({k.replace('loss_', ''): f'{v:.3f}' for k, v in last.items()
-                           if k.endswith('loss_sup') or k.endswith('loss_pseudo')},
-                          refresh=False)
-      pending = (step + 1, metrics)
-      step += 1
-      steps_since_log += 1
-      if bar is not None:
-        bar.update(1)
-      if step % int(config.log_every_steps) == 0 or step == total_steps:
-        consume(*pending)
-        pending = None
-        jax.block_until_ready(state.step)
-        dt = time.time() - t_log
-        step_times.append(dt / max(steps_since_log, 1))
-        scalars = {f'train/{k}': v for k, v in window.means().items()}
-        scalars.update({f'train/{k}': v for k, v in lr_of(step - 1).items()})
-        scalars['train/steps_per_s'] = steps_since_log / max(dt, 1e-9)
-        scalars['train/epoch'] = step / spe
-        if mode != 'baseline':
-          scalars['train/pseudo_weight'] = float(hp_host.pseudo_weight) if hp is None else float(
-              jax.device_get(hp.pseudo_weight))
-          scalars['train/remember_rate'] = schedules.remember_rate(config.teacher, epoch)
-        writer.write(step, scalars)
-        t_log, steps_since_log = time.time(), 0
-      epoch_done = step % spe == 0
-      if epoch_done:
-        if pending is not None:
-          consume(*pending)
-          pending = None
-        completed = step // spe
-        val = None
-        if completed % int(config.eval.every_epochs) == 0 or step == total_steps:
-          val = validate(completed)
-          if 'val/pck_zero_flow@0.1' in val:
-            meta['zero_flow'] = val['val/pck_zero_flow@0.1']
-          last_val = val
-          writer.write(step, val)
-          logging.info('epoch %d (step %d): %s', completed, step, ', '.join(
-              f'{k}={v:.2f}' for k, v in val.items() if k.startswith('val/pck@')))
-        save_checkpoint(completed, val)
-        t_log = time.time()  # evaluation and checkpointing are not step time
-      elif config.get('checkpoint_every_steps') and step % int(
-          config.checkpoint_every_steps) == 0:
-        if pending is not None:  # The saved logging window includes this step.
-          consume(*pending)
-          pending = None
-        save_checkpoint(step // spe)
-      asked = stop_after_steps is not None and step >= stop_after_steps
-      preempted = signalled['stop'] or (jax.process_count() > 1
-                                        and manager.reached_preemption(step))
-      if (asked or preempted) and step < total_steps:
-        if pending is not None:
-          consume(*pending)
-          pending = None
-        if manager.latest_step() != step:
-          save_checkpoint(step // spe)
-        logging.info('stopping at step %d (%s) with a checkpoint; rerun to resume', step,
-                     'as asked' if asked else 'preempted')
-        break
-    if pending is not None:
-      consume(*pending)
+          bar.update(1)
+        if step % int(config.log_every_steps) == 0 or step == total:
+          last = read()
+          dt = time.time() - t_log
+          step_times.append(dt / steps_since_log)
+          writer.write(step, _train_scalars(config, step, spe, window, steps_since_log, dt))
+          t_log, steps_since_log = time.time(), 0
+          if bar is not None:
+            bar.set_postfix({k.replace('loss_', ''): f'{v:.3f}' for k, v in last.items()
+                             if k.endswith(('loss_sup', 'loss_pseudo'))}, refresh=False)
+        if step % spe == 0:
+          read()
+          completed, val = step // spe, None
+          if completed % int(config.eval.every_epochs) == 0 or step == total:
+            val = validate(state, completed, zero_flow='zero_flow' not in meta)
+            meta.setdefault('zero_flow', {k: v for k, v in val.items() if 'zero_flow' in k})
+            last_val = val
+            writer.write(step, val)
+            logging.info('epoch %d (step %d): %s', completed, step, ', '.join(
+                f'{k}={v:.2f}' for k, v in val.items() if k.startswith('val/pck@')))
+          _save(manager, step, completed, state, meta, window, train_iter, config, val)
+          t_log = time.time()  # Evaluation and checkpointing are not step time.
+        elif config.get('checkpoint_every_steps') and step % int(
+            config.checkpoint_every_steps) == 0:
+          read()  # The saved logging window includes this step.
+          _save(manager, step, step // spe, state, meta, window, train_iter, config)
+        asked = stop_after_steps is not None and step >= stop_after_steps
+        preempted = signalled['stop'] or (jax.process_count() > 1
+                                          and manager.reached_preemption(step))
+        if (asked or preempted) and step < total:
+          read()
+          if manager.latest_step() != step:
+            _save(manager, step, step // spe, state, meta, window, train_iter, config)
+          logging.info('stopping at step %d (%s) with a checkpoint; rerun to resume', step,
+                       'as asked' if asked else 'preempted')
+          break
+      read()
   finally:
-    if old_handler is not None:
-      signal.signal(signal.SIGTERM, old_handler)
     manager.wait_until_finished()
     if bar is not None:
       bar.close()
     writer.close()
-
-  nonfinite_total = int(jax.device_get(state.nonfinite_total))
-  summary = {'step': step, 'epoch': step // spe, 'val': last_val,
-             'best': ckpt_lib.best_checkpoint(manager),
-             'compile_s': compile_s,
-             'mean_step_s': float(np.median(step_times)) if step_times else None,
-             'nonfinite_total': nonfinite_total, 'state': state}
-  return summary
+  return {'step': step, 'epoch': step // spe, 'val': last_val,
+          'best': ckpt_lib.best_checkpoint(manager), 'compile_s': compile_s,
+          'mean_step_s': float(np.median(step_times)) if step_times else None,
+          'nonfinite_total': int(jax.device_get(state.nonfinite_total)), 'state': state}
 
 
 def run_evaluation(config, checkpoint: str, workdir: Optional[str] = None,
@@ -633,4 +616,3 @@ def run_evaluation(config, checkpoint: str, workdir: Optional[str] = None,
   out = {f'{config.eval.split}/pck@{a:g}': result.pck(kind, a) for a in config.eval.alphas}
   logging.info('%s', result.table())
   return out
-

@@ -63,7 +63,8 @@ def test_runner_resumes_a_killed_run_then_skips_it(data_dir, tmp_path):
   val = [r for r in rows if 'val/epoch' in r]
   assert entry['final']['val/pck@0.1'] == pytest.approx(val[-1]['val/pck@0.1'])
   assert entry['best']['metrics']['val/pck@0.1'] == pytest.approx(entry['best']['value'])
-  assert entry['wall_s'] > 0 and entry['compile_s'] > 0
+  # compile_s is 0 here: the step compiled for the interrupted run is reused in-process.
+  assert entry['wall_s'] > 0 and entry['compile_s'] >= 0
   for name in ('results.md', 'test.png'):
     assert os.path.getsize(os.path.join(out, name)) > 0
 

@@ -38,7 +38,6 @@ import json
 import os
 import pathlib
 import resource
-import sys
 import time
 from typing import Any, Dict, Optional
 
@@ -52,11 +51,8 @@ from ml_collections import config_flags
 import numpy as np
 
 from sccorr_jax import cli
-from sccorr_jax import config_lib
 from sccorr_jax import models
-from sccorr_jax import schedules
 from sccorr_jax import train
-from sccorr_jax import train_step as ts
 
 MODES = ('baseline', 'st', 'mt', 'eval')
 GIB = 2 ** 30
@@ -182,34 +178,36 @@ class Built:
 
 
 def random_batch(config, seed: int = 0) -> Dict[str, np.ndarray]:
-  """Random images and a sparse flow label with the batch contract's shapes (numpy)."""
+  """Random images, a sparse random label and a half-valid dense truth with the shapes of the
+  trainer's batch (`train.abstract_train_batch`), numpy."""
   rng = np.random.default_rng(seed)
-  b, s, fs = (int(config.optim.batch_size), int(config.data.img_size),
-              int(config.data.feature_size))
+  out = {}
+  for k, v in train.abstract_train_batch(config, None).items():
+    if v.dtype == np.bool_:
+      out[k] = rng.random(v.shape) < 0.5
+    else:
+      out[k] = rng.standard_normal(v.shape).astype(v.dtype)
+  b, fs = out['flow'].shape[:2]
   flow = np.zeros((b, fs, fs, 2), np.float32)
   n = min(20, fs * fs)
   for i in range(b):
     pos = rng.choice(fs * fs, n, replace=False)
     flow[i].reshape(-1, 2)[pos] = rng.uniform(-fs / 4, fs / 4, (n, 2)).astype(np.float32)
-  return {'src_img': rng.standard_normal((b, s, s, 3), np.float32),
-          'trg_img': rng.standard_normal((b, s, s, 3), np.float32),
-          'flow': flow}
+  out['flow'] = flow
+  return out
 
 
 def build(config, mode: str) -> Built:
-  """Compiles the `mode` step of `config` (as `train.py` does) and makes its arguments."""
+  """Compiles the `mode` step of `config` with the trainer's own set-up and makes its arguments."""
   if mode not in MODES:
     raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
-  train.check_config(config) if mode != 'st' else None
-  mesh = train.make_mesh()
-  replicated = NamedSharding(mesh, P())
-  data_sharding = NamedSharding(mesh, P('data'))
-  model = models.build_model(config)
   batch = random_batch(config)
-  rng = jax.random.PRNGKey(int(config.seed))
-  init_rng, teacher_rng, step_rng = jax.random.split(rng, 3)
   if mode == 'eval':
-    variables = jax.device_put(train.init_variables(config, model, init_rng, 1), replicated)
+    mesh = train.make_mesh()
+    replicated, data_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
+    model = models.build_model(config)
+    variables = jax.device_put(
+        train.init_variables(config, model, jax.random.PRNGKey(int(config.seed)), 1), replicated)
     imgs = [jax.device_put(batch[k], data_sharding) for k in ('src_img', 'trg_img')]
     fn = jax.jit(lambda v, s, t: model.apply(v, s, t), out_shardings=data_sharding)
     t0 = time.perf_counter()
@@ -217,31 +215,25 @@ def build(config, mode: str) -> Built:
     compile_s = time.perf_counter() - t0
     return Built(compiled, (variables, *imgs), lambda args: (args, compiled(*args)), compile_s)
 
-  spe = int(config.optim.steps_per_epoch)
-  tx = schedules.make_optimizer(config.optim, spe)
-  step_cfg = ts.StepConfig.from_config(config, model, tx)
+  config = config.copy_and_resolve_references()
+  config.learning_mode = mode
   teacher = None
-  if mode == 'st':
-    teacher = train.init_variables(config, model, teacher_rng, 1)
-  state = jax.device_put(train.create_train_state(config, model, tx, init_rng, teacher),
-                         replicated)
-  n_max = int(config.optim.batch_size) * int(config.data.feature_size) ** 2
-  epoch = int(config.teacher.pseudo_start_epoch)  # pseudo-label loss on: every term runs
-  hparams = jax.device_put(schedules.step_hparams(config.teacher, epoch, n_max), replicated)
-  batch = {k: jax.device_put(batch[k], data_sharding) for k in train.TRAIN_KEYS}
-  step_rng = jax.device_put(step_rng, replicated)
-  step_fn = functools.partial(ts.get_step_fn(mode), step_cfg)
-  jitted = jax.jit(step_fn, in_shardings=(replicated, data_sharding, replicated, replicated),
-                   out_shardings=(replicated, replicated), donate_argnums=(0,))
+  if mode == 'st':  # A random fixed teacher: the benchmark reads no checkpoint.
+    teacher = train.init_variables(config, models.build_model(config), jax.random.PRNGKey(1), 1)
+  s = train.setup(config, teacher=teacher)
+  # Pseudo-label loss on (its start epoch): every term runs.
+  hparams = s.hparams(int(config.teacher.pseudo_start_epoch))
+  batch = {k: jax.device_put(v, s.data_sharding) for k, v in batch.items()}
+  step_rng = jax.device_put(s.step_rng, s.replicated)
   t0 = time.perf_counter()
-  compiled = jitted.lower(state, batch, step_rng, hparams).compile()
+  compiled = s.step_fn.lower(s.state, batch, step_rng, hparams).compile()
   compile_s = time.perf_counter() - t0
 
   def run(args):
     new_state, metrics = compiled(*args)
     return (new_state,) + args[1:], metrics
 
-  return Built(compiled, (state, batch, step_rng, hparams), run, compile_s)
+  return Built(compiled, (s.state, batch, step_rng, hparams), run, compile_s)
 
 
 def time_built(built: Built, steps: int, warmup: int):
