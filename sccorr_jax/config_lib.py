@@ -230,19 +230,24 @@ def apply_runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
-def ablation_sweep() -> List[Dict[str, Any]]:
+def ablation_sweep(img_size: int = 256, stride: int = 16) -> List[Dict[str, Any]]:
   """The ablations of the paper's Tables 4 and 6, as lists of `--config.*` overrides.
 
   Each entry is a dict of dotted keys -> values; run one with
   `--config.<key>=<value>` for each item. Table 4 (architecture / loss) starts from the
   `baseline` variant, Table 6 (teacher-student components) from `mt`.
+
+  Args:
+    img_size, stride: the training resolution and the backbone's stride, for the "loss at the
+      correlation's own grid" entry: grid `img_size // stride` and a label receptive field of
+      `2 * stride + 3` pixels (the reference's 35 at stride 16, 256 px).
   """
   return [
       # Table 4: context encoder, loss resolution, backbone fine-tuning.
       {'learning_mode': 'baseline'},
       {'learning_mode': 'baseline', 'model.use_context': False},
-      {'learning_mode': 'baseline', 'model.feature_size': 0, 'data.feature_size': 16,
-       'data.receptive_field': 35},
+      {'learning_mode': 'baseline', 'model.feature_size': 0,
+       'data.feature_size': img_size // stride, 'data.receptive_field': 2 * stride + 3},
       {'learning_mode': 'baseline', 'optim.freeze_backbone': True},
       # Table 6: teacher-student, small-loss selection, mask dilation and its kernel.
       {'learning_mode': 'st'},
@@ -292,7 +297,7 @@ CELL_REFERENCE = 'cell:'
 BUDGET_KEYPOINTS = (1, 2, 4, 8, 0)
 
 
-def get_sweep(name: str) -> Dict[str, Dict[str, Any]]:
+def get_sweep(name: str, img_size: int = 256, stride: int = 16) -> Dict[str, Dict[str, Any]]:
   """The named cells of a sweep of `tools/experiment.py`: cell name -> dotted-key overrides.
 
   Each cell runs once per seed (`config.seed` = 0..N-1) on top of the config file given to the
@@ -311,6 +316,7 @@ def get_sweep(name: str) -> Dict[str, Dict[str, Any]]:
 
   Args:
     name: 'modes', 'budget' or 'ablation'.
+    img_size, stride: of the config swept (see `ablation_sweep`).
 
   Raises:
     ValueError: an unknown sweep name.
@@ -331,7 +337,7 @@ def get_sweep(name: str) -> Dict[str, Dict[str, Any]]:
             for mode in ('baseline', 'mt') for k in BUDGET_KEYPOINTS}
   if name == 'ablation':
     cells = {}
-    for entry in ablation_sweep():
+    for entry in ablation_sweep(img_size, stride):
       rest = [f'{k}={v}' for k, v in entry.items() if k != 'learning_mode']
       cells['+'.join([entry['learning_mode']] + rest)] = dict(entry)
     for cell in cells.values():

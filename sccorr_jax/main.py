@@ -1,6 +1,6 @@
 r"""Command-line entry point: train or evaluate SCorrSAN.
 
-    python -m sccorr_jax.main --config=configs/demo.py --workdir=/tmp/sccorr_demo
+    python -m sccorr_jax.main --config=configs/demo.py --workdir=runs/demo
     python -m sccorr_jax.main --config=configs/spair.py:mt --workdir=runs/spair_mt \
         --config.model.pretrained=resnet101-5d3b4d8f.pth
     python -m sccorr_jax.main --mode=eval --config=configs/spair.py \

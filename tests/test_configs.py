@@ -12,9 +12,9 @@ from sccorr_jax import models
 from sccorr_jax import config_lib as common
 
 CONFIGS = os.path.join(os.path.dirname(__file__), '..', 'configs')
-demo, pfpascal, pfwillow, spair = (
+demo, demo_warp, pfpascal, pfwillow, spair = (
     common.load_config_module(os.path.join(CONFIGS, f'{name}.py'))
-    for name in ('demo', 'pfpascal', 'pfwillow', 'spair'))
+    for name in ('demo', 'demo_warp', 'pfpascal', 'pfwillow', 'spair'))
 
 
 def test_load_config_file_errors(tmp_path):
@@ -70,7 +70,7 @@ def test_pfwillow_is_evaluation_of_a_pfpascal_model():
   assert (c.model.sce_kernel_size, c.model.sce_features) == (13, 1024)
 
 
-@pytest.mark.parametrize('module', [spair, pfpascal, demo])
+@pytest.mark.parametrize('module', [spair, pfpascal, demo, demo_warp])
 @pytest.mark.parametrize('variant', ['baseline', 'st', 'mt', 'mt,runlocal'])
 def test_variants_are_consistent(module, variant):
   c = module.get_config(variant)

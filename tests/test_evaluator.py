@@ -237,7 +237,7 @@ def test_evaluate_model_data_parallel_with_host_padding():
 
 def _demo_config(data_dir):
   import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location("demo_config", ROOT / "configs" / "demo.py")
+  spec = importlib.util.spec_from_file_location("demo_config", ROOT / "configs" / "demo_warp.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   c = module.get_config("mt,runlocal")
@@ -256,8 +256,8 @@ def _demo_config(data_dir):
 
 def test_demo_checkpoint_reproduces_the_logged_validation_pck(tmp_path):
   train = pytest.importorskip("sccorr_jax.train")
-  if not (ROOT / "configs" / "demo.py").exists():
-    pytest.skip("configs/demo.py is not in this checkout")
+  if not (ROOT / "configs" / "demo_warp.py").exists():
+    pytest.skip("configs/demo_warp.py is not in this checkout")
   from sccorr_jax import data  # pylint: disable=g-import-not-at-top
   from sccorr_jax import predict  # pylint: disable=g-import-not-at-top
   config = _demo_config(tmp_path / "data")
