@@ -51,3 +51,17 @@ def test_no_mask_ablation_benchmarks():
   config = benchmark.prepare_config(config, "mt", batch_size=4)
   report = benchmark.benchmark(config, "mt", steps=1, warmup=0, peak_flops=1e9)
   assert report["mode"] == "mt" and math.isfinite(report["step_time_median_s"])
+
+
+def test_accelerator_suite_writes_one_table(tmp_path):
+  """`--suite=accelerator` runs each row in its own process and writes one Markdown table."""
+  cmd = [sys.executable, str(ROOT / "tools" / "benchmark.py"), "--suite=accelerator",
+         "--suite_rows=eval:float32", f"--suite_out={tmp_path}",
+         f"--config={ROOT / 'configs' / 'spair.py'}:runlocal", "--batch_size=2", "--steps=1",
+         "--warmup=1", "--peak_flops=1e9"]
+  result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"})
+  assert result.returncode == 0, result.stderr[-3000:]
+  table = (tmp_path / "table.md").read_text()
+  assert table.count("\n| eval | float32 | 2 |") == 1 and "Device: cpu" in table
+  assert json.loads((tmp_path / "eval_float32.json").read_text())["batch_size"] == 2

@@ -346,6 +346,66 @@ def summary_line(r: Dict[str, Any]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------
+# The accelerator suite: the GPU/TPU table of docs/performance.md in one command.
+
+SUITE_ROWS = tuple(f'{m}:{d}' for m in MODES for d in ('float32', 'bfloat16'))
+
+
+def suite_table(reports) -> str:
+  """A Markdown table of benchmark reports, one row each, the device named above it."""
+  lines = [f"Device: {reports[0]['device']} (jax {reports[0]['jax_version']}).", '',
+           '| mode | dtype | batch | step median s | pairs/s | MFU | peak memory GiB | '
+           'XLA memory GiB | compile s |', '|---|---|---|---|---|---|---|---|---|']
+  for r in reports:
+    mfu = 'n/a' if r['mfu'] is None else f"{100 * r['mfu']:.0f}%"
+    xla = r['compiled_memory_bytes']
+    lines.append(
+        f"| {r['mode']} | {r['dtype']} | {r['batch_size']} | {r['step_time_median_s']:.4f} | "
+        f"{r['pairs_per_s']:.1f} | {mfu} | {r['peak_memory_bytes'] / GIB:.2f} | "
+        f"{'n/a' if xla is None else format(xla / GIB, '.2f')} | {r['compile_s']:.1f} |")
+  return '\n'.join(lines) + '\n'
+
+
+def run_suite(rows, out_dir: str, passthrough, timeout_s: int = 300) -> str:
+  """Each `mode:dtype` row in its own process (clean peak memory), then one table.
+
+  Args:
+    rows: `'mode:dtype'` strings (`SUITE_ROWS` by default).
+    out_dir: where each row's JSON and `table.md` go.
+    passthrough: command-line arguments given to every row (`--config=...`, overrides,
+      `--batch_size`, `--steps`, ...).
+    timeout_s: per row; a row that fails or times out is reported and skipped.
+  """
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  os.makedirs(out_dir, exist_ok=True)
+  reports = []
+  for row in rows:
+    mode, _, dtype = row.partition(':')
+    path = os.path.join(out_dir, f'{mode}_{dtype}.json')
+    cmd = [sys.executable, os.path.abspath(__file__), *passthrough, f'--mode={mode}',
+           f'--dtype={dtype or "float32"}', f'--json={path}']
+    try:
+      done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+      ok = done.returncode == 0
+      why = (done.stderr.strip().splitlines() or ['?'])[-1]
+    except subprocess.TimeoutExpired:
+      ok, why = False, f'timed out after {timeout_s} s'
+    if not ok:
+      print(f'{row}: failed: {why}', flush=True)
+      continue
+    with open(path) as f:
+      reports.append(json.load(f))
+    print(summary_line(reports[-1]), flush=True)
+  if not reports:
+    raise RuntimeError('every row of the suite failed')
+  table = suite_table(reports)
+  with open(os.path.join(out_dir, 'table.md'), 'w') as f:
+    f.write(table)
+  return table
+
+
+# ------------------------------------------------------------------------------------------------
 # Command line.
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file '
@@ -360,10 +420,22 @@ _WARMUP = flags.DEFINE_integer('warmup', 2, 'Discarded runs before timing.')
 _PEAK = flags.DEFINE_float('peak_flops', None, 'Device peak FLOP/s (default: measured).')
 _FIT = flags.DEFINE_bool('fit_batch', False, 'Also find the largest batch that fits.')
 _JSON = flags.DEFINE_string('json', None, 'Write the report here as JSON.')
+_SUITE = flags.DEFINE_enum('suite', None, ['accelerator'], 'accelerator: every mode in float32 '
+                           'and bfloat16, one process each, then one Markdown table '
+                           '(docs/performance.md); --batch_size and --config.* apply to all.')
+_SUITE_ROWS = flags.DEFINE_list('suite_rows', list(SUITE_ROWS), 'mode:dtype rows of the suite.')
+_SUITE_OUT = flags.DEFINE_string('suite_out', 'runs/benchmark_suite', 'Where the suite writes '
+                                 'each row\'s JSON and table.md.')
 
 
 def main(argv):
   del argv
+  if _SUITE.value:
+    import sys  # pylint: disable=g-import-not-at-top
+    keep = ('--config', '--batch_size', '--steps', '--warmup', '--peak_flops')
+    passthrough = [a for a in sys.argv[1:] if a.startswith(keep)]
+    print(run_suite(_SUITE_ROWS.value, _SUITE_OUT.value, passthrough), flush=True)
+    return
   config = prepare_config(_CONFIG.value, _MODE.value, _BATCH.value, _DTYPE.value)
   report = benchmark(config, _MODE.value, steps=_STEPS.value, warmup=_WARMUP.value,
                      peak_flops=_PEAK.value, with_fit_batch=_FIT.value)
