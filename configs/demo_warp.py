@@ -25,60 +25,16 @@ Variants: `baseline` | `st` | `mt` (default); `runlocal` shrinks it further (a s
 
 from __future__ import annotations
 
-import os
-
 from sccorr_jax import config_lib as common
 
 
 def get_config(arg=None):
-  """The demo config; `arg` = 'variant[,runlocal]'."""
-  args = common.parse_arg(arg, variant='mt', runlocal=False, tiny=False, epochs=0)
-  if args.tiny:
-    c = common.tiny_config(args.variant)
-    c.data.data_dir = os.path.join(os.path.expanduser('~'), '.cache', 'sccorr_jax', 'data')
-    return c
-  c = common.base_config('synthetic')
-  c.data.data_dir = os.path.join(os.path.expanduser('~'), '.cache', 'sccorr_jax', 'data')
-  c.data.synthetic_img_size = 96
-  c.data.synthetic_train_pairs_per_photo = 32
-  c.data.synthetic_eval_pairs_per_photo = 16
-  c.data.img_size = 96
-  c.data.feature_size = 24
-  c.data.receptive_field = 11
-  c.data.augment = False  # The colour augmentation slows learning from scratch here.
-  c.data.num_threads = 2
-
-  c.model.backbone_depth = 18
-  c.model.stage_sizes = (1, 1, 1, 1)
-  c.model.backbone_width = 64
-  c.model.backbone_stages = 2
-  c.model.sce_kernel_size = 5
-  c.model.sce_features = 128
-  c.model.feature_size = 24
-
-  c.optim.batch_size = 8
-  c.optim.num_epochs = 12
-  c.optim.lr = 1e-3
-  c.optim.backbone_lr = 1e-3
-  c.optim.weight_decay = 1e-4
-  c.optim.schedule = 'constant'
-  c.optim.train_coordinates = False  # From scratch at lr 1e-3 they get distorted.
-
-  c.teacher.pseudo_start_epoch = 4
-  c.teacher.remember_rate_epochs = 4
-  c.teacher.pseudo_weight = 1.0
-
-  c.eval.batch_size = 16
-  c.eval.every_epochs = 4
-  c.log_every_steps = 10
-  common.apply_variant(c, args.variant)
-  if args.epochs:
-    c.optim.num_epochs = args.epochs
-  if args.runlocal:
-    c.optim.num_epochs = 1
-    c.optim.steps_per_epoch = 3
-    c.eval.max_batches = 1
-    c.log_every_steps = 1
+  """The warp demo config; `arg` = 'variant[,runlocal][,epochs=N][,tiny]'."""
+  c, args = common.demo_config('synthetic', arg)
+  if not args.tiny:
+    c.data.synthetic_img_size = 96
+    c.data.synthetic_train_pairs_per_photo = 32
+    c.data.synthetic_eval_pairs_per_photo = 16
   return c
 
 

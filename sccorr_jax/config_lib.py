@@ -11,7 +11,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import ml_collections
 
@@ -207,6 +207,74 @@ def apply_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.
     raise ValueError(f'variant must be one of {LEARNING_MODES}, got {variant!r}')
   c.learning_mode = variant
   return c
+
+
+DEMO_DATA_DIR = os.path.join(os.path.expanduser('~'), '.cache', 'sccorr_jax', 'data')
+
+
+def demo_config(dataset: str, arg: Optional[str], **extra_args
+                ) -> Tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
+  """The CPU demos' shared settings (`configs/demo.py`, `configs/demo_warp.py`).
+
+  A small ResNet trunk trained from scratch (one basic block per stage, two stages: stride 8,
+  64 -> 128 channels), 96x96 images, a 12x12 correlation upsampled 2x to a 24x24 flow (4 pixels
+  per cell, as the reference's 64x64 flow of 256x256 images; label receptive field 11 as the
+  reference). Changed from the reference because nothing is pretrained and a CPU has minutes:
+  lr 1e-3 (constant, both groups), weight decay 1e-4, no colour augmentation, the soft-argmax
+  coordinate vectors kept at linspace(-1, 1), λ = 1 from epoch 4 with the remember rate rising
+  over 4 epochs; batch 8, 12 epochs, validation every 4.
+
+  Args:
+    dataset: `config.data.name`.
+    arg: the config-file argument: `variant` (baseline | st | mt), `runlocal` (3 steps, one
+      validation batch), `epochs=N`, `tiny` (the test suite's model and data) and `extra_args`.
+    **extra_args: further accepted arguments with their defaults (the caller applies them).
+
+  Returns:
+    `(config, parsed arguments)`; the caller sets its dataset's size knobs.
+  """
+  args = parse_arg(arg, variant='mt', runlocal=False, tiny=False, epochs=0, **extra_args)
+  if args.tiny:
+    c = tiny_config(args.variant, DEMO_DATA_DIR)
+    return c, args
+  c = base_config(dataset)
+  c.data.data_dir = DEMO_DATA_DIR
+  c.data.img_size = 96
+  c.data.feature_size = 24
+  c.data.receptive_field = 11
+  c.data.augment = False  # The colour augmentation slows learning from scratch here.
+  c.data.num_threads = 2
+
+  c.model.backbone_depth = 18
+  c.model.stage_sizes = (1, 1, 1, 1)
+  c.model.backbone_width = 64
+  c.model.backbone_stages = 2
+  c.model.sce_kernel_size = 5
+  c.model.sce_features = 128
+  c.model.feature_size = 24
+
+  c.optim.batch_size = 8
+  c.optim.num_epochs = args.epochs or 12
+  c.optim.lr = 1e-3
+  c.optim.backbone_lr = 1e-3
+  c.optim.weight_decay = 1e-4
+  c.optim.schedule = 'constant'
+  c.optim.train_coordinates = False  # From scratch at lr 1e-3 they get distorted.
+
+  c.teacher.pseudo_start_epoch = 4
+  c.teacher.remember_rate_epochs = 4
+  c.teacher.pseudo_weight = 1.0
+
+  c.eval.batch_size = 16
+  c.eval.every_epochs = 4
+  c.log_every_steps = 10
+  apply_variant(c, args.variant)
+  if args.runlocal:
+    c.optim.num_epochs = 1
+    c.optim.steps_per_epoch = 3
+    c.eval.max_batches = 1
+    c.log_every_steps = 1
+  return c, args
 
 
 def apply_runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
