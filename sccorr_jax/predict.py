@@ -45,7 +45,7 @@ import functools
 import io
 import json
 import os
-from typing import Any, Optional, Sequence, Tuple, Union
+from typing import Any, Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -54,10 +54,9 @@ from PIL import Image
 from PIL import ImageOps
 
 from sccorr_jax import checkpoint as ckpt_lib
+from sccorr_jax import images
 from sccorr_jax.models import flow as flow_lib
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 # A keypoint may lie this many pixels beyond the pixel-centre range [0, size - 1] (the same
 # tolerance the dataset preparation applies).
 KPS_BORDER_TOLERANCE = 1.5
@@ -192,11 +191,9 @@ def _pil_to_rgb(im: Image.Image) -> np.ndarray:
 
 
 def preprocess_image(img: np.ndarray, img_size: int) -> np.ndarray:
-  """[h, w, 3] uint8 -> [S, S, 3] float32 network input (resize as the data pipeline, then
-  ImageNet normalisation with mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225))."""
-  if img.shape[0] != img_size or img.shape[1] != img_size:
-    img = np.asarray(Image.fromarray(img).resize((img_size, img_size), Image.BILINEAR))
-  return (img.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+  """[h, w, 3] uint8 -> [S, S, 3] float32 network input: the data pipeline's resize and
+  ImageNet normalisation (`data.transforms`)."""
+  return images.normalize(images.resize_image(img, img_size))
 
 
 def load_keypoints(path: str) -> np.ndarray:

@@ -17,15 +17,12 @@ from PIL import Image
 from PIL import ImageDraw
 import scipy.ndimage
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+from sccorr_jax import images
+
 GAP = 8  # pixels between side-by-side images
 
 
-def to_uint8(img: np.ndarray) -> np.ndarray:
-  """[h, w, 3] ImageNet-normalised float -> uint8 RGB."""
-  x = np.asarray(img, np.float32) * IMAGENET_STD + IMAGENET_MEAN
-  return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
+to_uint8 = images.to_uint8
 
 
 def palette(n: int) -> list:

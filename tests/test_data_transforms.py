@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import scipy.ndimage
 
+from sccorr_jax import constants
 from sccorr_jax import geometry
 from sccorr_jax.data import augment
 from sccorr_jax.data import transforms
@@ -121,7 +122,8 @@ def test_preprocess_by_hand():
   # ImageNet normalisation of the bilinear-resized image.
   from PIL import Image  # pylint: disable=g-import-not-at-top
   resized = np.asarray(Image.fromarray(rec['src_img']).resize((256, 256), Image.BILINEAR))
-  np.testing.assert_allclose(out['src_img'] * transforms.IMAGENET_STD + transforms.IMAGENET_MEAN,
+  mean, std = np.float32(constants.IMAGENET_MEAN), np.float32(constants.IMAGENET_STD)
+  np.testing.assert_allclose(out['src_img'] * std + mean,
                              resized / 255.0, atol=1e-6)
   # PF-WILLOW thresholds: keypoint extent (corrected) and the reference's padded one (legacy).
   w = transforms.preprocess_pair(rec, transforms.PreprocessOptions('pfwillow'))

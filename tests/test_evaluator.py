@@ -190,7 +190,6 @@ def test_difficulty_groups_and_report_tags(tmp_path):
 
 
 def test_standard_thresholds_agree_with_the_data_pipeline():
-  assert evaluation.STANDARD_THRESHOLD == transforms.STANDARD_THRESHOLD
   assert evaluation.default_thresholds("pfpascal")[0] == "img"
   assert evaluation.default_thresholds("spair71k") == ("bbox", "img")
 

@@ -48,6 +48,8 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
+from sccorr_jax import constants
+
 MAX_KPS = 40
 # A keypoint may sit this many pixels beyond the pixel-centre range [0, size - 1] and still count
 # as inside (annotations of border points are often 1-based or at `size`).
@@ -62,7 +64,7 @@ PASCAL_CATEGORIES = ('aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'c
 WILLOW_CATEGORIES = ('car(G)', 'car(M)', 'car(S)', 'duck(S)', 'motorbike(G)', 'motorbike(M)',
                      'motorbike(S)', 'winebottle(M)', 'winebottle(wC)', 'winebottle(woC)')
 
-DIFFICULTY_FIELDS = ('viewpoint_variation', 'scale_variation', 'truncation', 'occlusion')
+DIFFICULTY_FIELDS = constants.DIFFICULTY_FIELDS
 # The largest level of each SPair-71k difficulty field (Min et al. 2019): viewpoint and scale
 # variation 0 easy / 1 medium / 2 hard; truncation and occlusion 0 none / 1 source / 2 target /
 # 3 both.

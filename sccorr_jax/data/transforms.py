@@ -41,18 +41,14 @@ from typing import Optional
 
 import grain
 import numpy as np
-from PIL import Image
 
+from sccorr_jax import constants
+from sccorr_jax import images
 from sccorr_jax.data import augment as augment_lib
 from sccorr_jax.data import procedural
 from sccorr_jax.data import records
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
-
-# Which threshold is each benchmark's standard, and how its `bbox` threshold is measured.
-STANDARD_THRESHOLD = {'spair71k': 'bbox', 'pfpascal': 'img', 'pfwillow': 'bbox',
-                      'synthetic': 'bbox', 'parts': 'bbox'}
+# How each benchmark's `bbox` threshold is measured (its standard kind: `constants`).
 BBOX_FROM_KEYPOINTS = {'pfwillow'}
 # Datasets whose records name their keypoints (`kps_ids`): category -> [K] left/right table.
 FLIP_TABLES = {'parts': procedural.flip_permutation}
@@ -98,16 +94,8 @@ def keypoints_to_flow_np(src_kps, trg_kps, valid, feature_size: int, receptive_f
   return np.where((count > 0)[..., None], flow, 0.0).astype(np.float32)
 
 
-def resize_image(img: np.ndarray, size: int) -> np.ndarray:
-  """[h, w, 3] uint8 -> [size, size, 3] uint8, bilinear with antialiasing (PIL)."""
-  if img.shape[0] == size and img.shape[1] == size:
-    return img
-  return np.asarray(Image.fromarray(img).resize((size, size), Image.BILINEAR))
-
-
-def normalize(img: np.ndarray) -> np.ndarray:
-  """uint8 [.., 3] -> float32 ImageNet-normalised."""
-  return (img.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+resize_image = images.resize_image
+normalize = images.normalize
 
 
 def legacy_willow_threshold(src_kps: np.ndarray, valid: np.ndarray) -> np.float32:
@@ -387,7 +375,7 @@ def preprocess_pair(rec: dict, opts: PreprocessOptions,
     thr_bbox = np.float32(max(src_box[2] - src_box[0], src_box[3] - src_box[1]))
     thr_legacy = thr_bbox
   thr_img = np.float32(s)
-  standard = STANDARD_THRESHOLD[opts.dataset]
+  standard = constants.STANDARD_THRESHOLD[opts.dataset]
   n = int(opts.max_kps)
   # Slots past `max_kps` are dropped, as before the budget; the kept ones form a prefix.
   in_range = np.arange(len(valid)) < n
