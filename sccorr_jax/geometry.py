@@ -1,4 +1,4 @@
-"""Coordinate conventions, keypoint <-> flow conversions and resizing of keypoints.
+"""Coordinate conventions: keypoints -> sparse flow labels, the "unlabelled" rule.
 
 A note on coordinates (the same text is in the README):
 
@@ -81,28 +81,6 @@ def keypoints_to_flow(src_kps, trg_kps, valid, feature_size: int,
   src_last = src_kps[jnp.maximum(last, 0)]  # [fy, fx, 2]
   flow = (src_last - mean_trg) / jnp.float32(jsz)
   return jnp.where(labelled[..., None], flow, 0.0).astype(jnp.float32)
-
-
-def resize_keypoints(kps, from_size: SizeLike, to_size: SizeLike):
-  """Scales (x, y) pixel keypoints from an image of `from_size` to one of `to_size`.
-
-  The reference's plain scaling `x * w_new / w_old` (integer pixel centres); works on numpy or
-  jax arrays of shape [..., 2].
-  """
-  fh, fw = as_hw(from_size)
-  th, tw = as_hw(to_size)
-  scale = np.array([tw / fw, th / fh], dtype=np.float64)
-  if isinstance(kps, np.ndarray):
-    return (kps * scale).astype(kps.dtype)
-  return kps * jnp.asarray(scale, dtype=jnp.asarray(kps).dtype)
-
-
-def flow_to_grid(flow):
-  """Absolute source coordinates of every target cell: `[.., h, w, 2]` flow -> `[.., h, w, 2]`."""
-  h, w = flow.shape[-3], flow.shape[-2]
-  ys, xs = jnp.meshgrid(jnp.arange(h, dtype=flow.dtype), jnp.arange(w, dtype=flow.dtype),
-                        indexing="ij")
-  return flow + jnp.stack([xs, ys], axis=-1)
 
 
 def unlabelled_mask(flow):

@@ -17,6 +17,7 @@ from PIL import Image
 from PIL import ImageDraw
 import scipy.ndimage
 
+from sccorr_jax import geometry
 from sccorr_jax import images
 
 GAP = 8  # pixels between side-by-side images
@@ -210,7 +211,7 @@ def draw_training_signals(src_img: np.ndarray, trg_img: np.ndarray, pred_flow: n
   panel[mask_big] = blend(trg_big[mask_big], tint[mask_big], 0.35)
   im = Image.fromarray(panel)
   draw = ImageDraw.Draw(im, "RGBA")
-  labelled = np.any(gt_flow != 0, axis=-1)
+  labelled = ~np.asarray(geometry.unlabelled_mask(np.asarray(gt_flow)))
   k = cell * scale
 
   def centre(iy, ix):
