@@ -101,6 +101,16 @@ def _epe_and_count(flow, gt):
   return total / count.astype(total.dtype), count
 
 
+def labelled_epe(pred, gt):
+  """`sparse_epe`, but 0 (with a zero gradient) when nothing is labelled.
+
+  What the training steps use: a batch without any label (possible with
+  `data.labelled_pair_fraction < 1`) has no supervised term instead of a NaN loss.
+  """
+  total, count = sparse_epe_sum_count(pred, gt)
+  return total / jnp.maximum(count, 1).astype(total.dtype)
+
+
 def sparse_epe(pred, gt):
   """Mean end-point error over the labelled positions of the whole batch (reference `EPE`).
 
@@ -284,7 +294,7 @@ class PseudoLabelTerms(NamedTuple):
   """The parts of `pseudo_label_objective` for one network.
 
   Attributes:
-    loss_sup: () float, sparse EPE on the labelled positions (NaN without labels).
+    loss_sup: () float, sparse EPE on the labelled positions (0 without labels).
     loss_pseudo: () float, mean pseudo-label EPE over the `num_remember` positions of the
       candidate mask that rank smallest (0 without candidates); unweighted.
     candidates: [b, h, w] bool, where the pseudo-label may act (the dilated label mask).
@@ -311,7 +321,7 @@ def pseudo_label_objective(flow, peer_flow, gt, mask, remember_table: RateOrTabl
 
       dist = ||stop_gradient(peer_flow) - flow||      per position, cells
       kept = the k = max(1, int(rate * n)) positions of `mask` with the smallest dist
-      loss = sparse_epe(flow, gt) + weight * sum(dist[kept]) / k
+      loss = labelled_epe(flow, gt) + weight * sum(dist[kept]) / k
 
   This is the reference's `EPE_pseudo_filtered_by_dilation` + `loss_dynamic_selection`. The
   reference's selection is an exchange (each network averages its loss over the positions its
@@ -340,6 +350,6 @@ def pseudo_label_objective(flow, peer_flow, gt, mask, remember_table: RateOrTabl
   kept = _smallest_k_mask(dist, mask, k)
   # `where`, not multiplication: garbage (inf/NaN) outside the selection must not leak.
   loss_pseudo = jnp.sum(jnp.where(kept, dist, 0)) / k.astype(dist.dtype)
-  loss_sup = sparse_epe(flow, gt)
+  loss_sup = labelled_epe(flow, gt)
   terms = PseudoLabelTerms(loss_sup, loss_pseudo, mask, kept, k, n)
   return loss_sup + weight * loss_pseudo, terms

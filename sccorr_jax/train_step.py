@@ -151,7 +151,7 @@ def _select(ok, new, old):
 
 
 def apply_if_finite(cfg: StepConfig, state: TrainState, loss, grads, batch_stats,
-                    stacked: bool = False) -> Tuple[TrainState, jax.Array]:
+                    stacked: bool = False, labelled=True) -> Tuple[TrainState, jax.Array]:
   """The optimiser update, kept only for the models whose loss and gradients are finite.
 
   Args:
@@ -162,6 +162,8 @@ def apply_if_finite(cfg: StepConfig, state: TrainState, loss, grads, batch_stats
     batch_stats: the BatchNorm statistics after the forward.
     stacked: `state` holds m models stacked on a leading axis (the mutual teachers); the
       optimiser is vmapped over them so that nothing couples the models.
+    labelled: () bool, whether the batch has any label; a batch without one (possible with
+      `data.labelled_pair_fraction < 1`) changes nothing and is not counted as non-finite.
 
   Returns:
     `(new_state, ok)`: every model whose step was not finite keeps its parameters, statistics
@@ -182,14 +184,15 @@ def apply_if_finite(cfg: StepConfig, state: TrainState, loss, grads, batch_stats
     ok = finite(loss, grads)
     params, opt_state = update(grads, state.opt_state, state.params)
   all_ok = jnp.all(ok)
+  apply = ok & labelled
 
   def keep_finite(new, old):
-    return tuple(_select(ok, n, o) for n, o in zip(new, old))
+    return tuple(_select(apply, n, o) for n, o in zip(new, old))
 
   # One conditional rather than a per-leaf `where` fused into the optimiser update: XLA:CPU
   # compiled the latter for minutes (mt: 275 s -> 39 s, compile-time memory 11.3 -> 2.7 GiB).
   params, batch_stats, opt_state = jax.lax.cond(
-      all_ok, lambda new, old: new, keep_finite, (params, batch_stats, opt_state),
+      jnp.all(apply), lambda new, old: new, keep_finite, (params, batch_stats, opt_state),
       (state.params, state.batch_stats, state.opt_state))
   state = state.replace(
       step=state.step + 1,
@@ -199,6 +202,10 @@ def apply_if_finite(cfg: StepConfig, state: TrainState, loss, grads, batch_stats
       nonfinite_streak=jnp.where(all_ok, 0, state.nonfinite_streak + 1).astype(jnp.int32),
       nonfinite_total=(state.nonfinite_total + (~all_ok).astype(jnp.int32)))
   return state, ok
+
+
+def _has_labels(batch) -> jax.Array:
+  return jnp.any(~geometry.unlabelled_mask(batch['flow']))
 
 
 def _state_metrics(state: TrainState, ok) -> Metrics:
@@ -315,11 +322,12 @@ def baseline_step(cfg: StepConfig, state: TrainState, batch, rng, hparams: StepH
 
   def loss_fn(params):
     flow, batch_stats = forward(cfg, params, state.batch_stats, batch)
-    loss = losses.sparse_epe(flow, batch['flow'])
+    loss = losses.labelled_epe(flow, batch['flow'])
     return loss, batch_stats
 
   (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  state, ok = apply_if_finite(cfg, state, loss, grads, batch_stats)
+  state, ok = apply_if_finite(cfg, state, loss, grads, batch_stats,
+                              labelled=_has_labels(batch))
   return state, {'loss': loss, 'loss_sup': loss, **_state_metrics(state, ok)}
 
 
@@ -352,7 +360,8 @@ def student_update(cfg: StepConfig, state: TrainState, batch, teacher_flow,
   grad_fn = jax.value_and_grad(student_objective, argnums=1, has_aux=True)
   (loss, (batch_stats, terms)), grads = grad_fn(cfg, state.params, state.batch_stats, batch,
                                                 teacher_flow, hparams)
-  state, ok = apply_if_finite(cfg, state, loss, grads, batch_stats)
+  state, ok = apply_if_finite(cfg, state, loss, grads, batch_stats,
+                              labelled=_has_labels(batch))
   metrics = pseudo_label_metrics(terms, teacher_flow, batch)
   return state, {'loss': loss, **metrics, **_state_metrics(state, ok)}
 
@@ -443,7 +452,8 @@ def mutual_teacher_step(cfg: StepConfig, state: TrainState, batch, rng, hparams:
   (_, (batch_stats, loss_ab, terms, flows)), grads = grad_fn(
       cfg, state.params, state.batch_stats, batch, hparams)
   # 5. Updates of each network by its own (vmapped) optimiser; a non-finite model is kept.
-  state, ok = apply_if_finite(cfg, state, loss_ab, grads, batch_stats, stacked=True)
+  state, ok = apply_if_finite(cfg, state, loss_ab, grads, batch_stats, stacked=True,
+                              labelled=_has_labels(batch))
   metrics = _state_metrics(state, ok)
   for i, name in enumerate('ab'):
     metrics[f'{name}/loss'] = loss_ab[i]

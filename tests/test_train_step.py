@@ -133,8 +133,18 @@ def test_sharded_step_equals_single_device(setup):
     np.testing.assert_allclose(float(metrics[k]), float(v), rtol=1e-5, atol=1e-6, err_msg=k)
 
 
+def test_batch_without_labels_changes_nothing_and_is_not_nonfinite(setup):
+  """E.g. data.labelled_pair_fraction < 1: a batch whose pairs all lack labels."""
+  batch = dict(setup['batch'], flow=np.zeros_like(setup['batch']['flow']))
+  state, metrics = setup['mt'](setup['state'], batch, jax.random.PRNGKey(0), setup['hp'])
+  assert not bool(metrics['nonfinite']) and int(state.nonfinite_total) == 0
+  assert metrics['a/loss_sup'] == 0.0 and int(state.step) == 1
+  _equal(state.params, setup['state'].params)
+  _equal(state.opt_state, setup['state'].opt_state)
+
+
 def test_nonfinite_step_is_skipped_and_counted(setup):
-  batch = dict(setup['batch'], flow=np.zeros_like(setup['batch']['flow']))  # No label: NaN EPE.
+  batch = dict(setup['batch'], src_img=np.full_like(setup['batch']['src_img'], np.nan))
   state, metrics = setup['mt'](setup['state'], batch, jax.random.PRNGKey(0), setup['hp'])
   assert bool(metrics['nonfinite'])
   assert int(state.nonfinite_streak) == 1 and int(state.nonfinite_total) == 1
