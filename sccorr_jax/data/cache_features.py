@@ -355,6 +355,7 @@ class FeatureCache:
 def main(argv):
   del argv
   from absl import flags  # pylint: disable=g-import-not-at-top
+  from sccorr_jax import cli  # pylint: disable=g-import-not-at-top
   from sccorr_jax import models  # pylint: disable=g-import-not-at-top
   from sccorr_jax import train  # pylint: disable=g-import-not-at-top
   cfg = flags.FLAGS.config
@@ -367,15 +368,14 @@ def main(argv):
                          dtype=flags.FLAGS.dtype, batch_size=flags.FLAGS.batch_size,
                          overwrite=flags.FLAGS.overwrite)
   except (CacheError, FileNotFoundError, ValueError) as e:  # ConversionError is a ValueError.
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+    cli.fail(str(e), e)
   print(f"feature cache {result['dir']}: " + ', '.join(
       f"{s} {result['rows'][s]} images ({result['computed'][s]} computed now)"
       for s in result['rows']))
 
 
 if __name__ == '__main__':
-  from absl import app as _app  # pylint: disable=g-import-not-at-top
+  from sccorr_jax import cli as _cli  # pylint: disable=g-import-not-at-top
   from absl import flags as _flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags as _config_flags  # pylint: disable=g-import-not-at-top
   _config_flags.DEFINE_config_file('config', None, 'a DINOv2 config with trained_blocks=0')
@@ -384,4 +384,4 @@ if __name__ == '__main__':
   _flags.DEFINE_enum('dtype', 'bfloat16', sorted(DTYPES), 'storage dtype')
   _flags.DEFINE_integer('batch_size', 32, 'images per step and process')
   _flags.DEFINE_bool('overwrite', False, 'replace a cache of the same name but another key')
-  _app.run(main)
+  _cli.run(main)

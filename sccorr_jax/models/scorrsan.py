@@ -92,7 +92,7 @@ class SCorrSAN(nn.Module):
   def setup(self):
     if self.inputs not in ("images", "features"):
       raise ValueError(f"inputs must be 'images' or 'features', got {self.inputs!r}")
-    if self.inputs == "features":
+    if self.inputs == "features":  # The head alone: no backbone variables.
       pass
     elif self.backbone_type == "dinov2":
       self.backbone = dinov2_lib.DINOv2(**self.dinov2_kwargs(), dtype=self.dtype,
