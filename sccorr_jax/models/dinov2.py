@@ -41,9 +41,6 @@ import numpy as np
 
 LAYER_NORM_EPS = 1e-6
 PATCH_SIZE = 14
-# ImageNet statistics the released models were trained with (inputs are normalised with them).
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _hub(embed_dim, depth, num_heads, ffn='mlp', reg=False):
