@@ -93,6 +93,24 @@ def abstract_variables(model, img_size: int = 64) -> Dict[str, Any]:
   return jax.eval_shape(lambda a, b: model.init(jax.random.PRNGKey(0), a, b), x, x)
 
 
+def _take(sd, name: str, kind: str, leaf, where: str, used: set, missing: list,
+          mismatched: list):
+  """The state dict's `name`, converted (`kind`) to the Flax leaf's layout, or None.
+
+  Records the name as used, or as missing, or its shape mismatch (naming `where` in the model).
+  """
+  if name not in sd:
+    missing.append(name)
+    return None
+  used.add(name)
+  arr = _transform(np.asarray(sd[name]), kind)
+  if tuple(arr.shape) != tuple(leaf.shape):
+    mismatched.append(f"{name}: state dict {tuple(np.asarray(sd[name]).shape)} -> "
+                      f"{tuple(arr.shape)}, model expects {tuple(leaf.shape)} (at {where})")
+    return None
+  return arr
+
+
 def from_torch_state_dict(state_dict: Mapping[str, Any], model,
                           init_variables: Optional[Mapping[str, Any]] = None,
                           dtype=None) -> Dict[str, Any]:
@@ -129,17 +147,10 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], model,
     elif not full:
       head_from_init[(collection,) + path] = leaf
       continue
-    if name not in sd:
-      missing.append(name)
-      continue
-    used.add(name)
-    arr = _transform(np.asarray(sd[name]), kind)
-    if tuple(arr.shape) != tuple(leaf.shape):
-      mismatched.append(f"{name}: state dict {tuple(np.asarray(sd[name]).shape)} -> "
-                        f"{tuple(arr.shape)}, model expects {tuple(leaf.shape)} "
-                        f"(at {collection}/{'/'.join(path)})")
-      continue
-    out[(collection,) + path] = arr if dtype is None else arr.astype(dtype)
+    arr = _take(sd, name, kind, leaf, f"{collection}/{'/'.join(path)}", used, missing,
+                mismatched)
+    if arr is not None:
+      out[(collection,) + path] = arr if dtype is None else arr.astype(dtype)
   unexpected = sorted(k for k in sd if k not in used and not _IGNORED.search(k))
   if missing or unexpected or mismatched:
     lines = [f"state dict does not fit {type(model).__name__} "
@@ -280,17 +291,9 @@ def _dinov2_params(state_dict: Mapping[str, Any], target_params: Mapping[str, An
   used, missing, mismatched, out = set(), [], [], {}
   for path, leaf in flat.items():
     name, kind = _dinov2_torch_name(tuple(path))
-    if name not in sd:
-      missing.append(name)
-      continue
-    used.add(name)
-    arr = _transform(np.asarray(sd[name]), kind)
-    if tuple(arr.shape) != tuple(leaf.shape):
-      mismatched.append(f"{name}: state dict {tuple(np.asarray(sd[name]).shape)} -> "
-                        f"{tuple(arr.shape)}, model expects {tuple(leaf.shape)} "
-                        f"(at {'/'.join(path)})")
-      continue
-    out[tuple(path)] = arr if dtype is None else arr.astype(dtype)
+    arr = _take(sd, name, kind, leaf, '/'.join(path), used, missing, mismatched)
+    if arr is not None:
+      out[tuple(path)] = arr if dtype is None else arr.astype(dtype)
 
   def ignored(k):
     m = re.match(r"blocks\.(\d+)\.", k)

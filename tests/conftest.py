@@ -42,60 +42,57 @@ def assert_trees_close(actual, desired, rtol: float, what: str = "") -> None:
                                  f"{rtol:g} * ||b|| = {rtol * scale:.3g}")
 
 
-def load_tool(name: str):
-  """The module of `tools/<name>.py` (tools are scripts, not a package)."""
-  spec = importlib.util.spec_from_file_location(f"tools_{name}", ROOT / "tools" / f"{name}.py")
+def load_module(path, name: str):
+  """The Python file at `path` as a module called `name` (tools, fixture recipes)."""
+  spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)
   sys.modules[spec.name] = module  # dataclasses look their module up there.
   spec.loader.exec_module(module)
   return module
 
+
+def load_tool(name: str):
+  """The module of `tools/<name>.py` (tools are scripts, not a package)."""
+  return load_module(ROOT / "tools" / f"{name}.py", f"tools_{name}")
+
+
 # The reference fixtures (../shared/fixtures/reference) live in ../shared beside the checkout (CI clones with shared/ beside
 # it); SCCORR_FIXTURES points elsewhere.
 FIXTURES = pathlib.Path(os.environ.get(
     "SCCORR_FIXTURES", ROOT.parent / "shared" / "fixtures" / "reference"))
-
-
-@pytest.fixture(scope="session")
-def fixtures_dir():
-  if not FIXTURES.is_dir():
-    message = (f"reference fixtures not found at {FIXTURES} (set SCCORR_FIXTURES); the parity "
-               "tests need them")
-    if os.environ.get("CI"):  # In CI a missing fixture is a failure, never a silent skip.
-      pytest.fail(message)
-    pytest.skip(message)
-  return FIXTURES
-
-
 # The DINOv2 fixtures (../shared/fixtures/dinov2, recorded from facebookresearch/dinov2);
-# SCCORR_DINOV2_FIXTURES points elsewhere. Missing under CI is a failure, as above.
+# SCCORR_DINOV2_FIXTURES points elsewhere.
 DINOV2_FIXTURES = pathlib.Path(os.environ.get(
     "SCCORR_DINOV2_FIXTURES", ROOT.parent / "shared" / "fixtures" / "dinov2"))
 
 
-@pytest.fixture(scope="session")
-def dinov2_fixtures_dir():
-  if not DINOV2_FIXTURES.is_dir():
-    message = (f"DINOv2 fixtures not found at {DINOV2_FIXTURES} (set SCCORR_DINOV2_FIXTURES); "
-               "the DINOv2 parity tests need them")
-    if os.environ.get("CI"):
+def _fixtures(path: pathlib.Path, env: str, what: str) -> pathlib.Path:
+  if not path.is_dir():
+    message = f"{what} fixtures not found at {path} (set {env}); the parity tests need them"
+    if os.environ.get("CI"):  # In CI a missing fixture is a failure, never a silent skip.
       pytest.fail(message)
     pytest.skip(message)
-  return DINOV2_FIXTURES
+  return path
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir():
+  return _fixtures(FIXTURES, "SCCORR_FIXTURES", "reference")
+
+
+@pytest.fixture(scope="session")
+def dinov2_fixtures_dir():
+  return _fixtures(DINOV2_FIXTURES, "SCCORR_DINOV2_FIXTURES", "DINOv2")
 
 
 @pytest.fixture(scope="session")
 def reference_forward(fixtures_dir):
   """(model_forward.npz as a dict, the regenerated reference weights name -> float32 array)."""
-  import importlib.util
   import json
 
   import numpy as np
 
-  spec = importlib.util.spec_from_file_location("weights_recipe",
-                                                fixtures_dir / "weights_recipe.py")
-  recipe = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(recipe)
+  recipe = load_module(fixtures_dir / "weights_recipe.py", "weights_recipe")
   fx = dict(np.load(fixtures_dir / "model_forward.npz"))
   names = [str(n) for n in fx["param_names"]]
   shapes = [tuple(s) for s in json.loads(str(fx["param_shapes_json"]))]

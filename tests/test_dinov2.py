@@ -17,7 +17,6 @@ run is within 6.5e-6 / 9.2e-6).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import jax
@@ -25,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import load_module
 from sccorr_jax import convert
 from sccorr_jax.models import dinov2
 
@@ -55,11 +55,7 @@ def tiny_npz(dinov2_fixtures_dir):
 
 @pytest.fixture(scope='module')
 def recipe(dinov2_fixtures_dir):
-  spec = importlib.util.spec_from_file_location('dinov2_weights_recipe',
-                                                dinov2_fixtures_dir / 'weights_recipe.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_module(dinov2_fixtures_dir / 'weights_recipe.py', 'dinov2_weights_recipe')
 
 
 def _vits_fixture(dinov2_fixtures_dir, recipe, filename):

@@ -79,7 +79,7 @@ def test_mt_step_matches_reference(fixtures_dir, mode):
       return ts.mutual_teacher_objective(cfg, params, {}, dict(batch, src_img=src, trg_img=trg),
                                          hp)[1][1][i]
 
-    feat_grads = [jax.grad(functools.partial(own_loss, i), argnums=(0, 1))(
+    feat_grads = [jax.jit(jax.grad(functools.partial(own_loss, i), argnums=(0, 1)))(
         batch["src_img"], batch["trg_img"]) for i in range(2)]
 
   metrics = jax.device_get(metrics)

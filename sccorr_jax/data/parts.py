@@ -115,12 +115,8 @@ class SccorrParts(tfds.core.GeneratorBasedBuilder):
     self.report = records.PreparationReport()
 
   def _info(self):
-    s = self.builder_config.img_size
-    raw = tfds.features.Encoding.BYTES
-    extra = {
-        'dense_flow': tfds.features.Tensor(shape=(s, s, 2), dtype=np.float32, encoding=raw),
-        'dense_valid': tfds.features.Tensor(shape=(s, s), dtype=np.bool_, encoding=raw),
-        'kps_ids': tfds.features.Tensor(shape=(records.MAX_KPS,), dtype=np.int32)}
+    extra = records.dense_truth_features(self.builder_config.img_size)
+    extra['kps_ids'] = tfds.features.Tensor(shape=(records.MAX_KPS,), dtype=np.int32)
     return tfds.core.DatasetInfo(
         builder=self, description=__doc__,
         features=records.pair_features(CATEGORIES, extra),

@@ -98,6 +98,16 @@ def pair_features(category_names: Sequence[str],
   return tfds.features.FeaturesDict(feats)
 
 
+def dense_truth_features(size: int) -> Dict[str, tfds.features.FeatureConnector]:
+  """The `extra` features of an embedded dataset with exact dense ground truth (`size` px):
+  `dense_flow` [S, S, 2] float32 (target pixel -> source displacement, pixels) and
+  `dense_valid` [S, S] bool."""
+  raw = tfds.features.Encoding.BYTES
+  return {
+      'dense_flow': tfds.features.Tensor(shape=(size, size, 2), dtype=np.float32, encoding=raw),
+      'dense_valid': tfds.features.Tensor(shape=(size, size), dtype=np.bool_, encoding=raw)}
+
+
 class BadRecordError(ValueError):
   """A record (pair) of a benchmark is unusable; the message names the file and the problem."""
 

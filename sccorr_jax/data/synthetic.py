@@ -200,11 +200,7 @@ class SccorrSynthetic(tfds.core.GeneratorBasedBuilder):
     super().__init__(**kwargs)
 
   def _info(self):
-    s = self.builder_config.img_size
-    raw = tfds.features.Encoding.BYTES
-    extra = {
-        'dense_flow': tfds.features.Tensor(shape=(s, s, 2), dtype=np.float32, encoding=raw),
-        'dense_valid': tfds.features.Tensor(shape=(s, s), dtype=np.bool_, encoding=raw)}
+    extra = records.dense_truth_features(self.builder_config.img_size)
     return tfds.core.DatasetInfo(
         builder=self, description=__doc__,
         features=records.pair_features(CATEGORIES, extra),
