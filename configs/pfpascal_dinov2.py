@@ -6,9 +6,10 @@ r"""SCorrSAN with a DINOv2 backbone on PF-PASCAL (issue 12).
     python -m sccorr_jax.main --config=configs/pfpascal_dinov2.py:mt,runlocal --workdir=/tmp/d2p
 
 Variants as `configs/spair_dinov2.py` (`baseline` | `st` | `mt`, `preset=`, `trained_blocks=`,
-`runlocal`), which gives the reasoning shared by both files (ViT-B/14, last block's tokens, 448
-px -> 32x32 tokens -> 64x64 flow, label receptive field 19 px, last 2 blocks trained, head lr
-1e-4 / backbone 1e-5 with cosine decay, batch 16). Nothing here was trained on this machine.
+`runlocal`, `cached`), which gives the reasoning shared by both files (ViT-B/14, last block's
+tokens, 448 px -> 32x32 tokens -> 64x64 flow, label receptive field 19 px, last 2 blocks
+trained, head lr 1e-4 / backbone 1e-5 with cosine decay, batch 16). Nothing here was trained on
+this machine.
 
 What differs for PF-PASCAL and why:
 * The head keeps PF-PASCAL's reference values: SCE 13 / 1024, PCK with the `img` threshold.
@@ -22,19 +23,18 @@ What differs for PF-PASCAL and why:
 
 from __future__ import annotations
 
-import os
-
 from sccorr_jax import config_lib as common
-
-_SPAIR = common.load_config_module(os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                'spair_dinov2.py'))
 
 
 def get_config(arg=None):
-  """The PF-PASCAL DINOv2 config; `arg` = 'variant[,preset=..][,trained_blocks=N][,runlocal]'."""
-  args = common.parse_arg(arg, variant='mt', runlocal=False, preset='vitb14', trained_blocks=2)
+  """The PF-PASCAL DINOv2 config.
+
+  `arg` = 'variant[,preset=..][,trained_blocks=N][,cached][,runlocal]'.
+  """
+  args = common.parse_arg(arg, variant='mt', runlocal=False, preset='vitb14', trained_blocks=2,
+                          cached=False)
   c = common.base_config('pfpascal')
-  _SPAIR.apply_dinov2(c, args.preset, (-1,), args.trained_blocks)
+  common.apply_dinov2(c, args.preset, (-1,), args.trained_blocks, args.cached)
   c.model.sce_kernel_size = 13
   c.model.sce_features = 1024
   c.data.img_size = 448
@@ -51,5 +51,5 @@ def get_config(arg=None):
   common.apply_variant(c, args.variant)
   if args.runlocal:
     common.apply_runlocal(c)
-    _SPAIR.apply_dinov2_tiny(c)
+    common.apply_dinov2_tiny(c)
   return c

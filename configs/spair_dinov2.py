@@ -7,10 +7,14 @@ r"""SCorrSAN with a DINOv2 backbone on SPair-71k (issue 12).
     python -m sccorr_jax.main --config=configs/spair_dinov2.py:baseline,trained_blocks=0 \
         --workdir=runs/spair_dinov2_frozen --config.model.pretrained=...
     python -m sccorr_jax.main --config=configs/spair_dinov2.py:mt,runlocal --workdir=/tmp/d2
+    python -m sccorr_jax.data.cache_features --config=configs/spair_dinov2.py:mt,cached \
+        --config.model.pretrained=...   # then sccorr_jax.main with the same config: the head
+                                        # alone on the cached features (docs/dinov2.md)
 
 Variants (comma separated): `baseline` | `st` | `mt` (default); `preset=vitb14` (any
 `sccorr_jax.models.dinov2.PRESETS` name, e.g. `vitl14`, `vitb14_reg`); `trained_blocks=2`;
-`runlocal` (a tiny random ViT on 56-pixel images: the same code path on a CPU in minutes).
+`runlocal` (a tiny random ViT on 56-pixel images: the same code path on a CPU in minutes);
+`cached` (frozen backbone, the head trained on the feature cache: `docs/dinov2.md`).
 Weights: `docs/dinov2.md` (official facebookresearch/dinov2 release, Apache-2.0).
 
 What changes from `configs/spair.py` and why (nothing here was trained on this machine: no
@@ -49,51 +53,23 @@ weights or data; the values are what we would defend, not measured optima):
 
 from __future__ import annotations
 
-import ml_collections
-
 from sccorr_jax import config_lib as common
 
-# A tiny random ViT for `runlocal` and the tests: a 2-block, 32-channel DINOv2 whose 56-pixel
-# native grid (4x4 tokens) is resized for other inputs as the real models' 37x37 grid is.
-TINY_DINOV2 = dict(embed_dim=32, depth=2, num_heads=2, img_size=56)
-
-
-def apply_dinov2(c: ml_collections.ConfigDict, preset: str = 'vitb14', layers=(-1,),
-                 trained_blocks: int = 2) -> ml_collections.ConfigDict:
-  """Switches a SCorrSAN config to the DINOv2 backbone.
-
-  Sets `model.backbone`, `model.dinov2_preset`, `model.dinov2_layers`,
-  `model.dinov2_trained_blocks` and links `optim.backbone_trained_blocks` to the latter (one
-  value: the model's stop_gradient and the optimiser's frozen partition cannot disagree, also
-  under `--config.model.dinov2_trained_blocks=N`).
-  """
-  c.model.backbone = 'dinov2'
-  c.model.dinov2_preset = preset
-  c.model.dinov2_layers = ml_collections.FieldReference(tuple(layers), field_type=tuple)
-  c.model.dinov2_trained_blocks = int(trained_blocks)
-  c.model.dinov2_overrides = ml_collections.ConfigDict()
-  c.optim.backbone_trained_blocks = c.model.get_ref('dinov2_trained_blocks')
-  c.optim.freeze_backbone = False
-  return c
-
-
-def apply_dinov2_tiny(c: ml_collections.ConfigDict, img_size: int = 56,
-                      feature_size: int = 8) -> ml_collections.ConfigDict:
-  """A tiny random DINOv2 (`TINY_DINOV2`) on `img_size` images: CPU smoke runs and tests."""
-  c.model.dinov2_overrides = ml_collections.ConfigDict(TINY_DINOV2)
-  c.model.pretrained = None
-  c.model.feature_size = feature_size
-  c.data.img_size = img_size
-  c.data.feature_size = feature_size
-  c.data.receptive_field = 2 * (img_size // feature_size) + 5
-  return c
+# Re-exported for the tests that load this file (the helpers live in `sccorr_jax.config_lib`).
+TINY_DINOV2 = common.TINY_DINOV2
+apply_dinov2 = common.apply_dinov2
+apply_dinov2_tiny = common.apply_dinov2_tiny
 
 
 def get_config(arg=None):
-  """The SPair-71k DINOv2 config; `arg` = 'variant[,preset=..][,trained_blocks=N][,runlocal]'."""
-  args = common.parse_arg(arg, variant='mt', runlocal=False, preset='vitb14', trained_blocks=2)
+  """The SPair-71k DINOv2 config.
+
+  `arg` = 'variant[,preset=..][,trained_blocks=N][,cached][,runlocal]'.
+  """
+  args = common.parse_arg(arg, variant='mt', runlocal=False, preset='vitb14', trained_blocks=2,
+                          cached=False)
   c = common.base_config('spair71k')
-  apply_dinov2(c, args.preset, (-1,), args.trained_blocks)
+  common.apply_dinov2(c, args.preset, (-1,), args.trained_blocks, args.cached)
   c.model.sce_kernel_size = 7
   c.model.sce_features = 2048
   c.data.img_size = 448
@@ -110,5 +86,5 @@ def get_config(arg=None):
   common.apply_variant(c, args.variant)
   if args.runlocal:
     common.apply_runlocal(c)
-    apply_dinov2_tiny(c)
+    common.apply_dinov2_tiny(c)
   return c

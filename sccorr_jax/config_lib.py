@@ -209,6 +209,50 @@ def apply_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.
   return c
 
 
+# A tiny random ViT for `runlocal` and the tests: a 2-block, 32-channel DINOv2 whose 56-pixel
+# native grid (4x4 tokens) is resized for other inputs as the real models' 37x37 grid is.
+TINY_DINOV2 = dict(embed_dim=32, depth=2, num_heads=2, img_size=56)
+
+
+def apply_dinov2(c: ml_collections.ConfigDict, preset: str = 'vitb14', layers=(-1,),
+                 trained_blocks: int = 2, cached: bool = False) -> ml_collections.ConfigDict:
+  """Switches a SCorrSAN config to the DINOv2 backbone.
+
+  Sets `model.backbone`, `model.dinov2_preset`, `model.dinov2_layers`,
+  `model.dinov2_trained_blocks` and links `optim.backbone_trained_blocks` to the latter (one
+  value: the model's stop_gradient and the optimiser's frozen partition cannot disagree, also
+  under `--config.model.dinov2_trained_blocks=N`). `model.inputs` is 'images' (the live
+  backbone) or, with `cached`, 'features': the head alone on the feature cache of the frozen
+  backbone (`sccorr_jax.data.cache_features`; trained_blocks 0, no colour augmentation);
+  `data.feature_cache_dtype` is the cache's storage dtype.
+  """
+  c.model.backbone = 'dinov2'
+  c.model.dinov2_preset = preset
+  c.model.dinov2_layers = ml_collections.FieldReference(tuple(layers), field_type=tuple)
+  c.model.dinov2_trained_blocks = 0 if cached else int(trained_blocks)
+  c.model.dinov2_overrides = ml_collections.ConfigDict()
+  c.model.inputs = 'features' if cached else 'images'
+  c.data.feature_cache_dtype = 'bfloat16'
+  if cached:
+    c.data.augment = False  # Colour augmentation changes pixels, not cached features.
+    c.data.random_crop = False
+  c.optim.backbone_trained_blocks = c.model.get_ref('dinov2_trained_blocks')
+  c.optim.freeze_backbone = False
+  return c
+
+
+def apply_dinov2_tiny(c: ml_collections.ConfigDict, img_size: int = 56,
+                      feature_size: int = 8) -> ml_collections.ConfigDict:
+  """A tiny random DINOv2 (`TINY_DINOV2`) on `img_size` images: CPU smoke runs and tests."""
+  c.model.dinov2_overrides = ml_collections.ConfigDict(TINY_DINOV2)
+  c.model.pretrained = None
+  c.model.feature_size = feature_size
+  c.data.img_size = img_size
+  c.data.feature_size = feature_size
+  c.data.receptive_field = 2 * (img_size // feature_size) + 5
+  return c
+
+
 DEMO_DATA_DIR = os.path.join(os.path.expanduser('~'), '.cache', 'sccorr_jax', 'data')
 
 
