@@ -54,6 +54,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from sccorr_jax.models import build_model
+from sccorr_jax.models import input_shape
 
 CHECKPOINT_DIR = 'checkpoints'
 DAMAGED_DIR = 'checkpoints_damaged'  # Beside CHECKPOINT_DIR: damaged steps set aside on resume.
@@ -87,7 +88,7 @@ def select_metric(config) -> str:
 
 def abstract_model_variables(model, img_size: int, sharding=None) -> Dict[str, Any]:
   """`{'params', 'batch_stats'}` of `model` as `jax.ShapeDtypeStruct`s (nothing computed)."""
-  x = jax.ShapeDtypeStruct((1, img_size, img_size, 3), jnp.float32)
+  x = jax.ShapeDtypeStruct((1, *input_shape(model, img_size)), jnp.float32)
   shapes = jax.eval_shape(lambda a, b: model.init(jax.random.PRNGKey(0), a, b), x, x)
   shapes = flax.core.unfreeze(shapes)
   shapes.setdefault('batch_stats', {})

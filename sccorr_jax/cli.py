@@ -58,6 +58,7 @@ USER_ERROR_NAMES = (
     'sccorr_jax.convert.ConversionError',
     'sccorr_jax.data.records.PreparationError',
     'sccorr_jax.data.records.BadRecordError',
+    'sccorr_jax.data.cache_features.CacheError',
 )
 
 

@@ -54,6 +54,7 @@ from sccorr_jax import evaluation
 from sccorr_jax import models
 from sccorr_jax import schedules
 from sccorr_jax import train_step as ts
+from sccorr_jax.data import pipeline as data_pipeline
 from sccorr_jax.metric_writer import MetricWriter
 from sccorr_jax.metric_writer import to_python
 from sccorr_jax.metric_writer import Window
@@ -99,6 +100,16 @@ def check_config(config, need_teacher: bool = True) -> None:
     raise ValueError("learning_mode 'st' needs --config.teacher.checkpoint=<baseline workdir, "
                      'checkpoint step directory or exported model>')
   stride = 2 ** (int(config.model.get('backbone_stages', 3)) + 1)
+  if config.model.get('backbone') == 'dinov2':
+    stride = 14  # The ViT's patch size.
+    if config.data.img_size % stride:
+      raise ValueError(f'data.img_size ({config.data.img_size}) must be a multiple of 14, the '
+                       "DINOv2 patch size (model.backbone='dinov2')")
+  if config.model.get('inputs', 'images') == 'features':
+    if config.model.get('backbone') != 'dinov2' or int(config.model.dinov2_trained_blocks):
+      raise ValueError("model.inputs='features' (the head on cached features) needs "
+                       "model.backbone='dinov2' and model.dinov2_trained_blocks=0")
+    data_pipeline.check_cached_features(config.data)
   grid = config.data.img_size // stride
   expected = config.model.feature_size or grid
   if config.data.feature_size != expected:
@@ -131,14 +142,13 @@ def init_variables(config, model, rng, num_models: int):
   Each model gets its own initialisation key; with `model.pretrained` every model starts from the
   same pretrained backbone and keeps its own head initialisation (the reference).
   """
-  size = int(config.data.img_size)
-  x = jnp.zeros((1, size, size, 3), jnp.float32)
+  x = jnp.zeros((1, *models.input_shape(model, config.data.img_size)), jnp.float32)
   keys = jax.random.split(rng, num_models)
   out = []
   for k in keys:
     v = flax.core.unfreeze(jax.jit(model.init)(k, x, x))
     v.setdefault('batch_stats', {})
-    if config.model.get('pretrained'):
+    if config.model.get('pretrained') and model.inputs == 'images':  # Features: no backbone.
       v = _load_pretrained(config, model, v)
       v = jax.tree.map(jnp.asarray, v)
     out.append(v)
@@ -157,10 +167,11 @@ def create_train_state(config, model, tx, rng, teacher=None) -> ts.TrainState:
 
 
 def abstract_train_batch(config, sharding) -> Dict[str, jax.ShapeDtypeStruct]:
-  """The global training batch the step is compiled for (`TRAIN_KEYS` + `TRUTH_KEYS`)."""
-  b, s = int(config.optim.batch_size), int(config.data.img_size)
-  fs, n = int(config.data.feature_size), data_lib.MAX_KPS
-  shapes = {'src_img': ((b, s, s, 3), jnp.float32), 'trg_img': ((b, s, s, 3), jnp.float32),
+  """The global training batch the step is compiled for (`TRAIN_KEYS` + `TRUTH_KEYS`); with
+  `model.inputs='features'`, `src_img`/`trg_img` are the cached features (`models.input_shape`)."""
+  b, fs, n = int(config.optim.batch_size), int(config.data.feature_size), data_lib.MAX_KPS
+  x = (b, *models.input_shape(models.build_model(config), config.data.img_size))
+  shapes = {'src_img': (x, jnp.float32), 'trg_img': (x, jnp.float32),
             'flow': ((b, fs, fs, 2), jnp.float32), 'dense_flow': ((b, fs, fs, 2), jnp.float32),
             'dense_valid': ((b, fs, fs), jnp.bool_),
             'withheld_src_kps': ((b, n, 2), jnp.float32),
@@ -322,8 +333,10 @@ def evaluate(model, variables, data_iter, protocol: evaluation.Protocol, *, mesh
 class Validator:
   """Validation of every trained model of a run (one compiled evaluation step)."""
 
-  def __init__(self, s: Setup):
+  def __init__(self, s: Setup, features=None):
+    """`features`: the eval split's `cache_features.FeatureCache` (`model.inputs='features'`)."""
     self.setup = s
+    self.features = features
     self.protocol = evaluation.Protocol.from_config(s.config, validation=True)
     self.eval_step = evaluation.make_eval_step(s.model, self.protocol, zero_flow=True)
 
@@ -339,7 +352,8 @@ class Validator:
       v = jax.tree.map(lambda x, i=i: x[i], variables) if mutual else variables
       batches = data_lib.create_eval_iterator(
           c.data, c.eval.split, batch_size=int(c.eval.batch_size),
-          process_index=jax.process_index(), process_count=jax.process_count())
+          process_index=jax.process_index(), process_count=jax.process_count(),
+          features=self.features)
       out.update(evaluate(self.setup.model, v, batches, self.protocol, mesh=self.setup.mesh,
                           eval_step=self.eval_step, max_batches=c.eval.get('max_batches'),
                           prefix=f'val/{name}/' if name else 'val/',
@@ -518,11 +532,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                jax.local_device_count(), jax.devices()[0].platform)
   s = setup(config)
   spe, total = s.steps_per_epoch, s.total_steps
+  train_split = config.data.get('train_split', 'trn')
+  features = {}  # The head on cached features: the caches are verified before any step.
+  if config.model.get('inputs', 'images') == 'features':
+    from sccorr_jax.data import cache_features  # pylint: disable=g-import-not-at-top
+    features = cache_features.open_for_config(config, (train_split, config.eval.split))
   logging.info('%s parameters%s', f'{sum(x.size for x in jax.tree.leaves(s.state.params)):,}',
                ' (2 models)' if config.learning_mode == 'mt' else '')
   train_iter = data_lib.create_train_iterator(
       config.data, batch_size=int(config.optim.batch_size), seed=s.data_seed,
-      process_index=jax.process_index(), process_count=jax.process_count())
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      features=features.get(train_split))
   manager = ckpt_lib.make_manager(workdir, ckpt_lib.select_metric(config),
                                   async_saves=bool(config.async_checkpoints))
   state, meta = _restore(s, manager, train_iter)
@@ -531,7 +551,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   compiled, compile_s = compile_step(s) if step < total else (None, 0.0)
   if compiled is not None:
     writer.write(step, {'compile/train_step_s': compile_s})
-  validate = Validator(s)
+  validate = Validator(s, features.get(config.eval.split))
   window = Window(meta.get('log_window'))
   pending: List[Tuple[int, Dict[str, Any]]] = []  # step metrics not yet read from the device
   read = functools.partial(read_metrics, pending, window, writer,

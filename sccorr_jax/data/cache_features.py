@@ -12,7 +12,7 @@ head) is stored next to the dataset, bfloat16 by default:
 
     <data_dir>/dinov2_features/<preset>_L<layers>_<img_size>px_<dtype>/
         key.json                      what the cache was computed from (see `cache_key`)
-        <split>.names.json            image names, row order
+        <split>.names.json            row ids (image names; see `split_image_names`)
         <split>.npy                   [n_images, h, w, c] (bfloat16 stored as uint16 bits)
         <split>.done.npy              [n_images] bool, rows written (resumable)
 
@@ -41,7 +41,7 @@ import json
 import os
 import pathlib
 import sys
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -125,23 +125,45 @@ def _diff(stored: Dict[str, Any], wanted: Dict[str, Any], prefix: str = '') -> L
 # Images and features.
 
 
+AMBIGUOUS = '#sha1:'  # Row id of an image whose name the split gives to several images.
+
+
+def image_digest(img) -> str:
+  """SHA-1 of a decoded image's shape and pixels."""
+  a = np.ascontiguousarray(np.asarray(img))
+  return hashlib.sha1(repr(a.shape).encode() + a.tobytes()).hexdigest()
+
+
+def _name(name: Any) -> str:
+  return name.decode() if isinstance(name, bytes) else str(name)
+
+
 def split_image_names(data_config, split: str) -> Tuple[List[str], Dict[str, Tuple[int, str]]]:
-  """Distinct image names of a split in first-appearance order, and where to read each.
+  """Row ids of a split's distinct images in first-appearance order, and where to read each.
+
+  The id is the image name (`src_imname` / `trg_imname`), or `name#sha1:<digest of the
+  pixels>` for every image of a name that the split gives to different pixels (the embedded
+  `synthetic` dataset names a photograph's random crops after the photograph).
 
   Returns:
-    `(names, where)`, `where[name] = (record index, 'src' | 'trg')`.
+    `(ids, where)`, `where[id] = (record index, 'src' | 'trg')`.
   """
   from sccorr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   source = pipeline.data_source(data_config, split)
-  names, where = [], {}
+  seen = []  # (name, digest, record index, side) of every image of the split.
+  digests: Dict[str, set] = {}
   for i in range(len(source)):
     rec = source[i]
     for side in ('src', 'trg'):
-      name = rec[f'{side}_imname']
-      name = name.decode() if isinstance(name, bytes) else str(name)
-      if name not in where:
-        where[name] = (i, side)
-        names.append(name)
+      name, digest = _name(rec[f'{side}_imname']), image_digest(rec[f'{side}_img'])
+      seen.append((name, digest, i, side))
+      digests.setdefault(name, set()).add(digest)
+  names, where = [], {}
+  for name, digest, i, side in seen:
+    row = name if len(digests[name]) == 1 else f'{name}{AMBIGUOUS}{digest}'
+    if row not in where:
+      where[row] = (i, side)
+      names.append(row)
   return names, where
 
 
@@ -296,6 +318,7 @@ class FeatureCache:
   names: List[str]
   rows: Dict[str, int]
   store: np.ndarray
+  ambiguous: Set[str] = dataclasses.field(default_factory=set)  # Names of several images.
 
   @classmethod
   def open(cls, model, variables, data_config, split: str,
@@ -329,13 +352,36 @@ class FeatureCache:
                        f'{done.size} images); resume it with: {command}')
     names = json.loads((directory / f'{split}.names.json').read_text())
     return cls(directory, split, stored, names, {n: i for i, n in enumerate(names)},
-               np.load(feat_path, mmap_mode='r'))
+               np.load(feat_path, mmap_mode='r'),
+               {n.split(AMBIGUOUS)[0] for n in names if AMBIGUOUS in n})
+
+  def __getstate__(self):  # grain workers: reopen the memmap instead of pickling its rows.
+    return {k: v for k, v in self.__dict__.items() if k != 'store'}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self.store = np.load(self.directory / f'{self.split}.npy', mmap_mode='r')
+
+  def feature(self, name: Any, img) -> np.ndarray:
+    """The feature of a record's image: [h, w, c] float32 (the pipelines' `src_img`).
+
+    Args:
+      name: its `src_imname` / `trg_imname`.
+      img: its decoded pixels (hashed only when the split gives `name` to several images).
+    """
+    name = _name(name)
+    return self.lookup([f'{name}{AMBIGUOUS}{image_digest(img)}' if name in self.ambiguous
+                        else name])[0]
 
   def lookup(self, names: Iterable[Any], flip: Optional[Sequence[bool]] = None) -> np.ndarray:
-    """Features of images by name: [n, h, w, c] float32; `flip[i]` mirrors row i's tokens."""
+    """Features of images by row id (`split_image_names`; the name unless the split gives it to
+    several images, see `feature`): [n, h, w, c] float32; `flip[i]` mirrors row i's tokens."""
     idx = []
     for name in names:
-      name = name.decode() if isinstance(name, bytes) else str(name)
+      name = _name(name)
+      if name in self.ambiguous:
+        raise CacheError(f'{name!r} names several images of the {self.split} split; look its '
+                         'features up with FeatureCache.feature(name, pixels)')
       if name not in self.rows:
         raise CacheError(f'image {name!r} is not in the {self.split} cache {self.directory}')
       idx.append(self.rows[name])
@@ -348,6 +394,31 @@ class FeatureCache:
     return feats
 
 
+def full_model_variables(config):
+  """The live model of a `config` and the variables whose backbone a cache is keyed by.
+
+  With `model.inputs='features'` the model is the head alone; its cache comes from the same
+  config's full model (`inputs='images'`), initialised as the trainer does (`model.pretrained`,
+  else the seed's random backbone: tests and smoke runs).
+  """
+  from sccorr_jax import models  # pylint: disable=g-import-not-at-top
+  from sccorr_jax import train  # pylint: disable=g-import-not-at-top
+  model = models.build_model(config).clone(inputs='images')
+  return model, train.init_variables(config, model, jax.random.PRNGKey(int(config.seed)), 1)
+
+
+def open_for_config(config, splits: Sequence[str]) -> Dict[str, FeatureCache]:
+  """The verified caches of `splits` for a `model.inputs='features'` config (`FeatureCache.open`).
+
+  Raises:
+    CacheError: a cache is missing, stale, mismatched or incomplete.
+  """
+  model, variables = full_model_variables(config)
+  dtype = str(config.data.get('feature_cache_dtype', 'bfloat16'))
+  return {s: FeatureCache.open(model, variables, config.data, s, dtype)
+          for s in dict.fromkeys(splits)}
+
+
 # ------------------------------------------------------------------------------------------------
 # Command line.
 
@@ -356,16 +427,15 @@ def main(argv):
   del argv
   from absl import flags  # pylint: disable=g-import-not-at-top
   from sccorr_jax import cli  # pylint: disable=g-import-not-at-top
-  from sccorr_jax import models  # pylint: disable=g-import-not-at-top
-  from sccorr_jax import train  # pylint: disable=g-import-not-at-top
   cfg = flags.FLAGS.config
   if flags.FLAGS.data_dir:
     cfg.data.data_dir = flags.FLAGS.data_dir
-  model = models.build_model(cfg)
   try:
-    variables = train.init_variables(cfg, model, jax.random.PRNGKey(int(cfg.seed)), 1)
+    model, variables = full_model_variables(cfg)
     result = build_cache(model, variables, cfg.data, flags.FLAGS.splits,
-                         dtype=flags.FLAGS.dtype, batch_size=flags.FLAGS.batch_size,
+                         dtype=flags.FLAGS.dtype or str(cfg.data.get('feature_cache_dtype',
+                                                                     'bfloat16')),
+                         batch_size=flags.FLAGS.batch_size,
                          overwrite=flags.FLAGS.overwrite)
   except (CacheError, FileNotFoundError, ValueError) as e:  # ConversionError is a ValueError.
     cli.fail(str(e), e)
@@ -381,7 +451,8 @@ if __name__ == '__main__':
   _config_flags.DEFINE_config_file('config', None, 'a DINOv2 config with trained_blocks=0')
   _flags.DEFINE_list('splits', ['trn', 'val', 'test'], 'splits to cache')
   _flags.DEFINE_string('data_dir', None, 'overrides config.data.data_dir')
-  _flags.DEFINE_enum('dtype', 'bfloat16', sorted(DTYPES), 'storage dtype')
+  _flags.DEFINE_enum('dtype', None, sorted(DTYPES),
+                     "storage dtype (default: the config's data.feature_cache_dtype)")
   _flags.DEFINE_integer('batch_size', 32, 'images per step and process')
   _flags.DEFINE_bool('overwrite', False, 'replace a cache of the same name but another key')
   _cli.run(main)

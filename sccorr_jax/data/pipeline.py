@@ -226,6 +226,28 @@ def preprocess_options(data_config, train: bool) -> transforms.PreprocessOptions
       flip_source_p=float(_get(data_config, 'flip_source_p', 0.0)))
 
 
+def check_cached_features(data_config) -> None:
+  """Raises ValueError if training augmentation that needs pixels is on (cached features).
+
+  Colour augmentation and random crops change the pixels the backbone sees, so they cannot
+  apply to cached features; flips can (the token grid is mirrored, see `preprocess_pair`).
+  """
+  on = [k for k in ('augment', 'random_crop') if bool(_get(data_config, k, False))]
+  if on:
+    raise ValueError('cached features (model.inputs=\'features\') cannot take colour '
+                     'augmentation or random crops, which change pixels: set '
+                     + ' and '.join(f'data.{k}=False' for k in on))
+
+
+def _check_features(data_config, features, split: str, train: bool) -> None:
+  if features is None:
+    return
+  if train:
+    check_cached_features(data_config)
+  if features.split != _SPLIT_ALIASES.get(split, split):
+    raise ValueError(f'the feature cache is of split {features.split!r}, not {split!r}')
+
+
 def _read_options(data_config) -> grain.ReadOptions:
   return grain.ReadOptions(num_threads=int(_get(data_config, 'num_threads', 4)),
                            prefetch_buffer_size=int(_get(data_config, 'prefetch_buffer_size', 16)))
@@ -248,7 +270,7 @@ def _batched_iter_dataset(data_config, ds, batch_size: int):
 
 
 def create_train_iterator(data_config, *, batch_size: int, seed: int, process_index: int = 0,
-                          process_count: int = 1) -> grain.DatasetIterator:
+                          process_count: int = 1, features=None) -> grain.DatasetIterator:
   """Infinite, shuffled, augmented training batches of this process (checkpointable).
 
   Args:
@@ -257,6 +279,9 @@ def create_train_iterator(data_config, *, batch_size: int, seed: int, process_in
     seed: data seed (shuffling and augmentation).
     process_index, process_count: this process and the number of processes; each reads the
       records `process_index::process_count` of the split.
+    features: the training split's `cache_features.FeatureCache`: `src_img`/`trg_img` are then
+      the cached features of the images ([h, w, c] float32), flipped with them; colour
+      augmentation and random crops are refused (`check_cached_features`).
 
   Returns:
     A grain `DatasetIterator` of batch dicts (the batch contract of CONTRIBUTING.md, with the
@@ -264,7 +289,9 @@ def create_train_iterator(data_config, *, batch_size: int, seed: int, process_in
     resume exactly, mid-epoch included.
   """
   local = _local_batch_size(batch_size, process_count)
-  source = data_source(data_config, _get(data_config, 'train_split', 'trn'))
+  split = _get(data_config, 'train_split', 'trn')
+  _check_features(data_config, features, split, train=True)
+  source = data_source(data_config, split)
   ds = grain.MapDataset.source(source)
   # The label budget is fixed per record (index in the split), before sharding and shuffling.
   ds = ds.map_with_index(transforms.LabelBudget(
@@ -280,7 +307,8 @@ def create_train_iterator(data_config, *, batch_size: int, seed: int, process_in
   if _get(data_config, 'shuffle', True):
     ds = ds.shuffle()
   ds = ds.repeat()
-  ds = ds.random_map(transforms.TrainPreprocess(preprocess_options(data_config, train=True)))
+  ds = ds.random_map(transforms.TrainPreprocess(preprocess_options(data_config, train=True),
+                                                features))
   return iter(_batched_iter_dataset(data_config, ds, local))
 
 
@@ -305,7 +333,7 @@ class _PaddedSource:
 
 
 def create_eval_iterator(data_config, split: str, *, batch_size: int, process_index: int = 0,
-                         process_count: int = 1) -> grain.IterDataset:
+                         process_count: int = 1, features=None) -> grain.IterDataset:
   """One pass over a split in fixed-shape batches, no augmentation.
 
   Args:
@@ -313,12 +341,15 @@ def create_eval_iterator(data_config, split: str, *, batch_size: int, process_in
     split: 'trn' | 'val' | 'test' (PF-WILLOW: 'test').
     batch_size: global batch size; this process yields `batch_size // process_count` rows.
     process_index, process_count: this process gets records `process_index::process_count`.
+    features: the split's `cache_features.FeatureCache`: `src_img`/`trg_img` are the cached
+      features ([h, w, c] float32).
 
   Returns:
     An iterable (each `iter()` starts a new pass) of batch dicts; all processes yield the same
     number of batches; rows past the end of the data are copies with `pair_valid=False`.
   """
   local = _local_batch_size(batch_size, process_count)
+  _check_features(data_config, features, split, train=False)
   source = data_source(data_config, split)
   n = len(source)
   indices = np.arange(process_index, n, process_count)
@@ -328,5 +359,5 @@ def create_eval_iterator(data_config, split: str, *, batch_size: int, process_in
   num_batches = -(-per_process // local)
   padded = _PaddedSource(source, indices, num_batches * local)
   ds = grain.MapDataset.source(padded)
-  ds = ds.map(transforms.EvalPreprocess(preprocess_options(data_config, train=False)))
+  ds = ds.map(transforms.EvalPreprocess(preprocess_options(data_config, train=False), features))
   return _batched_iter_dataset(data_config, ds, local)

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional
+from typing import Any, Optional
 
 import grain
 import numpy as np
@@ -151,7 +151,8 @@ def _pad_kps(kps: np.ndarray, n: int) -> np.ndarray:
   return out
 
 
-def mirror_source(src_img, src_kps, trg_kps, valid, kept, kps_ids, perm, src_box):
+def mirror_source(src_img, src_kps, trg_kps, valid, kept, kps_ids, perm, src_box,
+                  img_size: Optional[int] = None):
   """Mirrors the source image of a pair and re-pairs the keypoints semantically.
 
   In the mirror image, the point that was keypoint `id` is keypoint `perm[id]` (a left eye
@@ -166,13 +167,15 @@ def mirror_source(src_img, src_kps, trg_kps, valid, kept, kps_ids, perm, src_box
     kps_ids: [n] int, each slot's keypoint id in its category.
     perm: [K] int, the category's left/right table (`procedural.flip_permutation`).
     src_box: [4] float32 xyxy source box.
+    img_size: S, the side of the image the keypoints live in; default `src_img`'s width (pass
+      it when `src_img` is a feature grid, cached features).
 
   Returns:
     None when no keypoint has its partner in the pair (nothing to learn: keep the pair as it
     is); else (src_img, src_kps, trg_kps, valid, kept, src_box) with the same shapes, mirrored
     by `x -> S - 1 - x`, the re-paired keypoints as a prefix.
   """
-  s = src_img.shape[1]
+  s = int(img_size) if img_size else src_img.shape[1]
   slot_of = {int(kps_ids[j]): j for j in np.nonzero(valid)[0]}
   pairs = [(i, slot_of[int(perm[kps_ids[i]])]) for i in np.nonzero(valid)[0]
            if int(perm[kps_ids[i]]) in slot_of]
@@ -299,16 +302,21 @@ def dense_flow_to_grid(dense_flow: np.ndarray, dense_valid: np.ndarray, trg_map,
 
 
 def preprocess_pair(rec: dict, opts: PreprocessOptions,
-                    rng: Optional[np.random.Generator] = None) -> dict:
+                    rng: Optional[np.random.Generator] = None, features=None) -> dict:
   """One record -> one row of the batch contract (see the module docstring).
 
   Args:
     rec: a record as read from the TFDS data source (`records` module), images decoded.
     opts: static options.
     rng: the record's random stream (training); None for evaluation.
+    features: cached backbone features (`cache_features.FeatureCache`, frozen DINOv2): the
+      images are replaced by their features `features.feature(imname, pixels)` [h, w, c],
+      mirrored (token grid) wherever the image would be; colour augmentation and random crops
+      are refused (ValueError).
 
   Returns:
-    dict of numpy arrays: `src_img`, `trg_img` [S, S, 3] float32; `src_kps`, `trg_kps`
+    dict of numpy arrays: `src_img`, `trg_img` [S, S, 3] float32 (with `features`, [h, w, c]
+    float32 features); `src_kps`, `trg_kps`
     [max_kps, 2] float32 (S-pixel units, the kept keypoints as a prefix, padding 0);
     `kps_valid` [max_kps] bool; `flow` [fs, fs, 2] float32 (from the kept keypoints);
     `pckthres`, `pckthres_bbox`, `pckthres_img`, `pckthres_bbox_legacy` () float32;
@@ -321,6 +329,9 @@ def preprocess_pair(rec: dict, opts: PreprocessOptions,
   """
   s = int(opts.img_size)
   train = opts.train and rng is not None
+  if features is not None and train and (opts.augment or opts.random_crop):
+    raise ValueError('cached features cannot take colour augmentation or random crops '
+                     '(data.augment, data.random_crop)')
   valid = np.asarray(rec['kps_valid'], bool).copy()
   kept = valid & np.asarray(rec.get('_kept', valid), bool)
   out_imsize = {}
@@ -347,7 +358,9 @@ def preprocess_pair(rec: dict, opts: PreprocessOptions,
       k = k * scale
       maps[side] = (np.zeros(2), scale.astype(np.float64))
     box = box * np.tile(scale, 2)
-    imgs[side] = resize_image(np.ascontiguousarray(img), s)
+    imgs[side] = (features.feature(rec[f'{side}_imname'], rec[f'{side}_img'])
+                  if features is not None
+                  else resize_image(np.ascontiguousarray(img), s))
     kps[side] = k
     boxes[side] = box
   flipped = bool(train and opts.flip and int(rec.get('flip', 0)))
@@ -362,7 +375,7 @@ def preprocess_pair(rec: dict, opts: PreprocessOptions,
       and rng.random() < opts.flip_source_p):
     mirrored = mirror_source(imgs['src'], kps['src'], kps['trg'], valid, kept,
                              np.asarray(rec['kps_ids']),
-                             FLIP_TABLES[opts.dataset](int(rec['category'])), boxes['src'])
+                             FLIP_TABLES[opts.dataset](int(rec['category'])), boxes['src'], s)
     if mirrored is not None:
       imgs['src'], kps['src'], kps['trg'], valid, kept, boxes['src'] = mirrored
       dense_known = False  # the record's dense truth is for the unmirrored source
@@ -382,8 +395,10 @@ def preprocess_pair(rec: dict, opts: PreprocessOptions,
   src_kps, valid_out = _compact(kps['src'], kept & in_range, n)
   trg_kps, _ = _compact(kps['trg'], kept & in_range, n)
   out = {
-      'src_img': normalize(imgs['src']),
-      'trg_img': normalize(imgs['trg']),
+      'src_img': (normalize(imgs['src']) if features is None
+                  else np.ascontiguousarray(imgs['src'], np.float32)),
+      'trg_img': (normalize(imgs['trg']) if features is None
+                  else np.ascontiguousarray(imgs['trg'], np.float32)),
       'src_kps': src_kps,
       'trg_kps': trg_kps,
       'kps_valid': valid_out,
@@ -423,20 +438,22 @@ def preprocess_pair(rec: dict, opts: PreprocessOptions,
 
 @dataclasses.dataclass(frozen=True)
 class TrainPreprocess(grain.transforms.RandomMap):
-  """grain random map: `preprocess_pair` with the record's random stream."""
+  """grain random map: `preprocess_pair` with the record's random stream (and `features`)."""
   opts: PreprocessOptions
+  features: Any = dataclasses.field(default=None, compare=False)
 
   def random_map(self, element, rng: np.random.Generator):
-    return preprocess_pair(element, self.opts, rng)
+    return preprocess_pair(element, self.opts, rng, self.features)
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalPreprocess(grain.transforms.Map):
   """grain map: `preprocess_pair` without randomness; padding rows get `pair_valid=False`."""
   opts: PreprocessOptions
+  features: Any = dataclasses.field(default=None, compare=False)
 
   def map(self, element):
     padding = bool(element.get('_padding', False))
-    out = preprocess_pair(element, self.opts, None)
+    out = preprocess_pair(element, self.opts, None, self.features)
     out['pair_valid'] = np.bool_(not padding)
     return out

@@ -267,7 +267,8 @@ def evaluate_checkpoint(config, checkpoint: str, workdir: Optional[str] = None, 
 
   The *model* is built from the checkpoint's own config when it has one (so PF-WILLOW is
   evaluated with the PF-PASCAL model that the checkpoint holds); the *data* and the protocol
-  come from `config`.
+  come from `config`. A head trained on cached features (`model.inputs='features'`) reads
+  the feature cache of the evaluated split (`cache_features.open_for_config`).
 
   Args:
     config: experiment config (`configs/*.py`): `data`, `eval`, and `model` (used when the
@@ -292,9 +293,16 @@ def evaluate_checkpoint(config, checkpoint: str, workdir: Optional[str] = None, 
                                                       fallback_config=config)
   protocol = Protocol.from_config(config, split)
   bs = int(batch_size or config.eval.batch_size)
+  features = None
+  if getattr(model, "inputs", "images") == "features":  # The head alone: read the cache.
+    from sccorr_jax.data import cache_features  # pylint: disable=g-import-not-at-top
+    cache_config = ckpt_config.copy_and_resolve_references()
+    with cache_config.unlocked():
+      cache_config.data = config.data.copy_and_resolve_references()
+    features = cache_features.open_for_config(cache_config, [protocol.split])[protocol.split]
   batches = data_lib.create_eval_iterator(config.data, protocol.split, batch_size=bs,
                                           process_index=jax.process_index(),
-                                          process_count=jax.process_count())
+                                          process_count=jax.process_count(), features=features)
   n = data_lib.num_examples(config.data, protocol.split)
   names = data_lib.category_names(config.data)
   start = time.time()

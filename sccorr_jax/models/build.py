@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Tuple
+
 import jax.numpy as jnp
 
 from sccorr_jax.models.scorrsan import SCorrSAN
@@ -52,3 +54,17 @@ def build_model(config) -> SCorrSAN:
   if backbone not in ('resnet', 'dinov2'):
     raise ValueError(f"model.backbone must be 'resnet' or 'dinov2', got {backbone!r}")
   return SCorrSAN(**kwargs)
+
+
+def input_shape(model: SCorrSAN, img_size: int) -> Tuple[int, int, int]:
+  """One input of `model` for `img_size`-pixel images, without the batch axis.
+
+  `(S, S, 3)` images, or for `inputs='features'` (the head on cached DINOv2 features) the
+  frozen backbone's patch tokens `(S / 14, S / 14, embed_dim * number of blocks used)`.
+  """
+  s = int(img_size)
+  if getattr(model, 'inputs', 'images') != 'features':
+    return (s, s, 3)
+  kwargs = model.dinov2_kwargs()
+  grid = s // int(kwargs.get('patch_size', 14))
+  return (grid, grid, int(kwargs['embed_dim']) * len(model.dinov2_blocks()))
