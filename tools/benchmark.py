@@ -178,8 +178,9 @@ class Built:
 
 
 def random_batch(config, seed: int = 0) -> Dict[str, np.ndarray]:
-  """Random images, a sparse random label and a half-valid dense truth with the shapes of the
-  trainer's batch (`train.abstract_train_batch`), numpy."""
+  """Random images (features for `model.inputs='features'`), a sparse random label and a
+  half-valid dense truth with the shapes of the trainer's batch (`train.abstract_train_batch`),
+  numpy."""
   rng = np.random.default_rng(seed)
   out = {}
   for k, v in train.abstract_train_batch(config, None).items():
@@ -299,7 +300,7 @@ def benchmark(config, mode: Optional[str] = None, *, steps: int = 5, warmup: int
   out = {
       'mode': mode, 'dtype': str(dtype), 'batch_size': b,
       'img_size': int(config.data.img_size), 'feature_size': int(config.data.feature_size),
-      'backbone_depth': int(config.model.backbone_depth),
+      'backbone_depth': int(config.model.backbone_depth), 'backbone': backbone_name(config),
       'target_chunks': int(config.model.get('target_chunks', 1)),
       'remat_backbone': bool(config.model.get('remat_backbone', False)),
       'device': device_kind(), 'platform': jax.devices()[0].platform,
@@ -324,12 +325,23 @@ def benchmark(config, mode: Optional[str] = None, *, steps: int = 5, warmup: int
   return out
 
 
+def backbone_name(config) -> str:
+  """'ResNet-101', or the DINOv2 preset ('DINOv2 vitb14', '+ cached' for the head alone on
+  cached features, `model.inputs='features'`)."""
+  m = config.model
+  if m.get('backbone') != 'dinov2':
+    return f'ResNet-{int(m.backbone_depth)}'
+  cached = ' cached' if m.get('inputs', 'images') == 'features' else ''
+  return f"DINOv2 {m.dinov2_preset}{' (tiny)' if m.get('dinov2_overrides') else ''}{cached}"
+
+
 def summary_line(r: Dict[str, Any]) -> str:
   """One readable line of a report."""
   def fmt(x, spec):
     return 'n/a' if x is None else format(x, spec)
+  backbone = r.get('backbone') or f"ResNet-{r['backbone_depth']}"
   line = (f"{r['mode']} {r['dtype']} b={r['batch_size']} {r['img_size']}px "
-          f"ResNet-{r['backbone_depth']} on {r['device']}: compile {r['compile_s']:.1f} s, "
+          f"{backbone} on {r['device']}: compile {r['compile_s']:.1f} s, "
           f"step {r['step_time_min_s']:.3f}/{r['step_time_median_s']:.3f}/"
           f"{r['step_time_max_s']:.3f} s (min/median/max of {r['steps']}), "
           f"{r['pairs_per_s']:.2f} pairs/s, "
