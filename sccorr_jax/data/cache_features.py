@@ -1,7 +1,7 @@
 r"""Cached DINOv2 patch tokens of a prepared dataset, for a frozen backbone (issue 12, part 4).
 
     python -m sccorr_jax.data.cache_features \
-        --config=configs/spair_dinov2.py:trained_blocks=0 --splits=trn,val,test \
+        --config=configs/spair_dinov2.py:mt,cached --splits=trn,val,test \
         --config.model.pretrained=/path/to/dinov2_vitb14_pretrain.pth [--data_dir=...]
 
 With a frozen backbone the feature of an image never changes, so it is computed once: every
@@ -26,11 +26,13 @@ head) is stored next to the dataset, bfloat16 by default:
   blocks or resolution), and an incomplete one.
 * Only a frozen backbone can be cached (`model.dinov2_trained_blocks == 0`).
 * Augmentation: colour augmentation changes the pixels and cannot apply to cached features;
-  horizontal flips can (`lookup(..., flip=...)` flips the token grid; keypoints are mirrored by
-  the pipeline as usual). Note that a ViT is not exactly flip-equivariant, so flipped cached
+  horizontal flips can (the pipeline mirrors the token grid where it mirrors an image, and the
+  keypoints as usual; `lookup(..., flip=...)` for direct use). Note that a ViT is not exactly flip-equivariant, so flipped cached
   tokens approximate the tokens of the flipped image. Random crops cannot apply either.
 * The head runs on cached features with `head_flow` (`SCorrSAN.head`): the same flow as the
-  live frozen backbone up to the storage dtype.
+  live frozen backbone up to the storage dtype. A config with `model.inputs='features'` (the
+  `cached` variant) trains and evaluates the head alone on the cache: `train.train_and_evaluate`
+  opens it with `open_for_config` and the pipelines read it (`docs/dinov2.md`).
 """
 
 from __future__ import annotations
