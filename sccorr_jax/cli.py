@@ -51,6 +51,7 @@ USER_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirect
 USER_ERROR_NAMES = (
     'sccorr_jax.cli.UserError',
     'sccorr_jax.config_lib.ConfigFileError',
+    'sccorr_jax.config_lib.ConfigError',
     'sccorr_jax.checkpoint.CheckpointError',
     'sccorr_jax.predict.CheckpointError',
     'sccorr_jax.predict.ImageError',

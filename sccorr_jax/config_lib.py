@@ -77,6 +77,10 @@ def parse_arg(arg: Optional[str], lazy: bool = False, **spec) -> ml_collections.
   return out
 
 
+class ConfigError(ValueError):
+  """Settings of a config that do not fit together (one line naming the keys)."""
+
+
 class ConfigFileError(ValueError):
   """A config file that does not exist or does not define `get_config` (one-line message)."""
 

@@ -49,6 +49,7 @@ import ml_collections
 import numpy as np
 
 from sccorr_jax import checkpoint as ckpt_lib
+from sccorr_jax import config_lib
 from sccorr_jax import data as data_lib
 from sccorr_jax import evaluation
 from sccorr_jax import models
@@ -83,8 +84,8 @@ def steps_per_epoch(config) -> int:
   n = data_lib.num_examples(config.data, config.data.get('train_split', 'trn'))
   spe = n // int(config.optim.batch_size)
   if spe < 1:
-    raise ValueError(f'the training split has {n} pairs, fewer than one batch of '
-                     f'{config.optim.batch_size}')
+    raise config_lib.ConfigError(f'the training split has {n} pairs, fewer than one batch of '
+                                 f'{config.optim.batch_size}')
   return spe
 
 
@@ -93,39 +94,39 @@ def check_config(config, need_teacher: bool = True) -> None:
 
   `need_teacher`: 'st' must name its teacher (`teacher.checkpoint`) unless one is given.
   """
+  error = config_lib.ConfigError
   mode = config.learning_mode
   if mode not in ts.STEPS:
-    raise ValueError(f'learning_mode must be one of {tuple(ts.STEPS)}, got {mode!r}')
+    raise error(f'learning_mode must be one of {tuple(ts.STEPS)}, got {mode!r}')
   if mode == 'st' and need_teacher and not config.teacher.get('checkpoint'):
-    raise ValueError("learning_mode 'st' needs --config.teacher.checkpoint=<baseline workdir, "
-                     'checkpoint step directory or exported model>')
+    raise error("learning_mode 'st' needs --config.teacher.checkpoint=<baseline workdir, "
+                'checkpoint step directory or exported model>')
   stride = 2 ** (int(config.model.get('backbone_stages', 3)) + 1)
   if config.model.get('backbone') == 'dinov2':
     stride = 14  # The ViT's patch size.
     if config.data.img_size % stride:
-      raise ValueError(f'data.img_size ({config.data.img_size}) must be a multiple of 14, the '
-                       "DINOv2 patch size (model.backbone='dinov2')")
+      raise error(f'data.img_size ({config.data.img_size}) must be a multiple of 14, the '
+                  "DINOv2 patch size (model.backbone='dinov2')")
   if config.model.get('inputs', 'images') == 'features':
     if config.model.get('backbone') != 'dinov2' or int(config.model.dinov2_trained_blocks):
-      raise ValueError("model.inputs='features' (the head on cached features) needs "
-                       "model.backbone='dinov2' and model.dinov2_trained_blocks=0")
+      raise error("model.inputs='features' (the head on cached features) needs "
+                  "model.backbone='dinov2' and model.dinov2_trained_blocks=0")
     data_pipeline.check_cached_features(config.data)
   grid = config.data.img_size // stride
   expected = config.model.feature_size or grid
   if config.data.feature_size != expected:
-    raise ValueError(
+    raise error(
         f'data.feature_size ({config.data.feature_size}) must equal the flow grid of the model '
         f'({expected}: model.feature_size, or img_size / stride {stride} when it is 0)')
   if config.model.batch_norm not in ('batch', 'frozen'):
-    raise ValueError(f"model.batch_norm must be 'batch' or 'frozen', got "
-                     f'{config.model.batch_norm!r}')
+    raise error(f"model.batch_norm must be 'batch' or 'frozen', got {config.model.batch_norm!r}")
   k = config.teacher.dilation_kernel
   if k and (k < 1 or k % 2 == 0):
-    raise ValueError(f'teacher.dilation_kernel must be an odd positive int, or 0 / None (no '
-                     f'mask), got {k}')
+    raise error(f'teacher.dilation_kernel must be an odd positive int, or 0 / None (no mask), '
+                f'got {k}')
   if config.optim.batch_size % jax.device_count():
-    raise ValueError(f'optim.batch_size ({config.optim.batch_size}) must be divisible by the '
-                     f'device count ({jax.device_count()})')
+    raise error(f'optim.batch_size ({config.optim.batch_size}) must be divisible by the device '
+                f'count ({jax.device_count()})')
 
 
 def _load_pretrained(config, model, variables):
@@ -590,7 +591,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             logging.info('epoch %d (step %d): %s', completed, step, ', '.join(
                 f'{k}={v:.2f}' for k, v in val.items() if k.startswith('val/pck@')))
           _save(manager, step, completed, state, meta, window, train_iter, config, val)
-          t_log = time.time()  # Evaluation and checkpointing are not step time.
+          # Evaluation and checkpointing are not step time: the speed window restarts.
+          t_log, steps_since_log = time.time(), 0
         elif config.get('checkpoint_every_steps') and step % int(
             config.checkpoint_every_steps) == 0:
           read()  # The saved logging window includes this step.

@@ -152,3 +152,10 @@ def test_library_chatter_is_dropped_and_real_warnings_kept():
   ]
   assert not any(passes(*r) for r in dropped)
   assert all(passes(*r) for r in kept)
+
+
+def test_inconsistent_config_is_one_line(tmp_path):
+  """A config whose settings do not fit together (train.check_config) ends in one line."""
+  r = _run(MAIN, tmp_path, f'--config={DEMO}:tiny', f'--workdir={tmp_path / "w"}',
+           '--config.teacher.dilation_kernel=4')
+  _assert_one_line(r, 'teacher.dilation_kernel must be an odd positive int')
