@@ -14,23 +14,13 @@ step schedule with milestone 150 (no decay), batch 16, lr 3e-5 / 3e-6, weight de
 
 from __future__ import annotations
 
-
 from sccorr_jax import config_lib as common
 
 
 def get_config(arg=None):
   """The PF-PASCAL config; `arg` = 'variant[,runlocal]'."""
-  args = common.parse_arg(arg, variant='mt', runlocal=False)
-  c = common.base_config('pfpascal')
-  c.model.sce_kernel_size = 13
-  c.model.sce_features = 1024
-  c.optim.num_epochs = 150
-  c.teacher.pseudo_start_epoch = 60
-  c.eval.threshold = 'img'
-  common.apply_variant(c, args.variant)
-  if args.runlocal:
-    common.apply_runlocal(c)
-  return c
+  return common.benchmark_config('pfpascal', arg, sce_kernel_size=13, sce_features=1024,
+                                 pseudo_start_epoch=60, threshold='img')
 
 
 def ablation_sweep():

@@ -31,25 +31,5 @@ def get_config(arg=None):
 
   `arg` = 'variant[,preset=..][,trained_blocks=N][,cached][,runlocal]'.
   """
-  args = common.parse_arg(arg, variant='mt', runlocal=False, preset='vitb14', trained_blocks=2,
-                          cached=False)
-  c = common.base_config('pfpascal')
-  common.apply_dinov2(c, args.preset, (-1,), args.trained_blocks, args.cached)
-  c.model.sce_kernel_size = 13
-  c.model.sce_features = 1024
-  c.data.img_size = 448
-  c.data.feature_size = 64
-  c.model.feature_size = 64
-  c.data.receptive_field = 19
-  c.optim.batch_size = 16
-  c.optim.num_epochs = 150
-  c.optim.schedule = 'cosine'
-  c.optim.lr = 1e-4
-  c.optim.backbone_lr = 1e-5
-  c.teacher.pseudo_start_epoch = 60
-  c.eval.threshold = 'img'
-  common.apply_variant(c, args.variant)
-  if args.runlocal:
-    common.apply_runlocal(c)
-    common.apply_dinov2_tiny(c)
-  return c
+  return common.benchmark_config('pfpascal', arg, sce_kernel_size=13, sce_features=1024,
+                                 pseudo_start_epoch=60, threshold='img', dinov2=True)

@@ -31,23 +31,13 @@ Values, and where the reference and the paper disagree:
 
 from __future__ import annotations
 
-
 from sccorr_jax import config_lib as common
 
 
 def get_config(arg=None):
   """The SPair-71k config; `arg` = 'variant[,runlocal]'."""
-  args = common.parse_arg(arg, variant='mt', runlocal=False)
-  c = common.base_config('spair71k')
-  c.model.sce_kernel_size = 7
-  c.model.sce_features = 2048
-  c.optim.num_epochs = 150
-  c.teacher.pseudo_start_epoch = 4
-  c.eval.threshold = 'bbox'
-  common.apply_variant(c, args.variant)
-  if args.runlocal:
-    common.apply_runlocal(c)
-  return c
+  return common.benchmark_config('spair71k', arg, sce_kernel_size=7, sce_features=2048,
+                                 pseudo_start_epoch=4, threshold='bbox')
 
 
 def ablation_sweep():

@@ -257,6 +257,53 @@ def apply_dinov2_tiny(c: ml_collections.ConfigDict, img_size: int = 56,
   return c
 
 
+def benchmark_config(dataset: str, arg: Optional[str], *, sce_kernel_size: int,
+                     sce_features: int, pseudo_start_epoch: int, threshold: str,
+                     num_epochs: int = 150, dinov2: bool = False) -> ml_collections.ConfigDict:
+  """A benchmark's config (`configs/spair.py`, `pfpascal.py` and their `_dinov2` versions).
+
+  What differs between the benchmarks is passed in (the reference's SCE size, the pseudo-loss
+  start, the standard threshold); the rest is `base_config`. With `dinov2`, the DINOv2 recipe
+  that `configs/spair_dinov2.py` defends: ViT-B/14 at 448 px (a 32x32 token grid upsampled to a
+  64x64 flow, label receptive field 19), the last 2 blocks trained, batch 16, cosine schedule,
+  lr 1e-4 head / 1e-5 backbone.
+
+  Args:
+    dataset: `config.data.name`.
+    arg: the config-file argument: `variant` (baseline | st | mt), `runlocal`, and with
+      `dinov2` also `preset=`, `trained_blocks=N` and `cached` (see `apply_dinov2`).
+    sce_kernel_size, sce_features, pseudo_start_epoch, threshold, num_epochs: the benchmark's.
+    dinov2: the DINOv2 backbone instead of ResNet-101.
+  """
+  spec = dict(variant='mt', runlocal=False)
+  if dinov2:
+    spec.update(preset='vitb14', trained_blocks=2, cached=False)
+  args = parse_arg(arg, **spec)
+  c = base_config(dataset)
+  if dinov2:
+    apply_dinov2(c, args.preset, (-1,), args.trained_blocks, args.cached)
+  c.model.sce_kernel_size = sce_kernel_size
+  c.model.sce_features = sce_features
+  if dinov2:
+    c.data.img_size = 448
+    c.data.feature_size = 64
+    c.model.feature_size = 64
+    c.data.receptive_field = 19
+    c.optim.batch_size = 16
+    c.optim.schedule = 'cosine'
+    c.optim.lr = 1e-4
+    c.optim.backbone_lr = 1e-5
+  c.optim.num_epochs = num_epochs
+  c.teacher.pseudo_start_epoch = pseudo_start_epoch
+  c.eval.threshold = threshold
+  apply_variant(c, args.variant)
+  if args.runlocal:
+    apply_runlocal(c)
+    if dinov2:
+      apply_dinov2_tiny(c)
+  return c
+
+
 DEMO_DATA_DIR = os.path.join(os.path.expanduser('~'), '.cache', 'sccorr_jax', 'data')
 
 

@@ -93,6 +93,20 @@ def abstract_variables(model, img_size: int = 64) -> Dict[str, Any]:
   return jax.eval_shape(lambda a, b: model.init(jax.random.PRNGKey(0), a, b), x, x)
 
 
+def _raise_if_unfit(what: str, missing, unexpected, mismatched) -> None:
+  """ConversionError listing every missing key, unexpected key and shape mismatch, if any."""
+  if not (missing or unexpected or mismatched):
+    return
+  lines = [f"state dict does not fit {what}:"]
+  if missing:
+    lines.append(f"  missing keys ({len(missing)}): " + ", ".join(missing))
+  if unexpected:
+    lines.append(f"  unexpected keys ({len(unexpected)}): " + ", ".join(unexpected))
+  if mismatched:
+    lines.append(f"  shape mismatches ({len(mismatched)}):\n    " + "\n    ".join(mismatched))
+  raise ConversionError("\n".join(lines))
+
+
 def _take(sd, name: str, kind: str, leaf, where: str, used: set, missing: list,
           mismatched: list):
   """The state dict's `name`, converted (`kind`) to the Flax leaf's layout, or None.
@@ -152,16 +166,9 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], model,
     if arr is not None:
       out[(collection,) + path] = arr if dtype is None else arr.astype(dtype)
   unexpected = sorted(k for k in sd if k not in used and not _IGNORED.search(k))
-  if missing or unexpected or mismatched:
-    lines = [f"state dict does not fit {type(model).__name__} "
-             f"({'full SCorrSAN' if full else 'torchvision backbone'} checkpoint):"]
-    if missing:
-      lines.append(f"  missing keys ({len(missing)}): " + ", ".join(missing))
-    if unexpected:
-      lines.append(f"  unexpected keys ({len(unexpected)}): " + ", ".join(unexpected))
-    if mismatched:
-      lines.append(f"  shape mismatches ({len(mismatched)}):\n    " + "\n    ".join(mismatched))
-    raise ConversionError("\n".join(lines))
+  _raise_if_unfit(f"{type(model).__name__} "
+                  f"({'full SCorrSAN' if full else 'torchvision backbone'} checkpoint)",
+                  missing, unexpected, mismatched)
   if head_from_init:
     if init_variables is None:
       x = jnp.zeros((1, 64, 64, 3), jnp.float32)
@@ -301,15 +308,8 @@ def _dinov2_params(state_dict: Mapping[str, Any], target_params: Mapping[str, An
         m and ignore_blocks_after is not None and int(m.group(1)) > ignore_blocks_after)
 
   unexpected = sorted(k for k in sd if k not in used and not ignored(k))
-  if missing or unexpected or mismatched:
-    lines = [f"state dict does not fit {what} (official DINOv2 checkpoint names expected):"]
-    if missing:
-      lines.append(f"  missing keys ({len(missing)}): " + ", ".join(missing))
-    if unexpected:
-      lines.append(f"  unexpected keys ({len(unexpected)}): " + ", ".join(unexpected))
-    if mismatched:
-      lines.append(f"  shape mismatches ({len(mismatched)}):\n    " + "\n    ".join(mismatched))
-    raise ConversionError("\n".join(lines))
+  _raise_if_unfit(f"{what} (official DINOv2 checkpoint names expected)", missing, unexpected,
+                  mismatched)
   return flax.traverse_util.unflatten_dict(out)
 
 
