@@ -389,12 +389,17 @@ PASCAL_SKIPPED = {
 }
 
 
+def _prepare_with_defect(templates, tmp_path, dataset, apply):
+  """A copy of the tiny official-layout `dataset` with one defect applied, prepared."""
+  base, _ = _copy(templates, tmp_path, dataset)
+  apply(base)
+  return _prepare(tmp_path, dataset, max_bad_fraction=1.0)
+
+
 @pytest.mark.parametrize('defect', sorted(PASCAL_SKIPPED))
 def test_pfpascal_defect_skips_and_names_the_pair(templates, tmp_path, defect):
-  apply, problem = PASCAL_SKIPPED[defect]
-  base, _ = _copy(templates, tmp_path, 'pfpascal')
-  apply(base)
-  builder = _prepare(tmp_path, 'pfpascal', max_bad_fraction=1.0)
+  builder = _prepare_with_defect(templates, tmp_path, 'pfpascal', PASCAL_SKIPPED[defect][0])
+  problem = PASCAL_SKIPPED[defect][1]
   bad = [b for b in builder.report.bad if b['split'] == 'trn' and b['record'] == 'trn-00000']
   assert len(bad) == 1, builder.report.summary()
   assert re.search(problem, bad[0]['problem']), bad[0]
@@ -417,10 +422,8 @@ WILLOW_SKIPPED = {
 
 @pytest.mark.parametrize('defect', sorted(WILLOW_SKIPPED))
 def test_pfwillow_defect_skips_and_names_the_pair(templates, tmp_path, defect):
-  apply, problem = WILLOW_SKIPPED[defect]
-  base, _ = _copy(templates, tmp_path, 'pfwillow')
-  apply(base)
-  builder = _prepare(tmp_path, 'pfwillow', max_bad_fraction=1.0)
+  builder = _prepare_with_defect(templates, tmp_path, 'pfwillow', WILLOW_SKIPPED[defect][0])
+  problem = WILLOW_SKIPPED[defect][1]
   (bad,) = builder.report.bad
   assert bad['record'] == 'test-00000' and bad['file'].endswith('test_pairs.csv row 2'), bad
   assert re.search(problem, bad['problem']), bad

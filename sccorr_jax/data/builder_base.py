@@ -115,3 +115,38 @@ def manual_dir_problem(manual: str, builder_cls, name: Optional[str] = None) -> 
   return (f'{name}: manual dir {manual} has the wrong layout: it contains neither '
           f'{builder_cls.FOLDER}/{builder_cls.MARKER} nor {builder_cls.MARKER} (found: {shown}); '
           'see docs/data.md for the expected layout')
+
+
+class EmbeddedBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Base of the embedded datasets generated here (`parts`, `synthetic`; not registered itself).
+
+  Subclasses set `CATEGORIES`, `SPLITS` and `EXTRA_FEATURES` (a function of the builder config
+  giving the record's features beyond `records.pair_features`, e.g. the dense ground truth) and
+  implement `_generate_examples(split)`. Bad records go through `self.policy` / `self.report`.
+  """
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  CATEGORIES: Sequence[str] = ()
+  SPLITS: Sequence[str] = ()
+  DESCRIPTION = ''
+  HOMEPAGE = 'https://scikit-image.org/docs/stable/api/skimage.data.html'
+
+  def __init__(self, *, policy: Optional[records.BadRecordPolicy] = None, **kwargs):
+    kwargs.setdefault('file_format', 'array_record')
+    super().__init__(**kwargs)
+    self.policy = policy or records.BadRecordPolicy()
+    self.report = records.PreparationReport()
+
+  def extra_features(self) -> Dict[str, tfds.features.FeatureConnector]:
+    """The record's features beyond `records.pair_features`: the exact dense ground truth."""
+    return records.dense_truth_features(self.builder_config.img_size)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self, description=self.DESCRIPTION,
+        features=records.pair_features(self.CATEGORIES, self.extra_features()),
+        homepage=self.HOMEPAGE)
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {split: self._generate_examples(split=split) for split in self.SPLITS}

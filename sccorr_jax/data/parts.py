@@ -41,6 +41,7 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
+from sccorr_jax.data import builder_base
 from sccorr_jax.data import procedural
 from sccorr_jax.data import records
 from sccorr_jax.data import synthetic
@@ -102,29 +103,17 @@ def make_example(split: str, cat: int, k: int, cfg: PartsConfig) -> dict:
       src_imsize=size, trg_imsize=size, category=cat, **pair)
 
 
-class SccorrParts(tfds.core.GeneratorBasedBuilder):
+class SccorrParts(builder_base.EmbeddedBuilder):
   """Procedural articulated objects with named keypoints and exact dense ground truth."""
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
   BUILDER_CONFIGS = [make_config()]
+  CATEGORIES = CATEGORIES
+  SPLITS = tuple(_SPLIT_IDS)
+  DESCRIPTION = __doc__
 
-  def __init__(self, *, policy: records.BadRecordPolicy | None = None, **kwargs):
-    kwargs.setdefault('file_format', 'array_record')
-    super().__init__(**kwargs)
-    self.policy = policy or records.BadRecordPolicy()
-    self.report = records.PreparationReport()
-
-  def _info(self):
-    extra = records.dense_truth_features(self.builder_config.img_size)
+  def extra_features(self):
+    extra = super().extra_features()
     extra['kps_ids'] = tfds.features.Tensor(shape=(records.MAX_KPS,), dtype=np.int32)
-    return tfds.core.DatasetInfo(
-        builder=self, description=__doc__,
-        features=records.pair_features(CATEGORIES, extra),
-        homepage='https://scikit-image.org/docs/stable/api/skimage.data.html')
-
-  def _split_generators(self, dl_manager):
-    del dl_manager
-    return {split: self._generate_examples(split=split) for split in _SPLIT_IDS}
+    return extra
 
   def _generate_examples(self, split):
     cfg = self.builder_config

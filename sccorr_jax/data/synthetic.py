@@ -32,6 +32,7 @@ from PIL import Image
 import scipy.ndimage
 import tensorflow_datasets as tfds
 
+from sccorr_jax.data import builder_base
 from sccorr_jax.data import records
 
 PHOTOS: Dict[str, Tuple[str, ...]] = {
@@ -189,26 +190,12 @@ def make_pair(photo: np.ndarray, rng: np.random.Generator, size: int, min_kps: i
       dense_flow=flow.astype(np.float32), dense_valid=inside.reshape(size, size))
 
 
-class SccorrSynthetic(tfds.core.GeneratorBasedBuilder):
+class SccorrSynthetic(builder_base.EmbeddedBuilder):
   """Synthetic warped pairs of scikit-image photographs, with dense ground truth."""
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
   BUILDER_CONFIGS = [make_config()]
-
-  def __init__(self, **kwargs):
-    kwargs.setdefault('file_format', 'array_record')
-    super().__init__(**kwargs)
-
-  def _info(self):
-    extra = records.dense_truth_features(self.builder_config.img_size)
-    return tfds.core.DatasetInfo(
-        builder=self, description=__doc__,
-        features=records.pair_features(CATEGORIES, extra),
-        homepage='https://scikit-image.org/docs/stable/api/skimage.data.html')
-
-  def _split_generators(self, dl_manager):
-    del dl_manager
-    return {split: self._generate_examples(split=split) for split in PHOTOS}
+  CATEGORIES = CATEGORIES
+  SPLITS = tuple(PHOTOS)
+  DESCRIPTION = __doc__
 
   def _generate_examples(self, split):
     cfg = self.builder_config
