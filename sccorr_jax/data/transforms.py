@@ -336,33 +336,10 @@ def preprocess_pair(rec: dict, opts: PreprocessOptions,
   kept = valid & np.asarray(rec.get('_kept', valid), bool)
   out_imsize = {}
   imgs, kps, boxes, maps = {}, {}, {}, {}
-  for side in ('src', 'trg'):
-    img = np.asarray(rec[f'{side}_img'])
+  for side in ('src', 'trg'):  # In this order: the rng draws are the record's sequence.
     out_imsize[side] = np.asarray(rec[f'{side}_imsize'], np.int32)
-    k = np.asarray(rec[f'{side}_kps'], np.float32).copy()
-    box = np.asarray(rec[f'{side}_bbox'], np.float32).copy()
-    if train and opts.augment:
-      img = augment_lib.reference_color_augment(img, rng, opts.augment_p)
-    h, w = img.shape[:2]
-    if train and opts.random_crop and rng.random() < opts.random_crop_p:
-      left, top, cw, ch = augment_lib.random_crop_params(rng, box, (h, w))
-      img = img[top:top + ch, left:left + cw]
-      k = k - np.array([left, top], np.float32)
-      box = box - np.array([left, top, left, top], np.float32)
-      h, w = ch, cw
-      scale = np.array([s / w, s / h], np.float32)
-      k = np.clip(k * scale, 0, s - 1)  # the reference clamps cropped keypoints
-      maps[side] = (np.array([left, top], np.float64), scale.astype(np.float64))
-    else:
-      scale = np.array([s / w, s / h], np.float32)
-      k = k * scale
-      maps[side] = (np.zeros(2), scale.astype(np.float64))
-    box = box * np.tile(scale, 2)
-    imgs[side] = (features.feature(rec[f'{side}_imname'], rec[f'{side}_img'])
-                  if features is not None
-                  else resize_image(np.ascontiguousarray(img), s))
-    kps[side] = k
-    boxes[side] = box
+    imgs[side], kps[side], boxes[side], maps[side] = _one_image(rec, side, opts, rng, train,
+                                                                features)
   flipped = bool(train and opts.flip and int(rec.get('flip', 0)))
   if flipped:
     for side in ('src', 'trg'):
@@ -380,13 +357,7 @@ def preprocess_pair(rec: dict, opts: PreprocessOptions,
       imgs['src'], kps['src'], kps['trg'], valid, kept, boxes['src'] = mirrored
       dense_known = False  # the record's dense truth is for the unmirrored source
   src_box = boxes['src']
-  if opts.dataset in BBOX_FROM_KEYPOINTS:
-    ext = kps['src'][valid]
-    thr_bbox = np.float32((ext.max(0) - ext.min(0)).max())
-    thr_legacy = legacy_willow_threshold(kps['src'], valid)
-  else:
-    thr_bbox = np.float32(max(src_box[2] - src_box[0], src_box[3] - src_box[1]))
-    thr_legacy = thr_bbox
+  thr_bbox, thr_legacy = _bbox_thresholds(opts.dataset, kps['src'], valid, src_box)
   thr_img = np.float32(s)
   standard = constants.STANDARD_THRESHOLD[opts.dataset]
   n = int(opts.max_kps)
@@ -421,19 +392,65 @@ def preprocess_pair(rec: dict, opts: PreprocessOptions,
     withheld = valid & ~kept & in_range
     out['withheld_src_kps'], out['withheld_kps_valid'] = _compact(kps['src'], withheld, n)
     out['withheld_trg_kps'], _ = _compact(kps['trg'], withheld, n)
-    fs = int(opts.feature_size)
-    if dense_known:
-      flow, dense_valid = dense_flow_to_grid(np.asarray(rec['dense_flow']),
-                                             np.asarray(rec['dense_valid']), maps['trg'],
-                                             maps['src'], s, fs)
-      if flipped:  # both images mirrored (x -> S - 1 - x on pixels): cell j <-> fs - 1 - j
-        flow = flow[:, ::-1] * np.array([-1.0, 1.0], np.float32)
-        dense_valid = dense_valid[:, ::-1]
-    else:
-      flow, dense_valid = np.zeros((fs, fs, 2), np.float32), np.zeros((fs, fs), bool)
-    out['dense_flow'] = np.ascontiguousarray(flow, np.float32)
-    out['dense_valid'] = np.ascontiguousarray(dense_valid)
+    out['dense_flow'], out['dense_valid'] = _dense_truth(rec if dense_known else None, maps,
+                                                         flipped, s, int(opts.feature_size))
   return out
+
+
+def _one_image(rec: dict, side: str, opts: PreprocessOptions, rng, train: bool, features):
+  """One side of a pair: (colour augmentation, random crop,) resize, keypoints and box scaled.
+
+  Returns:
+    `(image [S, S, 3] uint8 (or the cached features), kps [n, 2] float32 S-pixel units,
+    box [4] float32, map)`, `map` = (offset, scale) from original pixels to S pixels.
+  """
+  s = int(opts.img_size)
+  img = np.asarray(rec[f'{side}_img'])
+  k = np.asarray(rec[f'{side}_kps'], np.float32).copy()
+  box = np.asarray(rec[f'{side}_bbox'], np.float32).copy()
+  if train and opts.augment:
+    img = augment_lib.reference_color_augment(img, rng, opts.augment_p)
+  h, w = img.shape[:2]
+  if train and opts.random_crop and rng.random() < opts.random_crop_p:
+    left, top, cw, ch = augment_lib.random_crop_params(rng, box, (h, w))
+    img = img[top:top + ch, left:left + cw]
+    k = k - np.array([left, top], np.float32)
+    box = box - np.array([left, top, left, top], np.float32)
+    h, w = ch, cw
+    scale = np.array([s / w, s / h], np.float32)
+    k = np.clip(k * scale, 0, s - 1)  # the reference clamps cropped keypoints
+    offset = np.array([left, top], np.float64)
+  else:
+    scale = np.array([s / w, s / h], np.float32)
+    k = k * scale
+    offset = np.zeros(2)
+  box = box * np.tile(scale, 2)
+  img = (features.feature(rec[f'{side}_imname'], rec[f'{side}_img']) if features is not None
+         else resize_image(np.ascontiguousarray(img), s))
+  return img, k, box, (offset, scale.astype(np.float64))
+
+
+def _bbox_thresholds(dataset: str, src_kps, valid, src_box):
+  """`(bbox, bbox_legacy)` PCK thresholds of a pair (see `BBOX_FROM_KEYPOINTS`)."""
+  if dataset in BBOX_FROM_KEYPOINTS:
+    ext = src_kps[valid]
+    return (np.float32((ext.max(0) - ext.min(0)).max()),
+            legacy_willow_threshold(src_kps, valid))
+  thr = np.float32(max(src_box[2] - src_box[0], src_box[3] - src_box[1]))
+  return thr, thr
+
+
+def _dense_truth(rec: Optional[dict], maps, flipped: bool, s: int, fs: int):
+  """The record's dense ground truth on the flow grid, `(flow [fs, fs, 2], valid [fs, fs])`;
+  all invalid without one (`rec` None)."""
+  if rec is None:
+    return np.zeros((fs, fs, 2), np.float32), np.zeros((fs, fs), bool)
+  flow, valid = dense_flow_to_grid(np.asarray(rec['dense_flow']), np.asarray(rec['dense_valid']),
+                                   maps['trg'], maps['src'], s, fs)
+  if flipped:  # both images mirrored (x -> S - 1 - x on pixels): cell j <-> fs - 1 - j
+    flow = flow[:, ::-1] * np.array([-1.0, 1.0], np.float32)
+    valid = valid[:, ::-1]
+  return np.ascontiguousarray(flow, np.float32), np.ascontiguousarray(valid)
 
 
 @dataclasses.dataclass(frozen=True)
