@@ -381,6 +381,24 @@ def _global_batch(batch, sharding, keys=TRAIN_KEYS + TRUTH_KEYS):
           for k in keys}
 
 
+def _data(config, data_seed: int):
+  """The training iterator, and the validation split's feature cache (None on images).
+
+  With `model.inputs='features'` (the head on a frozen backbone's cached features) both
+  splits' caches are opened, and so verified, before any step.
+  """
+  train_split = config.data.get('train_split', 'trn')
+  features = {}
+  if config.model.get('inputs', 'images') == 'features':
+    from sccorr_jax.data import cache_features  # pylint: disable=g-import-not-at-top
+    features = cache_features.open_for_config(config, (train_split, config.eval.split))
+  train_iter = data_lib.create_train_iterator(
+      config.data, batch_size=int(config.optim.batch_size), seed=data_seed,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      features=features.get(train_split))
+  return train_iter, features.get(config.eval.split)
+
+
 def _restore(s: Setup, manager, train_iter) -> Tuple[ts.TrainState, Dict[str, Any]]:
   """The newest intact checkpoint's state and meta, or the fresh state."""
   restored = ckpt_lib.restore(manager, ckpt_lib.abstract_like(s.state, s.replicated),
@@ -533,17 +551,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                jax.local_device_count(), jax.devices()[0].platform)
   s = setup(config)
   spe, total = s.steps_per_epoch, s.total_steps
-  train_split = config.data.get('train_split', 'trn')
-  features = {}  # The head on cached features: the caches are verified before any step.
-  if config.model.get('inputs', 'images') == 'features':
-    from sccorr_jax.data import cache_features  # pylint: disable=g-import-not-at-top
-    features = cache_features.open_for_config(config, (train_split, config.eval.split))
   logging.info('%s parameters%s', f'{sum(x.size for x in jax.tree.leaves(s.state.params)):,}',
                ' (2 models)' if config.learning_mode == 'mt' else '')
-  train_iter = data_lib.create_train_iterator(
-      config.data, batch_size=int(config.optim.batch_size), seed=s.data_seed,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      features=features.get(train_split))
+  train_iter, eval_features = _data(config, s.data_seed)
   manager = ckpt_lib.make_manager(workdir, ckpt_lib.select_metric(config),
                                   async_saves=bool(config.async_checkpoints))
   state, meta = _restore(s, manager, train_iter)
@@ -552,7 +562,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   compiled, compile_s = compile_step(s) if step < total else (None, 0.0)
   if compiled is not None:
     writer.write(step, {'compile/train_step_s': compile_s})
-  validate = Validator(s, features.get(config.eval.split))
+  validate = Validator(s, eval_features)
   window = Window(meta.get('log_window'))
   pending: List[Tuple[int, Dict[str, Any]]] = []  # step metrics not yet read from the device
   read = functools.partial(read_metrics, pending, window, writer,
