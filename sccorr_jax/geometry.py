@@ -36,7 +36,7 @@ def as_hw(size: SizeLike) -> Tuple[int, int]:
 
 
 def keypoints_to_flow(src_kps, trg_kps, valid, feature_size: int,
-                      receptive_field: int, img_size: int = 256):
+                      receptive_field: int, img_size: int = 256, xp=jnp):
   """Sparse ground-truth flow from keypoint pairs (the reference's `KeypointToFlow`).
 
   For every cell `(fy, fx)` of the `feature_size` grid (cell stride `jsz = img_size //
@@ -54,33 +54,35 @@ def keypoints_to_flow(src_kps, trg_kps, valid, feature_size: int,
     feature_size: side of the flow grid (64 in training).
     receptive_field: receptive box side in pixels (11 in training).
     img_size: side of the (square) image in pixels.
+    xp: the array module, `jax.numpy` (default; jittable) or `numpy` (the data workers, where
+      a per-example jax call would cost a dispatch and a device transfer).
 
   Returns:
     [feature_size, feature_size, 2] float32 flow, (x, y) displacement target -> source in grid
     cells; exactly (0, 0) at unlabelled cells.
   """
-  src_kps = jnp.asarray(src_kps, jnp.float32)
-  trg_kps = jnp.asarray(trg_kps, jnp.float32)
-  valid = jnp.asarray(valid, bool)
+  f32 = xp.float32
+  src = xp.asarray(src_kps, f32)
+  trg = xp.asarray(trg_kps, f32)
+  valid = xp.asarray(valid, bool)
   fs = int(feature_size)
   jsz = int(img_size) // fs
   rf = int(receptive_field)
-  cell = jnp.arange(fs, dtype=jnp.float32) * jsz + (jsz // 2)
+  cell = xp.arange(fs, dtype=f32) * jsz + (jsz // 2)
   lo = cell - (rf // 2)
   hi = cell + (rf // 2)
   # in_x[n, fx], in_y[n, fy]: is keypoint n's target inside the cell's box along that axis.
-  in_x = (trg_kps[:, 0:1] >= lo) & (trg_kps[:, 0:1] <= hi)
-  in_y = (trg_kps[:, 1:2] >= lo) & (trg_kps[:, 1:2] <= hi)
+  in_x = (trg[:, 0:1] >= lo) & (trg[:, 0:1] <= hi)
+  in_y = (trg[:, 1:2] >= lo) & (trg[:, 1:2] <= hi)
   inside = in_y[:, :, None] & in_x[:, None, :] & valid[:, None, None]  # [n, fy, fx]
-  w = inside.astype(jnp.float32)
+  w = inside.astype(f32)
   count = w.sum(axis=0)
-  labelled = count > 0
-  mean_trg = jnp.einsum("nyx,nc->yxc", w, trg_kps) / jnp.maximum(count, 1.0)[..., None]
-  idx = jnp.arange(inside.shape[0])
-  last = jnp.max(jnp.where(inside, idx[:, None, None], -1), axis=0)  # [fy, fx]
-  src_last = src_kps[jnp.maximum(last, 0)]  # [fy, fx, 2]
-  flow = (src_last - mean_trg) / jnp.float32(jsz)
-  return jnp.where(labelled[..., None], flow, 0.0).astype(jnp.float32)
+  mean_trg = xp.einsum("nyx,nc->yxc", w, trg) / xp.maximum(count, 1.0)[..., None]
+  idx = xp.arange(inside.shape[0])
+  last = xp.max(xp.where(inside, idx[:, None, None], -1), axis=0, initial=-1)  # [fy, fx]
+  src_last = src[xp.maximum(last, 0)] if src.shape[0] else xp.zeros((fs, fs, 2), f32)
+  flow = (src_last - mean_trg) / f32(jsz)
+  return xp.where((count > 0)[..., None], flow, 0.0).astype(f32)
 
 
 def unlabelled_mask(flow):

@@ -43,6 +43,7 @@ import grain
 import numpy as np
 
 from sccorr_jax import constants
+from sccorr_jax import geometry
 from sccorr_jax import images
 from sccorr_jax.data import augment as augment_lib
 from sccorr_jax.data import procedural
@@ -54,44 +55,9 @@ BBOX_FROM_KEYPOINTS = {'pfwillow'}
 FLIP_TABLES = {'parts': procedural.flip_permutation}
 
 
-def keypoints_to_flow_np(src_kps, trg_kps, valid, feature_size: int, receptive_field: int,
-                         img_size: int = 256) -> np.ndarray:
-  """NumPy twin of `geometry.keypoints_to_flow` (same arguments, same float32 result).
-
-  Used in the data workers, where a per-example jax call would cost a dispatch and a device
-  transfer; `tests/test_data_transforms.py` checks it equals the jax function.
-
-  Args:
-    src_kps, trg_kps: [n, 2] float, (x, y) pixels of the `img_size` image.
-    valid: [n] bool.
-    feature_size: side of the flow grid.
-    receptive_field: receptive box side in pixels.
-    img_size: image side in pixels.
-
-  Returns:
-    [feature_size, feature_size, 2] float32 flow target -> source in grid cells, (0, 0) where
-    unlabelled.
-  """
-  src = np.asarray(src_kps, np.float32)
-  trg = np.asarray(trg_kps, np.float32)
-  valid = np.asarray(valid, bool)
-  fs = int(feature_size)
-  jsz = int(img_size) // fs
-  rf = int(receptive_field)
-  cell = np.arange(fs, dtype=np.float32) * jsz + (jsz // 2)
-  lo = cell - (rf // 2)
-  hi = cell + (rf // 2)
-  in_x = (trg[:, 0:1] >= lo) & (trg[:, 0:1] <= hi)  # [n, fx]
-  in_y = (trg[:, 1:2] >= lo) & (trg[:, 1:2] <= hi)  # [n, fy]
-  inside = in_y[:, :, None] & in_x[:, None, :] & valid[:, None, None]  # [n, fy, fx]
-  w = inside.astype(np.float32)
-  count = w.sum(axis=0)
-  mean_trg = np.einsum('nyx,nc->yxc', w, trg) / np.maximum(count, 1.0)[..., None]
-  idx = np.arange(inside.shape[0])
-  last = np.max(np.where(inside, idx[:, None, None], -1), axis=0, initial=-1)
-  src_last = src[np.maximum(last, 0)] if len(src) else np.zeros((fs, fs, 2), np.float32)
-  flow = (src_last - mean_trg) / np.float32(jsz)
-  return np.where((count > 0)[..., None], flow, 0.0).astype(np.float32)
+# The data workers' keypoints -> flow label: `geometry.keypoints_to_flow` in NumPy (a per-example
+# jax call would cost a dispatch and a device transfer).
+keypoints_to_flow_np = functools.partial(geometry.keypoints_to_flow, xp=np)
 
 
 resize_image = images.resize_image
