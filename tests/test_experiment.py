@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 from conftest import load_tool
 import pytest
 
 from sccorr_jax import config_lib
 from sccorr_jax import train
+from sccorr_jax import workers
 
 pytestmark = pytest.mark.usefixtures('fast_compiles')
 
@@ -180,3 +182,48 @@ def test_budget_curve_and_plots(tmp_path):
   for path in (paths[1], bars):
     with open(path, 'rb') as f:
       assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+
+
+def _fake_train(config, workdir):
+  """A picklable stand-in for training in worker processes: records when it ran, in the workdir;
+  fails for the cell whose dilation is 15 at seed 1, the last run of the test's sweep."""
+  start = time.time()
+  time.sleep(0.3)
+  if config.teacher.dilation_kernel == 15 and config.seed == 1:
+    raise FloatingPointError('diverged')
+  print('trained', workdir)  # Into the run's train.log.
+  with open(os.path.join(workdir, 'times.json'), 'w') as f:
+    json.dump([start, time.time(), os.getpid()], f)
+  return {'step': 1, 'epoch': int(config.optim.num_epochs), 'val': {'val/pck@0.1': 1.0},
+          'best': {}, 'state': object()}
+
+
+def test_workers_run_cells_in_parallel_after_the_cells_they_need(tmp_path):
+  out = str(tmp_path / 'sweep')
+  sweep = config_lib.get_sweep('modes')
+  cells = experiment.plan_cells(sweep, ['st', 'mt', 'mt_dilation7', 'mt_dilation15'])
+  with pytest.raises(RuntimeError, match=r'cell mt_dilation15 seed 1 failed: diverged .*train.log'):
+    experiment.run_sweep(CONFIG, 'test', cells, [0, 1], out, train_fn=_fake_train, workers=2)
+  with open(os.path.join(out, 'results.json')) as f:
+    runs = {(r['cell'], r['seed']): r for r in json.load(f)['runs']}
+  # The failed run is the last to start: every other run finished and was recorded.
+  assert set(runs) == {(c.name, s) for c in cells for s in (0, 1)} - {('mt_dilation15', 1)}
+  assert runs['mt_dilation7', 0]['same_as'] == 'mt' and runs['mt', 0]['workers'] == 2
+
+  def times(cell, seed):
+    with open(os.path.join(experiment.run_dir(out, cell, seed), 'times.json')) as f:
+      return json.load(f)
+
+  for seed in (0, 1):
+    # The teacher run finished before its student started; two processes trained.
+    assert times('baseline', seed)[1] <= times('st', seed)[0]
+  assert len({times(c, 0)[2] for c in ('baseline', 'st', 'mt')}) >= 2
+  with open(os.path.join(experiment.run_dir(out, 'st', 0), 'train.log')) as f:
+    assert 'trained' in f.read()
+
+
+def test_cpu_groups_split_the_cpus_evenly():
+  assert workers.cpu_groups(2, [0, 1, 2, 3, 4]) == [[0, 1], [2, 3, 4]]
+  assert workers.cpu_groups(1, [3, 1]) == [[1, 3]]
+  with pytest.raises(ValueError, match='--workers=3: .* 2 CPU'):
+    workers.cpu_groups(3, [0, 1])
