@@ -33,6 +33,7 @@ from typing import Callable, Optional, Sequence, Tuple
 from absl import app
 from absl import flags
 from absl import logging
+from ml_collections import config_flags
 
 if 'verbose' not in flags.FLAGS:  # a tool may define its own --verbose with the same meaning
   flags.DEFINE_bool('verbose', False, 'On an error, print the traceback too; keep the library '
@@ -189,7 +190,6 @@ _HELP = ('--help', '-help', '--helpshort', '-helpshort', '--helpfull', '-helpful
 
 def _config_file_flags() -> list:
   """Names of the ml_collections config-file flags defined (`DEFINE_config_file`)."""
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   parser_cls = config_flags.config_flags.ConfigFileFlagParser
   return [name for name, flag in flags.FLAGS._flags().items()  # pylint: disable=protected-access
           if name == flag.name and isinstance(flag.parser, parser_cls)]

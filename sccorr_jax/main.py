@@ -63,6 +63,8 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   workdir = _WORKDIR.value
   _check_paths(workdir, _MODE.value, _CHECKPOINT.value)
+  # jax and the trainer load after the flags and paths are checked: `--help` and a mistyped
+  # path answer at once (no cycle is dodged here).
   import jax  # pylint: disable=g-import-not-at-top
   if _MULTIHOST.value:
     jax.distributed.initialize()

@@ -17,6 +17,7 @@ from PIL import Image
 from PIL import ImageDraw
 import scipy.ndimage
 
+from sccorr_jax import evaluation
 from sccorr_jax import geometry
 from sccorr_jax import images
 
@@ -189,7 +190,6 @@ def draw_training_signals(src_img: np.ndarray, trg_img: np.ndarray, pred_flow: n
   Returns:
     [scale * S, width, 3] uint8.
   """
-  from sccorr_jax import evaluation  # pylint: disable=g-import-not-at-top
   s = src_img.shape[0]
   f = gt_flow.shape[0]
   cell = s / f

@@ -7,7 +7,6 @@ import math
 import subprocess
 import sys
 
-import pytest
 
 from sccorr_jax import config_lib
 from conftest import ROOT, load_tool

@@ -6,7 +6,6 @@ import sys
 
 import jax
 import numpy as np
-import pytest
 
 from sccorr_jax import models
 from sccorr_jax import checkpoint, convert

@@ -50,7 +50,7 @@ def _cached_config(data_dir, layers=(0, 1)):
 def setup(tmp_path_factory):
   config = _config(str(tmp_path_factory.mktemp('data')))
   model = models.build_model(config)
-  variables = train.init_variables(config, model, jax.random.PRNGKey(0), 1)
+  variables = models.init_variables(config, model, jax.random.PRNGKey(0), 1)
   return config, model, variables
 
 

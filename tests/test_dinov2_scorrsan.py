@@ -162,7 +162,7 @@ def test_pretrained_official_weights_fill_the_backbone(tmp_path):
   config = _config('mt', layers=(0,))  # Block 1 of the checkpoint is not used: ignored.
   config.model.pretrained = str(tmp_path / 'dinov2_tiny.npz')
   model = models.build_model(config)
-  v = train.init_variables(config, model, jax.random.PRNGKey(0), 2)
+  v = models.init_variables(config, model, jax.random.PRNGKey(0), 2)
   back = convert.to_dinov2_state_dict(jax.tree.map(lambda a: np.asarray(a)[1],
                                                    v['params']['backbone']))
   assert sorted(back) == sorted(k for k in sd if not k.startswith('blocks.1.') and

@@ -208,7 +208,7 @@ def build(config, mode: str) -> Built:
     replicated, data_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
     model = models.build_model(config)
     variables = jax.device_put(
-        train.init_variables(config, model, jax.random.PRNGKey(int(config.seed)), 1), replicated)
+        models.init_variables(config, model, jax.random.PRNGKey(int(config.seed)), 1), replicated)
     imgs = [jax.device_put(batch[k], data_sharding) for k in ('src_img', 'trg_img')]
     fn = jax.jit(lambda v, s, t: model.apply(v, s, t), out_shardings=data_sharding)
     t0 = time.perf_counter()
@@ -220,7 +220,7 @@ def build(config, mode: str) -> Built:
   config.learning_mode = mode
   teacher = None
   if mode == 'st':  # A random fixed teacher: the benchmark reads no checkpoint.
-    teacher = train.init_variables(config, models.build_model(config), jax.random.PRNGKey(1), 1)
+    teacher = models.init_variables(config, models.build_model(config), jax.random.PRNGKey(1), 1)
   s = train.setup(config, teacher=teacher)
   # Pseudo-label loss on (its start epoch): every term runs.
   hparams = s.hparams(int(config.teacher.pseudo_start_epoch))

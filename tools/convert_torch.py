@@ -24,7 +24,6 @@ checkpoint that needs no PyTorch.
 
 from __future__ import annotations
 
-import os
 import pathlib
 
 

@@ -45,10 +45,19 @@ import pathlib
 import sys
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
+from absl import flags
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
+from ml_collections import config_flags
 import ml_dtypes
 import numpy as np
+import tqdm
+
+from sccorr_jax import cli
+from sccorr_jax import models
+from sccorr_jax.data import pipeline
+from sccorr_jax.data import transforms
 
 CACHE_DIRNAME = 'dinov2_features'
 DTYPES = {'bfloat16': ml_dtypes.bfloat16, 'float32': np.float32}
@@ -89,7 +98,6 @@ def cache_key(model, variables, data_config, dtype: str = 'bfloat16') -> Dict[st
   _check_model(model)
   if dtype not in DTYPES:
     raise ValueError(f'cache dtype must be one of {sorted(DTYPES)}, got {dtype!r}')
-  from sccorr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   builder = pipeline.get_builder(data_config)
   return {
       'preset': model.dinov2_preset,
@@ -150,7 +158,6 @@ def split_image_names(data_config, split: str) -> Tuple[List[str], Dict[str, Tup
   Returns:
     `(ids, where)`, `where[id] = (record index, 'src' | 'trg')`.
   """
-  from sccorr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   source = pipeline.data_source(data_config, split)
   seen = []  # (name, digest, record index, side) of every image of the split.
   digests: Dict[str, set] = {}
@@ -171,7 +178,6 @@ def split_image_names(data_config, split: str) -> Tuple[List[str], Dict[str, Tup
 
 def preprocess_image(img: np.ndarray, img_size: int) -> np.ndarray:
   """[h, w, 3] uint8 -> [S, S, 3] float32: the pipeline's resize and normalisation."""
-  from sccorr_jax.data import transforms  # pylint: disable=g-import-not-at-top
   return transforms.normalize(transforms.resize_image(np.asarray(img), int(img_size)))
 
 
@@ -201,11 +207,7 @@ def head_flow(model, variables, src_feat, trg_feat):
 def _progress(total: int, desc: str, enabled: bool):
   if not enabled:
     return None
-  try:
-    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return None
-  return tqdm(total=total, desc=desc, unit='img', file=sys.stderr)
+  return tqdm.tqdm(total=total, desc=desc, unit='img', file=sys.stderr)
 
 
 def build_cache(model, variables, data_config, splits: Sequence[str], *,
@@ -254,7 +256,6 @@ def build_cache(model, variables, data_config, splits: Sequence[str], *,
   variables = jax.device_put(jax.device_get({'params': variables['params']}),
                              jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
   step = -(-int(batch_size) // len(devices)) * len(devices)
-  from sccorr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   out = {'dir': str(directory), 'computed': {}, 'rows': {}}
   for split in splits:
     names, where = split_image_names(data_config, split)
@@ -270,7 +271,6 @@ def build_cache(model, variables, data_config, splits: Sequence[str], *,
         np.lib.format.open_memmap(feat_path, 'w+', _STORED[dtype], shape).flush()
         np.lib.format.open_memmap(done_path, 'w+', np.bool_, (n,)).flush()
     if nproc > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       multihost_utils.sync_global_devices(f'cache_features_{split}_created')
     store = np.lib.format.open_memmap(feat_path, 'r+')
     done = np.lib.format.open_memmap(done_path, 'r+')
@@ -302,7 +302,6 @@ def build_cache(model, variables, data_config, splits: Sequence[str], *,
     out['computed'][split] = computed
     out['rows'][split] = n
   if nproc > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices('cache_features_done')
   return out
 
@@ -403,10 +402,8 @@ def full_model_variables(config):
   config's full model (`inputs='images'`), initialised as the trainer does (`model.pretrained`,
   else the seed's random backbone: tests and smoke runs).
   """
-  from sccorr_jax import models  # pylint: disable=g-import-not-at-top
-  from sccorr_jax import train  # pylint: disable=g-import-not-at-top
   model = models.build_model(config).clone(inputs='images')
-  return model, train.init_variables(config, model, jax.random.PRNGKey(int(config.seed)), 1)
+  return model, models.init_variables(config, model, jax.random.PRNGKey(int(config.seed)), 1)
 
 
 def open_for_config(config, splits: Sequence[str]) -> Dict[str, FeatureCache]:
@@ -427,8 +424,6 @@ def open_for_config(config, splits: Sequence[str]) -> Dict[str, FeatureCache]:
 
 def main(argv):
   del argv
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from sccorr_jax import cli  # pylint: disable=g-import-not-at-top
   cfg = flags.FLAGS.config
   if flags.FLAGS.data_dir:
     cfg.data.data_dir = flags.FLAGS.data_dir
@@ -447,14 +442,11 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  from sccorr_jax import cli as _cli  # pylint: disable=g-import-not-at-top
-  from absl import flags as _flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags as _config_flags  # pylint: disable=g-import-not-at-top
-  _config_flags.DEFINE_config_file('config', None, 'a DINOv2 config with trained_blocks=0')
-  _flags.DEFINE_list('splits', ['trn', 'val', 'test'], 'splits to cache')
-  _flags.DEFINE_string('data_dir', None, 'overrides config.data.data_dir')
-  _flags.DEFINE_enum('dtype', None, sorted(DTYPES),
+  config_flags.DEFINE_config_file('config', None, 'a DINOv2 config with trained_blocks=0')
+  flags.DEFINE_list('splits', ['trn', 'val', 'test'], 'splits to cache')
+  flags.DEFINE_string('data_dir', None, 'overrides config.data.data_dir')
+  flags.DEFINE_enum('dtype', None, sorted(DTYPES),
                      "storage dtype (default: the config's data.feature_cache_dtype)")
-  _flags.DEFINE_integer('batch_size', 32, 'images per step and process')
-  _flags.DEFINE_bool('overwrite', False, 'replace a cache of the same name but another key')
-  _cli.run(main)
+  flags.DEFINE_integer('batch_size', 32, 'images per step and process')
+  flags.DEFINE_bool('overwrite', False, 'replace a cache of the same name but another key')
+  cli.run(main)

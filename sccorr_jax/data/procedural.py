@@ -52,6 +52,7 @@ import numpy as np
 from PIL import Image
 
 from sccorr_jax.data import records
+from sccorr_jax.data import synthetic
 
 # ------------------------------------------------------------------------------------------------
 # Templates.
@@ -624,7 +625,6 @@ def dense_correspondence(src: Instance, src_geo: np.ndarray, trg: Instance,
 @functools.lru_cache(maxsize=None)
 def texture_photo(name: str, max_side: int = 320) -> np.ndarray:
   """[h, w, 3] float32 in [0, 1]: a `skimage.data` photograph, shrunk to `max_side`."""
-  from sccorr_jax.data import synthetic  # pylint: disable=g-import-not-at-top
   img = synthetic.load_photo(name)
   shrink = max_side / max(img.shape[:2])
   if shrink < 1:

@@ -13,10 +13,17 @@ import time
 from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence
 
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
+import tqdm
 
+from sccorr_jax import checkpoint as ckpt_lib
+from sccorr_jax import data as data_lib
 from sccorr_jax import geometry
+from sccorr_jax.data import cache_features
 from sccorr_jax.evaluation.pck import pck_correct
 from sccorr_jax.evaluation.pck import transfer_keypoints
 from sccorr_jax.evaluation.protocol import DIFFICULTY_FIELDS
@@ -195,7 +202,6 @@ def evaluate_model(model, variables, batches: Iterable[Mapping[str, Any]], proto
   Returns:
     The `EvalResult`; with `zero_flow`, its `zero_flow` attribute is the zero flow's.
   """
-  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
   if mesh is None:
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
   multihost = jax.process_count() > 1
@@ -213,7 +219,6 @@ def evaluate_model(model, variables, batches: Iterable[Mapping[str, Any]], proto
   total = num_pairs
   bar = None
   if progress:
-    import tqdm  # pylint: disable=g-import-not-at-top
     bar = tqdm.tqdm(desc=f"eval {protocol.benchmark}/{protocol.split}", unit="pair",
                     total=total, dynamic_ncols=True)
   try:
@@ -233,7 +238,6 @@ def evaluate_model(model, variables, batches: Iterable[Mapping[str, Any]], proto
       meta["pair_valid"] = meta["pair_valid"].copy()
       meta["pair_valid"][b:] = False
       if multihost:
-        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
         dev_batch = {k: jax.make_array_from_process_local_data(
             data_sharding, _pad_rows(np.asarray(batch[k]), padded)) for k in keys}
         counts = multihost_utils.process_allgather(step(variables, dev_batch), tiled=True)
@@ -285,9 +289,6 @@ def evaluate_checkpoint(config, checkpoint: str, workdir: Optional[str] = None, 
   Returns:
     The `EvalResult`.
   """
-  from sccorr_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-  from sccorr_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-
   # Verified (checksums), shape-checked against the model: one-line CheckpointError otherwise.
   model, variables, ckpt_config = ckpt_lib.load_model(checkpoint, model_index=model_index,
                                                       fallback_config=config)
@@ -295,7 +296,6 @@ def evaluate_checkpoint(config, checkpoint: str, workdir: Optional[str] = None, 
   bs = int(batch_size or config.eval.batch_size)
   features = None
   if getattr(model, "inputs", "images") == "features":  # The head alone: read the cache.
-    from sccorr_jax.data import cache_features  # pylint: disable=g-import-not-at-top
     cache_config = ckpt_config.copy_and_resolve_references()
     with cache_config.unlocked():
       cache_config.data = config.data.copy_and_resolve_references()

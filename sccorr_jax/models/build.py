@@ -1,11 +1,15 @@
-"""The network of a config: `config.model` -> `SCorrSAN` (the one place that reads those keys)."""
+"""The network of a config: `config.model` -> `SCorrSAN` (the one place that reads those keys),
+and its initial variables (`init_variables`: fresh, or a pretrained backbone)."""
 
 from __future__ import annotations
 
 from typing import Tuple
 
+import flax
+import jax
 import jax.numpy as jnp
 
+from sccorr_jax import convert
 from sccorr_jax.models.scorrsan import SCorrSAN
 
 _MODEL_KEYS = ('sce_kernel_size', 'sce_features', 'feature_size', 'backbone_depth', 'stage_sizes',
@@ -68,3 +72,31 @@ def input_shape(model: SCorrSAN, img_size: int) -> Tuple[int, int, int]:
   kwargs = model.dinov2_kwargs()
   grid = s // int(kwargs.get('patch_size', 14))
   return (grid, grid, int(kwargs['embed_dim']) * len(model.dinov2_blocks()))
+
+
+def _load_pretrained(config, model, variables):
+  """Backbone from a torchvision state dict file, head kept from `variables`."""
+  path = config.model.pretrained
+  state_dict = convert.read_state_dict(path)
+  return convert.from_torch_state_dict(state_dict, model, init_variables=variables)
+
+
+def init_variables(config, model, rng, num_models: int):
+  """Initial `{'params', 'batch_stats'}` of `num_models` models (stacked if 2).
+
+  Each model gets its own initialisation key; with `model.pretrained` every model starts from the
+  same pretrained backbone and keeps its own head initialisation (the reference).
+  """
+  x = jnp.zeros((1, *input_shape(model, config.data.img_size)), jnp.float32)
+  keys = jax.random.split(rng, num_models)
+  out = []
+  for k in keys:
+    v = flax.core.unfreeze(jax.jit(model.init)(k, x, x))
+    v.setdefault('batch_stats', {})
+    if config.model.get('pretrained') and model.inputs == 'images':  # Features: no backbone.
+      v = _load_pretrained(config, model, v)
+      v = jax.tree.map(jnp.asarray, v)
+    out.append(v)
+  if num_models == 1:
+    return out[0]
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *out)
