@@ -1,4 +1,5 @@
-"""Coordinate conventions: keypoints -> sparse flow labels, the "unlabelled" rule.
+"""Coordinate conventions: keypoints -> sparse flow labels, the "unlabelled" rule, and bilinear
+flow sampling (`linear_taps`, the one align_corners=False rule of PCK, matching and dense flow).
 
 A note on coordinates (the same text is in the README):
 
@@ -33,6 +34,33 @@ def as_hw(size: SizeLike) -> Tuple[int, int]:
     return int(size), int(size)
   h, w = size
   return int(h), int(w)
+
+
+def linear_taps(points, n_in: int, n_out: int
+                ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """1-D bilinear taps, align_corners=False, for positions on an `n_out`-sample axis that reads
+  an `n_in`-sample axis (a flow grid's cells read from an image's pixels).
+
+  Position `p` reads input coordinate `c = max((p + 0.5) * n_in / n_out - 0.5, 0)` (half-pixel
+  centres, clamped below at 0), as PyTorch's `upsample_bilinear2d(align_corners=False)`; past
+  the last input sample both taps are that sample (`i1 == i0`, the weights still sum to 1).
+  Every flow resampling uses these taps: `evaluation.upsample_flow` and `transfer_keypoints`
+  (PCK, `points = arange(n_out)`), and `predict.sample_flow` / `predict.dense_flow` (matching,
+  continuous points).
+
+  Args:
+    points: [m] positions in output samples (pixels), integer or continuous.
+    n_in, n_out: axis lengths (grid cells, image pixels).
+
+  Returns:
+    `(i0, i1, w0, w1)`, each [m]: int32 lower/upper input index and float64 weights
+    `w1 = c - i0`, `w0 = 1 - w1`.
+  """
+  coord = np.maximum((np.asarray(points, np.float64) + 0.5) * (n_in / n_out) - 0.5, 0.0)
+  i0 = np.minimum(np.floor(coord).astype(np.int32), n_in - 1)
+  i1 = np.minimum(i0 + 1, n_in - 1).astype(np.int32)
+  w1 = coord - i0
+  return i0, i1, 1.0 - w1, w1
 
 
 def keypoints_to_flow(src_kps, trg_kps, valid, feature_size: int,

@@ -54,6 +54,7 @@ from PIL import Image
 from PIL import ImageOps
 
 from sccorr_jax import checkpoint as ckpt_lib
+from sccorr_jax import geometry
 from sccorr_jax import images
 from sccorr_jax.models import flow as flow_lib
 
@@ -270,16 +271,10 @@ def sample_flow(flow_grid: np.ndarray, points: np.ndarray, img_size: Tuple[int, 
   h, w, _ = flow_grid.shape
   img_h, img_w = img_size
   f = np.asarray(flow_grid, np.float64)
-  u = np.clip((points[:, 0] + 0.5) * (w / img_w) - 0.5, 0, w - 1)
-  v = np.clip((points[:, 1] + 0.5) * (h / img_h) - 0.5, 0, h - 1)
-  x0 = np.floor(u).astype(np.int64)
-  y0 = np.floor(v).astype(np.int64)
-  x1 = np.minimum(x0 + 1, w - 1)
-  y1 = np.minimum(y0 + 1, h - 1)
-  lx = (u - x0)[:, None]
-  ly = (v - y0)[:, None]
-  disp = ((1 - ly) * ((1 - lx) * f[y0, x0] + lx * f[y0, x1])
-          + ly * ((1 - lx) * f[y1, x0] + lx * f[y1, x1]))
+  x0, x1, wx0, wx1 = geometry.linear_taps(points[:, 0], w, img_w)
+  y0, y1, wy0, wy1 = geometry.linear_taps(points[:, 1], h, img_h)
+  wx0, wx1, wy0, wy1 = (t[:, None] for t in (wx0, wx1, wy0, wy1))
+  disp = wy0 * (wx0 * f[y0, x0] + wx1 * f[y0, x1]) + wy1 * (wx0 * f[y1, x0] + wx1 * f[y1, x1])
   return disp * np.array([img_w / w, img_h / h])
 
 
@@ -336,13 +331,10 @@ def keypoint_confidence(corr, trg_cells, x_coords, y_coords, size: Optional[int]
 def _axis_weights(points: np.ndarray, cells: int, img_len: int) -> np.ndarray:
   """[len(points), cells] bilinear weights of `sample_flow` along one axis (align_corners=False,
   clamped): sampling a grid at a lattice of points is `W_y @ grid @ W_x^T` per channel."""
-  u = np.clip((np.asarray(points, np.float64) + 0.5) * (cells / img_len) - 0.5, 0, cells - 1)
-  i0 = np.floor(u).astype(np.int64)
-  i1 = np.minimum(i0 + 1, cells - 1)
-  frac = u - i0
-  w = np.zeros((len(u), cells), np.float64)
-  np.add.at(w, (np.arange(len(u)), i0), 1 - frac)
-  np.add.at(w, (np.arange(len(u)), i1), frac)
+  i0, i1, w0, w1 = geometry.linear_taps(points, cells, img_len)
+  w = np.zeros((len(i0), cells), np.float64)
+  np.add.at(w, (np.arange(len(i0)), i0), w0)
+  np.add.at(w, (np.arange(len(i0)), i1), w1)
   return w
 
 

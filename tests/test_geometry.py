@@ -44,3 +44,18 @@ def test_keypoint_flow_round_trip():
   for s, t in zip(src, trg):
     cx, cy = int(t[0]) // 4, int(t[1]) // 4
     np.testing.assert_allclose(t / 4 + flow[cy, cx], s / 4, atol=1e-5)
+
+
+def test_linear_taps_are_torch_align_corners_false():
+  # 4 cells read by 16 pixels: pixel p reads cell (p + 0.5) / 4 - 0.5, clamped below at 0.
+  i0, i1, w0, w1 = geometry.linear_taps(np.arange(16), 4, 16)
+  coord = np.maximum((np.arange(16) + 0.5) / 4 - 0.5, 0)
+  np.testing.assert_array_equal(i0, np.minimum(np.floor(coord), 3))
+  np.testing.assert_allclose(w0 * i0 + w1 * i1, np.minimum(coord, 3), atol=1e-12)
+  np.testing.assert_allclose(w0 + w1, 1.0)
+  # Beyond the last cell both taps are the last cell (as torch's upsample_bilinear2d).
+  assert i0[-1] == i1[-1] == 3
+  # Continuous points (matching) use the same rule.
+  i0, i1, w0, w1 = geometry.linear_taps(np.array([-3.0, 5.5, 100.0]), 4, 16)
+  np.testing.assert_array_equal(i0, [0, 1, 3])
+  np.testing.assert_allclose(w1[:2], [0.0, 0.0])

@@ -18,30 +18,10 @@ explicit `valid` mask, never recognised by value.
 
 from __future__ import annotations
 
-from typing import Tuple
-
 import jax.numpy as jnp
 import numpy as np
 
 from sccorr_jax import geometry
-
-
-def _linear_taps(n_in: int, n_out: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-  """Host-side 1-D align_corners=False bilinear taps for resizing `n_in` -> `n_out` samples.
-
-  Output sample `i` reads input coordinate `max((i + 0.5) * n_in / n_out - 0.5, 0)`, as PyTorch's
-  `upsample_bilinear2d(align_corners=False)`.
-
-  Returns:
-    `(i0, i1, w0, w1)`, each [n_out]: int32 lower/upper input index (`i1 == i0` at the last
-    input sample) and float64 weights `w0 = 1 - w1`, `w1 = coordinate - i0`.
-  """
-  scale = n_in / n_out
-  coord = np.maximum((np.arange(n_out, dtype=np.float64) + 0.5) * scale - 0.5, 0.0)
-  i0 = np.minimum(np.floor(coord).astype(np.int32), n_in - 1)
-  i1 = np.minimum(i0 + 1, n_in - 1).astype(np.int32)
-  w1 = coord - i0
-  return i0, i1, 1.0 - w1, w1
 
 
 def _cells_to_pixels(flow_dtype, h: int, w: int, img_h: int, img_w: int):
@@ -66,8 +46,8 @@ def upsample_flow(flow, size: geometry.SizeLike):
   """
   img_h, img_w = geometry.as_hw(size)
   _, h, w, _ = flow.shape
-  y0, y1, wy0, wy1 = _linear_taps(h, img_h)
-  x0, x1, wx0, wx1 = _linear_taps(w, img_w)
+  y0, y1, wy0, wy1 = geometry.linear_taps(np.arange(img_h), h, img_h)
+  x0, x1, wx0, wx1 = geometry.linear_taps(np.arange(img_w), w, img_w)
   dt = flow.dtype
   wx0, wx1 = (jnp.asarray(v, dt)[:, None] for v in (wx0, wx1))
   wy0, wy1 = (jnp.asarray(v, dt)[:, None, None] for v in (wy0, wy1))
@@ -103,8 +83,8 @@ def transfer_keypoints(flow, trg_kps, img_size: geometry.SizeLike = 256):
   kp_x = jnp.clip(kp[..., 0].astype(jnp.int32), 0, img_w - 1)
   kp_y = jnp.clip(kp[..., 1].astype(jnp.int32), 0, img_h - 1)
 
-  taps_y = [jnp.asarray(v)[kp_y] for v in _linear_taps(h, img_h)]  # each [b, n]
-  taps_x = [jnp.asarray(v)[kp_x] for v in _linear_taps(w, img_w)]
+  taps_y = [jnp.asarray(v)[kp_y] for v in geometry.linear_taps(np.arange(img_h), h, img_h)]  # each [b, n]
+  taps_x = [jnp.asarray(v)[kp_x] for v in geometry.linear_taps(np.arange(img_w), w, img_w)]
   y0, y1, wy0, wy1 = taps_y
   x0, x1, wx0, wx1 = taps_x
   fdt = flow.dtype
