@@ -53,6 +53,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from sccorr_jax import constants
 from sccorr_jax.models import build_model
 from sccorr_jax.models import input_shape
 
@@ -79,7 +80,7 @@ class CheckpointError(ValueError):
 
 def select_metric(config) -> str:
   """`val/pck@<config.eval.select_alpha>`: picks the best checkpoint and the better mt model."""
-  return f'val/pck@{float(config.eval.select_alpha):g}'
+  return constants.metric_key(config.eval.select_alpha, scope='val')
 
 
 # ------------------------------------------------------------------------------------------------

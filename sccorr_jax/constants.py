@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 # ImageNet normalisation of RGB images in [0, 1] (the pretrained backbones' statistics).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -21,3 +23,26 @@ DIFFICULTY_LEVELS = {
     "truncation": ("none", "src truncated", "trg truncated", "both truncated"),
     "occlusion": ("none", "src occluded", "trg occluded", "both occluded"),
 }
+
+# The direction PCK is measured in: target keypoints moved to the source by the flow.
+DIRECTION = "trg->src"
+
+
+def metric_key(alpha: float, threshold: Optional[str] = None, averaging: Optional[str] = None,
+               img_size: Optional[int] = None, direction: Optional[str] = None,
+               group: str = "all", scope: str = "") -> str:
+  """The one key scheme of every PCK number, in training logs and evaluation reports alike:
+  `[<scope>/]pck@<alpha>[/<threshold>][/<averaging>][/<img_size>px][/<direction>][/<group>]`.
+
+  Evaluation reports name every part of their protocol (`pck@0.1/bbox/per_pair/256px/trg->src`,
+  `.../category=cat`; `evaluation.metric_name`). Training logs leave out the parts their
+  validation protocol fixes (the benchmark's standard threshold, per-pair averaging, the run's
+  `data.img_size`, trg->src) and name what differs: `val/pck@0.1`, `val/pck@0.1/per_keypoint`,
+  `val/a/pck@0.1` (mt network a), `val/zero_flow/pck@0.1` (the zero flow on the same pairs),
+  `test/pck@0.1` (`--mode=eval`).
+  """
+  parts = (f"pck@{float(alpha):g}", threshold, averaging,
+           f"{int(img_size)}px" if img_size else None, direction,
+           None if group == "all" else group)
+  key = "/".join(p for p in parts if p)
+  return f"{scope.rstrip('/')}/{key}" if scope else key

@@ -35,26 +35,29 @@ import functools
 import json
 import os
 import pathlib
+import re
 import signal
 import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from absl import logging
-import flax
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
+import tqdm
 
 from sccorr_jax import checkpoint as ckpt_lib
 from sccorr_jax import config_lib
+from sccorr_jax.constants import metric_key
 from sccorr_jax import data as data_lib
 from sccorr_jax import evaluation
 from sccorr_jax import models
 from sccorr_jax import schedules
 from sccorr_jax import train_step as ts
+from sccorr_jax.data import cache_features
 from sccorr_jax.data import pipeline as data_pipeline
 from sccorr_jax.metric_writer import MetricWriter
 from sccorr_jax.metric_writer import to_python
@@ -129,39 +132,10 @@ def check_config(config, need_teacher: bool = True) -> None:
                 f'count ({jax.device_count()})')
 
 
-def _load_pretrained(config, model, variables):
-  """Backbone from a torchvision state dict file, head kept from `variables`."""
-  from sccorr_jax import convert  # pylint: disable=g-import-not-at-top
-  path = config.model.pretrained
-  state_dict = convert.read_state_dict(path)
-  return convert.from_torch_state_dict(state_dict, model, init_variables=variables)
-
-
-def init_variables(config, model, rng, num_models: int):
-  """Initial `{'params', 'batch_stats'}` of `num_models` models (stacked if 2).
-
-  Each model gets its own initialisation key; with `model.pretrained` every model starts from the
-  same pretrained backbone and keeps its own head initialisation (the reference).
-  """
-  x = jnp.zeros((1, *models.input_shape(model, config.data.img_size)), jnp.float32)
-  keys = jax.random.split(rng, num_models)
-  out = []
-  for k in keys:
-    v = flax.core.unfreeze(jax.jit(model.init)(k, x, x))
-    v.setdefault('batch_stats', {})
-    if config.model.get('pretrained') and model.inputs == 'images':  # Features: no backbone.
-      v = _load_pretrained(config, model, v)
-      v = jax.tree.map(jnp.asarray, v)
-    out.append(v)
-  if num_models == 1:
-    return out[0]
-  return jax.tree.map(lambda *xs: jnp.stack(xs), *out)
-
-
 def create_train_state(config, model, tx, rng, teacher=None) -> ts.TrainState:
   """A fresh `TrainState` for `config.learning_mode` (host arrays; shard with `device_put`)."""
   mutual = config.learning_mode == 'mt'
-  v = init_variables(config, model, rng, 2 if mutual else 1)
+  v = models.init_variables(config, model, rng, 2 if mutual else 1)
   opt_state = (jax.vmap(tx.init) if mutual else tx.init)(v['params'])
   return ts.TrainState(step=jnp.zeros((), jnp.int32), params=v['params'],
                        batch_stats=v['batch_stats'], opt_state=opt_state, teacher=teacher)
@@ -314,8 +288,8 @@ def evaluate(model, variables, data_iter, protocol: evaluation.Protocol, *, mesh
 
   Returns:
     `{prefix + 'pck@<alpha>': per-pair mean PCK in percent (the reference's number),
-    prefix + 'pck_kp@<alpha>': per keypoint, prefix + 'num_pairs': pairs}` and, with
-    `zero_flow`, `prefix + 'pck_zero_flow@<alpha>'`.
+    prefix + 'pck@<alpha>/per_keypoint': per keypoint, prefix + 'num_pairs': pairs}` and, with
+    `zero_flow`, `prefix + 'zero_flow/pck@<alpha>'` (`constants.metric_key`).
   """
   result = evaluation.evaluate_model(model, variables, data_iter, protocol, mesh=mesh,
                                      eval_step=eval_step, max_batches=max_batches,
@@ -323,11 +297,12 @@ def evaluate(model, variables, data_iter, protocol: evaluation.Protocol, *, mesh
   kind = protocol.thresholds[0]
   out = {f'{prefix}num_pairs': float(result.groups['all'].pairs)}
   for a in protocol.alphas:
-    out[f'{prefix}pck@{a:g}'] = result.pck(kind, a, 'per_pair')
-    out[f'{prefix}pck_kp@{a:g}'] = result.pck(kind, a, 'per_keypoint')
+    out[metric_key(a, scope=prefix)] = result.pck(kind, a, 'per_pair')
+    out[metric_key(a, averaging='per_keypoint', scope=prefix)] = result.pck(kind, a,
+                                                                            'per_keypoint')
   if zero_flow:
     for a in protocol.alphas:
-      out[f'{prefix}pck_zero_flow@{a:g}'] = result.zero_flow.pck(kind, a, 'per_pair')
+      out[metric_key(a, scope=prefix + 'zero_flow')] = result.zero_flow.pck(kind, a, 'per_pair')
   return out
 
 
@@ -360,12 +335,12 @@ class Validator:
                           prefix=f'val/{name}/' if name else 'val/',
                           zero_flow=zero_flow and i == 0))
     if mutual:
-      sel = [out[f'val/{m}/pck@{c.eval.select_alpha:g}'] for m in 'ab']
+      sel = [out[metric_key(c.eval.select_alpha, scope=f'val/{m}')] for m in 'ab']
       winner = int(np.nanargmax(sel)) if np.isfinite(sel).any() else 0
       for a in self.protocol.alphas:
-        out[f'val/pck@{a:g}'] = out[f'val/{"ab"[winner]}/pck@{a:g}']
+        out[metric_key(a, scope='val')] = out[metric_key(a, scope=f'val/{"ab"[winner]}')]
       out['val/best_model'] = float(winner)
-      out = {k.replace('val/a/pck_zero_flow', 'val/pck_zero_flow'): v for k, v in out.items()}
+      out = {k.replace('val/a/zero_flow/', 'val/zero_flow/'): v for k, v in out.items()}
     out['val/epoch'] = float(epoch)
     out['time/eval_s'] = time.time() - t
     return out
@@ -390,7 +365,6 @@ def _data(config, data_seed: int):
   train_split = config.data.get('train_split', 'trn')
   features = {}
   if config.model.get('inputs', 'images') == 'features':
-    from sccorr_jax.data import cache_features  # pylint: disable=g-import-not-at-top
     features = cache_features.open_for_config(config, (train_split, config.eval.split))
   train_iter = data_lib.create_train_iterator(
       config.data, batch_size=int(config.optim.batch_size), seed=data_seed,
@@ -491,7 +465,6 @@ def _sigterm_requests_stop():
 def _progress_bar(config, total: int, initial: int, lead: bool):
   if not (lead and config.get('progress_bar', True)):
     return None
-  import tqdm  # pylint: disable=g-import-not-at-top
   return tqdm.tqdm(total=total, initial=initial, unit='step', dynamic_ncols=True,
                    desc=f'train {config.learning_mode}')
 
@@ -599,7 +572,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             last_val = val
             writer.write(step, val)
             logging.info('epoch %d (step %d): %s', completed, step, ', '.join(
-                f'{k}={v:.2f}' for k, v in val.items() if k.startswith('val/pck@')))
+                f'{k}={v:.2f}' for k, v in val.items() if re.fullmatch(r'val/pck@[0-9.]+', k)))
           _save(manager, step, completed, state, meta, window, train_iter, config, val)
           # Evaluation and checkpointing are not step time: the speed window restarts.
           t_log, steps_since_log = time.time(), 0
@@ -645,6 +618,6 @@ def run_evaluation(config, checkpoint: str, workdir: Optional[str] = None,
   if config.eval.threshold not in ('standard', None) and (
       config.eval.threshold in result.protocol.thresholds):
     kind = config.eval.threshold
-  out = {f'{config.eval.split}/pck@{a:g}': result.pck(kind, a) for a in config.eval.alphas}
+  out = {metric_key(a, scope=config.eval.split): result.pck(kind, a) for a in config.eval.alphas}
   logging.info('%s', result.table())
   return out

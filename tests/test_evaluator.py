@@ -8,9 +8,11 @@ import pathlib
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
+from sccorr_jax import checkpoint
 from sccorr_jax import evaluation
 from sccorr_jax.data import transforms
 
@@ -284,6 +286,19 @@ def test_demo_checkpoint_reproduces_the_logged_validation_pck(tmp_path):
                                   progress=False)
     assert r.pck("bbox", 0.1) == pytest.approx(at_best[f"val/{name}/pck@0.1"], abs=1e-9)
     assert r.pck("bbox", 0.1, "per_keypoint") == pytest.approx(
-        at_best[f"val/{name}/pck_kp@0.1"], abs=1e-9)
+        at_best[f"val/{name}/pck@0.1/per_keypoint"], abs=1e-9)
   report = json.load(open(tmp_path / "eval" / f"eval_synthetic_{config.eval.split}.json"))
   assert report["pairs"] == 9 and report["padding_pairs_masked"] == 3  # 9 pairs, batches of 4
+
+
+def test_one_metric_key_scheme_for_reports_and_training_logs():
+  assert evaluation.metric_name("bbox", 0.1, "per_pair", 256) == (
+      "pck@0.1/bbox/per_pair/256px/trg->src")
+  assert evaluation.metric_name("img", 0.05, "per_keypoint", 96, "category=cat") == (
+      "pck@0.05/img/per_keypoint/96px/trg->src/category=cat")
+  assert evaluation.metric_key(0.1, scope="val/") == "val/pck@0.1"
+  assert evaluation.metric_key(0.1, averaging="per_keypoint", scope="val/a") == (
+      "val/a/pck@0.1/per_keypoint")
+  assert evaluation.metric_key(0.15, scope="val/zero_flow") == "val/zero_flow/pck@0.15"
+  config = ml_collections.ConfigDict({"eval": {"select_alpha": 0.05}})
+  assert checkpoint.select_metric(config) == "val/pck@0.05"

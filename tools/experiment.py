@@ -56,8 +56,10 @@ from absl import logging
 import jax
 import numpy as np
 
+from sccorr_jax import checkpoint
 from sccorr_jax import cli
 from sccorr_jax import config_lib
+from sccorr_jax import constants
 from sccorr_jax import train
 from sccorr_jax import workers as workers_lib
 
@@ -300,7 +302,7 @@ def make_entry(cell: Cell, seed: int, config, workdir: str, summary: Dict[str, A
       'cell': cell.name, 'seed': int(seed), 'overrides': cell.overrides,
       'workdir': os.path.relpath(workdir, out),
       'step': int(summary['step']), 'epoch': int(summary['epoch']),
-      'select_metric': f'val/pck@{config.eval.select_alpha:g}',
+      'select_metric': checkpoint.select_metric(config),
       'final': {k: v for k, v in (summary.get('val') or {}).items() if k.startswith('val/')},
       'best': best,
       'pseudo': pseudo, 'pseudo_step': pseudo_step,
@@ -587,7 +589,8 @@ def markdown_table(entries: Sequence[Dict[str, Any]], order: Optional[Sequence[s
       f'during training (model selection on the same split, so optimistic). Times in seconds '
       f'per run on this machine (wall: the invocation that finished the run; compile: the '
       f'train step, near 0 when the persistent cache had it).\n')
-  zero = [e['final'].get(f'val/pck_zero_flow@{_alpha(select):g}') for e in entries]
+  zero = [e['final'].get(constants.metric_key(_alpha(select), scope='val/zero_flow'))
+          for e in entries]
   m, s, n = mean_std(zero)
   if n:
     lines.append(f'Zero-flow (identity) {select}: {_format(m, s)} (n={n}).\n')

@@ -24,6 +24,7 @@ from sccorr_jax.evaluation.protocol import DEFAULT_ALPHAS
 from sccorr_jax.evaluation.protocol import DIFFICULTY_FIELDS
 from sccorr_jax.evaluation.protocol import DIFFICULTY_LEVELS
 from sccorr_jax.evaluation.protocol import DIRECTION
+from sccorr_jax.evaluation.protocol import metric_key
 from sccorr_jax.evaluation.protocol import metric_name
 from sccorr_jax.evaluation.protocol import Protocol
 from sccorr_jax.evaluation.protocol import STANDARD_THRESHOLD

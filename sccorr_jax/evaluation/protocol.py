@@ -9,6 +9,8 @@ from typing import Any, Dict, Optional, Sequence
 from sccorr_jax.constants import BENCHMARK_NAMES  # noqa: F401  (re-exported)
 from sccorr_jax.constants import DIFFICULTY_FIELDS  # noqa: F401
 from sccorr_jax.constants import DIFFICULTY_LEVELS  # noqa: F401
+from sccorr_jax.constants import DIRECTION
+from sccorr_jax.constants import metric_key
 from sccorr_jax.constants import STANDARD_THRESHOLD
 
 # ================================================================================================
@@ -35,7 +37,6 @@ from sccorr_jax.constants import STANDARD_THRESHOLD
 DEFAULT_ALPHAS = (0.01, 0.05, 0.1, 0.15)
 THRESHOLD_KINDS = ("bbox", "img", "bbox_legacy")
 AVERAGINGS = ("per_pair", "per_keypoint")
-DIRECTION = "trg->src"
 
 
 def default_thresholds(benchmark: str) -> tuple:
@@ -133,9 +134,8 @@ class Protocol:
 
 def metric_name(threshold: str, alpha: float, averaging: str, img_size: int = 256,
                 group: str = "all") -> str:
-  """The key of one number, naming its protocol, e.g. `pck@0.1/bbox/per_pair/256px/trg->src`.
-
-  A group other than 'all' is appended (`.../category=cat`, `.../viewpoint_variation=2`).
+  """The key of one number of a report, naming its whole protocol, e.g.
+  `pck@0.1/bbox/per_pair/256px/trg->src` (`constants.metric_key`, the scheme of training logs
+  too). A group other than 'all' is appended (`.../category=cat`, `.../viewpoint_variation=2`).
   """
-  name = f"pck@{alpha:g}/{threshold}/{averaging}/{img_size}px/{DIRECTION}"
-  return name if group == "all" else f"{name}/{group}"
+  return metric_key(alpha, threshold, averaging, img_size, DIRECTION, group)
