@@ -227,3 +227,15 @@ def test_cpu_groups_split_the_cpus_evenly():
   assert workers.cpu_groups(1, [3, 1]) == [[1, 3]]
   with pytest.raises(ValueError, match='--workers=3: .* 2 CPU'):
     workers.cpu_groups(3, [0, 1])
+
+
+def test_pseudo_metrics_are_the_last_epochs_windows_mean():
+  rows = [{'step': 10, 'train/loss': 1.0},
+          {'step': 20, 'train/a/pseudo_kept_epe': 9.0},  # Epoch 1 (steps 1..24): left out.
+          {'step': 30, 'train/a/pseudo_kept_epe': 3.0, 'train/pseudo_agreement': 0.5},
+          {'step': 40, 'train/a/pseudo_kept_epe': 5.0},  # No agreement logged in this window.
+          {'step': 48, 'val/pck@0.1': 10.0}]
+  pseudo, steps = experiment.last_epoch_pseudo_metrics(rows, steps_per_epoch=24)
+  assert pseudo == {'train/a/pseudo_kept_epe': 4.0, 'train/pseudo_agreement': 0.5}
+  assert steps == [30, 40]
+  assert experiment.last_epoch_pseudo_metrics(rows[:1], 24) == ({}, None)

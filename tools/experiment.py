@@ -20,9 +20,9 @@ needed. Cells whose resolved configs are identical run once and are reported und
 
 Writes into `--out`:
   results.json    the sweep's settings and one entry per finished run: cell, overrides, seed,
-                  final and best validation metrics, the last logged pseudo-label metrics (keys
-                  containing 'pseudo'), wall time (of the invocation that finished the run) and
-                  compile time. Rewritten atomically after every run.
+                  final and best validation metrics, the pseudo-label metrics (keys containing
+                  'pseudo', averaged over the last epoch's logged windows), wall time (of the
+                  invocation that finished the run) and compile time. Rewritten atomically after every run.
   results.md      mean ± std over seeds per cell (n shown), validation PCK and pseudo-labels.
   <sweep>.png     validation PCK@alpha per cell (bars, error bars and seeds), or against the
                   labels per pair k for a sweep over `data.keypoints_per_pair` (`budget.png`).
@@ -275,16 +275,25 @@ def read_metrics(workdir: str) -> List[Dict[str, Any]]:
   return rows
 
 
-def last_pseudo_metrics(rows: Sequence[Dict[str, Any]]) -> Tuple[Dict[str, Any], Optional[int]]:
-  """The last logged value of every key containing 'pseudo', and the step of the last such row."""
-  out, step = {}, None
-  for row in rows:
-    keys = [k for k in row if 'pseudo' in k]
-    for k in keys:
-      out[k] = row[k]
-    if keys:
-      step = row['step']
-  return out, step
+def last_epoch_pseudo_metrics(rows: Sequence[Dict[str, Any]], steps_per_epoch: int
+                              ) -> Tuple[Dict[str, float], Optional[List[int]]]:
+  """Every key containing 'pseudo', averaged over the logged windows of the run's last epoch
+  (one 10-step window alone is noisy), and the [first, last] step of those windows.
+
+  The window means are averaged with equal weight (the windows of one epoch have equal length
+  but for the last); a key missing from a window (a metric NaN there) is averaged over the
+  windows that have it.
+  """
+  logged = [r for r in rows if any('pseudo' in k for k in r)]
+  if not logged:
+    return {}, None
+  spe = max(int(steps_per_epoch), 1)
+  last = logged[-1]['step']
+  epoch_start = (last - 1) // spe * spe  # The last epoch is steps epoch_start + 1 .. + spe.
+  window = [r for r in logged if r['step'] > epoch_start]
+  keys = sorted({k for r in window for k in r if 'pseudo' in k})
+  out = {k: float(np.mean([r[k] for r in window if r.get(k) is not None])) for k in keys}
+  return out, [window[0]['step'], last]
 
 
 def make_entry(cell: Cell, seed: int, config, workdir: str, summary: Dict[str, Any],
@@ -297,7 +306,8 @@ def make_entry(cell: Cell, seed: int, config, workdir: str, summary: Dict[str, A
   best_rows = [r for r in rows if r.get('step') == best.get('step') and 'val/epoch' in r]
   best['metrics'] = ({k: v for k, v in best_rows[-1].items() if k.startswith('val/')}
                      if best_rows else {})
-  pseudo, pseudo_step = last_pseudo_metrics(rows)
+  pseudo, pseudo_steps = last_epoch_pseudo_metrics(
+      rows, int(summary['step']) // max(int(summary['epoch']), 1))
   return {
       'cell': cell.name, 'seed': int(seed), 'overrides': cell.overrides,
       'workdir': os.path.relpath(workdir, out),
@@ -305,7 +315,7 @@ def make_entry(cell: Cell, seed: int, config, workdir: str, summary: Dict[str, A
       'select_metric': checkpoint.select_metric(config),
       'final': {k: v for k, v in (summary.get('val') or {}).items() if k.startswith('val/')},
       'best': best,
-      'pseudo': pseudo, 'pseudo_step': pseudo_step,
+      'pseudo': pseudo, 'pseudo_steps': pseudo_steps,
       'wall_s': wall_s, 'compile_s': summary.get('compile_s'),
       'mean_step_s': summary.get('mean_step_s'),
       'nonfinite_total': summary.get('nonfinite_total'),
@@ -609,8 +619,8 @@ def markdown_table(entries: Sequence[Dict[str, Any]], order: Optional[Sequence[s
   columns = pseudo_columns(entries)
   if columns:
     lines += ['', '## Pseudo-labels', '',
-              'The last logged training window of each run (for mt network a; b and every other '
-              'key in results.json).', '']
+              'Averaged over the logged windows of the last epoch of each run (for mt network a; '
+              'b and every other key in results.json).', '']
     head = ['cell', 'n'] + columns
     lines += ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     for name, group in groups.items():
