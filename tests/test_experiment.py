@@ -239,3 +239,18 @@ def test_pseudo_metrics_are_the_last_epochs_windows_mean():
   assert pseudo == {'train/a/pseudo_kept_epe': 4.0, 'train/pseudo_agreement': 0.5}
   assert steps == [30, 40]
   assert experiment.last_epoch_pseudo_metrics(rows[:1], 24) == ({}, None)
+
+
+def test_mt_cells_also_report_the_mean_of_their_two_networks(tmp_path):
+  mt = _entry('mt', 0, 12.0)
+  mt['final'].update({'val/a/pck@0.1': 12.0, 'val/b/pck@0.1': 9.0})
+  runs = [_entry('baseline', 0, 10.0), mt]
+  assert experiment.networks_mean(mt, 'val/pck@0.1') == 10.5
+  assert experiment.networks_mean(runs[0], 'val/pck@0.1') is None
+  table = experiment.markdown_table(runs)
+  assert 'mean of networks a, b' in table
+  assert '| mt |' in table and '| 10.50 |' in table
+  for e, k in zip(runs, (2, 2)):
+    e['overrides'] = {'learning_mode': e['cell'], experiment.BUDGET_KEY: k}
+  assert experiment.budget_series(runs, 'val/pck@0.1', networks=True) == {
+      'mt': [(2, 10.5, pytest.approx(float('nan'), nan_ok=True), 1)]}

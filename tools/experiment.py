@@ -595,7 +595,9 @@ def markdown_table(entries: Sequence[Dict[str, Any]], order: Optional[Sequence[s
                 'val/pck@0.1')
   lines.append(
       f'Mean ± sample standard deviation over the n seeds of each cell. Final: the validation '
-      f'at the end of training (the selected network for mt). Best: the highest {select} seen '
+      f'at the end of training (for mt the network selected on this validation split; the '
+      f'mean of its two networks is the fair comparison with one network). Best: the highest '
+      f'{select} seen '
       f'during training (model selection on the same split, so optimistic). Times in seconds '
       f'per run on this machine (wall: the invocation that finished the run; compile: the '
       f'train step, near 0 when the persistent cache had it).\n')
@@ -604,13 +606,17 @@ def markdown_table(entries: Sequence[Dict[str, Any]], order: Optional[Sequence[s
   m, s, n = mean_std(zero)
   if n:
     lines.append(f'Zero-flow (identity) {select}: {_format(m, s)} (n={n}).\n')
-  head = ['cell', 'overrides', 'n'] + [f'final {k[4:]}' for k in pcks] + [
+  two = any(networks_mean(e, select) is not None for e in entries)
+  head = ['cell', 'overrides', 'n'] + [f'final {k[4:]}' for k in pcks] + (
+      [f'final {select[4:]}, mean of networks a, b'] if two else []) + [
       f'best {select[4:]}', 'best epoch', 'wall s', 'compile s']
   lines += ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
   for name, group in groups.items():
     row = [name + (f' (= {group[0]["same_as"]})' if group[0].get('same_as') else ''),
            _overrides_text(group[0]['overrides']), str(len(group))]
     row += [_format(*mean_std([e['final'].get(k) for e in group])[:2]) for k in pcks]
+    if two:
+      row.append(_format(*mean_std([networks_mean(e, select) for e in group])[:2]))
     row.append(_format(*mean_std([e['best'].get('value') for e in group])[:2]))
     row.append(_format(*mean_std([e['best'].get('epoch') for e in group])[:2], digits=1))
     row.append(_format(*mean_std([e.get('wall_s') for e in group])[:2], digits=0))
@@ -636,19 +642,31 @@ def markdown_table(entries: Sequence[Dict[str, Any]], order: Optional[Sequence[s
 BUDGET_KEY = 'data.keypoints_per_pair'
 
 
-def budget_series(entries: Sequence[Dict[str, Any]], metric: str, key: str = BUDGET_KEY
-                  ) -> Dict[str, List[Tuple[int, float, float, int]]]:
+def networks_mean(entry: Dict[str, Any], metric: str) -> Optional[float]:
+  """The mean of an mt run's two networks' final `metric` (`val/pck@0.1`: of `val/a/pck@0.1`
+  and `val/b/pck@0.1`), or None for a run of one network. The selected network's number is
+  chosen on the validation split itself, so the mean is the fair comparison with one network."""
+  scope, _, key = metric.partition('/')
+  values = [entry['final'].get(f'{scope}/{m}/{key}') for m in 'ab']
+  return float(np.mean(values)) if all(v is not None for v in values) else None
+
+
+def budget_series(entries: Sequence[Dict[str, Any]], metric: str, key: str = BUDGET_KEY,
+                  networks: bool = False) -> Dict[str, List[Tuple[int, float, float, int]]]:
   """For a sweep over `key`: curve label (the cell's other overrides) -> [(k, mean, std, n)]
-  of the final `metric` over seeds, by k with 0 (all labels) last."""
+  of the final `metric` over seeds, by k with 0 (all labels) last; with `networks`, of the
+  two networks' mean (`networks_mean`), for the runs that have two."""
   points: Dict[str, Dict[int, List[float]]] = {}
   for e in entries:
     if key not in e['overrides']:
       continue
+    value = networks_mean(e, metric) if networks else e['final'].get(metric)
+    if networks and value is None:
+      continue
     rest = {k: v for k, v in e['overrides'].items() if k != key}
     label = (str(rest['learning_mode']) if list(rest) == ['learning_mode']
              else _overrides_text(rest))
-    points.setdefault(label, {}).setdefault(int(e['overrides'][key]), []).append(
-        e['final'].get(metric))
+    points.setdefault(label, {}).setdefault(int(e['overrides'][key]), []).append(value)
   return {label: [(k, *mean_std(v[k])) for k in sorted(v, key=lambda k: (k == 0, k))]
           for label, v in points.items()}
 
@@ -663,13 +681,19 @@ def plot_budget(entries: Sequence[Dict[str, Any]], metric: str, path: str) -> No
   ks = sorted({k for s in series.values() for k, *_ in s if k > 0})
   all_x = 2.0 * (ks[-1] if ks else 1)
   fig, ax = plt.subplots(figsize=(5.5, 4), dpi=120)
-  for label, points in series.items():
-    x = [k if k > 0 else all_x for k, *_ in points]
-    y = [m for _, m, _, _ in points]
-    err = [0.0 if not math.isfinite(s) else s for _, _, s, _ in points]
-    n = sorted({c for *_, c in points})
-    ax.errorbar(x, y, yerr=err, marker='o', capsize=4,
-                label=f'{label} (n={"/".join(map(str, n))})')
+  styles = [(series, '-', 'o', ''),
+            (budget_series(entries, metric, networks=True), '--', 's', ', mean of a and b')]
+  for i, (label, _) in enumerate(series.items()):
+    for curves, line, marker, suffix in styles:
+      if label not in curves:
+        continue
+      points = curves[label]
+      x = [k if k > 0 else all_x for k, *_ in points]
+      y = [m for _, m, _, _ in points]
+      err = [0.0 if not math.isfinite(s) else s for _, _, s, _ in points]
+      n = sorted({c for *_, c in points})
+      ax.errorbar(x, y, yerr=err, marker=marker, linestyle=line, capsize=4, color=f'C{i}',
+                  label=f'{label}{suffix} (n={"/".join(map(str, n))})')
   ax.set_xscale('log', base=2)
   ticks = ks + [all_x]
   ax.set_xticks(ticks, [str(k) for k in ks] + ['all'])
