@@ -15,8 +15,10 @@ from __future__ import annotations
 
 from concurrent import futures
 import contextlib
+import ctypes
 import multiprocessing
 import os
+import signal
 import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -45,8 +47,31 @@ def cpu_groups(n: int, cpus: Optional[Sequence[int]] = None) -> List[List[int]]:
   return [cpus[bounds[i]:bounds[i + 1]] for i in range(n)]
 
 
+_PR_SET_PDEATHSIG, _PR_GET_PDEATHSIG = 1, 2
+
+
+def parent_death_signal() -> int:
+  """The signal this process gets when its parent dies (Linux; 0 = none or unknown)."""
+  try:
+    out = ctypes.c_int(0)
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_GET_PDEATHSIG, ctypes.byref(out), 0, 0, 0)
+    return out.value
+  except (OSError, AttributeError):
+    return 0
+
+
 def _init_worker(groups, cache_dir: Optional[str]) -> None:
-  """Pool initializer: takes the next CPU group, pins to it, and sets up JAX before first use."""
+  """Pool initializer: asks for SIGTERM when the runner dies, takes the next CPU group, pins to
+  it, and sets up JAX before first use.
+
+  A runner that is killed (SIGTERM, SIGKILL, a closed terminal) leaves no orphan training on
+  into a workdir that the next invocation resumes: the worker gets SIGTERM, and the trainer's
+  handler checkpoints the step and stops.
+  """
+  try:
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+  except (OSError, AttributeError):  # Not Linux: a killed runner may leave its runs going.
+    pass
   group = groups.get()
   os.sched_setaffinity(0, group)
   if len(group) == 1:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 
 from conftest import load_tool
@@ -254,3 +255,11 @@ def test_mt_cells_also_report_the_mean_of_their_two_networks(tmp_path):
     e['overrides'] = {'learning_mode': e['cell'], experiment.BUDGET_KEY: k}
   assert experiment.budget_series(runs, 'val/pck@0.1', networks=True) == {
       'mt': [(2, 10.5, pytest.approx(float('nan'), nan_ok=True), 1)]}
+
+
+def test_workers_stop_when_the_runner_dies():
+  # Each worker asks the kernel for SIGTERM when its parent dies; the trainer's SIGTERM
+  # handler then checkpoints and stops, so the next invocation resumes without a twin.
+  with workers.pool(1) as pool:
+    assert pool.submit(workers.parent_death_signal).result() == signal.SIGTERM
+  assert workers.parent_death_signal() == 0  # This (test) process asked for nothing.
