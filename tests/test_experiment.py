@@ -60,6 +60,10 @@ def test_runner_resumes_a_killed_run_then_skips_it(data_dir, tmp_path):
   entry = runs[0]
   assert (entry['cell'], entry['seed'], entry['step']) == ('baseline', 0, 2)
   assert entry['resumed_from_step'] == 1
+  # The zero flow is validated once, at the first validation, and reported from there.
+  assert 0 <= entry['zero_flow']['val/zero_flow/pck@0.1'] <= 100
+  with open(os.path.join(out, 'results.md')) as f:
+    assert 'Zero-flow (identity) val/pck@0.1:' in f.read()
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     rows = [json.loads(line) for line in f]
   assert [r['step'] for r in rows if 'train/epoch' in r] == [1, 2]  # Each step trained once.

@@ -306,6 +306,9 @@ def make_entry(cell: Cell, seed: int, config, workdir: str, summary: Dict[str, A
   best_rows = [r for r in rows if r.get('step') == best.get('step') and 'val/epoch' in r]
   best['metrics'] = ({k: v for k, v in best_rows[-1].items() if k.startswith('val/')}
                      if best_rows else {})
+  # The zero flow is validated once, at the run's first validation.
+  zero_flow = next(({k: v for k, v in r.items() if 'zero_flow' in k} for r in rows
+                    if any('zero_flow' in k for k in r)), {})
   pseudo, pseudo_steps = last_epoch_pseudo_metrics(
       rows, int(summary['step']) // max(int(summary['epoch']), 1))
   return {
@@ -315,7 +318,7 @@ def make_entry(cell: Cell, seed: int, config, workdir: str, summary: Dict[str, A
       'select_metric': checkpoint.select_metric(config),
       'final': {k: v for k, v in (summary.get('val') or {}).items() if k.startswith('val/')},
       'best': best,
-      'pseudo': pseudo, 'pseudo_steps': pseudo_steps,
+      'pseudo': pseudo, 'pseudo_steps': pseudo_steps, 'zero_flow': zero_flow,
       'wall_s': wall_s, 'compile_s': summary.get('compile_s'),
       'mean_step_s': summary.get('mean_step_s'),
       'nonfinite_total': summary.get('nonfinite_total'),
@@ -601,8 +604,8 @@ def markdown_table(entries: Sequence[Dict[str, Any]], order: Optional[Sequence[s
       f'during training (model selection on the same split, so optimistic). Times in seconds '
       f'per run on this machine (wall: the invocation that finished the run; compile: the '
       f'train step, near 0 when the persistent cache had it).\n')
-  zero = [e['final'].get(constants.metric_key(_alpha(select), scope='val/zero_flow'))
-          for e in entries]
+  key = constants.metric_key(_alpha(select), scope='val/zero_flow')
+  zero = [e.get('zero_flow', {}).get(key, e['final'].get(key)) for e in entries]
   m, s, n = mean_std(zero)
   if n:
     lines.append(f'Zero-flow (identity) {select}: {_format(m, s)} (n={n}).\n')
