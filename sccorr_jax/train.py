@@ -35,7 +35,6 @@ import functools
 import json
 import os
 import pathlib
-import re
 import signal
 import threading
 import time
@@ -572,7 +571,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             last_val = val
             writer.write(step, val)
             logging.info('epoch %d (step %d): %s', completed, step, ', '.join(
-                f'{k}={v:.2f}' for k, v in val.items() if re.fullmatch(r'val/pck@[0-9.]+', k)))
+                f'{k}={val[k]:.2f}' for k in (metric_key(a, scope='val')
+                                              for a in config.eval.alphas) if k in val))
           _save(manager, step, completed, state, meta, window, train_iter, config, val)
           # Evaluation and checkpointing are not step time: the speed window restarts.
           t_log, steps_since_log = time.time(), 0

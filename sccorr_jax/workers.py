@@ -106,14 +106,15 @@ def _output_to(path: str):
         os.close(fd)
 
 
-def train_run(train_fn: Optional[Callable[..., Dict[str, Any]]], config, workdir: str
-              ) -> Tuple[Dict[str, Any], float]:
-  """One run in this worker: `train_fn(config, workdir)` (default `train.train_and_evaluate`)
-  with its output in `<workdir>/train.log`; returns (its summary without the trained state, wall
-  seconds)."""
+def train_run(train_fn: Optional[Callable[..., Dict[str, Any]]], config, workdir: str,
+              log_to_file: bool = True) -> Tuple[Dict[str, Any], float]:
+  """One run: `train_fn(config, workdir)` (default `train.train_and_evaluate`), its output in
+  `<workdir>/train.log` (or, without `log_to_file`, where this process's goes); returns (its
+  summary without the trained state, wall seconds)."""
   train_fn = train_fn or train.train_and_evaluate
   os.makedirs(workdir, exist_ok=True)
-  with _output_to(os.path.join(workdir, LOG_NAME)):
+  log = _output_to(os.path.join(workdir, LOG_NAME)) if log_to_file else contextlib.nullcontext()
+  with log:
     t0 = time.time()
     summary = train_fn(config, workdir)
     wall_s = time.time() - t0

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from sccorr_jax import checkpoint
+from sccorr_jax import config_lib
 from sccorr_jax import evaluation
 from sccorr_jax.data import transforms
 
@@ -237,11 +238,7 @@ def test_evaluate_model_data_parallel_with_host_padding():
 
 
 def _demo_config(data_dir):
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location("demo_config", ROOT / "configs" / "demo_warp.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config("mt,runlocal")
+  c = config_lib.load_config(f"{ROOT / 'configs' / 'demo_warp.py'}:mt,runlocal")
   c.data.data_dir = str(data_dir)
   c.data.synthetic_train_pairs_per_photo = 2
   c.data.synthetic_eval_pairs_per_photo = 3

@@ -356,15 +356,10 @@ class _InProcess:
   """The executor of `--workers=1`: a run trains in this process when submitted, so the next runs
   of its shape reuse its compiled step, its log goes to the terminal, and an error propagates."""
 
-  def submit(self, fn, train_fn, config, workdir):
-    del fn  # `workers.train_run` is for worker processes; here the log stays on the terminal.
-    t0 = time.time()
-    summary = dict((train_fn or train.train_and_evaluate)(config, workdir))
-    wall_s = time.time() - t0
-    summary.pop('state', None)  # The trained arrays: freed before the next run.
-    gc.collect()
+  def submit(self, fn, *args):
     future = futures.Future()
-    future.set_result((summary, wall_s))
+    future.set_result(fn(*args, log_to_file=False))
+    gc.collect()  # The trained arrays (dropped from the summary) are freed before the next run.
     return future
 
   def __enter__(self):
