@@ -87,8 +87,10 @@ def _restore(config, workdir):
 
 
 def _warnings(caplog):
+  """The warnings `sccorr_jax/checkpoint.py` logged (not, say, asyncio reporting late an Orbax
+  read error of an earlier test's damaged step, when its future is garbage-collected)."""
   return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING
-          and 'checkpoint' in r.getMessage()]
+          and pathlib.Path(r.pathname).parts[-2:] == ('sccorr_jax', 'checkpoint.py')]
 
 
 def _one_line(e) -> str:
