@@ -19,7 +19,7 @@ from sccorr_jax import data
 
 # The three learning modes of the paper (Sec. 3.3-3.4): sparse ground truth only, a fixed
 # offline teacher, two mutual online teachers.
-LEARNING_MODES = ('baseline', 'st', 'mt')
+LEARNING_MODES = ('baseline', 'dense', 'st', 'mt')
 
 
 def parse_arg(arg: Optional[str], lazy: bool = False, **spec) -> ml_collections.ConfigDict:
@@ -124,7 +124,7 @@ def base_config(dataset: str = 'spair71k') -> ml_collections.ConfigDict:
   """
   c = ml_collections.ConfigDict()
   c.seed = 0
-  # 'baseline' | 'st' | 'mt' (see LEARNING_MODES).
+  # 'baseline' | 'dense' (the dense-truth oracle) | 'st' | 'mt' (see LEARNING_MODES).
   c.learning_mode = 'mt'
 
   c.model = ml_collections.ConfigDict()
@@ -206,7 +206,7 @@ def base_config(dataset: str = 'spair71k') -> ml_collections.ConfigDict:
 
 
 def apply_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
-  """Sets `learning_mode` from a variant name ('baseline', 'st', 'mt')."""
+  """Sets `learning_mode` from a variant name ('baseline', 'dense', 'st', 'mt')."""
   if variant not in LEARNING_MODES:
     raise ValueError(f'variant must be one of {LEARNING_MODES}, got {variant!r}')
   c.learning_mode = variant

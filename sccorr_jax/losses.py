@@ -77,22 +77,38 @@ def safe_norm(x, axis: int = -1):
   return _safe_norm(x, int(axis))
 
 
-def sparse_epe_sum_count(pred, gt) -> Tuple[jax.Array, jax.Array]:
-  """Sum and count of end-point errors over the labelled positions of a sparse label.
+def epe_sum_count(pred, gt, mask) -> Tuple[jax.Array, jax.Array]:
+  """Sum and count of end-point errors over the positions of `mask`.
 
   Args:
     pred: [b, h, w, 2] float, predicted flow, (x, y) displacement target -> source in cells.
-    gt: [b, h, w, 2] float, sparse ground-truth flow; a position is unlabelled iff both
-      components are exactly 0 (`geometry.unlabelled_mask`).
+    gt: [b, h, w, 2] float, the true flow at least where `mask` is set.
+    mask: [b, h, w] bool, the positions that count.
 
   Returns:
     `(sum, count)`: `sum` () in the dtype of `pred - gt`, the sum of `||gt - pred||_2` over
-    labelled positions of the whole batch (cells); `count` () int32, their number.
+    `mask` in the whole batch (cells); `count` () int32, its positions.
   """
-  labelled = ~geometry.unlabelled_mask(gt)
   err = safe_norm(gt - pred, axis=-1)
-  total = jnp.sum(jnp.where(labelled, err, 0))
-  return total, jnp.sum(labelled, dtype=jnp.int32)
+  total = jnp.sum(jnp.where(mask, err, 0))
+  return total, jnp.sum(mask, dtype=jnp.int32)
+
+
+def sparse_epe_sum_count(pred, gt) -> Tuple[jax.Array, jax.Array]:
+  """`epe_sum_count` over the labelled positions of a sparse label.
+
+  A position of `gt` [b, h, w, 2] is unlabelled iff both components are exactly 0
+  (`geometry.unlabelled_mask`).
+  """
+  return epe_sum_count(pred, gt, ~geometry.unlabelled_mask(gt))
+
+
+def masked_epe(pred, gt, mask):
+  """Mean end-point error over `mask` (all images together); 0, with a zero gradient, when the
+  mask is empty. The loss of `labelled_epe` and of the dense oracle (`train_step.dense_step`:
+  `gt` the dense ground truth, `mask` where it is valid)."""
+  total, count = epe_sum_count(pred, gt, mask)
+  return total / jnp.maximum(count, 1).astype(total.dtype)
 
 
 def _epe_and_count(flow, gt):
@@ -107,8 +123,7 @@ def labelled_epe(pred, gt):
   What the training steps use: a batch without any label (possible with
   `data.labelled_pair_fraction < 1`) has no supervised term instead of a NaN loss.
   """
-  total, count = sparse_epe_sum_count(pred, gt)
-  return total / jnp.maximum(count, 1).astype(total.dtype)
+  return masked_epe(pred, gt, ~geometry.unlabelled_mask(gt))
 
 
 def sparse_epe(pred, gt):

@@ -6,6 +6,8 @@ parts (model, optimiser, options) are bound with `functools.partial(step, step_c
 epoch with fixed shapes, so a new epoch never recompiles.
 
 * `baseline_step`: sparse ground-truth EPE only.
+* `dense_step`: EPE on the dense ground truth wherever it is valid (datasets that have one):
+  the oracle of the pseudo-label schemes, and the pretraining objective.
 * `single_teacher_step`: a fixed offline teacher (the baseline's weights, in `state.teacher`,
   never differentiated nor updated, run with its running BN statistics) provides pseudo-labels;
   the student trains on EPE + λ · selected pseudo-label EPE inside the dilated label mask.
@@ -303,6 +305,19 @@ def pseudo_label_metrics(terms: losses.PseudoLabelTerms, pseudo_label, batch) ->
 # Baseline: sparse ground truth only.
 
 
+def _supervised_step(cfg: StepConfig, state: TrainState, batch, label_loss, labelled
+                     ) -> Tuple[TrainState, Metrics]:
+  """One step on a supervised loss `label_loss(flow) -> ()` alone (baseline, dense)."""
+
+  def loss_fn(params):
+    flow, batch_stats = forward(cfg, params, state.batch_stats, batch)
+    return label_loss(flow), batch_stats
+
+  (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  state, ok = apply_if_finite(cfg, state, loss, grads, batch_stats, labelled=labelled)
+  return state, {'loss': loss, 'loss_sup': loss, **_state_metrics(state, ok)}
+
+
 def baseline_step(cfg: StepConfig, state: TrainState, batch, rng, hparams: StepHparams
                   ) -> Tuple[TrainState, Metrics]:
   """One supervised step: sparse EPE on the keypoint-derived flow labels.
@@ -319,16 +334,34 @@ def baseline_step(cfg: StepConfig, state: TrainState, batch, rng, hparams: StepH
     `nonfinite_total`.
   """
   del rng, hparams
+  return _supervised_step(cfg, state, batch,
+                          lambda flow: losses.labelled_epe(flow, batch['flow']),
+                          labelled=_has_labels(batch))
 
-  def loss_fn(params):
-    flow, batch_stats = forward(cfg, params, state.batch_stats, batch)
-    loss = losses.labelled_epe(flow, batch['flow'])
-    return loss, batch_stats
 
-  (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  state, ok = apply_if_finite(cfg, state, loss, grads, batch_stats,
-                              labelled=_has_labels(batch))
-  return state, {'loss': loss, 'loss_sup': loss, **_state_metrics(state, ok)}
+def dense_step(cfg: StepConfig, state: TrainState, batch, rng, hparams: StepHparams
+               ) -> Tuple[TrainState, Metrics]:
+  """One step on the dense ground truth: EPE over every position where it is valid.
+
+  The oracle of every pseudo-label scheme (perfect pseudo-labels everywhere the truth is
+  known) and the pretraining objective (`configs/pretrain.py`). The sparse labels (`flow`) are
+  not used; the mean runs over the valid positions of the whole batch, each counted once.
+
+  Args:
+    cfg: static config.
+    state: a single-model `TrainState`.
+    batch: `src_img`, `trg_img` [b, H, W, 3], `dense_flow` [b, S, S, 2] (cells) and
+      `dense_valid` [b, S, S] bool (datasets with a dense truth: `parts`, `synthetic`).
+    rng, hparams: unused by this mode.
+
+  Returns:
+    `(state, metrics)` as `baseline_step`; a batch with no valid position changes nothing.
+  """
+  del rng, hparams
+  valid = jnp.asarray(batch['dense_valid'], bool)
+  return _supervised_step(cfg, state, batch,
+                          lambda flow: losses.masked_epe(flow, batch['dense_flow'], valid),
+                          labelled=jnp.any(valid))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -464,11 +497,12 @@ def mutual_teacher_step(cfg: StepConfig, state: TrainState, batch, rng, hparams:
   return state, metrics
 
 
-STEPS = {'baseline': baseline_step, 'st': single_teacher_step, 'mt': mutual_teacher_step}
+STEPS = {'baseline': baseline_step, 'dense': dense_step, 'st': single_teacher_step,
+         'mt': mutual_teacher_step}
 
 
 def get_step_fn(learning_mode: str):
-  """The step function of a learning mode ('baseline' | 'st' | 'mt')."""
+  """The step function of a learning mode ('baseline' | 'dense' | 'st' | 'mt')."""
   if learning_mode not in STEPS:
     raise ValueError(f'learning_mode must be one of {tuple(STEPS)}, got {learning_mode!r}')
   return STEPS[learning_mode]

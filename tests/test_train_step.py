@@ -143,6 +143,46 @@ def test_batch_without_labels_changes_nothing_and_is_not_nonfinite(setup):
   _equal(state.opt_state, setup['state'].opt_state)
 
 
+def test_dense_step_counts_every_valid_position_once_and_no_other(setup):
+  """The oracle's loss is the EPE to `dense_flow` over `dense_valid` of the whole batch; the
+  sparse labels and the invalid positions (set to absurd values here) never reach it."""
+  config, model, tx = setup['config'], setup['model'], setup['tx']
+  cfg = ts.StepConfig(model=model, tx=tx)
+  state = train.create_train_state(common.tiny_config('baseline'), model, tx,
+                                   jax.random.PRNGKey(1))
+  rng = np.random.default_rng(3)
+  fs = setup['batch']['flow'].shape[1]
+  truth = rng.normal(0, 2, (4, fs, fs, 2)).astype(np.float32)
+  valid = rng.random((4, fs, fs)) < 0.3
+  valid[2] = False  # a pair without any valid position adds nothing
+  batch = dict(setup['batch'], flow=np.full_like(setup['batch']['flow'], 1e4),
+               dense_flow=np.where(valid[..., None], truth, 1e6).astype(np.float32),
+               dense_valid=valid)
+  flow, _ = ts.forward(cfg, state.params, state.batch_stats, batch)
+  err = np.linalg.norm(np.asarray(flow, np.float64) - truth, axis=-1)
+  expected = err[valid].sum() / valid.sum()
+  new_state, metrics = jax.jit(functools.partial(ts.dense_step, cfg))(
+      state, batch, jax.random.PRNGKey(0), setup['hp'])
+  np.testing.assert_allclose(float(metrics['loss']), expected, rtol=1e-5)
+  assert int(new_state.step) == 1 and not bool(metrics['nonfinite'])
+  # No valid position anywhere: nothing changes, nothing is counted as non-finite.
+  empty = dict(batch, dense_valid=np.zeros_like(valid))
+  same, metrics = jax.jit(functools.partial(ts.dense_step, cfg))(
+      state, empty, jax.random.PRNGKey(0), setup['hp'])
+  assert float(metrics['loss']) == 0.0 and not bool(metrics['nonfinite'])
+  _equal(same.params, state.params)
+  del config
+
+
+def test_dense_mode_refuses_a_dataset_without_dense_truth():
+  config = common.tiny_config('dense')
+  train.check_config(config)  # the tiny config's synthetic warps have a dense truth
+  config.data.name = 'pfpascal'
+  with pytest.raises(common.ConfigError, match="learning_mode 'dense' needs a dataset with a "
+                     r"dense ground truth \(synthetic, parts\); data.name is 'pfpascal'"):
+    train.check_config(config)
+
+
 def test_nonfinite_step_is_skipped_and_counted(setup):
   batch = dict(setup['batch'], src_img=np.full_like(setup['batch']['src_img'], np.nan))
   state, metrics = setup['mt'](setup['state'], batch, jax.random.PRNGKey(0), setup['hp'])

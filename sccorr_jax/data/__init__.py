@@ -15,8 +15,10 @@ from sccorr_jax.data.pipeline import create_eval_iterator
 from sccorr_jax.data.pipeline import create_train_iterator
 from sccorr_jax.data.pipeline import data_source
 from sccorr_jax.data.pipeline import DATASETS
+from sccorr_jax.data.pipeline import DENSE_TRUTH_DATASETS
 from sccorr_jax.data.pipeline import default_data_config
 from sccorr_jax.data.pipeline import get_builder
+from sccorr_jax.data.pipeline import has_dense_truth
 from sccorr_jax.data.pipeline import num_examples
 from sccorr_jax.data.records import BadRecordError
 from sccorr_jax.data.records import BadRecordPolicy

@@ -37,6 +37,8 @@ BUILDERS = {'spair71k': spair71k.Spair71k, 'pfpascal': pfpascal.PfPascal,
 # Embedded datasets: generated on first use into data_dir (no download).
 EMBEDDED = {'synthetic': synthetic, 'parts': parts}
 DATASETS = (*EMBEDDED, *BUILDERS)
+# Datasets whose records carry a dense ground truth (`dense_flow`, `dense_valid`).
+DENSE_TRUTH_DATASETS = ('synthetic', 'parts')
 _SPLIT_ALIASES = {'train': 'trn', 'validation': 'val', 'valid': 'val'}
 
 
@@ -109,6 +111,11 @@ def default_data_config(name: str = 'synthetic') -> ml_collections.ConfigDict:
   c.labelled_pair_fraction = 1.0
   c.budget_seed = 0
   return c
+
+
+def has_dense_truth(cfg) -> bool:
+  """Whether the dataset's records carry a dense ground truth (learning mode 'dense')."""
+  return _get(cfg, 'name') in DENSE_TRUTH_DATASETS
 
 
 def _get(cfg, key: str, default: Any = None) -> Any:
