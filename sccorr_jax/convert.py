@@ -198,6 +198,17 @@ def to_torch_state_dict(variables: Mapping[str, Any], model) -> Dict[str, np.nda
   return sd
 
 
+def backbone_state_dict(variables: Mapping[str, Any], model) -> Dict[str, np.ndarray]:
+  """The ResNet backbone of `variables` as a torchvision state dict (`conv1.weight`,
+  `layer1.0.bn1.running_mean`, ...): what `from_torch_state_dict` reads as ImageNet weights.
+
+  Parameters and BatchNorm running statistics; the head (context encoder, coordinate vectors)
+  is left out, so that a model loading it starts its head fresh.
+  """
+  full = to_torch_state_dict(variables, model)
+  return {k[len(BACKBONE_PREFIX):]: v for k, v in full.items() if k.startswith(BACKBONE_PREFIX)}
+
+
 def read_state_dict(path) -> Dict[str, np.ndarray]:
   """Reads a state dict from `.npz`, `.safetensors` or (needs PyTorch) `.pth`/`.pt`.
 

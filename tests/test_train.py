@@ -137,10 +137,7 @@ def test_mt_models_share_the_pretrained_backbone_and_differ_in_the_head(tmp_path
   config = _config('mt', None)
   model = models.build_model(config)
   source = models.init_variables(config, model, jax.random.PRNGKey(42), 1)
-  full = convert.to_torch_state_dict(source, model)
-  prefix = convert.BACKBONE_PREFIX
-  backbone_only = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
-  np.savez(tmp_path / 'resnet.npz', **backbone_only)
+  np.savez(tmp_path / 'resnet.npz', **convert.backbone_state_dict(source, model))
   config.model.pretrained = str(tmp_path / 'resnet.npz')
   stacked = models.init_variables(config, model, jax.random.PRNGKey(0), 2)
   for x, y in zip(jax.tree.leaves(stacked['params']['backbone']),

@@ -67,19 +67,39 @@ class PartsConfig(tfds.core.BuilderConfig):
   eval_pairs_per_category: int = 16
   min_kps: int = 4
   seed: int = 0
+  novel_categories: int = 0
 
 
 def make_config(img_size=128, train_pairs_per_category=64, eval_pairs_per_category=16,
-                min_kps=4, seed=0) -> PartsConfig:
+                min_kps=4, seed=0, novel_categories=0) -> PartsConfig:
+  """The builder config of these knobs (`novel_categories`: 0 = the benchmark's six categories,
+  N > 0 = the pretraining variant, N novel categories and training photographs only)."""
   if not 1 <= min_kps <= records.MAX_KPS:
     raise ValueError(f'need 1 <= min_kps <= {records.MAX_KPS}')
   if img_size < 16:
     raise ValueError(f'img_size must be at least 16, got {img_size}')
+  if novel_categories < 0:
+    raise ValueError(f'novel_categories must be >= 0, got {novel_categories}')
   name = (f'img{img_size}-trn{train_pairs_per_category}-eval{eval_pairs_per_category}-'
-          f'kps{min_kps}-seed{seed}')
+          f'kps{min_kps}-seed{seed}' + (f'-novel{novel_categories}' if novel_categories else ''))
   return PartsConfig(name=name, description='procedural articulated objects',
                      img_size=img_size, train_pairs_per_category=train_pairs_per_category,
-                     eval_pairs_per_category=eval_pairs_per_category, min_kps=min_kps, seed=seed)
+                     eval_pairs_per_category=eval_pairs_per_category, min_kps=min_kps, seed=seed,
+                     novel_categories=novel_categories)
+
+
+def category_names(cfg: PartsConfig):
+  """The dataset's categories: the benchmark's six, or its novel ones."""
+  if cfg.novel_categories:
+    return tuple(procedural.novel_category_name(i) for i in range(cfg.novel_categories))
+  return CATEGORIES
+
+
+def photos(cfg: PartsConfig, split: str):
+  """The photographs a split's textures and backgrounds come from: the split's own for the
+  benchmark, the training ones in every split of the pretraining variant (it holds no image
+  of the benchmark's `val` / `test` photographs)."""
+  return PHOTOS['trn' if cfg.novel_categories else split]
 
 
 def _encode_png(img: np.ndarray) -> bytes:
@@ -90,9 +110,10 @@ def _encode_png(img: np.ndarray) -> bytes:
 
 def make_example(split: str, cat: int, k: int, cfg: PartsConfig) -> dict:
   """Record `k` of category `cat` in `split` (raises `records.BadRecordError`)."""
-  key = f'{CATEGORIES[cat]}-{k:05d}'
+  key = f'{category_names(cfg)[cat]}-{k:05d}'
   rng = np.random.default_rng([cfg.seed, _SPLIT_IDS[split], cat, k])
-  pair = procedural.make_pair(cat, rng, cfg.img_size, PHOTOS[split], min_kps=cfg.min_kps,
+  cat_id = procedural.NOVEL_BASE + cat if cfg.novel_categories else cat
+  pair = procedural.make_pair(cat_id, rng, cfg.img_size, photos(cfg, split), min_kps=cfg.min_kps,
                               name=f'parts/{split}/{key}')
   pair.pop('src')
   pair.pop('trg')
@@ -106,9 +127,12 @@ def make_example(split: str, cat: int, k: int, cfg: PartsConfig) -> dict:
 class SccorrParts(builder_base.EmbeddedBuilder):
   """Procedural articulated objects with named keypoints and exact dense ground truth."""
   BUILDER_CONFIGS = [make_config()]
-  CATEGORIES = CATEGORIES
   SPLITS = tuple(_SPLIT_IDS)
   DESCRIPTION = __doc__
+
+  @property
+  def CATEGORIES(self):  # pylint: disable=invalid-name  # the base class's attribute
+    return category_names(self.builder_config)
 
   def extra_features(self):
     extra = super().extra_features()
@@ -119,9 +143,9 @@ class SccorrParts(builder_base.EmbeddedBuilder):
     cfg = self.builder_config
     per_cat = cfg.train_pairs_per_category if split == 'trn' else cfg.eval_pairs_per_category
     guard = records.SplitGuard(split, self.policy, self.report)
-    for cat in range(len(CATEGORIES)):
+    for cat, cat_name in enumerate(self.CATEGORIES):
       for k in range(per_cat):
-        key = f'{CATEGORIES[cat]}-{k:05d}'
+        key = f'{cat_name}-{k:05d}'
         example = guard.run(key, lambda c=cat, i=k: make_example(split, c, i, cfg))
         if example is not None:
           yield key, example

@@ -71,6 +71,9 @@ def default_data_config(name: str = 'synthetic') -> ml_collections.ConfigDict:
         synthetic_min_kps, synthetic_max_kps, synthetic_seed: the embedded dataset's size knobs.
       parts_img_size, parts_train_pairs_per_category, parts_eval_pairs_per_category,
         parts_min_kps, parts_seed: the `parts` benchmark's size knobs (`parts.make_config`).
+      parts_novel_categories: 0 = the benchmark's six categories; N > 0 = the pretraining
+        variant of `parts`: N procedurally generated categories disjoint from the six
+        (`procedural.novel_category`), textures from the training photographs in every split.
       keypoints_per_pair: training label budget, keypoints kept per pair (0 = all).
       labelled_pair_fraction: fraction of training pairs that keep any label (1.0 = all).
       budget_seed: seed of the kept subsets (independent of the training seed).
@@ -106,6 +109,7 @@ def default_data_config(name: str = 'synthetic') -> ml_collections.ConfigDict:
   c.parts_eval_pairs_per_category = 16
   c.parts_min_kps = 4
   c.parts_seed = 0
+  c.parts_novel_categories = 0
   c.flip_source_p = 0.0
   c.keypoints_per_pair = 0
   c.labelled_pair_fraction = 1.0
@@ -131,6 +135,11 @@ def _check(cfg):
                      f'({cfg.feature_size})')
   if int(_get(cfg, 'keypoints_per_pair', 0)) < 0:
     raise ValueError(f'data.keypoints_per_pair must be >= 0, got {cfg.keypoints_per_pair}')
+  if (name == 'parts' and int(_get(cfg, 'parts_novel_categories', 0))
+      and float(_get(cfg, 'flip_source_p', 0.0)) > 0):
+    raise ValueError('data.flip_source_p relabels keypoints with the six benchmark categories\' '
+                     'left/right tables; the novel categories (data.parts_novel_categories) '
+                     'need data.flip_source_p=0')
   frac = float(_get(cfg, 'labelled_pair_fraction', 1.0))
   if not 0.0 <= frac <= 1.0:
     raise ValueError(f'data.labelled_pair_fraction must be in [0, 1], got {frac}')
@@ -156,7 +165,8 @@ def _embedded_knobs(data_config) -> Dict[str, int]:
       train_pairs_per_category=int(_get(data_config, 'parts_train_pairs_per_category', 64)),
       eval_pairs_per_category=int(_get(data_config, 'parts_eval_pairs_per_category', 16)),
       min_kps=int(_get(data_config, 'parts_min_kps', 4)),
-      seed=int(_get(data_config, 'parts_seed', 0)))
+      seed=int(_get(data_config, 'parts_seed', 0)),
+      novel_categories=int(_get(data_config, 'parts_novel_categories', 0)))
 
 
 def get_builder(data_config):

@@ -366,9 +366,98 @@ OCCLUDER_P = 0.3
 
 
 def category(name_or_id) -> Category:
+  """A category by id or name: 0-5 (or their names) the benchmark's six, `NOVEL_BASE + i` (or
+  `novel_category_name(i)`) the `i`-th procedurally generated novel category."""
   if isinstance(name_or_id, (int, np.integer)):
-    return CATEGORIES[int(name_or_id)]
+    i = int(name_or_id)
+    return CATEGORIES[i] if i < NOVEL_BASE else novel_category(i - NOVEL_BASE)
+  if name_or_id.startswith(_NOVEL_PREFIX):
+    return novel_category(int(name_or_id[len(_NOVEL_PREFIX):]))
   return CATEGORIES[CATEGORY_NAMES.index(name_or_id)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Novel categories: random kinematic trees, for pretraining on categories disjoint from the six.
+
+NOVEL_BASE = 1000  # Category id of novel category 0 (`category(NOVEL_BASE + i)`).
+_NOVEL_PREFIX = 'novel_'
+_NOVEL_SEED = 20221023  # Fixed: novel category i is the same tree on every machine and run.
+_EXPONENTS = (2.0, 2.0, 2.5, 3.0, 4.0, 6.0)
+
+
+def novel_category_name(i: int) -> str:
+  return f'{_NOVEL_PREFIX}{int(i):05d}'
+
+
+def _novel_part(rng, name, parent, root: bool = False) -> Part:
+  """A random part: a root body, or a limb hanging from a point of its parent's outline."""
+  shape = dict(exponent=float(rng.choice(_EXPONENTS)), taper=float(rng.uniform(-0.6, 0.9)))
+  if root:
+    return Part(name, None, float(rng.uniform(0.6, 1.2)), float(rng.uniform(0.25, 0.6)),
+                swing=float(rng.uniform(0, 10)), **shape)
+  side = float(rng.choice([-1.0, 1.0]))
+  centred = rng.random() < 0.2  # a part centred on its joint (a wheel, an eye) or a limb
+  return Part(name, parent, float(rng.uniform(0.15, 0.6)), float(rng.uniform(0.05, 0.3)),
+              angle=float(rng.uniform(-150, 150)), swing=float(rng.uniform(0, 35)),
+              attach=(float(rng.uniform(-0.9, 0.9)), side * float(rng.uniform(0.3, 0.95))),
+              joint=(0.0, 0.0) if centred else (-0.9, 0.0), slide=float(rng.uniform(0, 0.1)),
+              z=float(rng.uniform(-0.5, 0.5)), **shape)
+
+
+def _novel_keypoints(rng, parts: Sequence[Part]) -> List[Tuple[str, str, float, float]]:
+  """10-30 keypoints: the tip of every part, then roots, side points and centres at random;
+  a far (right_) copy of a near (left_) part gets its partner's keypoints (flip tables)."""
+  choices = ((0.85, 0.0), (-0.7, 0.0), (0.0, 0.85), (0.0, -0.85), (0.0, 0.0), (0.5, 0.6))
+  own = [p for p in parts if not p.name.startswith('right_')]
+  per_part = {p.name: [choices[0]] for p in own}
+  n_total = lambda: sum(len(v) * (2 if k.startswith('left_') else 1)  # noqa: E731
+                        for k, v in per_part.items())
+  target = int(rng.integers(10, 25))
+  for _ in range(100):
+    if n_total() >= target:
+      break
+    p = own[int(rng.integers(len(own)))]
+    uv = choices[int(rng.integers(1, len(choices)))]
+    if uv not in per_part[p.name] and n_total() + (2 if p.name.startswith('left_') else 1) <= 30:
+      per_part[p.name].append(uv)
+  kps = []
+  for name, uvs in per_part.items():
+    for j, (u, v) in enumerate(uvs):
+      kps.append((f'{name}_kp{j}', name, u, v))
+      if name.startswith('left_'):
+        partner = name.replace('left_', 'right_', 1)
+        kps.append((f'{partner}_kp{j}', partner, u, v))
+  return kps
+
+
+@functools.lru_cache(maxsize=None)
+def novel_category(i: int) -> Category:
+  """Novel category `i`: a random kinematic tree of 3-9 parts, drawn from `(seed, i)` alone.
+
+  A root body and limbs hanging from points of earlier parts (random lengths, widths,
+  superellipse exponents, tapers, angles and articulation ranges); with p=0.5 a side-view
+  near/far pair of limb chains (`left_*` / `right_*`, as the quadruped's legs), so flips swap
+  them. Keypoints: 10-30 named points on the parts (`_novel_keypoints`). None of these trees is
+  one of the six benchmark categories: it shares no template, only the generator's rules.
+  """
+  rng = np.random.default_rng([_NOVEL_SEED, int(i)])
+  for _ in range(50):
+    parts = [_novel_part(rng, 'body', None, root=True)]
+    for k in range(int(rng.integers(2, 7))):
+      parent = parts[int(rng.integers(len(parts))) if rng.random() < 0.5 else 0]
+      parts.append(_novel_part(rng, f'part{k}', parent.name))
+    if rng.random() < 0.5:  # a near/far pair of limb chains attached to the body
+      limb = [_novel_part(rng, 'left_limb0', 'body')]
+      if rng.random() < 0.6:
+        limb.append(dataclasses.replace(_novel_part(rng, 'left_limb1', 'left_limb0'),
+                                        attach=(0.9, 0.0), joint=(-0.9, 0.0)))
+      parts += limb + _far_chain(limb, float(rng.uniform(0.3, 1.0)), float(rng.uniform(0, 0.3)))
+    try:
+      return Category(novel_category_name(i), parts, _novel_keypoints(rng, parts),
+                      rotation=float(rng.uniform(10, 40)))
+    except ValueError:  # too few keypoints for the 10-30 rule: draw again
+      continue
+  raise RuntimeError(f'novel category {i}: no valid draw')  # not reached for the fixed seed
 
 
 def keypoint_names(name_or_id) -> Tuple[str, ...]:
@@ -439,7 +528,7 @@ class Instance:
 
   def geometry_of(self, part, v):
     """Canonical (part, v) -> (geometry index, local v) in this instance; arrays broadcast."""
-    cat = CATEGORIES[self.category]
+    cat = category(self.category)
     part = np.asarray(part)
     if not self.flip:
       return part, v
@@ -459,7 +548,7 @@ class Instance:
 
 def sample_instance(cat_id: int, rng: np.random.Generator, size: int) -> Instance:
   """A random instance of category `cat_id` posed in a `size` x `size` image."""
-  cat = CATEGORIES[cat_id]
+  cat = category(cat_id)
   n = len(cat.parts)
   centre = np.zeros((n, 2))
   theta = np.zeros(n)
@@ -532,7 +621,7 @@ def render_geometry(inst: Instance, size: int):
     uv: [size, size, 2] float64, that part's local (u, v) there (0 on background).
     rad: [size, size] float64, its superellipse radius there.
   """
-  cat = CATEGORIES[inst.category]
+  cat = category(inst.category)
   geo = np.full((size, size), -1, np.int16)
   uv = np.zeros((size, size, 2))
   rad = np.zeros((size, size))
@@ -563,7 +652,7 @@ def canonical_maps(inst: Instance, geo: np.ndarray, uv: np.ndarray):
 
 def truncated(inst: Instance, size: int) -> bool:
   """Whether part of the object lies outside the image (beyond half a pixel)."""
-  cat = CATEGORIES[inst.category]
+  cat = category(inst.category)
   for g, p in enumerate(cat.parts):
     pts = _outline(p.exponent, p.taper, 24) @ inst.mat[g].T + inst.off[g]
     if (pts < -0.5).any() or (pts > size - 0.5).any():
@@ -578,7 +667,7 @@ def keypoint_visibility(inst: Instance, geo: np.ndarray):
     xy: [K, 2] float64 image (x, y) pixels; inside: [K] bool, within the image;
     visible: [K] bool, inside and the nearest pixel shows the keypoint's part.
   """
-  cat = CATEGORIES[inst.category]
+  cat = category(inst.category)
   size = geo.shape[0]
   xy = inst.to_image(cat.kp_part, cat.kp_uv)
   ix = np.floor(xy + 0.5).astype(int)
@@ -739,7 +828,7 @@ def render(inst: Instance, rng: np.random.Generator, photos: Sequence[str], size
     uv: [S, S, 2] local coordinates of the drawn part; occluded: whether an occluder hides part
     of the object; object_box: [4] xyxy extent of the object's pixels before occlusion.
   """
-  cat = CATEGORIES[inst.category]
+  cat = category(inst.category)
   img = _background(rng, photos, size)
   geo, uv, rad = render_geometry(inst, size)
   obj = geo >= 0
@@ -840,7 +929,7 @@ def make_pair(cat_id: int, rng: np.random.Generator, size: int, photos: Sequence
     both = trg['visible'] & src['visible']
     pix_c = np.clip(pix, 0, size - 1)
     both &= valid[pix_c[:, 1], pix_c[:, 0]]
-    both &= trg['part'][pix_c[:, 1], pix_c[:, 0]] == CATEGORIES[cat_id].kp_part
+    both &= trg['part'][pix_c[:, 1], pix_c[:, 0]] == category(cat_id).kp_part
     ids = np.nonzero(both)[0]
     if len(ids) >= min_kps:
       break

@@ -3,6 +3,7 @@ and its initial variables (`init_variables`: fresh, or a pretrained backbone).""
 
 from __future__ import annotations
 
+import pathlib
 from typing import Tuple
 
 import flax
@@ -74,9 +75,21 @@ def input_shape(model: SCorrSAN, img_size: int) -> Tuple[int, int, int]:
   return (grid, grid, int(kwargs['embed_dim']) * len(model.dinov2_blocks()))
 
 
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def pretrained_path(path) -> pathlib.Path:
+  """`model.pretrained` as a file: as given, or else relative to the repository root (the
+  shipped trunk, `configs/demo.py`, is named that way and loads from any directory)."""
+  path = pathlib.Path(path).expanduser()
+  if not path.is_absolute() and not path.exists() and (REPO_ROOT / path).exists():
+    return REPO_ROOT / path
+  return path
+
+
 def _load_pretrained(config, model, variables):
   """Backbone from a torchvision state dict file, head kept from `variables`."""
-  path = config.model.pretrained
+  path = pretrained_path(config.model.pretrained)
   state_dict = convert.read_state_dict(path)
   return convert.from_torch_state_dict(state_dict, model, init_variables=variables)
 
