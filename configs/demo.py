@@ -22,19 +22,30 @@ from __future__ import annotations
 
 from sccorr_jax import config_lib as common
 
+# The shipped pretrained trunk (`configs/pretrain.py`, `tools/export_trunk.py`; weights/README.md
+# gives the command that regenerates it), relative to the repository root.
+PRETRAINED = 'weights/parts_trunk.safetensors'
+
 
 def get_config(arg=None):
-  """The demo config; `arg` = 'variant[,kps=K][,frac=P][,runlocal][,epochs=N][,tiny]'."""
-  c, args = common.demo_config('parts', arg, kps=0, frac=1.0)
-  if not args.tiny:
-    c.data.parts_img_size = 96
-    c.data.parts_train_pairs_per_category = 64  # 384 training pairs
-    c.data.parts_eval_pairs_per_category = 16  # 96 validation and 96 test pairs
-    c.data.keypoints_per_pair = args.kps
-    c.data.labelled_pair_fraction = args.frac
+  """The demo config; `arg` = 'variant[,kps=K][,frac=P][,scratch][,runlocal][,epochs=N][,tiny]'."""
+  c, args = common.demo_config('parts', arg, kps=0, frac=1.0, scratch=False)
+  if args.tiny:
+    return c
+  c.data.parts_img_size = 96
+  c.data.parts_eval_pairs_per_category = 16  # 96 validation and 96 test pairs
+  c.data.keypoints_per_pair = args.kps
+  c.data.labelled_pair_fraction = args.frac
+  if args.scratch:  # The first regime: nothing pretrained, 384 training pairs.
+    c.data.parts_train_pairs_per_category = 64
+    return c
+  c.model.pretrained = PRETRAINED
+  c.data.parts_train_pairs_per_category = 640  # 3,840 training pairs
+  if not args.runlocal:
+    c.optim.steps_per_epoch = 120  # An epoch of 960 pairs: 12 epochs see each pair 3 times.
   return c
 
 
 def get_sweep(name):
   """`tools/experiment.py`'s sweeps at this config's resolution (96 px, stride 8)."""
-  return common.get_sweep(name, img_size=96, stride=8)
+  return common.get_sweep(name, img_size=96, stride=8, dense_oracle=True)

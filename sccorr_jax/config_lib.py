@@ -460,7 +460,8 @@ CELL_REFERENCE = 'cell:'
 BUDGET_KEYPOINTS = (1, 2, 4, 8, 0)
 
 
-def get_sweep(name: str, img_size: int = 256, stride: int = 16) -> Dict[str, Dict[str, Any]]:
+def get_sweep(name: str, img_size: int = 256, stride: int = 16, dense_oracle: bool = False
+              ) -> Dict[str, Dict[str, Any]]:
   """The named cells of a sweep of `tools/experiment.py`: cell name -> dotted-key overrides.
 
   Each cell runs once per seed (`config.seed` = 0..N-1) on top of the config file given to the
@@ -470,7 +471,11 @@ def get_sweep(name: str, img_size: int = 256, stride: int = 16) -> Dict[str, Dic
               same seed's `baseline`); `mt`; mt without small-loss selection; mt without the
               dilated mask (every position a candidate); mt with dilation 3, 7 and 15 (a cell
               identical to another under the base config, e.g. dilation 7 = `mt` when 7 is the
-              default, is run once and reported under both names).
+              default, is run once and reported under both names); with `dense_oracle`,
+              `dense`, the dense-truth oracle (datasets with a dense ground truth).
+    regime    what calibrates a benchmark's regime, with no pseudo-label in it: the baseline
+              with every label (`baseline_kall`) and with one per pair (`baseline_k1`), and the
+              dense oracle (`dense`).
     budget    validation PCK against the labels per training pair k in BUDGET_KEYPOINTS
               (`data.keypoints_per_pair`, 0 = all), for `baseline` and `mt`; cells `<mode>_k<k>`
               and `<mode>_kall`.
@@ -478,8 +483,9 @@ def get_sweep(name: str, img_size: int = 256, stride: int = 16) -> Dict[str, Dic
               'st' entry takes the plain `baseline` entry as teacher.
 
   Args:
-    name: 'modes', 'budget' or 'ablation'.
+    name: 'modes', 'regime', 'budget' or 'ablation'.
     img_size, stride: of the config swept (see `ablation_sweep`).
+    dense_oracle: the config's dataset has a dense ground truth: `modes` gets the `dense` cell.
 
   Raises:
     ValueError: an unknown sweep name.
@@ -494,7 +500,12 @@ def get_sweep(name: str, img_size: int = 256, stride: int = 16) -> Dict[str, Dic
         'mt_dilation3': {'learning_mode': 'mt', 'teacher.dilation_kernel': 3},
         'mt_dilation7': {'learning_mode': 'mt', 'teacher.dilation_kernel': 7},
         'mt_dilation15': {'learning_mode': 'mt', 'teacher.dilation_kernel': 15},
+        **({'dense': {'learning_mode': 'dense'}} if dense_oracle else {}),
     }
+  if name == 'regime':
+    return {'baseline_kall': {'learning_mode': 'baseline', 'data.keypoints_per_pair': 0},
+            'baseline_k1': {'learning_mode': 'baseline', 'data.keypoints_per_pair': 1},
+            'dense': {'learning_mode': 'dense'}}
   if name == 'budget':
     return {f'{mode}_k{k or "all"}': {'learning_mode': mode, 'data.keypoints_per_pair': k}
             for mode in ('baseline', 'mt') for k in BUDGET_KEYPOINTS}
@@ -507,7 +518,7 @@ def get_sweep(name: str, img_size: int = 256, stride: int = 16) -> Dict[str, Dic
       if cell['learning_mode'] == 'st':
         cell.setdefault('teacher.checkpoint', CELL_REFERENCE + 'baseline')
     return cells
-  raise ValueError(f'unknown sweep {name!r}; known: modes, budget, ablation')
+  raise ValueError(f'unknown sweep {name!r}; known: modes, regime, budget, ablation')
 
 
 def tiny_config(learning_mode: str = 'mt', data_dir: Optional[str] = None

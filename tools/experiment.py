@@ -762,7 +762,7 @@ def define_flags() -> None:
   beside other tools that define `--config` and `--out` too)."""
   flags.DEFINE_string('config', None, 'Config file and argument, e.g. configs/demo.py or '
                       'configs/demo.py:runlocal (required).')
-  flags.DEFINE_string('sweep', None, 'Sweep name: modes, budget, ablation (required).')
+  flags.DEFINE_string('sweep', None, 'Sweep name: modes, regime, budget, ablation (required).')
   flags.DEFINE_integer('seeds', 3, 'Seeds 0 .. N-1 per cell (config.seed).', lower_bound=1)
   flags.DEFINE_string('out', None, 'Output directory (required); rerun to resume.')
   flags.DEFINE_bool('dry_run', False, 'List the cells in run order, with their overrides and '

@@ -8,8 +8,12 @@ from typing import Dict, Optional, Sequence
 
 from absl import logging
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core import shuffle as tfds_shuffle
 
 from sccorr_jax.data import records
+
+# In-memory shuffle buffer while an embedded dataset is generated (TFDS's default is 1 GB).
+EMBEDDED_SHUFFLE_BYTES = 16 << 30
 
 
 class PairDatasetBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -136,6 +140,20 @@ class EmbeddedBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     super().__init__(**kwargs)
     self.policy = policy or records.BadRecordPolicy()
     self.report = records.PreparationReport()
+
+  def download_and_prepare(self, *args, **kwargs):
+    """TFDS's preparation, its shuffle buffer kept in memory (`EMBEDDED_SHUFFLE_BYTES`).
+
+    Past 1 GB of records (e.g. 9,600 `parts` pairs of 96 px with their dense truth) TFDS's
+    shuffler spills to bucket files through `tf.io.gfile`, which needs TensorFlow; this project
+    does not install it, and the generated records fit in memory.
+    """
+    limit = tfds_shuffle.MAX_MEM_BUFFER_SIZE
+    tfds_shuffle.MAX_MEM_BUFFER_SIZE = max(limit, EMBEDDED_SHUFFLE_BYTES)
+    try:
+      return super().download_and_prepare(*args, **kwargs)
+    finally:
+      tfds_shuffle.MAX_MEM_BUFFER_SIZE = limit
 
   def extra_features(self) -> Dict[str, tfds.features.FeatureConnector]:
     """The record's features beyond `records.pair_features`: the exact dense ground truth."""
