@@ -191,10 +191,9 @@ def _pil_to_rgb(im: Image.Image) -> np.ndarray:
   return np.asarray(im.convert("RGB"))
 
 
-def preprocess_image(img: np.ndarray, img_size: int) -> np.ndarray:
-  """[h, w, 3] uint8 -> [S, S, 3] float32 network input: the data pipeline's resize and
-  ImageNet normalisation (`data.transforms`)."""
-  return images.normalize(images.resize_image(img, img_size))
+# [h, w, 3] uint8 -> [S, S, 3] float32 network input: the data pipeline's resize and ImageNet
+# normalisation (one home: `images.preprocess`).
+preprocess_image = images.preprocess
 
 
 def load_keypoints(path: str) -> np.ndarray:

@@ -55,9 +55,10 @@ import numpy as np
 import tqdm
 
 from sccorr_jax import cli
+from sccorr_jax import images
 from sccorr_jax import models
 from sccorr_jax.data import pipeline
-from sccorr_jax.data import transforms
+
 
 CACHE_DIRNAME = 'dinov2_features'
 DTYPES = {'bfloat16': ml_dtypes.bfloat16, 'float32': np.float32}
@@ -176,9 +177,8 @@ def split_image_names(data_config, split: str) -> Tuple[List[str], Dict[str, Tup
   return names, where
 
 
-def preprocess_image(img: np.ndarray, img_size: int) -> np.ndarray:
-  """[h, w, 3] uint8 -> [S, S, 3] float32: the pipeline's resize and normalisation."""
-  return transforms.normalize(transforms.resize_image(np.asarray(img), int(img_size)))
+# [h, w, 3] uint8 -> [S, S, 3] float32: the pipeline's resize and normalisation.
+preprocess_image = images.preprocess
 
 
 def make_features_fn(model, mesh: Optional[jax.sharding.Mesh] = None):
