@@ -402,6 +402,8 @@ def main(argv) -> int:
   f = flags.FLAGS
   cli.existing_path('checkpoint', f.checkpoint, 'any')
   _check_out(f.out)
+  if not f.platforms or set(f.platforms) - set(PLATFORMS):
+    cli.fail(f'--platforms={",".join(f.platforms)}: each must be one of {", ".join(PLATFORMS)}')
   start = time.time()
   index = int(f.model_index) if f.model_index in ('0', '1') else f.model_index
   header, size = export_checkpoint(f.checkpoint, f.out, model_index=index,
@@ -417,7 +419,9 @@ if __name__ == '__main__':
   # pylint: disable=g-import-not-at-top
   # The importable module's main: under `python -m` this file is also `__main__`, a second copy
   # whose SerializedModelError `cli` would not know as a user's mistake.
+  from absl import flags as _flags
   from sccorr_jax import cli as _cli
   from sccorr_jax import export as _export
   _export.define_flags()
+  _flags.adopt_module_key_flags(_export)  # --help lists them as this program's flags.
   _cli.run(_export.main)
