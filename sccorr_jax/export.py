@@ -343,8 +343,8 @@ def export_checkpoint(checkpoint, out, model_index=None, config=None,
   model = predictor.model
   if getattr(model, 'inputs', 'images') != 'images':
     raise SerializedModelError(f"{checkpoint}: its model runs on cached DINOv2 features "
-                               "(model.inputs='features'), not on images; serialize the live "
-                               "model (the same config without 'cached')")
+                               "(model.inputs='features') and holds no backbone; serializing "
+                               "it with its backbone is not supported")
   exported = serialize(model, predictor.variables, predictor.img_size, platforms)
   source = {'checkpoint': os.path.abspath(checkpoint),
             'model_index': 'best' if model_index is None else model_index,

@@ -139,8 +139,12 @@ def test_files_that_are_not_serialized_models_are_named_in_one_line(resnet, tmp_
   np.savez(tmp_path / 'arrays.npz', a=np.zeros(3))
   truncated = tmp_path / 'truncated.zip'
   truncated.write_bytes(resnet['file'].read_bytes()[:resnet['size'] // 2])
+  flipped = bytearray(resnet['file'].read_bytes())
+  flipped[len(flipped) // 2] ^= 0xFF
+  (tmp_path / 'flipped.zip').write_bytes(flipped)
   cases = [(notes, 'not a serialized model'), (tmp_path / 'arrays.npz', 'not a serialized model'),
-           (truncated, 'not a serialized model'), (tmp_path, 'is a directory')]
+           (truncated, 'not a serialized model'), (tmp_path, 'is a directory'),
+           (tmp_path / 'flipped.zip', 'damaged serialized model .BadZipFile: Bad CRC-32')]
   for path, problem in cases:
     with pytest.raises(export.SerializedModelError, match=f'^{path}: {problem}'):
       export.load(path)
