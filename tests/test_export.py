@@ -98,6 +98,9 @@ def test_round_trip_at_two_batch_sizes(resnet):
     np.testing.assert_allclose(corr, aux['corr'], rtol=RTOL, atol=1e-6)
   with pytest.raises(ValueError, match=r'src must be \[b, 32, 32, 3\] float32.*got \[1, 64'):
     served(*_pairs(1, 64))
+  with pytest.raises(ValueError, match=r'trg must be .*preprocessed.*got \[1, 32, 32, 3\] uint8'):
+    served(src[:1], np.zeros((1, 32, 32, 3), np.uint8))
+  np.testing.assert_array_equal(served(src.astype(np.float64), trg), flow)  # cast, as jax does
 
 
 def test_the_header_records_the_input_and_its_preprocessing(resnet):

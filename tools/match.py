@@ -5,10 +5,11 @@ r"""Match your own image pair with a trained SCorrSAN.
 
 `--checkpoint` is a training workdir (its best model is used), a checkpoint step directory, a
 model export directory, or a serialized model file (`python -m sccorr_jax.export`,
-docs/deployment.md; the same matches without the model code). Keypoints (JSON `[[x, y], ...]` or `{"keypoints": [[x, y], ...]}`) are given on
-the *target* image TRG, in its pixels, and transferred to the source SRC (the flow maps every
-target pixel to its source match; to go from A to B, pass B as SRC and A as TRG). Without
-`--keypoints`, a 6 x 6 grid of target points is matched.
+docs/deployment.md; the same matches without the model code). Keypoints (JSON `[[x, y], ...]`
+or `{"keypoints": [[x, y], ...]}`) are given on the *target* image TRG, in its pixels, and
+transferred to the source SRC (the flow maps every target pixel to its source match; to go from
+A to B, pass B as SRC and A as TRG). Without `--keypoints`, a 6 x 6 grid of target points is
+matched.
 
 Writes into `--out` (a new or existing directory; existing files are replaced):
   flow.npy        [hf, wf, 2] float32: for target pixel (x, y), the displacement to its match in

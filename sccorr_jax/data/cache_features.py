@@ -21,9 +21,10 @@ head) is stored next to the dataset, bfloat16 by default:
   its local devices (a `('data',)` mesh). Processes write disjoint rows of the same files.
 * Keyed: `key.json` holds the preset (and overrides), the blocks, the resolution, the storage
   dtype, the compute dtype (`model.dtype`; a name suffix unless float32), a SHA-256 of the
-  backbone parameters and the dataset's name, version and split sizes. `FeatureCache.open` refuses a cache whose key differs from the model's, naming the
-  fields (a stale cache: other weights, another dataset version; a mismatched one: other
-  blocks or resolution), and an incomplete one.
+  backbone parameters and the dataset's name, version and split sizes. `FeatureCache.open`
+  refuses a cache whose key differs from the model's, naming the fields (a stale cache: other
+  weights, another dataset version; a mismatched one: other blocks or resolution), and an
+  incomplete one.
 * Only a frozen backbone can be cached (`model.dinov2_trained_blocks == 0`).
 * Augmentation: colour augmentation changes the pixels and cannot apply to cached features;
   horizontal flips can (the pipeline mirrors the token grid where it mirrors an image, and the
