@@ -178,12 +178,15 @@ def test_command_line_serializes_a_dinov2_model(dinov2_model):
   flow = served(src, trg)
   assert flow.shape == (2, 6, 6, 2)
   np.testing.assert_allclose(flow, want, rtol=RTOL, atol=RTOL * np.abs(want).max())
-  # Never overwritten: one line before anything is loaded.
-  r = _run('-m', 'sccorr_jax.export', f'--checkpoint={dinov2_model["ckpt"]}',
-           f'--out={dinov2_model["file"]}', cwd=dinov2_model['root'])
-  assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
-      f'error: --out={dinov2_model["file"]}: exists; a serialized model is never overwritten '
-      '(remove it or choose another name)'), r.stderr
+
+
+def test_an_existing_out_is_refused_before_anything_loads(resnet, capsys):
+  with pytest.raises(SystemExit) as e:
+    export._check_out(str(resnet['file']))  # pylint: disable=protected-access
+  assert e.value.code == 2
+  assert capsys.readouterr().err == (
+      f'error: --out={resnet["file"]}: exists; a serialized model is never overwritten (remove '
+      'it or choose another name)\n')
 
 
 def test_match_on_a_dinov2_checkpoint_and_its_serialized_model(dinov2_model):
