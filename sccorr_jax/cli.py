@@ -61,6 +61,7 @@ USER_ERROR_NAMES = (
     'sccorr_jax.data.records.PreparationError',
     'sccorr_jax.data.records.BadRecordError',
     'sccorr_jax.data.cache_features.CacheError',
+    'sccorr_jax.export.SerializedModelError',
 )
 
 

@@ -27,6 +27,12 @@ def normalize(img: np.ndarray) -> np.ndarray:
   return (img.astype(np.float32) / 255.0 - _MEAN) / _STD
 
 
+def preprocess(img: np.ndarray, size: int) -> np.ndarray:
+  """[h, w, 3] uint8 RGB -> [size, size, 3] float32 network input: `resize_image`, then
+  `normalize` (the data pipeline's rule; also what a serialized model records, `export.py`)."""
+  return normalize(resize_image(np.asarray(img), int(size)))
+
+
 def to_uint8(img: np.ndarray) -> np.ndarray:
   """[h, w, 3] ImageNet-normalised float -> uint8 RGB (the inverse of `normalize`)."""
   x = np.asarray(img, np.float32) * _STD + _MEAN

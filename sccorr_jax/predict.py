@@ -9,6 +9,9 @@ transferred keypoints and a confidence per keypoint.
     out.src_kps     # [n, 2]: where the given target keypoints land in the source image
     out.confidence  # [n] in [0, 1]: peakedness x forward-backward consistency of each match
 
+`from_checkpoint` also loads a serialized model file (`python -m sccorr_jax.export`,
+docs/deployment.md): the same network run from its `jax.export` file, without the model code.
+
 Direction (the project's convention, README "A note on coordinates and direction"): the network
 predicts, for every *target* pixel, its match in the *source*. Keypoints are therefore given on
 the target image and transferred to the source, as in PCK. To carry keypoints of image A into
@@ -49,11 +52,13 @@ from typing import Any, Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from PIL import Image
 from PIL import ImageOps
 
 from sccorr_jax import checkpoint as ckpt_lib
+from sccorr_jax import export
 from sccorr_jax import geometry
 from sccorr_jax import images
 from sccorr_jax.models import flow as flow_lib
@@ -191,10 +196,9 @@ def _pil_to_rgb(im: Image.Image) -> np.ndarray:
   return np.asarray(im.convert("RGB"))
 
 
-def preprocess_image(img: np.ndarray, img_size: int) -> np.ndarray:
-  """[h, w, 3] uint8 -> [S, S, 3] float32 network input: the data pipeline's resize and
-  ImageNet normalisation (`data.transforms`)."""
-  return images.normalize(images.resize_image(img, img_size))
+# [h, w, 3] uint8 -> [S, S, 3] float32 network input: the data pipeline's resize and ImageNet
+# normalisation (one home: `images.preprocess`).
+preprocess_image = images.preprocess
 
 
 def load_keypoints(path: str) -> np.ndarray:
@@ -471,43 +475,62 @@ class Predictor:
   """A loaded model that matches image pairs (see the module docstring).
 
   Attributes:
-    model: the `SCorrSAN`.
-    variables: its variables (on device).
+    model: the `SCorrSAN` (None for a serialized model).
+    variables: its variables (on device; None for a serialized model).
+    serialized: the `export.SerializedModel` it runs, or None.
     img_size: network input side, pixels.
     config: the experiment config it came with (or None).
   """
 
-  def __init__(self, model, variables, img_size: int = 256, config=None,
-               confidence_radius: float = 2.0):
+  def __init__(self, model, variables, img_size: Optional[int] = None, config=None,
+               confidence_radius: float = 2.0, *, serialized=None):
     """Args:
-      model: a `SCorrSAN`.
-      variables: `{'params', 'batch_stats'}` fitting it (checked).
-      img_size: input side (the config's `data.img_size`; a multiple of 16).
+      model: a `SCorrSAN` (None with `serialized`).
+      variables: `{'params', 'batch_stats'}` fitting it (checked; None with `serialized`).
+      img_size: input side (the config's `data.img_size`; a multiple of 16); None: 256, or a
+        serialized model's own (which is the only one it takes).
       config: the experiment config (information).
       confidence_radius: radius of the confidence mass, source cells of the flow grid.
+      serialized: an `export.SerializedModel` to run instead of `model` and `variables`.
     """
-    check_variables(model, variables, img_size, source="variables")
-    self.model = model
-    self.variables = jax.device_put(variables)
-    self.img_size = int(img_size)
+    self.serialized = serialized
+    if serialized is not None:
+      if model is not None or variables is not None:
+        raise ValueError("pass a model and its variables, or a serialized model, not both")
+      if img_size is not None and int(img_size) != serialized.img_size:
+        raise CheckpointError(f"{serialized.path}: its input is {serialized.img_size} pixels, "
+                              f"not {img_size}")
+      self.model = self.variables = None
+      self.img_size = serialized.img_size
+      self._run = serialized.flow_and_corr
+      size, beta = serialized.header["model"]["feature_size"], serialized.header["model"]["beta"]
+    else:
+      img_size = 256 if img_size is None else img_size
+      check_variables(model, variables, img_size, source="variables")
+      self.model = model
+      self.variables = jax.device_put(variables)
+      self.img_size = int(img_size)
+      forward = jax.jit(self._forward_impl)
+      self._run = lambda src, trg: forward(self.variables, src, trg)
+      size = getattr(model, "feature_size", None)
+      beta = getattr(model, "beta", flow_lib.SOFTMAX_BETA)
     self.config = config
     self.confidence_radius = float(confidence_radius)
-    self._forward = jax.jit(self._forward_impl)
     self._confidence = jax.jit(functools.partial(
-        keypoint_confidence, size=getattr(model, "feature_size", None),
-        beta=float(getattr(model, "beta", flow_lib.SOFTMAX_BETA)),
-        radius=self.confidence_radius))
+        keypoint_confidence, size=size, beta=float(beta), radius=self.confidence_radius))
 
   @classmethod
   def from_checkpoint(cls, path: str, model_index=None, config=None, **kwargs) -> "Predictor":
-    """Loads `path` (workdir -> its best model; step directory; export) once.
+    """Loads `path` (workdir -> its best model; step directory; export; serialized model) once.
 
     Args:
-      path: see `load_model`.
+      path: see `load_model`, or a serialized model file (`from_serialized`).
       model_index: mutual-teacher checkpoints: 0, 1, 'best' or None (the recorded best).
       config: fallback experiment config for checkpoints without one.
       **kwargs: `confidence_radius`, `img_size` (default: the config's `data.img_size`).
     """
+    if os.path.isfile(path):
+      return cls.from_serialized(path, model_index=model_index, **kwargs)
     model, variables, cfg = load_model(path, model_index=model_index, fallback_config=config)
     img_size = kwargs.pop("img_size", None)
     if img_size is None:
@@ -517,13 +540,39 @@ class Predictor:
         img_size = 256
     return cls(model, variables, img_size=img_size, config=cfg, **kwargs)
 
+  @classmethod
+  def from_serialized(cls, path: str, model_index=None, **kwargs) -> "Predictor":
+    """Loads a serialized model file (`python -m sccorr_jax.export`; `export.load`).
+
+    Args:
+      path: the file.
+      model_index: None or 'best' (the file holds the one network it was written with).
+      **kwargs: `confidence_radius`, `img_size` (must be the file's).
+
+    Raises:
+      FileNotFoundError, export.SerializedModelError, CheckpointError: one line naming `path`.
+    """
+    serialized = export.load(path)
+    if model_index not in (None, "best"):
+      index = serialized.header.get("source", {}).get("model_index", "best")
+      raise CheckpointError(f"{path}: a serialized model holds one network (written with "
+                            f"model_index={index}); model_index={model_index!r} is for "
+                            "checkpoints")
+    cfg = serialized.header.get("config")
+    cfg = None if cfg is None else ml_collections.ConfigDict(cfg)
+    return cls(None, None, config=cfg, serialized=serialized, **kwargs)
+
   def _forward_impl(self, variables, src, trg):
     flow, aux = self.model.apply(variables, src, trg, return_aux=True)
     return flow, aux["corr"]
 
   def _coords(self, s: int):
-    params = self.variables["params"]
-    if "x_normal" in params:
+    if self.serialized is not None:
+      coords = self.serialized.header["model"]["coords"]
+      if coords is not None:
+        return (jnp.asarray(coords["x"], jnp.float32), jnp.asarray(coords["y"], jnp.float32))
+    elif "x_normal" in self.variables["params"]:
+      params = self.variables["params"]
       return params["x_normal"], params["y_normal"]
     lin = jnp.linspace(-1.0, 1.0, s, dtype=jnp.float32)
     return lin, lin
@@ -554,8 +603,8 @@ class Predictor:
     src_in = preprocess_image(src_img, s)
     trg_in = preprocess_image(trg_img, s)
     # Row 0: the pair as given (target -> source); row 1: swapped (source -> target).
-    flow, corr = self._forward(self.variables, jnp.asarray(np.stack([src_in, trg_in])),
-                               jnp.asarray(np.stack([trg_in, src_in])))
+    flow, corr = self._run(jnp.asarray(np.stack([src_in, trg_in])),
+                           jnp.asarray(np.stack([trg_in, src_in])))
     flows = np.asarray(flow, np.float64)
     flow_grid = flows[0]
     scale_t = np.array([s / wt, s / ht])  # target original -> input pixels

@@ -42,9 +42,10 @@ def _assert_one_line(r, *fragments):
                                   [str(ROOT / 'tools' / 'convert_torch.py')],
                                   [str(ROOT / 'tools' / 'benchmark.py')],
                                   [str(ROOT / 'tools' / 'measure_confidence.py')],
-                                  ['-m', 'sccorr_jax.data.prepare']],
+                                  ['-m', 'sccorr_jax.data.prepare'],
+                                  ['-m', 'sccorr_jax.export']],
                          ids=['main', 'match', 'visualize_training', 'convert_torch',
-                              'benchmark', 'measure_confidence', 'prepare'])
+                              'benchmark', 'measure_confidence', 'prepare', 'export'])
 def test_help_exits_0_from_any_directory(tmp_path, tool):
   for flag in ('--help', '-h') if tool == MAIN else ('--help',):
     r = _run(tool, tmp_path, flag)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
@@ -180,6 +181,19 @@ def test_stale_mismatched_and_missing_caches_are_refused(setup, built):
   # A trained backbone cannot be cached.
   with pytest.raises(cf.CacheError, match='only a frozen backbone'):
     cf.cache_key(model.clone(dinov2_trained_blocks=1), variables, config.data)
+
+
+def test_the_compute_dtype_is_part_of_the_key(setup, built):
+  """A bfloat16 forward changes the features: its cache is another one (issue 19)."""
+  config, model, variables = setup
+  key = cf.cache_key(model, variables, config.data, 'float32')
+  assert key['compute_dtype'] == 'float32'
+  assert cf.FeatureCache.open(model, variables, config.data, 'val', 'float32').key == key
+  bf16 = model.clone(dtype=jnp.bfloat16)
+  assert cf.cache_key(bf16, variables, config.data, 'float32')['compute_dtype'] == 'bfloat16'
+  with pytest.raises(cf.CacheError, match=r'no feature cache vits14_L0-1_42px_float32_compute-'
+                     r'bfloat16 .*present: .*vits14_L0-1_42px_float32'):
+    cf.FeatureCache.open(bf16, variables, config.data, 'val', dtype='float32')
 
 
 # ------------------------------------------------------------------------------------------------

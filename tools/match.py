@@ -3,11 +3,13 @@ r"""Match your own image pair with a trained SCorrSAN.
     python tools/match.py --checkpoint=runs/spair_mt SRC.jpg TRG.jpg --out=out/
     python tools/match.py --checkpoint=PATH SRC TRG --keypoints=trg_points.json --out=out/
 
-`--checkpoint` is a training workdir (its best model is used), a checkpoint step directory or an
-exported model. Keypoints (JSON `[[x, y], ...]` or `{"keypoints": [[x, y], ...]}`) are given on
-the *target* image TRG, in its pixels, and transferred to the source SRC (the flow maps every
-target pixel to its source match; to go from A to B, pass B as SRC and A as TRG). Without
-`--keypoints`, a 6 x 6 grid of target points is matched.
+`--checkpoint` is a training workdir (its best model is used), a checkpoint step directory, a
+model export directory, or a serialized model file (`python -m sccorr_jax.export`,
+docs/deployment.md; the same matches without the model code). Keypoints (JSON `[[x, y], ...]`
+or `{"keypoints": [[x, y], ...]}`) are given on the *target* image TRG, in its pixels, and
+transferred to the source SRC (the flow maps every target pixel to its source match; to go from
+A to B, pass B as SRC and A as TRG). Without `--keypoints`, a 6 x 6 grid of target points is
+matched.
 
 Writes into `--out` (a new or existing directory; existing files are replaced):
   flow.npy        [hf, wf, 2] float32: for target pixel (x, y), the displacement to its match in
@@ -39,7 +41,8 @@ def define_flags() -> None:
   """The command line's flags (defined when run as a script, not on import, so that tests can
   load several tools that each have a --checkpoint or --out)."""
   flags.DEFINE_string('checkpoint', None, 'Training workdir (uses its best model), checkpoint '
-                      'step directory or exported model (required).')
+                      'step directory, model export directory or serialized model file '
+                      '(python -m sccorr_jax.export) (required).')
   flags.DEFINE_string('out', None, 'Output directory (required).')
   flags.DEFINE_string('keypoints', None, 'JSON keypoints on the target image, its pixels: '
                       '[[x, y], ...] or {"keypoints": [[x, y], ...]}.')

@@ -10,7 +10,7 @@ pipeline does (PIL bilinear, antialiased), ImageNet-normalised, and its feature 
 of `model.dinov2_layers` after the final norm, concatenated: exactly what `SCorrSAN` feeds its
 head) is stored next to the dataset, bfloat16 by default:
 
-    <data_dir>/dinov2_features/<preset>_L<layers>_<img_size>px_<dtype>/
+    <data_dir>/dinov2_features/<preset>_L<layers>_<img_size>px_<dtype>[_compute-<dtype>]/
         key.json                      what the cache was computed from (see `cache_key`)
         <split>.names.json            row ids (image names; see `split_image_names`)
         <split>.npy                   [n_images, h, w, c] (bfloat16 stored as uint16 bits)
@@ -20,10 +20,11 @@ head) is stored next to the dataset, bfloat16 by default:
 * Sharded: process `p` of `P` computes rows `p, p + P, ...`; each process splits its batch over
   its local devices (a `('data',)` mesh). Processes write disjoint rows of the same files.
 * Keyed: `key.json` holds the preset (and overrides), the blocks, the resolution, the storage
-  dtype, a SHA-256 of the backbone parameters and the dataset's name, version and split
-  sizes. `FeatureCache.open` refuses a cache whose key differs from the model's, naming the
-  fields (a stale cache: other weights, another dataset version; a mismatched one: other
-  blocks or resolution), and an incomplete one.
+  dtype, the compute dtype (`model.dtype`; a name suffix unless float32), a SHA-256 of the
+  backbone parameters and the dataset's name, version and split sizes. `FeatureCache.open`
+  refuses a cache whose key differs from the model's, naming the fields (a stale cache: other
+  weights, another dataset version; a mismatched one: other blocks or resolution), and an
+  incomplete one.
 * Only a frozen backbone can be cached (`model.dinov2_trained_blocks == 0`).
 * Augmentation: colour augmentation changes the pixels and cannot apply to cached features;
   horizontal flips can (the pipeline mirrors the token grid where it mirrors an image, and the
@@ -55,9 +56,10 @@ import numpy as np
 import tqdm
 
 from sccorr_jax import cli
+from sccorr_jax import images
 from sccorr_jax import models
 from sccorr_jax.data import pipeline
-from sccorr_jax.data import transforms
+
 
 CACHE_DIRNAME = 'dinov2_features'
 DTYPES = {'bfloat16': ml_dtypes.bfloat16, 'float32': np.float32}
@@ -93,8 +95,21 @@ def _check_model(model) -> None:
                      f'{model.dinov2_trained_blocks} (set it to 0)')
 
 
+def compute_dtype(model, variables) -> str:
+  """The dtype the backbone computes in: `model.dtype`, or without one the promotion of its
+  parameters and the float32 images (what `SCorrSAN` does)."""
+  if model.dtype is not None:
+    return jnp.dtype(model.dtype).name
+  leaves = jax.tree.leaves(variables['params']['backbone'])
+  return np.result_type(np.float32, *(a.dtype for a in leaves)).name
+
+
 def cache_key(model, variables, data_config, dtype: str = 'bfloat16') -> Dict[str, Any]:
-  """What a cache is computed from: any difference makes it unusable for this model."""
+  """What a cache is computed from: any difference makes it unusable for this model.
+
+  `dtype` is the storage dtype; `compute_dtype` (the forward's, `model.dtype`) is keyed too:
+  bfloat16 compute changes the features by more than their bfloat16 storage does.
+  """
   _check_model(model)
   if dtype not in DTYPES:
     raise ValueError(f'cache dtype must be one of {sorted(DTYPES)}, got {dtype!r}')
@@ -105,6 +120,7 @@ def cache_key(model, variables, data_config, dtype: str = 'bfloat16') -> Dict[st
       'layers': list(model.dinov2_blocks()),
       'img_size': int(data_config.img_size),
       'dtype': dtype,
+      'compute_dtype': compute_dtype(model, variables),
       'weights_sha256': backbone_digest(variables),
       'dataset': {'name': str(data_config.name), 'builder': builder.info.full_name,
                   'splits': {k: int(v.num_examples) for k, v in sorted(
@@ -113,9 +129,12 @@ def cache_key(model, variables, data_config, dtype: str = 'bfloat16') -> Dict[st
 
 
 def cache_dir(data_config, key: Dict[str, Any]) -> pathlib.Path:
-  """`<data_dir>/dinov2_features/<preset>_L<layers>_<img>px_<dtype>`."""
+  """`<data_dir>/dinov2_features/<preset>_L<layers>_<img>px_<dtype>[_compute-<dtype>]` (the
+  suffix when the forward is not float32, so that both caches can exist)."""
   layers = '-'.join(str(i) for i in key['layers'])
   name = f"{key['preset']}_L{layers}_{key['img_size']}px_{key['dtype']}"
+  if key.get('compute_dtype', 'float32') != 'float32':
+    name += f"_compute-{key['compute_dtype']}"
   return pathlib.Path(os.path.expanduser(str(data_config.data_dir))) / CACHE_DIRNAME / name
 
 
@@ -176,9 +195,8 @@ def split_image_names(data_config, split: str) -> Tuple[List[str], Dict[str, Tup
   return names, where
 
 
-def preprocess_image(img: np.ndarray, img_size: int) -> np.ndarray:
-  """[h, w, 3] uint8 -> [S, S, 3] float32: the pipeline's resize and normalisation."""
-  return transforms.normalize(transforms.resize_image(np.asarray(img), int(img_size)))
+# [h, w, 3] uint8 -> [S, S, 3] float32: the pipeline's resize and normalisation.
+preprocess_image = images.preprocess
 
 
 def make_features_fn(model, mesh: Optional[jax.sharding.Mesh] = None):
