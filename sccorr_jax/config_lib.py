@@ -187,32 +187,7 @@ def base_config(dataset: str = 'spair71k') -> ml_collections.ConfigDict:
   c.teacher.dilation_kernel = ml_collections.FieldReference(7, field_type=int)
   # 'st' only: the baseline's workdir, checkpoint step directory or exported model.
   c.teacher.checkpoint = ml_collections.FieldReference(None, field_type=str)
-  # Pseudo-label strategies (losses.PseudoLabelOptions, docs/training.md); the defaults are the
-  # paper's. Where the teacher's flow may act on a pair with keypoints: 'square' (the dilated
-  # mask above) | 'affinity' (teacher-feature affinity to a labelled position) | 'object' (the
-  # foreground of the teacher's correlation).
-  c.teacher.region = 'square'
-  # Checks before the small-loss selection: 'small_loss' (none) | 'cycle' (forward-backward
-  # consistency; a second teacher forward) | 'confidence' (soft-argmax peak mass at or above
-  # this epoch's percentile) | 'cycle+confidence'.
-  c.teacher.gate = 'small_loss'
-  # 'teacher_flow' | 'propagated' (labelled displacements spread by affinity).
-  c.teacher.target = 'teacher_flow'
-  # Pairs without keypoints: 'none' (no pseudo-label) | 'object_cycle' (object region + cycle).
-  c.teacher.unlabelled_pairs = 'none'
-  c.teacher.affinity_radius = 3  # Cells; the window of 'affinity' and 'propagated'.
-  c.teacher.affinity_threshold = 0.5  # Least cosine affinity in the 'affinity' region.
-  c.teacher.affinity_top_k = 0  # > 0: also among a labelled position's k most similar.
-  c.teacher.object_threshold = 0.5  # On the min-max normalised foreground score.
-  c.teacher.cycle_delta = 1.0  # Cells the forward-backward trip may miss by.
-  c.teacher.confidence_radius = 2.0  # Source cells of the peak mass.
-  # The percentile of the candidates' confidence a position must reach, ramped from the
-  # pseudo-loss start (start > end: a growing set, curriculum labelling's direction).
-  c.teacher.confidence_percentile_start = 20.0
-  c.teacher.confidence_percentile_end = 80.0
-  c.teacher.confidence_percentile_epochs = 10
-  c.teacher.propagation_mix = 0.0  # The teacher flow's weight in a propagated target.
-  c.teacher.propagation_temperature = 0.1  # Of the softmax over affinities.
+  add_pseudo_label_options(c.teacher)
 
   c.eval = ml_collections.ConfigDict()
   c.eval.split = 'val'
@@ -229,6 +204,39 @@ def base_config(dataset: str = 'spair71k') -> ml_collections.ConfigDict:
   c.async_checkpoints = True
   c.progress_bar = True
   return c
+
+
+def add_pseudo_label_options(teacher: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The pseudo-label strategy keys of the `teacher` section, with the paper's defaults.
+
+  `losses.PseudoLabelOptions` documents each; `docs/training.md` has the table.
+  """
+  # Where the teacher's flow may act on a pair with keypoints: 'square' (the mask of
+  # `dilation_kernel`) | 'affinity' (teacher-feature affinity to a labelled position) |
+  # 'object' (the foreground of the teacher's correlation).
+  teacher.region = 'square'
+  # Checks before the small-loss selection: 'small_loss' (none) | 'cycle' (forward-backward
+  # consistency; a second teacher forward) | 'confidence' (soft-argmax peak mass at or above
+  # this epoch's percentile) | 'cycle+confidence'.
+  teacher.gate = 'small_loss'
+  # 'teacher_flow' | 'propagated' (labelled displacements spread by affinity).
+  teacher.target = 'teacher_flow'
+  # Pairs without keypoints: 'none' (no pseudo-label) | 'object_cycle' (object region + cycle).
+  teacher.unlabelled_pairs = 'none'
+  teacher.affinity_radius = 3  # Cells; the window of 'affinity' and 'propagated'.
+  teacher.affinity_threshold = 0.5  # Least cosine affinity in the 'affinity' region.
+  teacher.affinity_top_k = 0  # > 0: also among a labelled position's k most similar.
+  teacher.object_threshold = 0.5  # On the min-max normalised foreground score.
+  teacher.cycle_delta = 1.0  # Cells the forward-backward trip may miss by.
+  teacher.confidence_radius = 2.0  # Source cells of the peak mass.
+  # The percentile of the candidates' confidence a position must reach, ramped from the
+  # pseudo-loss start (start > end: a growing set, curriculum labelling's direction).
+  teacher.confidence_percentile_start = 20.0
+  teacher.confidence_percentile_end = 80.0
+  teacher.confidence_percentile_epochs = 10
+  teacher.propagation_mix = 0.0  # The teacher flow's weight in a propagated target.
+  teacher.propagation_temperature = 0.1  # Of the softmax over affinities.
+  return teacher
 
 
 def apply_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
