@@ -187,6 +187,7 @@ def base_config(dataset: str = 'spair71k') -> ml_collections.ConfigDict:
   c.teacher.dilation_kernel = ml_collections.FieldReference(7, field_type=int)
   # 'st' only: the baseline's workdir, checkpoint step directory or exported model.
   c.teacher.checkpoint = ml_collections.FieldReference(None, field_type=str)
+  add_pseudo_label_options(c.teacher)
 
   c.eval = ml_collections.ConfigDict()
   c.eval.split = 'val'
@@ -203,6 +204,39 @@ def base_config(dataset: str = 'spair71k') -> ml_collections.ConfigDict:
   c.async_checkpoints = True
   c.progress_bar = True
   return c
+
+
+def add_pseudo_label_options(teacher: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The pseudo-label strategy keys of the `teacher` section, with the paper's defaults.
+
+  `losses.PseudoLabelOptions` documents each; `docs/training.md` has the table.
+  """
+  # Where the teacher's flow may act on a pair with keypoints: 'square' (the mask of
+  # `dilation_kernel`) | 'affinity' (teacher-feature affinity to a labelled position) |
+  # 'object' (the foreground of the teacher's correlation).
+  teacher.region = 'square'
+  # Checks before the small-loss selection: 'small_loss' (none) | 'cycle' (forward-backward
+  # consistency; a second teacher forward) | 'confidence' (soft-argmax peak mass at or above
+  # this epoch's percentile) | 'cycle+confidence'.
+  teacher.gate = 'small_loss'
+  # 'teacher_flow' | 'propagated' (labelled displacements spread by affinity).
+  teacher.target = 'teacher_flow'
+  # Pairs without keypoints: 'none' (no pseudo-label) | 'object_cycle' (object region + cycle).
+  teacher.unlabelled_pairs = 'none'
+  teacher.affinity_radius = 3  # Cells; the window of 'affinity' and 'propagated'.
+  teacher.affinity_threshold = 0.5  # Least cosine affinity in the 'affinity' region.
+  teacher.affinity_top_k = 0  # > 0: also among a labelled position's k most similar.
+  teacher.object_threshold = 0.5  # On the min-max normalised foreground score.
+  teacher.cycle_delta = 1.0  # Cells the forward-backward trip may miss by.
+  teacher.confidence_radius = 2.0  # Source cells of the peak mass.
+  # The percentile of the candidates' confidence a position must reach, ramped from the
+  # pseudo-loss start (start > end: a growing set, curriculum labelling's direction).
+  teacher.confidence_percentile_start = 20.0
+  teacher.confidence_percentile_end = 80.0
+  teacher.confidence_percentile_epochs = 10
+  teacher.propagation_mix = 0.0  # The teacher flow's weight in a propagated target.
+  teacher.propagation_temperature = 0.1  # Of the softmax over affinities.
+  return teacher
 
 
 def apply_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
@@ -459,6 +493,16 @@ CELL_REFERENCE = 'cell:'
 # Label budgets of the `budget` sweep: keypoints kept per training pair; 0 = all of them.
 BUDGET_KEYPOINTS = (1, 2, 4, 8, 0)
 
+# The pseudo-label options the `strategies` sweep tries one at a time (each value but the
+# paper's default): `teacher.<key>` -> values; cell `mt_<key>_<value>`.
+STRATEGY_OPTIONS = (('region', ('affinity', 'object')), ('gate', ('cycle', 'confidence')),
+                    ('target', ('propagated',)), ('unlabelled_pairs', ('object_cycle',)))
+# Named combinations, cells `mt_<name>` of the `strategies` sweep after the single options:
+# the combination chosen by hand on val (by the mean of networks a and b) goes here, e.g.
+#   'affinity_cycle': {'teacher.region': 'affinity', 'teacher.gate': 'cycle'},
+# (adding a cell leaves the other cells' runs valid; docs/experiments.md).
+STRATEGY_COMBINATIONS: Dict[str, Dict[str, Any]] = {}
+
 
 def get_sweep(name: str, img_size: int = 256, stride: int = 16, dense_oracle: bool = False
               ) -> Dict[str, Dict[str, Any]]:
@@ -481,9 +525,16 @@ def get_sweep(name: str, img_size: int = 256, stride: int = 16, dense_oracle: bo
               and `<mode>_kall`.
     ablation  what `ablation_sweep()` lists (Tables 4 and 6), named by their overrides; its
               'st' entry takes the plain `baseline` entry as teacher.
+    strategies  the pseudo-label strategies (issue 18) against the paper's: `baseline`, `mt`
+              (the paper's region, gate and target), then mt with one option changed,
+              `mt_<key>_<value>` for each of STRATEGY_OPTIONS (`mt_region_affinity`,
+              `mt_region_object`, `mt_gate_cycle`, `mt_gate_confidence`,
+              `mt_target_propagated`, `mt_unlabelled_pairs_object_cycle`), then the named
+              combinations of STRATEGY_COMBINATIONS as `mt_<name>`. Meant for a config with
+              unlabelled pairs (`configs/demo.py:frac=0.25`).
 
   Args:
-    name: 'modes', 'regime', 'budget' or 'ablation'.
+    name: 'modes', 'regime', 'budget', 'ablation' or 'strategies'.
     img_size, stride: of the config swept (see `ablation_sweep`).
     dense_oracle: the config's dataset has a dense ground truth: `modes` gets the `dense` cell.
 
@@ -518,7 +569,17 @@ def get_sweep(name: str, img_size: int = 256, stride: int = 16, dense_oracle: bo
       if cell['learning_mode'] == 'st':
         cell.setdefault('teacher.checkpoint', CELL_REFERENCE + 'baseline')
     return cells
-  raise ValueError(f'unknown sweep {name!r}; known: modes, regime, budget, ablation')
+  if name == 'strategies':
+    mt = {'learning_mode': 'mt'}
+    cells = {'baseline': {'learning_mode': 'baseline'}, 'mt': dict(mt)}
+    for key, values in STRATEGY_OPTIONS:
+      for value in values:
+        cells[f'mt_{key}_{value}'] = {**mt, f'teacher.{key}': value}
+    for combination, overrides in STRATEGY_COMBINATIONS.items():
+      cells[f'mt_{combination}'] = {**mt, **overrides}
+    return cells
+  raise ValueError(f'unknown sweep {name!r}; known: modes, regime, budget, ablation, '
+                   'strategies')
 
 
 def tiny_config(learning_mode: str = 'mt', data_dir: Optional[str] = None

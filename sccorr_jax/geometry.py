@@ -1,5 +1,6 @@
 """Coordinate conventions: keypoints -> sparse flow labels, the "unlabelled" rule, and bilinear
-flow sampling (`linear_taps`, the one align_corners=False rule of PCK, matching and dense flow).
+flow sampling (`linear_taps`, the one align_corners=False rule of PCK, matching and dense flow;
+`sample_cells`, a flow read at continuous cells of its own grid).
 
 A note on coordinates (the same text is in the README):
 
@@ -111,6 +112,39 @@ def keypoints_to_flow(src_kps, trg_kps, valid, feature_size: int,
   src_last = src[xp.maximum(last, 0)] if src.shape[0] else xp.zeros((fs, fs, 2), f32)
   flow = (src_last - mean_trg) / f32(jsz)
   return xp.where((count > 0)[..., None], flow, 0.0).astype(f32)
+
+
+def sample_cells(grid, xy):
+  """Bilinear sample of a grid at continuous cell coordinates (jax; one grid per batch row).
+
+  Cell centres are at integers, as the flow's own coordinates: `(x, y)` reads between the four
+  cells around it; points are clamped to `[0, w - 1] x [0, h - 1]` (the border cells extend).
+  Following a flow to its match and reading a second flow there (the forward-backward check of
+  `losses.cycle_consistent`) is `sample_cells(flow_2, cells + flow_1)`.
+
+  Args:
+    grid: [b, h, w, c] values per cell.
+    xy: [b, ..., 2] (x, y) positions in cells of that grid.
+
+  Returns:
+    [b, ..., c], `grid`'s dtype.
+  """
+  b, h, w, c = grid.shape
+  lead = xy.shape[1:-1]
+  x = jnp.clip(xy[..., 0].reshape(b, -1), 0, w - 1).astype(grid.dtype)
+  y = jnp.clip(xy[..., 1].reshape(b, -1), 0, h - 1).astype(grid.dtype)
+  x0 = jnp.floor(x).astype(jnp.int32)
+  y0 = jnp.floor(y).astype(jnp.int32)
+  x1, y1 = jnp.minimum(x0 + 1, w - 1), jnp.minimum(y0 + 1, h - 1)
+  fx, fy = (x - x0)[..., None], (y - y0)[..., None]
+  flat = grid.reshape(b, h * w, c)
+
+  def at(yi, xi):
+    return jnp.take_along_axis(flat, (yi * w + xi)[..., None], axis=1)
+
+  out = ((1 - fy) * ((1 - fx) * at(y0, x0) + fx * at(y0, x1))
+         + fy * ((1 - fx) * at(y1, x0) + fx * at(y1, x1)))
+  return out.reshape((b,) + lead + (c,))
 
 
 def unlabelled_mask(flow):

@@ -5,8 +5,17 @@
 * Pseudo-label EPE against a teacher's flow, restricted to a dilation of the labelled positions
   (the reference's `EPE_pseudo_filtered_by_dilation`).
 * Small-loss selection with exchange (co-teaching; the reference's `loss_dynamic_selection`).
+* Pseudo-label strategies (`PseudoLabelOptions`, `pseudo_labels`; config `teacher.region`,
+  `teacher.gate`, `teacher.target`, `teacher.unlabelled_pairs`): where a teacher's flow may act
+  (the paper's dilated square; positions of high teacher-feature affinity to a labelled one;
+  the foreground of the teacher's correlation), which of those positions pass a check of the
+  teacher before the small-loss selection (forward-backward consistency, SC-ImageNet's check;
+  its soft-argmax peak mass above a scheduled percentile, curriculum labelling) and what the
+  label is (the teacher's flow, or the labelled displacements propagated by affinity,
+  CorrMatch's pixel propagation). The paper's choices are the defaults.
 * `pseudo_label_objective`: one network's supervised + selected pseudo-label loss against a
-  peer's or a fixed teacher's flow; the 'st' and 'mt' training steps are built on it.
+  peer's or a fixed teacher's flow (or a propagated target), optionally gated; the 'st' and
+  'mt' training steps are built on it.
 
 Everything works on fixed-shape `[b, h, w]` maps with boolean masks instead of the reference's
 boolean indexing, so all functions are `jax.jit`-friendly. The reference's 1-D vectors
@@ -28,8 +37,9 @@ Differences from the reference (deliberate; none changes a number):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import NamedTuple, Tuple, Union
+from typing import NamedTuple, Optional, Tuple, Union
 
 import jax
 from jax import lax
@@ -37,6 +47,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from sccorr_jax import geometry
+from sccorr_jax.models import correlation
+from sccorr_jax.models import flow as flow_lib
 
 # A remember rate in [0, 1] (Python/NumPy scalar, built into a table on the host), or a table
 # from `num_remember_table` (int32 [n_max + 1], may be traced).
@@ -302,6 +314,404 @@ def small_loss_selection(loss_a, loss_b, mask, remember_rate: RateOrTable):
 
 
 # ------------------------------------------------------------------------------------------------
+# Pseudo-label strategies: where a teacher's flow may act (region), which of those positions pass
+# a check of the teacher (gate, before the small-loss selection) and what the label is (target).
+# The paper's: a square around the labelled positions, the small-loss selection alone, the
+# teacher's flow. `pseudo_labels` assembles them; `pseudo_label_objective` selects and averages.
+
+REGIONS = ('square', 'affinity', 'object')
+GATES = ('cycle', 'confidence')  # Checks ANDed before the selection; 'small_loss' = none.
+TARGETS = ('teacher_flow', 'propagated')
+UNLABELLED_PAIRS = ('none', 'object_cycle')
+
+
+@dataclasses.dataclass(frozen=True)
+class PseudoLabelOptions:
+  """The static pseudo-label options; defaults are the paper's. Field = `teacher.<field>`.
+
+  Attributes:
+    region: where the pseudo-label may act on a pair with keypoints. 'square': the dilated
+      label mask (`dilated_label_mask`, its side the step's `dilation_kernel`); 'affinity':
+      positions within `affinity_radius` cells (Chebyshev) of a labelled position whose
+      teacher-feature affinity to it passes `affinity_threshold` (and, with `affinity_top_k`,
+      is among that position's top k; `affinity_region`); 'object': the foreground of the
+      teacher's correlation (`object_score >= object_threshold`), keypoints not needed.
+    gate: 'small_loss' (only the small-loss selection) or a '+'-join of 'cycle' (the
+      teacher's forward-backward check, `cycle_consistent`) and 'confidence' (its soft-argmax
+      peak mass at or above this epoch's percentile of the candidates', `confidence_gate`).
+      The small-loss selection (`teacher.small_loss_selection`) then ranks what passed.
+    target: 'teacher_flow', or 'propagated': the labelled positions' displacements spread by
+      affinity weights (`propagate_labels`), mixed with the teacher's flow by
+      `propagation_mix` where both exist, the teacher's flow where no labelled position is
+      within `affinity_radius`.
+    unlabelled_pairs: pairs without any keypoint: 'none' (no pseudo-label there, whatever the
+      region) or 'object_cycle' (the object region, gated by the cycle check and `gate`).
+    affinity_radius: R, the window of the affinity region and of the propagation (cells).
+    affinity_threshold: in [-1, 1], the least affinity of the affinity region.
+    affinity_top_k: 0, or keep only each labelled position's k most similar window cells.
+    object_threshold: in [0, 1], on the min-max normalised foreground score.
+    cycle_delta: > 0, cells the forward-backward trip may miss by.
+    confidence_radius: > 0, source cells of the peak mass.
+    propagation_mix: in [0, 1], the teacher flow's weight in a propagated target.
+    propagation_temperature: > 0, of the softmax over affinities that weights the labels.
+  """
+  region: str = 'square'
+  gate: str = 'small_loss'
+  target: str = 'teacher_flow'
+  unlabelled_pairs: str = 'none'
+  affinity_radius: int = 3
+  affinity_threshold: float = 0.5
+  affinity_top_k: int = 0
+  object_threshold: float = 0.5
+  cycle_delta: float = 1.0
+  confidence_radius: float = 2.0
+  propagation_mix: float = 0.0
+  propagation_temperature: float = 0.1
+
+  def __post_init__(self):
+    def one_of(name, allowed):
+      value = getattr(self, name)
+      if value not in allowed:
+        raise ValueError(f'teacher.{name} must be one of {", ".join(map(repr, allowed))}; '
+                         f'got {value!r}')
+
+    def within(name, lo, hi, open_lo=False):
+      value = getattr(self, name)
+      if not (isinstance(value, (int, float)) and not isinstance(value, bool)
+              and (value > lo if open_lo else value >= lo) and value <= hi):
+        raise ValueError(f'teacher.{name} must be in {"(" if open_lo else "["}{lo:g}, {hi:g}]'
+                         f'; got {value!r}')
+
+    one_of('region', REGIONS)
+    one_of('target', TARGETS)
+    one_of('unlabelled_pairs', UNLABELLED_PAIRS)
+    parts = self.gate.split('+') if isinstance(self.gate, str) else [self.gate]
+    if self.gate != 'small_loss' and (any(p not in GATES for p in parts)
+                                      or len(set(parts)) != len(parts)):
+      raise ValueError(f"teacher.gate must be 'small_loss' or a '+'-join of "
+                       f"{', '.join(map(repr, GATES))} ('cycle+confidence'); got {self.gate!r}")
+    for name in ('affinity_radius', 'affinity_top_k'):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f'teacher.{name} must be an int >= 0; got {value!r}')
+    within('affinity_threshold', -1, 1)
+    within('object_threshold', 0, 1)
+    within('propagation_mix', 0, 1)
+    for name in ('cycle_delta', 'confidence_radius', 'propagation_temperature'):
+      within(name, 0, float('inf'), open_lo=True)
+
+  @property
+  def gates(self) -> Tuple[str, ...]:
+    """The checks of `gate` ('small_loss' = none)."""
+    return () if self.gate == 'small_loss' else tuple(self.gate.split('+'))
+
+  @property
+  def needs_affinity(self) -> bool:
+    """The teacher's feature affinity is read (`affinity_windows`)."""
+    return self.region == 'affinity' or self.target == 'propagated'
+
+  @property
+  def needs_object(self) -> bool:
+    """The teacher's foreground score is read (`object_score`)."""
+    return self.region == 'object' or self.unlabelled_pairs == 'object_cycle'
+
+  @property
+  def needs_cycle(self) -> bool:
+    """The teacher runs on the swapped pair too (its source -> target flow)."""
+    return 'cycle' in self.gates or self.unlabelled_pairs == 'object_cycle'
+
+  @property
+  def needs_confidence(self) -> bool:
+    """The teacher's soft-argmax peak mass is read."""
+    return 'confidence' in self.gates
+
+  @property
+  def needs_teacher_aux(self) -> bool:
+    """The teacher's forward must return its features and correlation (`return_aux`)."""
+    return self.needs_affinity or self.needs_object or self.needs_confidence
+
+  @property
+  def needs_signals(self) -> bool:
+    """Anything but the teacher's flow is read (`TeacherSignals`); False for the paper's."""
+    return self.needs_teacher_aux or self.needs_cycle
+
+
+class TeacherSignals(NamedTuple):
+  """What the options read from the teacher besides its flow; None where no option needs it.
+
+  Attributes:
+    affinity: [b, S, S, K, K] `affinity_windows` of its target features (K = 2R + 1).
+    object_score: [b, S, S] `object_score` of its correlation, in [0, 1].
+    back_flow: [b, S, S, 2] its flow on the swapped pair (source -> target, cells).
+    confidence: [b, S, S] its soft-argmax peak mass (`SCorrSAN.peak_mass`).
+  """
+  affinity: Optional[jax.Array] = None
+  object_score: Optional[jax.Array] = None
+  back_flow: Optional[jax.Array] = None
+  confidence: Optional[jax.Array] = None
+
+
+def _shift(x, dy: int, dx: int):
+  """`out[:, y, x] = x[:, y - dy, x - dx]` on the grid axes 1, 2; zero (False) from outside."""
+  h, w = x.shape[1:3]
+  pad = [(0, 0), (max(dy, 0), max(-dy, 0)), (max(dx, 0), max(-dx, 0))] + [(0, 0)] * (x.ndim - 3)
+  y0, x0 = max(-dy, 0), max(-dx, 0)
+  return jnp.pad(x, pad)[:, y0:y0 + h, x0:x0 + w]
+
+
+def neighbour_windows(x, radius: int):
+  """Every cell's `(2R + 1)^2` neighbours: `[b, h, w, ...]` -> `[b, h, w, K, K, ...]`.
+
+  `out[b, y, x, i, j] = x[b, y + i - R, x + j - R]`, zero (False) outside the grid.
+  """
+  k = 2 * int(radius) + 1
+  rows = [jnp.stack([_shift(x, radius - i, radius - j) for j in range(k)], axis=3)
+          for i in range(k)]
+  return jnp.stack(rows, axis=3)
+
+
+def _resize_matrices(hw_in, hw_out, dtype):
+  """The model's align-corners bilinear resizing (`flow.interpolation_matrix`), per axis."""
+  return tuple(jnp.asarray(flow_lib.interpolation_matrix(int(i), int(o)), dtype)
+               for i, o in zip(hw_in, hw_out))
+
+
+def affinity_windows(features, size_hw: Tuple[int, int], radius: int):
+  """A teacher's feature affinity between each flow cell and its window of neighbours.
+
+  The affinity of two cells of the feature grid is the cosine of their features (L2
+  normalised, `correlation.correlate` of the features with themselves: the teacher's own
+  similarity). On the flow grid it is that table resized on both ends with the model's
+  align-corners bilinear upsampling (the cosine itself where the grids coincide), computed for
+  the `(2R + 1)^2` window of each cell only.
+
+  Args:
+    features: [b, h, w, c] the teacher's target features (its `aux['trg_ctx']`).
+    size_hw: (S_h, S_w), the flow grid.
+    radius: R (cells of the flow grid).
+
+  Returns:
+    [b, S_h, S_w, K, K]: `out[b, y, x, i, j]` = affinity of cell (y, x) and cell
+    (y + i - R, x + j - R); 0 where that cell is outside the grid.
+  """
+  _, h, w, _ = features.shape
+  dtype = jnp.promote_types(features.dtype, jnp.float32)
+  gram = correlation.correlate(features.astype(dtype), features.astype(dtype))
+  my, mx = _resize_matrices((h, w), size_hw, dtype)  # [S_h, h], [S_w, w]
+  near = jnp.einsum('bijkl,Pi,Qj->bPQkl', gram, my, mx)  # [b, S_h, S_w, h, w]
+  k = 2 * int(radius) + 1
+
+  def shifted(m):  # [K, S, n]: row P + d - R of m, zero outside.
+    idx = jnp.arange(m.shape[0])[None, :] + jnp.arange(k)[:, None] - radius
+    inside = (idx >= 0) & (idx < m.shape[0])
+    return jnp.where(inside[..., None], m[jnp.clip(idx, 0, m.shape[0] - 1)], 0)
+
+  near = jnp.einsum('bPQkl,dPk->bPQdl', near, shifted(my))
+  return jnp.einsum('bPQdl,eQl->bPQde', near, shifted(mx))
+
+
+def affinity_region(affinity, labelled, threshold: float, top_k: int = 0):
+  """Positions whose affinity to a labelled position of their image passes a test.
+
+  Cell p is in the region iff some labelled cell q has p in its window (`|p - q|_inf <= R`),
+  `affinity(q, p) >= threshold` and, with `top_k > 0`, p is among the `top_k` cells of q's
+  window with the largest affinity to q (ties: the first in row-major window order).
+
+  Args:
+    affinity: [b, S, S, K, K] `affinity_windows`.
+    labelled: [b, S, S] bool, the labelled positions.
+    threshold: the least affinity.
+    top_k: 0 (threshold only) or k.
+
+  Returns:
+    [b, S, S] bool.
+  """
+  b, h, w, k, _ = affinity.shape
+  radius = k // 2
+  inside = neighbour_windows(jnp.ones((b, h, w), bool), radius)
+  ok = inside & (affinity >= threshold) & labelled[..., None, None]  # From each q's side.
+  if top_k:
+    flat = jnp.where(ok, affinity, -jnp.inf).reshape(b, h, w, k * k)
+    _, idx = lax.top_k(flat, min(int(top_k), k * k))
+    best = jnp.any(jax.nn.one_hot(idx, k * k, dtype=bool), axis=-2).reshape(ok.shape)
+    ok = ok & best
+  region = jnp.zeros((b, h, w), bool)
+  for i in range(k):
+    for j in range(k):  # p = q + (i - R, j - R) receives q's verdict.
+      region = region | _shift(ok[..., i, j], i - radius, j - radius)
+  return region
+
+
+def propagate_labels(affinity, gt, temperature: float):
+  """The labelled displacements spread to their neighbours by affinity (pixel propagation).
+
+      propagated(p) = sum_q w_pq gt(q),  w_pq = softmax_q(affinity(p, q) / temperature)
+
+  over the labelled cells q in p's window (a label's displacement, not its target point,
+  spreads: nearby cells of one part move alike).
+
+  Args:
+    affinity: [b, S, S, K, K] `affinity_windows`.
+    gt: [b, S, S, 2] sparse ground truth (unlabelled = exactly (0, 0)), cells.
+    temperature: > 0.
+
+  Returns:
+    `(flow [b, S, S, 2], exists [b, S, S] bool)`: the propagated displacement where a labelled
+    cell is in the window, (0, 0) elsewhere.
+  """
+  b, h, w, k, _ = affinity.shape
+  labelled = neighbour_windows(~geometry.unlabelled_mask(gt), k // 2).reshape(b, h, w, k * k)
+  labels = neighbour_windows(gt, k // 2).reshape(b, h, w, k * k, 2)
+  exists = jnp.any(labelled, axis=-1)
+  logits = jnp.where(labelled, affinity.reshape(b, h, w, k * k) / temperature, -jnp.inf)
+  weights = jax.nn.softmax(jnp.where(exists[..., None], logits, 0), axis=-1)
+  flow = jnp.einsum('bhwn,bhwnc->bhwc', jnp.where(labelled, weights, 0), labels)
+  return jnp.where(exists[..., None], flow, 0).astype(gt.dtype), exists
+
+
+def object_score(corr, size_hw: Tuple[int, int]):
+  """How much each target cell looks like the object: its best match in the source.
+
+  CorrMatch's region propagation, for correspondence: a target cell whose best (mutual-NN
+  filtered) correlation with any source cell is high has a counterpart in the other instance;
+  background clutter mostly does not. The maximum over the source is min-max normalised per
+  pair (CorrMatch thresholds at 0.5 after the same normalisation) and resized to the flow grid
+  with the model's align-corners bilinear upsampling.
+
+  Args:
+    corr: [b, hs, ws, ht, wt] the teacher's filtered correlation (its `aux['corr']`).
+    size_hw: (S_h, S_w), the flow grid.
+
+  Returns:
+    [b, S_h, S_w] in [0, 1]; 0 everywhere on a pair whose scores are all equal.
+  """
+  score = jnp.max(corr, axis=(1, 2))  # [b, ht, wt]
+  lo = jnp.min(score, axis=(1, 2), keepdims=True)
+  span = jnp.max(score, axis=(1, 2), keepdims=True) - lo
+  norm = jnp.where(span > 0, (score - lo) / jnp.where(span > 0, span, 1), 0)
+  my, mx = _resize_matrices(score.shape[1:], size_hw, norm.dtype)
+  return jnp.einsum('bkl,Kk,Ll->bKL', norm, my, mx)
+
+
+def cycle_consistent(flow, back_flow, delta: float):
+  """The forward-backward check: a target cell, carried to the source by `flow` and back by
+  `back_flow` (read there bilinearly, `geometry.sample_cells`), lands within `delta` cells.
+
+  Args:
+    flow: [b, S, S, 2] target -> source (cells).
+    back_flow: [b, S, S, 2] source -> target (cells), the same network on the swapped pair.
+    delta: cells.
+
+  Returns:
+    [b, S, S] bool.
+  """
+  _, h, w, _ = flow.shape
+  ys, xs = jnp.meshgrid(jnp.arange(h, dtype=flow.dtype), jnp.arange(w, dtype=flow.dtype),
+                        indexing='ij')
+  there = jnp.stack([xs, ys], axis=-1) + flow
+  miss = there + geometry.sample_cells(back_flow, there) - jnp.stack([xs, ys], axis=-1)
+  return jnp.sum(jnp.square(miss), axis=-1) <= delta * delta
+
+
+def confidence_gate(confidence, candidates, percentile):
+  """The candidates at or above the `percentile`-th percentile of the candidates' confidence.
+
+  Of the n candidates of the whole batch, the `floor(percentile * n / 100)` with the lowest
+  confidence fail (ties: the first in row-major order fail first); the rest pass.
+
+  Args:
+    confidence: [b, S, S] float (the teacher's peak mass).
+    candidates: [b, S, S] bool.
+    percentile: () float in [0, 100], may be traced (this epoch's, `schedules`).
+
+  Returns:
+    [b, S, S] bool, a subset of `candidates`.
+  """
+  n = jnp.sum(candidates, dtype=jnp.int32)
+  drop = jnp.floor(jnp.asarray(percentile, jnp.float32) * n / 100).astype(jnp.int32)
+  return candidates & ~_smallest_k_mask(confidence, candidates, drop)
+
+
+class PseudoLabels(NamedTuple):
+  """What `pseudo_labels` hands the objective.
+
+  Attributes:
+    target: [b, S, S, 2] the pseudo-label flow (cells).
+    candidates: [b, S, S] bool, the region.
+    gate: [b, S, S] bool, the positions that pass the checks; None with no check.
+  """
+  target: jax.Array
+  candidates: jax.Array
+  gate: Optional[jax.Array]
+
+
+def square_region(gt, dilation_kernel: Optional[int]):
+  """The paper's region: `dilated_label_mask(gt, dilation_kernel)`; every position when the
+  kernel is None (the "no mask" ablation). [b, S, S] bool."""
+  if dilation_kernel is None:
+    return jnp.ones(gt.shape[:-1], bool)
+  return dilated_label_mask(gt, dilation_kernel)
+
+
+def _region(options: PseudoLabelOptions, gt, labelled, signals: TeacherSignals,
+            dilation_kernel: Optional[int]):
+  """[b, S, S] bool, the region of `options.region` (before the unlabelled-pair rule)."""
+  if options.region == 'square':
+    return square_region(gt, dilation_kernel)
+  if options.region == 'affinity':
+    return affinity_region(signals.affinity, labelled, options.affinity_threshold,
+                           options.affinity_top_k)
+  return signals.object_score >= options.object_threshold
+
+
+def pseudo_labels(options: PseudoLabelOptions, teacher_flow, gt, signals=None, percentile=0.0,
+                  dilation_kernel: Optional[int] = 7) -> PseudoLabels:
+  """The region, gate and target of a teacher's pseudo-labels (`PseudoLabelOptions`).
+
+  Pairs without any labelled position get no pseudo-label with `unlabelled_pairs='none'`,
+  whatever the region (a square or an affinity region is empty there by construction); with
+  'object_cycle' their region is the object region and their gate the cycle check (and
+  `gate`'s checks). The confidence percentile ranks the candidates of the whole batch.
+
+  Args:
+    options: the static options.
+    teacher_flow: [b, S, S, 2] the teacher's flow (cells), constant.
+    gt: [b, S, S, 2] sparse ground truth.
+    signals: `TeacherSignals` with every field the options need.
+    percentile: () this epoch's confidence percentile (`StepHparams.confidence_percentile`).
+    dilation_kernel: the square's side; None = every position (the no-mask ablation).
+
+  Returns:
+    `PseudoLabels`.
+  """
+  signals = signals or TeacherSignals()
+  labelled = ~geometry.unlabelled_mask(gt)
+  pair_labelled = jnp.any(labelled, axis=(1, 2))[:, None, None]
+  region = _region(options, gt, labelled, signals, dilation_kernel)
+  object_cycle = options.unlabelled_pairs == 'object_cycle'
+  if object_cycle:
+    region = jnp.where(pair_labelled, region,
+                       signals.object_score >= options.object_threshold)
+  elif options.region != 'square' or dilation_kernel is None:
+    region = region & pair_labelled  # The square is empty there already.
+  cycle = (cycle_consistent(teacher_flow, signals.back_flow, options.cycle_delta)
+           if options.needs_cycle else None)
+  gate = cycle if 'cycle' in options.gates else None
+  if 'confidence' in options.gates:
+    confident = confidence_gate(signals.confidence, region, percentile)
+    gate = confident if gate is None else gate & confident
+  if object_cycle:
+    unlabelled_gate = cycle if gate is None else cycle & gate
+    gate = jnp.where(pair_labelled, True if gate is None else gate, unlabelled_gate)
+  target = teacher_flow
+  if options.target == 'propagated':
+    propagated, exists = propagate_labels(signals.affinity, gt, options.propagation_temperature)
+    mixed = options.propagation_mix * teacher_flow + (1 - options.propagation_mix) * propagated
+    target = jnp.where(exists[..., None], mixed, teacher_flow)
+  return PseudoLabels(target, region, gate)
+
+
+# ------------------------------------------------------------------------------------------------
 # The pseudo-label objective (one home: the 'st' and 'mt' steps and the training visualiser).
 
 
@@ -311,11 +721,15 @@ class PseudoLabelTerms(NamedTuple):
   Attributes:
     loss_sup: () float, sparse EPE on the labelled positions (0 without labels).
     loss_pseudo: () float, mean pseudo-label EPE over the `num_remember` positions of the
-      candidate mask that rank smallest (0 without candidates); unweighted.
-    candidates: [b, h, w] bool, where the pseudo-label may act (the dilated label mask).
-    kept: [b, h, w] bool, the candidates the small-loss selection kept (no gradient).
+      candidate mask (and gate) that rank smallest (0 without candidates); unweighted.
+    candidates: [b, h, w] bool, where the pseudo-label may act (the region: by default the
+      dilated label mask).
+    kept: [b, h, w] bool, the candidates that passed the gate and the small-loss selection
+      kept (no gradient).
     num_remember: () int32, k (>= 1).
     num_candidates: () int32, n, the number of candidates.
+    target: [b, h, w, 2] the pseudo-label (the teacher's flow, or a propagated target); None
+      in terms built by hand.
   """
   loss_sup: jax.Array
   loss_pseudo: jax.Array
@@ -323,48 +737,55 @@ class PseudoLabelTerms(NamedTuple):
   kept: jax.Array
   num_remember: jax.Array
   num_candidates: jax.Array
+  target: Optional[jax.Array] = None
 
   @property
   def kept_fraction(self) -> jax.Array:
-    """k / n, the fraction of candidates kept (0 without candidates)."""
+    """The fraction of candidates kept (k / n without a gate; 0 without candidates)."""
     n = self.num_candidates
-    return jnp.where(n > 0, self.num_remember / jnp.maximum(n, 1), 0.0)
+    return jnp.where(n > 0, jnp.sum(self.kept, dtype=jnp.int32) / jnp.maximum(n, 1), 0.0)
 
 
-def pseudo_label_objective(flow, peer_flow, gt, mask, remember_table: RateOrTable, weight):
+def pseudo_label_objective(flow, peer_flow, gt, mask, remember_table: RateOrTable, weight,
+                           gate=None):
   """One network's loss against a peer's (or a fixed teacher's) flow as pseudo-label.
 
       dist = ||stop_gradient(peer_flow) - flow||      per position, cells
-      kept = the k = max(1, int(rate * n)) positions of `mask` with the smallest dist
+      kept = the k = max(1, int(rate * n)) positions of `mask & gate` with the smallest dist,
+             n = their number
       loss = labelled_epe(flow, gt) + weight * sum(dist[kept]) / k
 
-  This is the reference's `EPE_pseudo_filtered_by_dilation` + `loss_dynamic_selection`. The
-  reference's selection is an exchange (each network averages its loss over the positions its
-  *peer's* loss ranks smallest), but the pseudo-label distance is symmetric,
-  `||b - a|| == ||a - b||` to the bit, so the peer ranks exactly the positions this network
-  ranks: ranking `dist` itself is the exchange (`small_loss_selection` keeps the general
-  two-loss form, checked against the reference fixture).
+  Without a gate this is the reference's `EPE_pseudo_filtered_by_dilation` +
+  `loss_dynamic_selection`. The reference's selection is an exchange (each network averages
+  its loss over the positions its *peer's* loss ranks smallest), but the pseudo-label distance
+  is symmetric, `||b - a|| == ||a - b||` to the bit, so the peer ranks exactly the positions
+  this network ranks: ranking `dist` itself is the exchange (`small_loss_selection` keeps the
+  general two-loss form, checked against the reference fixture). The region, gate and target
+  of the other strategies come from `pseudo_labels`.
 
   Args:
     flow: [b, h, w, 2] float, this network's flow (cells, target -> source); differentiated.
-    peer_flow: [b, h, w, 2] float, the pseudo-label (the peer's or the teacher's flow); used
-      under `stop_gradient`.
+    peer_flow: [b, h, w, 2] float, the pseudo-label (the peer's or the teacher's flow, or a
+      `pseudo_labels` target); used under `stop_gradient`.
     gt: [b, h, w, 2] float, sparse ground truth (unlabelled = exactly (0, 0)).
     mask: [b, h, w] bool, candidate positions (`dilated_label_mask`, or all True).
     remember_table: a `num_remember_table` (may be traced) or a host float rate.
     weight: λ, float or () array (0 before the pseudo-loss epoch).
+    gate: optional [b, h, w] bool, the candidates the teacher's checks pass (`pseudo_labels`);
+      the selection ranks only those.
 
   Returns:
     `(loss, PseudoLabelTerms)`.
   """
   mask = jnp.asarray(mask, bool)
+  ranked = mask if gate is None else mask & jnp.asarray(gate, bool)
   dist = pseudo_label_epe(flow, peer_flow)
   table = _as_table(remember_table, mask.size)
-  n = jnp.sum(mask, dtype=jnp.int32)
-  k = table[n]
-  kept = _smallest_k_mask(dist, mask, k)
+  k = table[jnp.sum(ranked, dtype=jnp.int32)]
+  kept = _smallest_k_mask(dist, ranked, k)
   # `where`, not multiplication: garbage (inf/NaN) outside the selection must not leak.
   loss_pseudo = jnp.sum(jnp.where(kept, dist, 0)) / k.astype(dist.dtype)
   loss_sup = labelled_epe(flow, gt)
-  terms = PseudoLabelTerms(loss_sup, loss_pseudo, mask, kept, k, n)
+  terms = PseudoLabelTerms(loss_sup, loss_pseudo, mask, kept, k,
+                           jnp.sum(mask, dtype=jnp.int32), lax.stop_gradient(peer_flow))
   return loss_sup + weight * loss_pseudo, terms

@@ -10,11 +10,12 @@
   model applies the matching `stop_gradient`.
 * Learning-rate schedules in optimiser steps: `step` reproduces `MultiStepLR(milestones, gamma)`
   stepped once per epoch (constant inside an epoch), `cosine` decays per step to 0.
-* The pseudo-loss weight and the remember rate are functions of the epoch, computed on the host
-  once per epoch and handed to the jitted step as arrays of fixed shape (a new epoch does not
-  recompile): λ is 0 before `teacher.pseudo_start_epoch`; the remember rate of epoch `e >= start`
-  is `linspace(rate_start, rate_end, n)[min(e - start, n - 1)]` (the reference's schedule
-  rises, unlike co-teaching's).
+* The pseudo-loss weight, the remember rate and the confidence gate's percentile are functions
+  of the epoch, computed on the host once per epoch and handed to the jitted step as arrays of
+  fixed shape (a new epoch does not recompile): λ is 0 before `teacher.pseudo_start_epoch`; the
+  remember rate of epoch `e >= start` is `linspace(rate_start, rate_end, n)[min(e - start,
+  n - 1)]` (the reference's schedule rises, unlike co-teaching's); the percentile ramps the same
+  way (`teacher.confidence_percentile_*`).
 """
 
 from __future__ import annotations
@@ -124,6 +125,15 @@ def pseudo_weight(teacher_config, epoch: int) -> float:
       teacher_config.pseudo_start_epoch) else 0.0
 
 
+def _ramp(teacher_config, start: float, end: float, epochs: int, epoch: int) -> float:
+  """`linspace(start, end, n)[min(epoch - pseudo_start_epoch, n - 1)]` (the first value before
+  the pseudo-loss start), n = max(epochs, 1)."""
+  n = max(int(epochs), 1)
+  schedule = np.linspace(float(start), float(end), n)
+  i = min(max(epoch - int(teacher_config.pseudo_start_epoch), 0), n - 1)
+  return float(schedule[i])
+
+
 def remember_rate(teacher_config, epoch: int) -> float:
   """Fraction of candidate positions kept by the small-loss selection in `epoch` (0-based).
 
@@ -132,11 +142,23 @@ def remember_rate(teacher_config, epoch: int) -> float:
   """
   if not teacher_config.small_loss_selection:
     return 1.0
-  n = max(int(teacher_config.remember_rate_epochs), 1)
-  schedule = np.linspace(float(teacher_config.remember_rate_start),
-                         float(teacher_config.remember_rate_end), n)
-  i = min(max(epoch - int(teacher_config.pseudo_start_epoch), 0), n - 1)
-  return float(schedule[i])
+  return _ramp(teacher_config, teacher_config.remember_rate_start,
+               teacher_config.remember_rate_end, teacher_config.remember_rate_epochs, epoch)
+
+
+# The confidence gate's percentile schedule when a config has none (`base_config` documents it).
+CONFIDENCE_PERCENTILE = dict(confidence_percentile_start=20.0, confidence_percentile_end=80.0,
+                             confidence_percentile_epochs=10)
+
+
+def confidence_percentile(teacher_config, epoch: int) -> float:
+  """The confidence gate's percentile in `epoch` (`teacher.gate` with 'confidence'): a linear
+  ramp from `teacher.confidence_percentile_start` to `_end` over `_epochs` epochs from the
+  pseudo-loss start, then constant (the curriculum: a rising percentile, the gate grows
+  stricter as the teacher learns). In [0, 100]."""
+  get = lambda k: teacher_config.get(k, CONFIDENCE_PERCENTILE[k])  # noqa: E731
+  return _ramp(teacher_config, get('confidence_percentile_start'),
+               get('confidence_percentile_end'), get('confidence_percentile_epochs'), epoch)
 
 
 class StepHparams(NamedTuple):
@@ -146,16 +168,21 @@ class StepHparams(NamedTuple):
     pseudo_weight: () float32, λ.
     remember_table: [n_max + 1] int32, `losses.num_remember_table(rate, n_max)`, n_max = the
       number of flow positions of a global batch (b * S * S).
+    confidence_percentile: () float32 in [0, 100], the confidence gate's percentile (read only
+      with `teacher.gate` containing 'confidence').
   """
   pseudo_weight: jax.Array
   remember_table: jax.Array
+  confidence_percentile: jax.Array = np.float32(0.0)
 
 
 def step_hparams(teacher_config, epoch: int, n_max: int) -> StepHparams:
   """The `StepHparams` of `epoch` (host numpy arrays)."""
   return StepHparams(
       pseudo_weight=np.asarray(pseudo_weight(teacher_config, epoch), np.float32),
-      remember_table=losses.num_remember_table(remember_rate(teacher_config, epoch), n_max))
+      remember_table=losses.num_remember_table(remember_rate(teacher_config, epoch), n_max),
+      confidence_percentile=np.asarray(confidence_percentile(teacher_config, epoch),
+                                       np.float32))
 
 
 def lr_fn(optim_config, steps_per_epoch: int) -> Callable[[int], Dict[str, float]]:

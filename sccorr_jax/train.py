@@ -130,6 +130,18 @@ def check_config(config, need_teacher: bool = True) -> None:
   if k and (k < 1 or k % 2 == 0):
     raise error(f'teacher.dilation_kernel must be an odd positive int, or 0 / None (no mask), '
                 f'got {k}')
+  try:  # teacher.region, gate, target, unlabelled_pairs and their parameters.
+    ts.pseudo_label_options(config.teacher)
+  except ValueError as e:
+    raise error(str(e)) from None
+  teacher = config.teacher
+  for key in ('confidence_percentile_start', 'confidence_percentile_end'):
+    value = teacher.get(key, schedules.CONFIDENCE_PERCENTILE[key])
+    if not 0 <= value <= 100:
+      raise error(f'teacher.{key} must be in [0, 100]; got {value!r}')
+  epochs = teacher.get('confidence_percentile_epochs', 1)
+  if not isinstance(epochs, int) or epochs < 1:
+    raise error(f'teacher.confidence_percentile_epochs must be an int >= 1; got {epochs!r}')
   if config.optim.batch_size % jax.device_count():
     raise error(f'optim.batch_size ({config.optim.batch_size}) must be divisible by the device '
                 f'count ({jax.device_count()})')
@@ -241,7 +253,8 @@ def _compile_key(s: Setup) -> str:
   c = s.config
   return json.dumps({'mode': c.learning_mode, 'model': c.model.to_dict(),
                      'optim': c.optim.to_dict(), 'spe': s.steps_per_epoch,
-                     'dilation': c.teacher.dilation_kernel, 'batch': {
+                     'dilation': c.teacher.dilation_kernel,
+                     'pseudo_label': dataclasses.asdict(s.step_config.pseudo_label), 'batch': {
                          k: (v.shape, str(v.dtype)) for k, v in s.abstract_batch.items()},
                      'devices': [d.id for d in s.mesh.devices.flat]},
                     sort_keys=True, default=str)

@@ -2,8 +2,8 @@
 
 Every step has the signature `(state, batch, rng, hparams) -> (state, metrics)`; the static
 parts (model, optimiser, options) are bound with `functools.partial(step, step_config)` before
-`jax.jit`. `hparams` (`schedules.StepHparams`: λ and the remember-count table) change once per
-epoch with fixed shapes, so a new epoch never recompiles.
+`jax.jit`. `hparams` (`schedules.StepHparams`: λ, the remember-count table, the confidence
+percentile) change once per epoch with fixed shapes, so a new epoch never recompiles.
 
 * `baseline_step`: sparse ground-truth EPE only.
 * `dense_step`: EPE on the dense ground truth wherever it is valid (datasets that have one):
@@ -27,10 +27,18 @@ statistics, optimiser state) and counts it (`apply_if_finite`): `state.nonfinite
 (consecutive such steps) and `state.nonfinite_total`. The trainer stops the run when the streak
 grows too long.
 
+Pseudo-labels (`StepConfig.pseudo_label`, the config's `teacher.region`, `teacher.gate`,
+`teacher.target`, `teacher.unlabelled_pairs`): by default the paper's (the dilated square, the
+small-loss selection, the teacher's flow), and then the step compiles to what it always did.
+Other options read more of the teacher (`teacher_signals`: its features and correlation from
+the forward it runs anyway, its peak mass, its flow on the swapped pair), always as constants;
+the region, gate and target are assembled in `losses.pseudo_labels`. The confidence gate's
+percentile changes per epoch in `hparams` (no recompilation).
+
 Pseudo-label quality (`pseudo_label_metrics`, logged only): against the dense ground truth when
 a batch carries it (the embedded benchmarks), else against the withheld keypoints of a label
 budget, the error and accuracy of the pseudo-labels the selection kept and of those it
-rejected.
+rejected, and the recall of the right ones.
 """
 
 from __future__ import annotations
@@ -87,11 +95,14 @@ class StepConfig:
     batch_norm: 'batch' (batch statistics, running ones updated) or 'frozen'.
     dilation_kernel: odd side of the dilation of the labelled positions that bounds the
       pseudo-label loss; None = every position is a candidate (the "no mask" ablation).
+    pseudo_label: the region, gate and target options (`losses.PseudoLabelOptions`; default
+      the paper's: the dilated square, the small-loss selection, the teacher's flow).
   """
   model: Any
   tx: optax.GradientTransformation
   batch_norm: str = 'batch'
   dilation_kernel: Optional[int] = 7
+  pseudo_label: losses.PseudoLabelOptions = losses.PseudoLabelOptions()
 
   def __post_init__(self):
     if self.batch_norm not in ('batch', 'frozen'):
@@ -101,18 +112,35 @@ class StepConfig:
   def from_config(cls, config, model, tx: optax.GradientTransformation, **overrides
                   ) -> 'StepConfig':
     """The step config of an experiment config (`model.batch_norm`, `teacher.dilation_kernel`;
-    a kernel of 0 or None means no mask: every position is a candidate)."""
+    a kernel of 0 or None means no mask: every position is a candidate; the pseudo-label
+    options of `pseudo_label_options`)."""
     kwargs = dict(model=model, tx=tx, batch_norm=config.model.batch_norm,
-                  dilation_kernel=config.teacher.dilation_kernel or None)
+                  dilation_kernel=config.teacher.dilation_kernel or None,
+                  pseudo_label=pseudo_label_options(config.teacher))
     kwargs.update(overrides)
     return cls(**kwargs)
+
+
+def pseudo_label_options(teacher_config) -> losses.PseudoLabelOptions:
+  """`losses.PseudoLabelOptions` from the `teacher` section (`teacher.region`, `teacher.gate`,
+  `teacher.target`, `teacher.unlabelled_pairs` and their parameters); a key the section lacks
+  (a config saved before it existed) takes the default.
+
+  Raises:
+    ValueError: an unknown value or a parameter out of range, naming the key.
+  """
+  defaults = losses.PseudoLabelOptions()
+  return losses.PseudoLabelOptions(**{
+      f.name: teacher_config.get(f.name, getattr(defaults, f.name))
+      for f in dataclasses.fields(losses.PseudoLabelOptions)})
 
 
 # ------------------------------------------------------------------------------------------------
 # Pieces shared by the steps.
 
 
-def forward(cfg: StepConfig, params, batch_stats, batch, train: bool = True):
+def forward(cfg: StepConfig, params, batch_stats, batch, train: bool = True,
+            return_aux: bool = False):
   """One model's flow on a batch, and its BatchNorm statistics after the call.
 
   Args:
@@ -120,23 +148,72 @@ def forward(cfg: StepConfig, params, batch_stats, batch, train: bool = True):
     params, batch_stats: one model's variables.
     batch: dict with `src_img`, `trg_img` [b, H, W, 3] float32.
     train: training call; BN follows `cfg.batch_norm`. False: running statistics (eval).
+    return_aux: also return the model's intermediate tensors (`SCorrSAN(return_aux=True)`:
+      `trg_ctx`, `corr`, ...), for the pseudo-label options that read them.
 
   Returns:
-    `(flow [b, S, S, 2] float32 (cells, target -> source), batch_stats)`.
+    `(flow [b, S, S, 2] float32 (cells, target -> source), batch_stats)`, and the aux dict
+    third with `return_aux`.
   """
   variables = {'params': params, 'batch_stats': batch_stats}
+  kwargs = {'return_aux': True} if return_aux else {}  # The default call stays the same.
   if train and cfg.batch_norm == 'batch':
-    flow, updates = cfg.model.apply(variables, batch['src_img'], batch['trg_img'], train=True,
-                                    mutable=['batch_stats'])
-    return flow, updates.get('batch_stats', batch_stats)
-  return cfg.model.apply(variables, batch['src_img'], batch['trg_img'], train=False), batch_stats
+    out, updates = cfg.model.apply(variables, batch['src_img'], batch['trg_img'], train=True,
+                                   mutable=['batch_stats'], **kwargs)
+    batch_stats = updates.get('batch_stats', batch_stats)
+  else:
+    out = cfg.model.apply(variables, batch['src_img'], batch['trg_img'], train=False, **kwargs)
+  return (out[0], batch_stats, out[1]) if return_aux else (out, batch_stats)
 
 
 def candidate_mask(cfg: StepConfig, gt):
-  """[b, S, S] bool: where the pseudo-label loss may act (dilated label mask or everywhere)."""
-  if cfg.dilation_kernel is None:
-    return jnp.ones(gt.shape[:-1], bool)
-  return losses.dilated_label_mask(gt, cfg.dilation_kernel)
+  """[b, S, S] bool: the paper's region, the dilated label mask (everywhere without a kernel).
+
+  The other regions (`teacher.region`) read the teacher too: `losses.pseudo_labels`."""
+  return losses.square_region(gt, cfg.dilation_kernel)
+
+
+def teacher_signals(cfg: StepConfig, params, batch_stats, batch, teacher_flow, aux,
+                    train: bool) -> Optional[losses.TeacherSignals]:
+  """What the pseudo-label options read from a teacher besides its flow (constants).
+
+  Computed only for the options that need them (`cfg.pseudo_label`); None for the paper's.
+  Parameters, statistics and aux enter under `stop_gradient`, so nothing here is
+  differentiated, also inside the mutual teachers' objective.
+
+  Args:
+    cfg: the step config.
+    params, batch_stats: the teacher's variables.
+    batch: the training batch (`src_img`, `trg_img`).
+    teacher_flow: [b, S, S, 2] its flow on the batch.
+    aux: its forward's aux dict (`forward(.., return_aux=True)`), or None when no option
+      reads it.
+    train: how its forward ran (the swapped pair of the cycle check runs the same way; its
+      BatchNorm statistics are dropped).
+
+  Returns:
+    `losses.TeacherSignals`, or None. Extra cost per teacher: the affinity windows and the
+    foreground score are small; the confidence recomputes the upsampled soft-argmax (forward
+    only); the cycle check is a second forward of the teacher (forward only).
+  """
+  opts = cfg.pseudo_label
+  if not opts.needs_signals:
+    return None
+  params, batch_stats, aux = jax.lax.stop_gradient((params, batch_stats, aux))
+  size_hw = teacher_flow.shape[1:3]
+  signals = {}
+  if opts.needs_affinity:
+    signals['affinity'] = losses.affinity_windows(aux['trg_ctx'], size_hw, opts.affinity_radius)
+  if opts.needs_object:
+    signals['object_score'] = losses.object_score(aux['corr'], size_hw)
+  if opts.needs_confidence:
+    signals['confidence'] = cfg.model.apply(
+        {'params': params, 'batch_stats': batch_stats}, aux['corr'], opts.confidence_radius,
+        method='peak_mass')
+  if opts.needs_cycle:
+    swapped = dict(batch, src_img=batch['trg_img'], trg_img=batch['src_img'])
+    signals['back_flow'] = forward(cfg, params, batch_stats, swapped, train=train)[0]
+  return losses.TeacherSignals(**signals)
 
 
 def _all_finite(tree) -> jax.Array:
@@ -270,17 +347,24 @@ def pseudo_label_metrics(terms: losses.PseudoLabelTerms, pseudo_label, batch) ->
   """How good the pseudo-labels a network learns from are.
 
   Args:
-    terms: that network's `losses.pseudo_label_objective` terms (candidates, kept).
-    pseudo_label: [b, S, S, 2] the flow it learns from (its peer's or the teacher's).
+    terms: that network's `losses.pseudo_label_objective` terms (candidates, kept, and the
+      pseudo-label it learnt from, `target`).
+    pseudo_label: [b, S, S, 2] the flow it learns from (its peer's or the teacher's), used
+      when `terms.target` is None (terms made by hand).
     batch: the training batch; `flow` (sparse label) and, if present, the truth of
       `pseudo_label_truth`.
 
   Returns:
     `loss_sup`, `loss_pseudo`, `kept_fraction`; `pseudo_label_acc` (within
     `PSEUDO_ACC_CELLS` of the sparse label, over labelled positions); and with a truth,
-    `pseudo_kept_epe`, `pseudo_kept_acc` (over the kept candidates with a true match) and
-    `pseudo_rejected_epe`, `pseudo_rejected_acc` (candidates the selection dropped).
+    `pseudo_kept_epe`, `pseudo_kept_acc` (over the kept candidates with a true match),
+    `pseudo_rejected_epe`, `pseudo_rejected_acc` (candidates the gate or the selection
+    dropped) and `pseudo_recall` (of the candidates whose pseudo-label is right, within
+    `PSEUDO_ACC_CELLS` of the truth, the fraction kept). The pseudo-label is the teacher's
+    flow, or the propagated target with `teacher.target='propagated'`.
   """
+  if terms.target is not None:
+    pseudo_label = terms.target
   pseudo_label = jax.lax.stop_gradient(pseudo_label)
   gt = batch['flow']
   labelled = ~geometry.unlabelled_mask(gt)
@@ -292,12 +376,14 @@ def pseudo_label_metrics(terms: losses.PseudoLabelTerms, pseudo_label, batch) ->
   if truth is not None:
     true_flow, valid = truth
     err = losses.safe_norm(pseudo_label - true_flow, axis=-1)
+    right = err <= PSEUDO_ACC_CELLS
     kept = terms.kept & valid
     rejected = terms.candidates & ~terms.kept & valid
     out.update(pseudo_kept_epe=_masked_mean(err, kept),
-               pseudo_kept_acc=_masked_mean(err <= PSEUDO_ACC_CELLS, kept),
+               pseudo_kept_acc=_masked_mean(right, kept),
                pseudo_rejected_epe=_masked_mean(err, rejected),
-               pseudo_rejected_acc=_masked_mean(err <= PSEUDO_ACC_CELLS, rejected))
+               pseudo_rejected_acc=_masked_mean(right, rejected),
+               pseudo_recall=_masked_mean(terms.kept, terms.candidates & valid & right))
   return out
 
 
@@ -369,32 +455,49 @@ def dense_step(cfg: StepConfig, state: TrainState, batch, rng, hparams: StepHpar
 # mutual-teacher step).
 
 
-def _pseudo_objective(cfg: StepConfig, flow, peer_flow, batch, hparams: StepHparams):
+def _pseudo_objective(cfg: StepConfig, flow, teacher_flow, batch, hparams: StepHparams,
+                      signals: Optional[losses.TeacherSignals] = None):
+  """`losses.pseudo_label_objective` on the region, gate and target of `cfg.pseudo_label`."""
   gt = batch['flow']
-  return losses.pseudo_label_objective(flow, peer_flow, gt, candidate_mask(cfg, gt),
-                                       hparams.remember_table, hparams.pseudo_weight)
+  labels = losses.pseudo_labels(cfg.pseudo_label, teacher_flow, gt, signals,
+                                hparams.confidence_percentile, cfg.dilation_kernel)
+  return losses.pseudo_label_objective(flow, labels.target, gt, labels.candidates,
+                                       hparams.remember_table, hparams.pseudo_weight,
+                                       gate=labels.gate)
+
+
+def _has_signal(cfg: StepConfig, batch, kept, hparams: StepHparams) -> jax.Array:
+  """() bool: the batch teaches something. Labels, or (with unlabelled pairs taught by the
+  object region, `teacher.unlabelled_pairs='object_cycle'`) a weighted kept pseudo-label: a
+  batch of unlabelled pairs then trains too. Else a batch without labels changes nothing."""
+  labelled = _has_labels(batch)
+  if cfg.pseudo_label.unlabelled_pairs == 'object_cycle':
+    labelled = labelled | ((hparams.pseudo_weight > 0) & jnp.any(kept))
+  return labelled
 
 
 def student_objective(cfg: StepConfig, params, batch_stats, batch, teacher_flow,
-                      hparams: StepHparams):
-  """Loss of one model against a constant pseudo-label flow.
+                      hparams: StepHparams, signals: Optional[losses.TeacherSignals] = None):
+  """Loss of one model against a constant pseudo-label flow (and the teacher's `signals`
+  that `cfg.pseudo_label` reads; `teacher_signals`).
 
   Returns:
     `(loss, (batch_stats, terms))`, terms a `losses.PseudoLabelTerms`.
   """
   flow, batch_stats = forward(cfg, params, batch_stats, batch)
-  loss, terms = _pseudo_objective(cfg, flow, teacher_flow, batch, hparams)
+  loss, terms = _pseudo_objective(cfg, flow, teacher_flow, batch, hparams, signals)
   return loss, (batch_stats, terms)
 
 
 def student_update(cfg: StepConfig, state: TrainState, batch, teacher_flow,
-                   hparams: StepHparams) -> Tuple[TrainState, Metrics]:
+                   hparams: StepHparams, signals: Optional[losses.TeacherSignals] = None
+                   ) -> Tuple[TrainState, Metrics]:
   """One optimiser step of a single model against a given pseudo-label flow."""
   grad_fn = jax.value_and_grad(student_objective, argnums=1, has_aux=True)
   (loss, (batch_stats, terms)), grads = grad_fn(cfg, state.params, state.batch_stats, batch,
-                                                teacher_flow, hparams)
+                                                teacher_flow, hparams, signals)
   state, ok = apply_if_finite(cfg, state, loss, grads, batch_stats,
-                              labelled=_has_labels(batch))
+                              labelled=_has_signal(cfg, batch, terms.kept, hparams))
   metrics = pseudo_label_metrics(terms, teacher_flow, batch)
   return state, {'loss': loss, **metrics, **_state_metrics(state, ok)}
 
@@ -403,36 +506,46 @@ def single_teacher_step(cfg: StepConfig, state: TrainState, batch, rng, hparams:
                         ) -> Tuple[TrainState, Metrics]:
   """One step of a student taught by a fixed offline teacher (`state.teacher`).
 
-  1. The teacher's flow on the batch (running BN statistics, `stop_gradient`): the pseudo-label.
+  1. The teacher's flow on the batch (running BN statistics, `stop_gradient`): the pseudo-label;
+     and what the pseudo-label options read from it (`teacher_signals`; none by default).
   2. The student's EPE on the sparse labels + λ · the mean of its k smallest distances to the
-     pseudo-label inside the dilated label mask (`losses.pseudo_label_objective`).
+     pseudo-label inside the dilated label mask (`losses.pseudo_label_objective`; the region,
+     gate and target of `cfg.pseudo_label`).
   3. Gradient and update of the student only; the teacher is never touched.
   """
   del rng
-  teacher_flow, _ = forward(cfg, state.teacher['params'], state.teacher['batch_stats'], batch,
+  teacher = (state.teacher['params'], state.teacher['batch_stats'])
+  aux = cfg.pseudo_label.needs_teacher_aux
+  out = forward(cfg, *teacher, batch, train=False, return_aux=aux)
+  teacher_flow = jax.lax.stop_gradient(out[0])
+  signals = teacher_signals(cfg, *teacher, batch, teacher_flow, out[2] if aux else None,
                             train=False)
-  return student_update(cfg, state, batch, jax.lax.stop_gradient(teacher_flow), hparams)
+  return student_update(cfg, state, batch, teacher_flow, hparams, signals)
 
 
 # ------------------------------------------------------------------------------------------------
 # Mutual online teachers.
 
 
-def forward_pair(cfg: StepConfig, params_ab, batch_stats_ab, batch):
-  """Both models' flows: `(flow_a, flow_b, batch_stats_ab)` from stacked [2, ...] variables.
+def _take(tree, i: int):
+  """Model i of stacked [2, ...] variables."""
+  return jax.tree.map(lambda x: x[i], tree)
+
+
+def forward_pair(cfg: StepConfig, params_ab, batch_stats_ab, batch, return_aux: bool = False):
+  """Both models' flows: `(flow_a, flow_b, batch_stats_ab)` from stacked [2, ...] variables,
+  and `(aux_a, aux_b)` fourth with `return_aux` (see `forward`).
 
   The two forwards are unrolled rather than `jax.vmap`ped: a vmap over the parameters turns
   every convolution into a batched-kernel convolution, which XLA:CPU runs several times slower
   than two plain ones (measured: 1.0 s vs 0.4 s per demo step). The numbers are the same.
   """
-  flows, stats = [], []
-  for i in range(2):
-    take = lambda x, i=i: x[i]
-    flow, s = forward(cfg, jax.tree.map(take, params_ab), jax.tree.map(take, batch_stats_ab),
-                      batch)
-    flows.append(flow)
-    stats.append(s)
-  return flows[0], flows[1], jax.tree.map(lambda a, b: jnp.stack([a, b]), *stats)
+  outs = [forward(cfg, _take(params_ab, i), _take(batch_stats_ab, i), batch,
+                  return_aux=return_aux) for i in range(2)]
+  stats = jax.tree.map(lambda a, b: jnp.stack([a, b]), outs[0][1], outs[1][1])
+  if return_aux:
+    return outs[0][0], outs[1][0], stats, (outs[0][2], outs[1][2])
+  return outs[0][0], outs[1][0], stats
 
 
 def mutual_teacher_objective(cfg: StepConfig, params_ab, batch_stats_ab, batch,
@@ -446,7 +559,9 @@ def mutual_teacher_objective(cfg: StepConfig, params_ab, batch_stats_ab, batch,
      selection keeps (k from this epoch's remember rate). The exchange of the reference (each
      network averages over the positions its *peer's* loss ranks smallest) selects the same
      positions for both networks, because the pseudo-label EPE is symmetric: ||b - a|| is
-     ||a - b|| to the bit.
+     ||a - b|| to the bit. Other regions, gates and targets (`cfg.pseudo_label`) read the
+     peer as the teacher (`teacher_signals`: its features and correlation from this forward,
+     its flow on the swapped pair for the cycle check), all as constants.
   4. Total = loss_a + loss_b. The peers enter each other's loss only as constants, so the
      gradient of the sum w.r.t. the stacked parameters is each network's gradient of its own
      loss.
@@ -454,9 +569,20 @@ def mutual_teacher_objective(cfg: StepConfig, params_ab, batch_stats_ab, batch,
   Returns:
     `(loss_a + loss_b, (batch_stats_ab, losses [2], (terms_a, terms_b), (flow_a, flow_b)))`.
   """
-  flow_a, flow_b, batch_stats = forward_pair(cfg, params_ab, batch_stats_ab, batch)
-  loss_a, terms_a = _pseudo_objective(cfg, flow_a, flow_b, batch, hparams)
-  loss_b, terms_b = _pseudo_objective(cfg, flow_b, flow_a, batch, hparams)
+  opts = cfg.pseudo_label
+  if opts.needs_teacher_aux:
+    flow_a, flow_b, batch_stats, aux = forward_pair(cfg, params_ab, batch_stats_ab, batch,
+                                                    return_aux=True)
+  else:
+    flow_a, flow_b, batch_stats = forward_pair(cfg, params_ab, batch_stats_ab, batch)
+    aux = (None, None)
+  # What each network, as its peer's teacher, offers besides its flow (None by default).
+  signals_a, signals_b = (
+      teacher_signals(cfg, _take(params_ab, i), _take(batch_stats_ab, i), batch,
+                      jax.lax.stop_gradient(flow), aux[i], train=True)
+      for i, flow in enumerate((flow_a, flow_b)))
+  loss_a, terms_a = _pseudo_objective(cfg, flow_a, flow_b, batch, hparams, signals_b)
+  loss_b, terms_b = _pseudo_objective(cfg, flow_b, flow_a, batch, hparams, signals_a)
   return loss_a + loss_b, (batch_stats, jnp.stack([loss_a, loss_b]), (terms_a, terms_b),
                            (flow_a, flow_b))
 
@@ -471,7 +597,7 @@ def mutual_teacher_step(cfg: StepConfig, state: TrainState, batch, rng, hparams:
     batch: `src_img`, `trg_img` [b, H, W, 3], `flow` [b, S, S, 2] (and optionally the truth
       of `pseudo_label_truth`, for metrics only).
     rng: unused (no stochastic layer).
-    hparams: λ and the remember-count table of this epoch.
+    hparams: λ, the remember-count table and the confidence percentile of this epoch.
 
   Returns:
     `(state, metrics)`; metrics `a/loss` and the `pseudo_label_metrics` of a (`a/loss_sup`,
@@ -485,8 +611,11 @@ def mutual_teacher_step(cfg: StepConfig, state: TrainState, batch, rng, hparams:
   (_, (batch_stats, loss_ab, terms, flows)), grads = grad_fn(
       cfg, state.params, state.batch_stats, batch, hparams)
   # 5. Updates of each network by its own (vmapped) optimiser; a non-finite model is kept.
+  labelled = _has_labels(batch)
+  if cfg.pseudo_label.unlabelled_pairs == 'object_cycle':  # Per network (`_has_signal`).
+    labelled = jnp.stack([_has_signal(cfg, batch, t.kept, hparams) for t in terms])
   state, ok = apply_if_finite(cfg, state, loss_ab, grads, batch_stats, stacked=True,
-                              labelled=_has_labels(batch))
+                              labelled=labelled)
   metrics = _state_metrics(state, ok)
   for i, name in enumerate('ab'):
     metrics[f'{name}/loss'] = loss_ab[i]

@@ -8,9 +8,10 @@ r"""Runs a sweep of config overrides x seeds and reports mean ± std over seeds.
         --out=/tmp/modes --cells=st --set=optim.num_epochs=2
 
 The sweeps (cell name -> dotted-key overrides) are `get_sweep(name)` of the config file if it
-defines one, else `sccorr_jax.config_lib.get_sweep(name)` (`modes`, `budget`, `ablation`;
-docs/experiments.md). Every cell runs once per seed (`config.seed` = 0 .. --seeds - 1) through
-`sccorr_jax.train.train_and_evaluate` in `<out>/runs/<cell>/seed<k>`, in this process or, with
+defines one, else `sccorr_jax.config_lib.get_sweep(name)` (`modes`, `budget`, `ablation`,
+`strategies`; docs/experiments.md). Every cell runs once per seed (`config.seed` = 0 ..
+--seeds - 1) through `sccorr_jax.train.train_and_evaluate` in `<out>/runs/<cell>/seed<k>`, in
+this process or, with
 `--workers=N`, N at a time in worker processes pinned to their share of the CPUs (each run's log
 in its workdir's train.log; `sccorr_jax/workers.py`); `--set key=value` applies
 to every cell (the cell's own overrides win). A value `'cell:NAME'` is the workdir of cell NAME
@@ -762,7 +763,8 @@ def define_flags() -> None:
   beside other tools that define `--config` and `--out` too)."""
   flags.DEFINE_string('config', None, 'Config file and argument, e.g. configs/demo.py or '
                       'configs/demo.py:runlocal (required).')
-  flags.DEFINE_string('sweep', None, 'Sweep name: modes, regime, budget, ablation (required).')
+  flags.DEFINE_string('sweep', None, 'Sweep name: modes, regime, budget, ablation, '
+                      'strategies (required).')
   flags.DEFINE_integer('seeds', 3, 'Seeds 0 .. N-1 per cell (config.seed).', lower_bound=1)
   flags.DEFINE_string('out', None, 'Output directory (required); rerun to resume.')
   flags.DEFINE_bool('dry_run', False, 'List the cells in run order, with their overrides and '

@@ -184,6 +184,29 @@ def default_block_rows() -> int:
   return CPU_BLOCK_ROWS if jax.default_backend() == "cpu" else ACCELERATOR_BLOCK_ROWS
 
 
+def _target_major_prob(corr_t, size, beta, precision):
+  """Source upsampling + softmax of rows of target cells.
+
+  Args:
+    corr_t: [t, hs, ws], one 2-D source map per (pair, target cell).
+    size: S.
+    beta: softmax temperature.
+
+  Returns:
+    [t, S (xs), S (ys)] the softmax over the upsampled source cells, x-major.
+  """
+  t, hs, ws = corr_t.shape
+  dtype = corr_t.dtype
+  my, mx = _mat(hs, size, dtype), _mat(ws, size, dtype)
+  # Two 2-D matrix products; the logits come out as [t, xs, ys] (the softmax runs over both, so
+  # the order does not matter) with the source cells on the minor axis.
+  a = jnp.matmul(corr_t.reshape(t * hs, ws), mx.T, precision=precision)
+  a = a.reshape(t, hs, size).transpose(0, 2, 1).reshape(t * size, hs)
+  logits = jnp.matmul(a, my.T, precision=precision).reshape(t, size * size)
+  logits = logits - jax.lax.stop_gradient(logits.max(axis=1, keepdims=True))
+  return jax.nn.softmax(logits / beta, axis=1).reshape(t, size, size)  # [t, xs, ys]
+
+
 def _target_major_soft_argmax(corr_t, size, x_coords, y_coords, beta, precision):
   """Source upsampling + soft-argmax of rows of target cells.
 
@@ -195,16 +218,8 @@ def _target_major_soft_argmax(corr_t, size, x_coords, y_coords, beta, precision)
   Returns:
     [t, 2] expected `(x, y)`.
   """
-  t, hs, ws = corr_t.shape
   dtype = corr_t.dtype
-  my, mx = _mat(hs, size, dtype), _mat(ws, size, dtype)
-  # Two 2-D matrix products; the logits come out as [t, xs, ys] (the softmax runs over both, so
-  # the order does not matter) with the source cells on the minor axis.
-  a = jnp.matmul(corr_t.reshape(t * hs, ws), mx.T, precision=precision)
-  a = a.reshape(t, hs, size).transpose(0, 2, 1).reshape(t * size, hs)
-  logits = jnp.matmul(a, my.T, precision=precision).reshape(t, size * size)
-  logits = logits - jax.lax.stop_gradient(logits.max(axis=1, keepdims=True))
-  prob = jax.nn.softmax(logits / beta, axis=1).reshape(t, size, size)  # [t, xs, ys]
+  prob = _target_major_prob(corr_t, size, beta, precision)  # [t, xs, ys]
   grid_x = jnp.einsum("tji,j->t", prob, jnp.asarray(x_coords, dtype), precision=precision)
   grid_y = jnp.einsum("tji,i->t", prob, jnp.asarray(y_coords, dtype), precision=precision)
   return jnp.stack([grid_x, grid_y], axis=-1)
@@ -243,6 +258,32 @@ def upsampled_soft_argmax_flow(corr, size: int, x_coords, y_coords,
     return _upsampled_soft_argmax_flow_source_major(corr, size, x_coords, y_coords, beta,
                                                     kernel_sigma, target_chunks,
                                                     precision=precision)
+  one = functools.partial(_target_major_soft_argmax, size=size, x_coords=x_coords,
+                          y_coords=y_coords, beta=beta, precision=precision)
+  grid = _map_target_rows(corr, size, one, target_chunks, block_rows, remat=True,
+                          precision=precision)
+  return grid_to_flow(grid)
+
+
+def _map_target_rows(corr, size: int, fn, target_chunks: int = 1,
+                     block_rows: Optional[int] = None, remat: bool = True, *, precision=None):
+  """`fn` over the (pair, target cell) rows of a correlation whose target dims are upsampled.
+
+  The blocking of `upsampled_soft_argmax_flow`: the target dims are upsampled to S x S
+  (`[b, S, S, hs, ws]`, target-major); blocks of rows go through `fn` one after the other
+  (`jax.lax.map`, each rematerialised in the backward pass with `remat`).
+
+  Args:
+    corr: [b, hs, ws, ht, wt].
+    size: S.
+    fn: [t, hs, ws] -> [t, ...], one row per (pair, target cell).
+    target_chunks, block_rows: as in `upsampled_soft_argmax_flow`.
+    remat: `jax.checkpoint` each block after the first (no effect without a backward pass).
+    precision: of the target upsampling.
+
+  Returns:
+    [b, S, S, ...], `fn`'s rows in target-cell order.
+  """
   b, hs, ws, ht, wt = corr.shape
   dtype = corr.dtype
   corr_t = jnp.einsum("bijkl,Kk,Ll->bKLij", corr, _mat(ht, size, dtype), _mat(wt, size, dtype),
@@ -252,16 +293,57 @@ def upsampled_soft_argmax_flow(corr, size: int, x_coords, y_coords,
   rows = min(rows, int(block_rows or default_block_rows()))
   n = -(-total // rows)
   corr_t = corr_t.reshape(total, hs, ws)
-  one = functools.partial(_target_major_soft_argmax, size=size, x_coords=x_coords,
-                          y_coords=y_coords, beta=beta, precision=precision)
   if n == 1:
-    grid = one(corr_t)
+    out = fn(corr_t)
   else:
     # Zero rows pad the last block (a uniform softmax, discarded).
     corr_t = jnp.pad(corr_t, ((0, n * rows - total), (0, 0), (0, 0)))
-    grid = jax.lax.map(jax.checkpoint(one), corr_t.reshape(n, rows, hs, ws))
-    grid = grid.reshape(n * rows, 2)[:total]
-  return grid_to_flow(grid.reshape(b, size, size, 2))
+    out = jax.lax.map(jax.checkpoint(fn) if remat else fn, corr_t.reshape(n, rows, hs, ws))
+    out = out.reshape((n * rows,) + out.shape[2:])[:total]
+  return out.reshape((b, size, size) + out.shape[1:])
+
+
+def _mass_near_expectation(corr_t, size, x_coords, y_coords, beta, radius, precision):
+  """[t] softmax mass within `radius` source cells of the expected match (rows of
+  `_target_major_prob`; the expectation is the soft-argmax's, in cells of the S grid)."""
+  dtype = corr_t.dtype
+  prob = _target_major_prob(corr_t, size, beta, precision)  # [t, xs, ys]
+  gx = jnp.einsum("tji,j->t", prob, jnp.asarray(x_coords, dtype), precision=precision)
+  gy = jnp.einsum("tji,i->t", prob, jnp.asarray(y_coords, dtype), precision=precision)
+  ex = (gx + 1) * (size - 1) / 2
+  ey = (gy + 1) * (size - 1) / 2
+  cells = jnp.arange(size, dtype=dtype)
+  d2 = ((cells[None, :, None] - ex[:, None, None]) ** 2
+        + (cells[None, None, :] - ey[:, None, None]) ** 2)  # [t, xs, ys]
+  return jnp.sum(jnp.where(d2 <= radius * radius, prob, 0), axis=(1, 2))
+
+
+def upsampled_peak_mass(corr, size: int, x_coords, y_coords, beta: float = SOFTMAX_BETA,
+                        radius: float = 2.0, *, precision=None,
+                        block_rows: Optional[int] = None):
+  """How peaked each target cell's soft-argmax is: its probability mass near the expectation.
+
+  The softmax of `upsampled_soft_argmax_flow` (the same upsampling and temperature, plain
+  soft-argmax: SFNet's kernel window is not applied), for every target cell of the S grid; the
+  mass within `radius` source cells of its expected source position: 1 when all of it sits at
+  the match, about `pi radius^2 / S^2` for a flat distribution. What `predict`'s per-keypoint
+  `mass` measures, for every cell. No gradient is meant to flow through it (the pseudo-label
+  gate of `losses`); blocks are not rematerialised.
+
+  Args:
+    corr: [b, hs, ws, ht, wt] filtered correlation (the model's `aux['corr']`).
+    size: S (for the correlation's own grid, S = hs = ws and the resizing is the identity).
+    x_coords, y_coords: [S] the soft-argmax's coordinate vectors.
+    beta: softmax temperature.
+    radius: in source cells of the S grid.
+    precision, block_rows: as in `upsampled_soft_argmax_flow`.
+
+  Returns:
+    [b, S, S] mass in [0, 1], the dtype of `corr`.
+  """
+  one = functools.partial(_mass_near_expectation, size=size, x_coords=x_coords,
+                          y_coords=y_coords, beta=beta, radius=radius, precision=precision)
+  return _map_target_rows(corr, size, one, 1, block_rows, remat=False, precision=precision)
 
 
 def _upsampled_soft_argmax_flow_source_major(corr, size, x_coords, y_coords, beta,

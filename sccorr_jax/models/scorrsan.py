@@ -223,6 +223,32 @@ class SCorrSAN(nn.Module):
     return flow
 
 
+  def peak_mass(self, corr, radius: float = 2.0):
+    """How peaked the soft-argmax of each flow cell is (`flow.upsampled_peak_mass`).
+
+    Apply with `method='peak_mass'` on the model's variables; reads only the coordinate
+    vectors. The pseudo-label confidence gate of `train_step` (`teacher.gate='confidence'`).
+
+    Args:
+      corr: [b, hs, ws, ht, wt] the model's filtered correlation (`aux['corr']` of a call
+        with `return_aux=True`).
+      radius: in source cells of the flow grid.
+
+    Returns:
+      [b, S, S] soft-argmax probability mass within `radius` of each target cell's expected
+      match (S = feature_size, or the correlation's own square grid when it is None).
+    """
+    size = self.feature_size
+    if size is None:
+      _, hs, ws, _, _ = corr.shape
+      if hs != ws:
+        raise ValueError(f"peak_mass without upsampling needs a square grid, got {hs}x{ws}")
+      coords = jnp.linspace(-1.0, 1.0, hs, dtype=corr.dtype)
+      return flow_lib.upsampled_peak_mass(corr, hs, coords, coords, self.beta, radius)
+    return flow_lib.upsampled_peak_mass(corr, size, self.x_normal, self.y_normal, self.beta,
+                                        radius)
+
+
 def _linspace_init(key, shape, dtype=jnp.float32):
   """The reference's coordinate vectors: `linspace(-1, 1, n)` as float32 (trainable)."""
   del key
