@@ -28,8 +28,9 @@ PRETRAINED = 'weights/parts_trunk.safetensors'
 
 
 def get_config(arg=None):
-  """The demo config; `arg` = 'variant[,kps=K][,frac=P][,scratch][,runlocal][,epochs=N][,tiny]'."""
-  c, args = common.demo_config('parts', arg, kps=0, frac=1.0, scratch=False)
+  """The demo config; `arg` = 'variant[,kps=K][,frac=P][,scratch][,pretrained=False][,runlocal]
+  [,epochs=N][,tiny]'."""
+  c, args = common.demo_config('parts', arg, kps=0, frac=1.0, scratch=False, pretrained=True)
   if args.tiny:
     return c
   c.data.parts_img_size = 96
@@ -39,7 +40,9 @@ def get_config(arg=None):
   if args.scratch:  # The first regime: nothing pretrained, 384 training pairs.
     c.data.parts_train_pairs_per_category = 64
     return c
-  c.model.pretrained = PRETRAINED
+  if args.pretrained:
+    c.model.pretrained = PRETRAINED
+  c.data.parts_appearance = 'category'  # parts look like their category's, varied
   c.data.parts_train_pairs_per_category = 640  # 3,840 training pairs
   if not args.runlocal:
     c.optim.steps_per_epoch = 120  # An epoch of 960 pairs: 12 epochs see each pair 3 times.

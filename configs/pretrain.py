@@ -38,6 +38,7 @@ def get_config(arg=None):
   c.learning_mode = 'dense'
   if args.source == 'novel':
     c.data.parts_img_size = 96
+    c.data.parts_appearance = 'category'  # as the benchmark's regime (configs/demo.py)
     c.data.parts_novel_categories = 4 if args.runlocal else 240
     c.data.parts_train_pairs_per_category = 2 if args.runlocal else 40  # 9,600 pairs
     c.data.parts_eval_pairs_per_category = 1  # 240 validation pairs of the novel categories
@@ -52,7 +53,7 @@ def get_config(arg=None):
   c.optim.schedule = 'cosine'
   c.eval.every_epochs = 2
   if not args.runlocal:  # runlocal: demo_config's 3 steps and one validation batch
-    c.optim.num_epochs = args.epochs or 8
+    c.optim.num_epochs = args.epochs or 4
     c.eval.max_batches = 8
   c.teacher.pseudo_start_epoch = 0
   return c

@@ -141,3 +141,25 @@ def test_pretrained_path_resolves_against_the_repository_root(tmp_path, monkeypa
   (tmp_path / 'configs').mkdir()
   (tmp_path / 'configs' / 'demo.py').write_text('')  # a file here wins
   assert build.pretrained_path('configs/demo.py') == pathlib.Path('configs/demo.py')
+
+
+def test_the_shipped_trunk_matches_its_hash_and_loads_into_the_demo_model():
+  """`configs/demo.py`'s `model.pretrained`: a file tracked in git, its SHA-256 the one
+  recorded in weights/SHA256SUMS (`sha256sum -c`), loaded into both demo networks."""
+  demo = config_lib.load_config(str(ROOT / 'configs' / 'demo.py'))
+  rel = demo.model.pretrained
+  path = ROOT / rel
+  sums = dict(reversed(line.split()) for line in
+              (ROOT / 'weights' / 'SHA256SUMS').read_text().splitlines() if line.strip())
+  assert hashlib.sha256(path.read_bytes()).hexdigest() == sums[pathlib.Path(rel).name]
+  assert path.stat().st_size < 25e6
+  tracked = subprocess.run(['git', 'ls-files', '--error-unmatch', rel], cwd=ROOT,
+                           capture_output=True, text=True, check=False)
+  assert tracked.returncode == 0 or not (ROOT / '.git').exists(), tracked.stderr
+  model = models.build_model(demo)
+  stacked = models.init_variables(demo, model, jax.random.PRNGKey(0), 2)
+  sd = convert.read_state_dict(path)
+  want = np.transpose(sd['layer2.0.conv2.weight'], (2, 3, 1, 0))
+  got = np.asarray(stacked['params']['backbone']['layer2_0']['conv2']['kernel'])
+  np.testing.assert_array_equal(got[0], want)
+  np.testing.assert_array_equal(got[1], want)

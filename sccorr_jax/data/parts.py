@@ -68,12 +68,16 @@ class PartsConfig(tfds.core.BuilderConfig):
   min_kps: int = 4
   seed: int = 0
   novel_categories: int = 0
+  appearance: str = 'random'
 
 
 def make_config(img_size=128, train_pairs_per_category=64, eval_pairs_per_category=16,
-                min_kps=4, seed=0, novel_categories=0) -> PartsConfig:
+                min_kps=4, seed=0, novel_categories=0, appearance='random') -> PartsConfig:
   """The builder config of these knobs (`novel_categories`: 0 = the benchmark's six categories,
-  N > 0 = the pretraining variant, N novel categories and training photographs only)."""
+  N > 0 = the pretraining variant, N novel categories and training photographs only;
+  `appearance`: the parts' appearance model, `procedural.APPEARANCES`)."""
+  if appearance not in procedural.APPEARANCES:
+    raise ValueError(f'appearance must be one of {procedural.APPEARANCES}, got {appearance!r}')
   if not 1 <= min_kps <= records.MAX_KPS:
     raise ValueError(f'need 1 <= min_kps <= {records.MAX_KPS}')
   if img_size < 16:
@@ -81,11 +85,12 @@ def make_config(img_size=128, train_pairs_per_category=64, eval_pairs_per_catego
   if novel_categories < 0:
     raise ValueError(f'novel_categories must be >= 0, got {novel_categories}')
   name = (f'img{img_size}-trn{train_pairs_per_category}-eval{eval_pairs_per_category}-'
-          f'kps{min_kps}-seed{seed}' + (f'-novel{novel_categories}' if novel_categories else ''))
+          f'kps{min_kps}-seed{seed}' + (f'-novel{novel_categories}' if novel_categories else '')
+          + ('' if appearance == 'random' else f'-{appearance}'))
   return PartsConfig(name=name, description='procedural articulated objects',
                      img_size=img_size, train_pairs_per_category=train_pairs_per_category,
                      eval_pairs_per_category=eval_pairs_per_category, min_kps=min_kps, seed=seed,
-                     novel_categories=novel_categories)
+                     novel_categories=novel_categories, appearance=appearance)
 
 
 def category_names(cfg: PartsConfig):
@@ -114,7 +119,7 @@ def make_example(split: str, cat: int, k: int, cfg: PartsConfig) -> dict:
   rng = np.random.default_rng([cfg.seed, _SPLIT_IDS[split], cat, k])
   cat_id = procedural.NOVEL_BASE + cat if cfg.novel_categories else cat
   pair = procedural.make_pair(cat_id, rng, cfg.img_size, photos(cfg, split), min_kps=cfg.min_kps,
-                              name=f'parts/{split}/{key}')
+                              name=f'parts/{split}/{key}', appearance=cfg.appearance)
   pair.pop('src')
   pair.pop('trg')
   size = np.array([cfg.img_size, cfg.img_size], np.int32)

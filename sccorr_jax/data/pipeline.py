@@ -74,6 +74,9 @@ def default_data_config(name: str = 'synthetic') -> ml_collections.ConfigDict:
       parts_novel_categories: 0 = the benchmark's six categories; N > 0 = the pretraining
         variant of `parts`: N procedurally generated categories disjoint from the six
         (`procedural.novel_category`), textures from the training photographs in every split.
+      parts_appearance: 'random' (every part of every instance an arbitrary material: shape
+        is the only cue) or 'category' (parts have their category's typical material, varied
+        per instance; `procedural.render`).
       keypoints_per_pair: training label budget, keypoints kept per pair (0 = all).
       labelled_pair_fraction: fraction of training pairs that keep any label (1.0 = all).
       budget_seed: seed of the kept subsets (independent of the training seed).
@@ -110,6 +113,7 @@ def default_data_config(name: str = 'synthetic') -> ml_collections.ConfigDict:
   c.parts_min_kps = 4
   c.parts_seed = 0
   c.parts_novel_categories = 0
+  c.parts_appearance = 'random'
   c.flip_source_p = 0.0
   c.keypoints_per_pair = 0
   c.labelled_pair_fraction = 1.0
@@ -166,7 +170,8 @@ def _embedded_knobs(data_config) -> Dict[str, int]:
       eval_pairs_per_category=int(_get(data_config, 'parts_eval_pairs_per_category', 16)),
       min_kps=int(_get(data_config, 'parts_min_kps', 4)),
       seed=int(_get(data_config, 'parts_seed', 0)),
-      novel_categories=int(_get(data_config, 'parts_novel_categories', 0)))
+      novel_categories=int(_get(data_config, 'parts_novel_categories', 0)),
+      appearance=str(_get(data_config, 'parts_appearance', 'random')))
 
 
 def get_builder(data_config):

@@ -755,9 +755,46 @@ def sample_material(rng: np.random.Generator, photos: Sequence[str]) -> dict:
     return dict(kind='photo', photo=name, origin=rng.uniform(0, 1, 2) * img.shape[1::-1],
                 mat=_rot(ang) * rng.uniform(25, 90), tint=rng.uniform(0.5, 1.4, 3),
                 gray=bool(rng.random() < 0.3))
+  return _pattern(rng, colours, ang)
+
+
+def _pattern(rng: np.random.Generator, colours: np.ndarray, ang: float) -> dict:
+  """A procedural pattern material (stripes, checks, dots or waves) of two colours."""
   return dict(kind=_PATTERNS[int(rng.integers(len(_PATTERNS)))], colours=colours,
               mat=_rot(ang) * rng.uniform(1.5, 5.0), phase=rng.uniform(0, 1, 3),
               dirs=np.stack([_rot(rng.uniform(0, 360))[:, 0] for _ in range(3)]))
+
+
+# Appearance models of the parts (`render(..., appearance=)`): 'random', every part of every
+# instance draws an arbitrary material (shape is the only cue: the first benchmark); 'category',
+# each part of a category has a typical material that instances vary (`CATEGORY_MATERIAL_P`).
+APPEARANCES = ('random', 'category')
+CATEGORY_MATERIAL_P = 0.75  # A part shows its category's material (varied), else a random one.
+_APPEARANCE_SEED = 20221024
+
+
+@functools.lru_cache(maxsize=None)
+def category_materials(cat_id: int) -> Tuple[dict, ...]:
+  """The typical material of each part of a category (`appearance='category'`), drawn from the
+  category id alone: a procedural pattern in two colours (no photograph, so the same in every
+  split); left/right partners share one, as a face's eyes or a car's wheels do."""
+  cat = category(cat_id)
+  rng = np.random.default_rng([_APPEARANCE_SEED, int(cat_id)])
+  out = []
+  for p in range(len(cat.parts)):
+    partner = int(cat.part_perm[p])
+    out.append(out[partner] if partner < p else
+               _pattern(rng, rng.uniform(0.05, 0.95, (2, 3)), rng.uniform(0, 360)))
+  return tuple(out)
+
+
+def _vary(rng: np.random.Generator, base: dict) -> dict:
+  """An instance's version of a typical material: colours within about 20%, the pattern's
+  scale within 18% and its angle within about 15 degrees, a new phase."""
+  colours = np.clip(base['colours'] * rng.uniform(0.8, 1.2, (2, 3))
+                    + rng.normal(0, 0.04, (2, 3)), 0, 1)
+  mat = _rot(rng.normal(0, 15)) @ base['mat'] * rng.uniform(0.85, 1.18)
+  return dict(base, colours=colours, mat=mat, phase=rng.uniform(0, 1, 3))
 
 
 def shade(material: dict, q: np.ndarray) -> np.ndarray:
@@ -814,7 +851,8 @@ def _paint_blob(rng, img, photos, size, centre, geo=None):
     geo[ys, xs] = -2
 
 
-def render(inst: Instance, rng: np.random.Generator, photos: Sequence[str], size: int):
+def render(inst: Instance, rng: np.random.Generator, photos: Sequence[str], size: int,
+           appearance: str = 'random'):
   """Draws an instance over a cluttered background, with an occluder with p=`OCCLUDER_P`.
 
   Args:
@@ -822,6 +860,9 @@ def render(inst: Instance, rng: np.random.Generator, photos: Sequence[str], size
     rng: appearance stream.
     photos: `skimage.data` names the textures and background may use.
     size: image side S.
+    appearance: 'random' (each part one of the instance's three random materials) or
+      'category' (with p=`CATEGORY_MATERIAL_P` a part shows its category's typical material,
+      varied per instance, else one of the three; `category_materials`).
 
   Returns:
     img: [S, S, 3] uint8; geo: [S, S] int16 geometry index (-1 background, -2 occluder);
@@ -835,6 +876,14 @@ def render(inst: Instance, rng: np.random.Generator, photos: Sequence[str], size
   materials = [sample_material(rng, photos) for _ in range(3)]
   own = rng.integers(0, 3, len(cat.parts))
   part_material = np.where(rng.random(len(cat.parts)) < 0.5, 0, own)
+  if appearance == 'category':  # geometry g is drawn as canonical part label[g]
+    label, _ = inst.label_of(np.arange(len(cat.parts)), np.zeros(len(cat.parts)))
+    typical = category_materials(inst.category)
+    for g in np.nonzero(rng.random(len(cat.parts)) < CATEGORY_MATERIAL_P)[0]:
+      part_material[g] = len(materials)
+      materials.append(_vary(rng, typical[label[g]]))
+  elif appearance != 'random':
+    raise ValueError(f'appearance must be one of {APPEARANCES}, got {appearance!r}')
   lin = inst.obj_to_img[:, :2]
   ys, xs = np.nonzero(obj)
   q = (np.stack([xs, ys], -1) - inst.obj_to_img[:, 2]) @ np.linalg.inv(lin).T
@@ -884,9 +933,9 @@ def _difficulty(src: Instance, trg: Instance, src_flags, trg_flags) -> Dict[str,
               occlusion=np.int32(int(src_flags[1]) + 2 * int(trg_flags[1])))
 
 
-def _image(cat_id, rng, photos, size):
+def _image(cat_id, rng, photos, size, appearance):
   inst = sample_instance(cat_id, rng, size)
-  img, geo, uv, occluder, box = render(inst, rng, photos, size)
+  img, geo, uv, occluder, box = render(inst, rng, photos, size, appearance)
   part, cuv = canonical_maps(inst, geo, uv)
   xy, inside, visible = keypoint_visibility(inst, geo)
   # Occluded: an occluder covers the object, or a fifth of the keypoints in view are hidden.
@@ -897,17 +946,19 @@ def _image(cat_id, rng, photos, size):
 
 
 def make_pair(cat_id: int, rng: np.random.Generator, size: int, photos: Sequence[str],
-              min_kps: int = 4, max_tries: int = 20, name: str = 'pair') -> dict:
+              min_kps: int = 4, max_tries: int = 20, name: str = 'pair',
+              appearance: str = 'random') -> dict:
   """A pair of two instances of category `cat_id` with its labels and dense ground truth.
 
   Args:
-    cat_id: index into `CATEGORIES`.
+    cat_id: a category id (`category`: 0-5 the benchmark's, `NOVEL_BASE + i` novel ones).
     rng: the pair's random stream (deterministic given its seed).
     size: image side S, pixels.
     photos: `skimage.data` names for textures and backgrounds (the split's).
     min_kps: redraw the pair until at least this many keypoints are visible in both images.
     max_tries: give up after this many draws.
     name: the record's name, for the error.
+    appearance: the parts' appearance model, 'random' or 'category' (`render`).
 
   Returns:
     Record fields: `src_img`, `trg_img` [S, S, 3] uint8; `src_kps`, `trg_kps` [40, 2] float32
@@ -921,8 +972,8 @@ def make_pair(cat_id: int, rng: np.random.Generator, size: int, photos: Sequence
     records.BadRecordError: no draw had `min_kps` common keypoints.
   """
   for _ in range(max_tries):
-    src = _image(cat_id, rng, photos, size)
-    trg = _image(cat_id, rng, photos, size)
+    src = _image(cat_id, rng, photos, size, appearance)
+    trg = _image(cat_id, rng, photos, size, appearance)
     flow, valid = dense_correspondence(src['inst'], src['geo'], trg['inst'], trg['part'],
                                        trg['uv'])
     pix = np.floor(trg['kps'] + 0.5).astype(int)
