@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from sccorr_jax import checkpoint
+from sccorr_jax import metric_writer
 from sccorr_jax.experiments.cells import Cell
 
 RESULTS_JSON = 'results.json'
@@ -74,20 +75,6 @@ class Results:
     os.replace(tmp, self.path)
 
 
-def read_metrics(workdir: str) -> List[Dict[str, Any]]:
-  """The rows of `<workdir>/metrics.jsonl` (a torn last line is skipped)."""
-  path = os.path.join(workdir, 'metrics.jsonl')
-  rows = []
-  if os.path.exists(path):
-    with open(path) as f:
-      for line in f:
-        try:
-          rows.append(json.loads(line))
-        except ValueError:
-          pass
-  return rows
-
-
 def last_epoch_pseudo_metrics(rows: Sequence[Dict[str, Any]], steps_per_epoch: int
                               ) -> Tuple[Dict[str, float], Optional[List[int]]]:
   """Every key containing 'pseudo', averaged over the logged windows of the run's last epoch
@@ -114,7 +101,7 @@ def make_entry(cell: Cell, seed: int, config, workdir: str, summary: Dict[str, A
                ) -> Dict[str, Any]:
   """The results.json entry of one finished run (from its summary and its metrics.jsonl);
   `workers`: how many runs trained at once (the wall time depends on it)."""
-  rows = read_metrics(workdir)
+  rows = metric_writer.read_rows(workdir)
   best = dict(summary.get('best') or {})
   best_rows = [r for r in rows if r.get('step') == best.get('step') and 'val/epoch' in r]
   best['metrics'] = ({k: v for k, v in best_rows[-1].items() if k.startswith('val/')}
