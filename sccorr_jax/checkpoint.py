@@ -332,6 +332,12 @@ def _step_dirs(ckpt_dir: pathlib.Path) -> Dict[int, pathlib.Path]:
   return {int(p.name): p for p in ckpt_dir.iterdir() if p.name.isdigit() and p.is_dir()}
 
 
+def latest_step(workdir: PathLike) -> Optional[int]:
+  """The newest step directory under `<workdir>/checkpoints` (not verified), or None."""
+  steps = _step_dirs(pathlib.Path(workdir) / CHECKPOINT_DIR)
+  return max(steps) if steps else None
+
+
 def _set_aside(ckpt_dir: pathlib.Path, steps: Sequence[int]) -> pathlib.Path:
   """Moves damaged steps to `<ckpt_dir>/../checkpoints_damaged/<step>[-n]` (process 0)."""
   target = ckpt_dir.parent / DAMAGED_DIR

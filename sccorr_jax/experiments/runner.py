@@ -35,6 +35,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from absl import logging
 
+from sccorr_jax import checkpoint
 from sccorr_jax import config_lib
 from sccorr_jax import workers as workers_lib
 from sccorr_jax.experiments.cells import build_configs
@@ -47,13 +48,6 @@ from sccorr_jax.experiments.results import jsonable
 from sccorr_jax.experiments.results import make_entry
 from sccorr_jax.experiments.results import Results
 from sccorr_jax.experiments.results import RESULTS_JSON
-
-
-def latest_checkpoint_step(workdir: str) -> Optional[int]:
-  """The newest step under `<workdir>/checkpoints`, or None."""
-  path = os.path.join(workdir, 'checkpoints')
-  steps = [int(n) for n in os.listdir(path) if n.isdigit()] if os.path.isdir(path) else []
-  return max(steps) if steps else None
 
 
 class _InProcess:
@@ -148,7 +142,7 @@ def _schedule(executor, slots: int, todo: Sequence[Tuple[int, Cell]],
       elif len(running) < slots:
         pending.remove((seed, cell))
         workdir = run_dir(out, cell.name, seed)
-        resumed = latest_checkpoint_step(workdir)
+        resumed = checkpoint.latest_step(workdir)
         logging.info('[%d/%d] cell %s seed %d in %s%s%s', len(todo) - len(pending), len(todo),
                      cell.name, seed, workdir,
                      f' (resuming from step {resumed})' if resumed is not None else '',
@@ -207,7 +201,7 @@ def describe(config_spec: str, cells: Sequence[Cell], seeds: Sequence[int], out:
   for i, cell in enumerate(cells, 1):
     states = []
     for seed in seeds:
-      step = latest_checkpoint_step(run_dir(out, cell.name, seed))
+      step = checkpoint.latest_step(run_dir(out, cell.name, seed))
       states.append(f'seed{seed}: ' + ('done' if (cell.name, seed) in done else
                                        f'resume at step {step}' if step is not None else
                                        'to run'))
