@@ -126,7 +126,7 @@ def test_sweeps_and_overrides():
   ablation = config_lib.get_sweep('ablation')
   assert len(ablation) == len(config_lib.ablation_sweep())
   assert ablation['st']['teacher.checkpoint'] == 'cell:baseline'
-  assert experiments.parse_set(['optim.lr=1e-3', 'data.data_dir=/tmp/x', 'a.b=true']) == {
+  assert config_lib.parse_overrides(['optim.lr=1e-3', 'data.data_dir=/tmp/x', 'a.b=true']) == {
       'optim.lr': 1e-3, 'data.data_dir': '/tmp/x', 'a.b': True}
   c = config_lib.load_config(CONFIG)
   c.lock()

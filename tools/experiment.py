@@ -65,7 +65,7 @@ def main(argv):
   cli.new_output_dir('out', out)
   try:
     cells = experiments.plan_cells(experiments.load_sweep(config_spec, sweep), f['cells'].value)
-    common = experiments.parse_set(f['set'].value)
+    common = config_lib.parse_overrides(f['set'].value)
     # Every mistake before any run.
     experiments.build_configs(config_spec, cells, seeds, out, common)
   except (ValueError, config_lib.ConfigFileError) as e:

@@ -15,7 +15,6 @@ from sccorr_jax.experiments.cells import Cell
 from sccorr_jax.experiments.cells import identical_cells
 from sccorr_jax.experiments.cells import load_sweep
 from sccorr_jax.experiments.cells import make_config
-from sccorr_jax.experiments.cells import parse_set
 from sccorr_jax.experiments.cells import plan_cells
 from sccorr_jax.experiments.cells import resolve
 from sccorr_jax.experiments.cells import run_dir

@@ -8,7 +8,6 @@ teacher): NAME runs first. Every run is one cell at one seed, in `<out>/runs/<ce
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -89,26 +88,6 @@ def resolve(overrides: Dict[str, Any], out: str, seed: int) -> Dict[str, Any]:
   return {k: (os.path.abspath(run_dir(out, v[len(prefix):], seed))
               if isinstance(v, str) and v.startswith(prefix) else v)
           for k, v in overrides.items()}
-
-
-def parse_set(items: Sequence[str]) -> Dict[str, Any]:
-  """`['optim.num_epochs=4', 'data.data_dir=/tmp/d']` -> {key: value}; values are Python
-  literals where they parse as one (`4`, `1e-3`, `True`, `None`, `(1, 2)`), else strings."""
-  out = {}
-  for item in items:
-    key, sep, value = item.partition('=')
-    if not sep or not key.strip():
-      raise ValueError(f'--set {item!r}: expected key=value')
-    value = value.strip()
-    if value.lower() in ('true', 'false'):
-      value = value.lower() == 'true'
-    else:
-      try:
-        value = ast.literal_eval(value)
-      except (ValueError, SyntaxError):
-        pass
-    out[key.strip()] = value
-  return out
 
 
 def make_config(config_spec: str, cell: Cell, seed: int, out: str,
