@@ -8,6 +8,7 @@ from typing import Any, Dict, Optional, Sequence
 from sccorr_jax.experiments.results import budget_series
 from sccorr_jax.experiments.results import by_cell
 from sccorr_jax.experiments.results import mean_std
+from sccorr_jax.experiments.results import unscoped
 
 
 def plot_budget(entries: Sequence[Dict[str, Any]], metric: str, path: str) -> None:
@@ -39,7 +40,7 @@ def plot_budget(entries: Sequence[Dict[str, Any]], metric: str, path: str) -> No
   ax.minorticks_off()
   ax.set_title('mean ± std over seeds', fontsize=9)
   ax.set_xlabel('labelled keypoints per training pair (k)')
-  ax.set_ylabel(f'validation {metric[4:]} (%)')
+  ax.set_ylabel(f'validation {unscoped(metric)} (%)')
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
@@ -66,7 +67,7 @@ def plot_bars(entries: Sequence[Dict[str, Any]], metric: str, path: str,
                 fontsize=7)
   ax.set_title('mean ± std over seeds (dots: seeds)', fontsize=9)
   ax.set_xticks(range(len(names)), names, rotation=30, ha='right')
-  ax.set_ylabel(f'validation {metric[4:]} (%)')
+  ax.set_ylabel(f'validation {unscoped(metric)} (%)')
   ax.grid(axis='y', alpha=0.3)
   fig.tight_layout()
   fig.savefig(path)

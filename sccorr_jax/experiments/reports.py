@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 import os
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -15,6 +14,7 @@ from sccorr_jax.experiments.results import by_cell
 from sccorr_jax.experiments.results import mean_std
 from sccorr_jax.experiments.results import networks_mean
 from sccorr_jax.experiments.results import overrides_text
+from sccorr_jax.experiments.results import unscoped
 
 RESULTS_MD = 'results.md'
 
@@ -26,14 +26,11 @@ def _format(mean: float, std: float, digits: int = 2) -> str:
   return text + (f' ± {std:.{digits}f}' if math.isfinite(std) else '')
 
 
-def _alpha(key: str) -> float:
-  return float(key.rpartition('@')[2])
-
-
 def pck_keys(entries: Sequence[Dict[str, Any]]) -> List[str]:
   """The final `val/pck@alpha` keys of the entries (the selected model's), by alpha."""
-  keys = {k for e in entries for k in e['final'] if re.fullmatch(r'val/pck@[0-9.]+', k)}
-  return sorted(keys, key=_alpha)
+  parts = {k: constants.parse_metric_key(k) for e in entries for k in e['final']}
+  keys = [k for k, p in parts.items() if p and p == constants.MetricKey(p.alpha, scope='val')]
+  return sorted(keys, key=lambda k: parts[k].alpha)
 
 
 def pseudo_columns(entries: Sequence[Dict[str, Any]]) -> List[str]:
@@ -78,15 +75,15 @@ def markdown_table(entries: Sequence[Dict[str, Any]], order: Optional[Sequence[s
       f'during training (model selection on the same split, so optimistic). Times in seconds '
       f'per run on this machine (wall: the invocation that finished the run; compile: the '
       f'train step, near 0 when the persistent cache had it).\n')
-  key = constants.metric_key(_alpha(select), scope='val/zero_flow')
+  key = constants.metric_key(constants.parse_metric_key(select).alpha, scope='val/zero_flow')
   zero = [e.get('zero_flow', {}).get(key, e['final'].get(key)) for e in entries]
   m, s, n = mean_std(zero)
   if n:
     lines.append(f'Zero-flow (identity) {select}: {_format(m, s)} (n={n}).\n')
   two = any(networks_mean(e, select) is not None for e in entries)
-  head = ['cell', 'overrides', 'n'] + [f'final {k[4:]}' for k in pcks] + (
-      [f'final {select[4:]}, mean of networks a, b'] if two else []) + [
-      f'best {select[4:]}', 'best epoch', 'wall s', 'compile s']
+  head = ['cell', 'overrides', 'n'] + [f'final {unscoped(k)}' for k in pcks] + (
+      [f'final {unscoped(select)}, mean of networks a, b'] if two else []) + [
+      f'best {unscoped(select)}', 'best epoch', 'wall s', 'compile s']
   lines += ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
   for name, group in groups.items():
     row = [name + (f' (= {group[0]["same_as"]})' if group[0].get('same_as') else ''),

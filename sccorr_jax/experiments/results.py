@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from sccorr_jax import checkpoint
+from sccorr_jax import constants
 from sccorr_jax import metric_writer
 from sccorr_jax.experiments.cells import Cell
 
@@ -75,6 +76,17 @@ class Results:
     os.replace(tmp, self.path)
 
 
+def is_zero_flow(key: str) -> bool:
+  """Whether `key` is a PCK of the zero flow (`val/zero_flow/pck@0.1`)."""
+  parts = constants.parse_metric_key(key)
+  return parts is not None and parts.scope.rpartition('/')[2] == 'zero_flow'
+
+
+def unscoped(key: str) -> str:
+  """A PCK key without its scope (`val/pck@0.1` -> `pck@0.1`): the reports' names."""
+  return constants.metric_key(*constants.parse_metric_key(key)._replace(scope=''))
+
+
 def last_epoch_pseudo_metrics(rows: Sequence[Dict[str, Any]], steps_per_epoch: int
                               ) -> Tuple[Dict[str, float], Optional[List[int]]]:
   """Every key containing 'pseudo', averaged over the logged windows of the run's last epoch
@@ -107,8 +119,8 @@ def make_entry(cell: Cell, seed: int, config, workdir: str, summary: Dict[str, A
   best['metrics'] = ({k: v for k, v in best_rows[-1].items() if k.startswith('val/')}
                      if best_rows else {})
   # The zero flow is validated once, at the run's first validation.
-  zero_flow = next(({k: v for k, v in r.items() if 'zero_flow' in k} for r in rows
-                    if any('zero_flow' in k for k in r)), {})
+  zero_flow = next(({k: v for k, v in r.items() if is_zero_flow(k)} for r in rows
+                    if any(is_zero_flow(k) for k in r)), {})
   pseudo, pseudo_steps = last_epoch_pseudo_metrics(
       rows, int(summary['step']) // max(int(summary['epoch']), 1))
   return {
@@ -155,8 +167,9 @@ def networks_mean(entry: Dict[str, Any], metric: str) -> Optional[float]:
   """The mean of an mt run's two networks' final `metric` (`val/pck@0.1`: of `val/a/pck@0.1`
   and `val/b/pck@0.1`), or None for a run of one network. The selected network's number is
   chosen on the validation split itself, so the mean is the fair comparison with one network."""
-  scope, _, key = metric.partition('/')
-  values = [entry['final'].get(f'{scope}/{m}/{key}') for m in 'ab']
+  parts = constants.parse_metric_key(metric)
+  values = [entry['final'].get(constants.metric_key(*parts._replace(scope=f'{parts.scope}/{m}')))
+            for m in 'ab']
   return float(np.mean(values)) if all(v is not None for v in values) else None
 
 

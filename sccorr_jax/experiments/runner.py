@@ -11,7 +11,8 @@ Writes into `out`:
   results.json    the sweep's settings and one entry per finished run: cell, overrides, seed,
                   final and best validation metrics, the pseudo-label metrics (keys containing
                   'pseudo', averaged over the last epoch's logged windows), wall time (of the
-                  invocation that finished the run) and compile time. Rewritten atomically after every run.
+                  invocation that finished the run) and compile time. Rewritten atomically
+                  after every run.
   results.md      mean ± std over seeds per cell (n shown), validation PCK and pseudo-labels.
   <sweep>.png     validation PCK@alpha per cell (bars, error bars and seeds), or against the
                   labels per pair k for a sweep over `data.keypoints_per_pair` (`budget.png`).
