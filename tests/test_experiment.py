@@ -18,7 +18,7 @@ import pytest
 from sccorr_jax import config_lib
 from sccorr_jax import experiments
 from sccorr_jax import train
-from sccorr_jax import workers
+from sccorr_jax.experiments import workers
 
 pytestmark = pytest.mark.usefixtures('fast_compiles')
 

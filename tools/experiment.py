@@ -27,7 +27,7 @@ import jax
 from sccorr_jax import cli
 from sccorr_jax import config_lib
 from sccorr_jax import experiments
-from sccorr_jax import workers as workers_lib
+from sccorr_jax.experiments import workers as workers_lib
 
 
 def define_flags() -> None:

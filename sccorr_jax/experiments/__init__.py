@@ -6,6 +6,7 @@
 * `runner`: runs a sweep (`run_sweep`), in this process or in pinned worker processes, each
   run after the cells it needs; `describe` (`--dry_run`).
 * `reports`: `results.md` and the plot (`write_reports`); `plots`: the figures.
+* `workers`: training runs in worker processes, each pinned to its own CPUs.
 
 The command is `tools/experiment.py` (docs/experiments.md).
 """

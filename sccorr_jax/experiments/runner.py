@@ -4,7 +4,7 @@ each run once the cells it needs have finished at its seed.
 Every cell runs once per seed (`config.seed` = 0 .. --seeds - 1) through
 `sccorr_jax.train.train_and_evaluate` in `<out>/runs/<cell>/seed<k>`, in this process or, with
 `workers=N`, N at a time in worker processes pinned to their share of the CPUs (each run's log
-in its workdir's train.log; `sccorr_jax/workers.py`). Cells whose resolved configs are identical
+in its workdir's train.log; `workers.py`). Cells whose resolved configs are identical
 run once and are reported under each name (`same_as`).
 
 Writes into `out`:
@@ -38,7 +38,7 @@ from absl import logging
 
 from sccorr_jax import checkpoint
 from sccorr_jax import config_lib
-from sccorr_jax import workers as workers_lib
+from sccorr_jax.experiments import workers as workers_lib
 from sccorr_jax.experiments.cells import build_configs
 from sccorr_jax.experiments.cells import Cell
 from sccorr_jax.experiments.cells import identical_cells
@@ -84,7 +84,7 @@ def run_sweep(config_spec: str, sweep_name: str, cells: Sequence[Cell], seeds: S
     train_fn: `(config, workdir) -> summary`; default `train.train_and_evaluate`. With
       `workers > 1` it must be picklable (a module-level function).
     workers: runs at once. 1: in this process, one after another. N > 1: in N spawned worker
-      processes, each pinned to its share of the CPUs (`sccorr_jax.workers`); a run starts when
+      processes, each pinned to its share of the CPUs (`experiments.workers`); a run starts when
       the cells it refers to have finished at its seed.
     cache_dir: the persistent compilation cache for the workers (this process's is set by main).
 
