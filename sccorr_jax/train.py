@@ -55,7 +55,7 @@ from sccorr_jax import data as data_lib
 from sccorr_jax import evaluation
 from sccorr_jax import models
 from sccorr_jax import schedules
-from sccorr_jax import train_step as ts
+from sccorr_jax import train_step
 from sccorr_jax.data import cache_features
 from sccorr_jax.data import pipeline as data_pipeline
 from sccorr_jax.metric_writer import MetricWriter
@@ -98,8 +98,8 @@ def check_config(config, need_teacher: bool = True) -> None:
   """
   error = config_lib.ConfigError
   mode = config.learning_mode
-  if mode not in ts.STEPS:
-    raise error(f'learning_mode must be one of {tuple(ts.STEPS)}, got {mode!r}')
+  if mode not in train_step.STEPS:
+    raise error(f'learning_mode must be one of {tuple(train_step.STEPS)}, got {mode!r}')
   if mode == 'dense' and not data_lib.has_dense_truth(config.data):
     raise error(f"learning_mode 'dense' needs a dataset with a dense ground truth "
                 f"({', '.join(data_lib.DENSE_TRUTH_DATASETS)}); data.name is "
@@ -131,7 +131,7 @@ def check_config(config, need_teacher: bool = True) -> None:
     raise error(f'teacher.dilation_kernel must be an odd positive int, or 0 / None (no mask), '
                 f'got {k}')
   try:  # teacher.region, gate, target, unlabelled_pairs and their parameters.
-    ts.pseudo_label_options(config.teacher)
+    train_step.pseudo_label_options(config.teacher)
   except ValueError as e:
     raise error(str(e)) from None
   teacher = config.teacher
@@ -147,13 +147,13 @@ def check_config(config, need_teacher: bool = True) -> None:
                 f'count ({jax.device_count()})')
 
 
-def create_train_state(config, model, tx, rng, teacher=None) -> ts.TrainState:
+def create_train_state(config, model, tx, rng, teacher=None) -> train_step.TrainState:
   """A fresh `TrainState` for `config.learning_mode` (host arrays; shard with `device_put`)."""
   mutual = config.learning_mode == 'mt'
   v = models.init_variables(config, model, rng, 2 if mutual else 1)
   opt_state = (jax.vmap(tx.init) if mutual else tx.init)(v['params'])
-  return ts.TrainState(step=jnp.zeros((), jnp.int32), params=v['params'],
-                       batch_stats=v['batch_stats'], opt_state=opt_state, teacher=teacher)
+  return train_step.TrainState(step=jnp.zeros((), jnp.int32), params=v['params'],
+                               batch_stats=v['batch_stats'], opt_state=opt_state, teacher=teacher)
 
 
 def abstract_train_batch(config, sharding) -> Dict[str, jax.ShapeDtypeStruct]:
@@ -193,8 +193,8 @@ class Setup:
   data_sharding: NamedSharding
   model: Any
   tx: Any
-  step_config: ts.StepConfig
-  state: ts.TrainState
+  step_config: train_step.StepConfig
+  state: train_step.TrainState
   step_fn: Callable
   abstract_batch: Dict[str, jax.ShapeDtypeStruct]
   steps_per_epoch: int
@@ -226,14 +226,14 @@ def setup(config, mesh: Optional[jax.sharding.Mesh] = None, *, teacher=None) -> 
   init_rng, step_rng, data_seed_rng = jax.random.split(jax.random.PRNGKey(int(config.seed)), 3)
   model = models.build_model(config)
   tx = schedules.make_optimizer(config.optim, spe)
-  step_config = ts.StepConfig.from_config(config, model, tx)
+  step_config = train_step.StepConfig.from_config(config, model, tx)
   if mode == 'st' and teacher is None:
     teacher, teacher_config = ckpt_lib.load_model_variables(
         config.teacher.checkpoint, 'best', sharding=replicated, model_config=config)
     logging.info('fixed teacher loaded from %s (its learning mode: %s)',
                  config.teacher.checkpoint, teacher_config.get('learning_mode'))
   state = jax.device_put(create_train_state(config, model, tx, init_rng, teacher), replicated)
-  step_fn = jax.jit(functools.partial(ts.get_step_fn(mode), step_config),
+  step_fn = jax.jit(functools.partial(train_step.get_step_fn(mode), step_config),
                     in_shardings=(replicated, data_sharding, replicated, replicated),
                     out_shardings=(replicated, replicated), donate_argnums=(0,))
   return Setup(config=config, mesh=mesh, replicated=replicated, data_sharding=data_sharding,
@@ -332,7 +332,7 @@ class Validator:
     self.protocol = evaluation.Protocol.from_config(s.config, validation=True)
     self.eval_step = evaluation.make_eval_step(s.model, self.protocol, zero_flow=True)
 
-  def __call__(self, state: ts.TrainState, epoch: int, zero_flow: bool) -> Dict[str, float]:
+  def __call__(self, state: train_step.TrainState, epoch: int, zero_flow: bool) -> Dict[str, float]:
     """`val/...` scalars of the state's model(s); for 'mt' also `val/a/...`, `val/b/...` and
     `val/best_model` (the better one by `val/pck@<eval.select_alpha>`, whose numbers are the
     `val/pck@...` ones); with `zero_flow`, the zero flow's PCK on the same pairs."""
@@ -389,7 +389,7 @@ def _data(config, data_seed: int):
   return train_iter, features.get(config.eval.split)
 
 
-def _restore(s: Setup, manager, train_iter) -> Tuple[ts.TrainState, Dict[str, Any]]:
+def _restore(s: Setup, manager, train_iter) -> Tuple[train_step.TrainState, Dict[str, Any]]:
   """The newest intact checkpoint's state and meta, or the fresh state."""
   restored = ckpt_lib.restore(manager, ckpt_lib.abstract_like(s.state, s.replicated),
                               train_iter, config=s.config)
