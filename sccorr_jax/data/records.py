@@ -235,7 +235,7 @@ def _one_line(e: BaseException) -> str:
 
 
 @functools.lru_cache(maxsize=4096)
-def load_image(path: str) -> Tuple[bytes, Tuple[int, int]]:
+def read_encoded_image(path: str) -> Tuple[bytes, Tuple[int, int]]:
   """Reads an image file for a record.
 
   Args:
