@@ -43,7 +43,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from absl import logging
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
 import ml_collections
 import numpy as np
 import tqdm
@@ -55,6 +55,7 @@ from sccorr_jax import data as data_lib
 from sccorr_jax import evaluation
 from sccorr_jax import models
 from sccorr_jax import schedules
+from sccorr_jax import sharding
 from sccorr_jax import train_step
 from sccorr_jax.data import cache_features
 from sccorr_jax.data import pipeline as data_pipeline
@@ -71,12 +72,6 @@ TRUTH_KEYS = ('dense_flow', 'dense_valid', 'withheld_src_kps', 'withheld_trg_kps
 
 # ------------------------------------------------------------------------------------------------
 # Set-up helpers.
-
-
-def make_mesh() -> jax.sharding.Mesh:
-  """A 1-D `('data',)` mesh over every device of every process (automatic sharding mode)."""
-  return jax.make_mesh((jax.device_count(),), ('data',),
-                       axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def steps_per_epoch(config) -> int:
@@ -214,13 +209,13 @@ def setup(config, mesh: Optional[jax.sharding.Mesh] = None, *, teacher=None) -> 
 
   Args:
     config: the experiment config (checked by `check_config`).
-    mesh: default `make_mesh()`.
+    mesh: default `sharding.make_mesh()`.
     teacher: 'st' only: the fixed teacher's `{'params', 'batch_stats'}`; default: loaded from
       `config.teacher.checkpoint` (its best model).
   """
   check_config(config, need_teacher=teacher is None)
-  mesh = mesh or make_mesh()
-  replicated, data_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
+  mesh = mesh or sharding.make_mesh()
+  replicated, data_sharding = sharding.replicated(mesh), sharding.batch_sharded(mesh)
   mode = config.learning_mode
   spe = steps_per_epoch(config)
   init_rng, step_rng, data_seed_rng = jax.random.split(jax.random.PRNGKey(int(config.seed)), 3)
@@ -364,12 +359,6 @@ class Validator:
 
 # ------------------------------------------------------------------------------------------------
 # The loop's helpers (explicit arguments, no shared mutable state).
-
-
-def _global_batch(batch, sharding, keys=TRAIN_KEYS + TRUTH_KEYS):
-  """Process-local numpy batch -> global arrays sharded over the mesh."""
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k]))
-          for k in keys}
 
 
 def _data(config, data_seed: int):
@@ -563,7 +552,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     with _sigterm_requests_stop() as signalled:
       while step < total:
         epoch = step // spe
-        batch = _global_batch(next(train_iter), s.data_sharding)
+        batch = sharding.global_batch(next(train_iter), s.data_sharding, TRAIN_KEYS + TRUTH_KEYS)
         rng = jax.device_put(jax.random.fold_in(s.step_rng, step), s.replicated)
         state, metrics = compiled(state, batch, rng, s.hparams(epoch))
         step, steps_since_log = step + 1, steps_since_log + 1

@@ -46,12 +46,12 @@ from typing import Any, Dict, Optional
 from absl import flags
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 import numpy as np
 
 from sccorr_jax import cli
 from sccorr_jax import models
+from sccorr_jax import sharding
 from sccorr_jax import train
 
 MODES = ('baseline', 'st', 'mt', 'eval')
@@ -204,8 +204,8 @@ def build(config, mode: str) -> Built:
     raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
   batch = random_batch(config)
   if mode == 'eval':
-    mesh = train.make_mesh()
-    replicated, data_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
+    mesh = sharding.make_mesh()
+    replicated, data_sharding = sharding.replicated(mesh), sharding.batch_sharded(mesh)
     model = models.build_model(config)
     variables = jax.device_put(
         models.init_variables(config, model, jax.random.PRNGKey(int(config.seed)), 1), replicated)

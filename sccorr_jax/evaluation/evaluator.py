@@ -15,14 +15,13 @@ from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 import numpy as np
 import tqdm
 
 from sccorr_jax import checkpoint as ckpt_lib
 from sccorr_jax import data as data_lib
 from sccorr_jax import geometry
+from sccorr_jax import sharding
 from sccorr_jax.data import cache_features
 from sccorr_jax.evaluation.pck import pck_correct
 from sccorr_jax.evaluation.pck import transfer_keypoints
@@ -203,15 +202,14 @@ def evaluate_model(model, variables, batches: Iterable[Mapping[str, Any]], proto
     The `EvalResult`; with `zero_flow`, its `zero_flow` attribute is the zero flow's.
   """
   if mesh is None:
-    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+    mesh = sharding.make_mesh()
   multihost = jax.process_count() > 1
   # Several processes: each holds its own rows (`create_eval_iterator(process_index=...)`),
   # padded to a multiple of its local devices; the per-pair counts and metadata of all processes
   # are gathered so every process accumulates the same global result.
   ndev = jax.local_device_count() if multihost else mesh.devices.size
-  replicated = NamedSharding(mesh, P())
-  data_sharding = NamedSharding(mesh, P("data"))
-  variables = jax.device_put(variables, replicated)
+  data_sharding = sharding.batch_sharded(mesh)
+  variables = jax.device_put(variables, sharding.replicated(mesh))
   step = eval_step or make_eval_step(model, protocol, zero_flow)
   acc = PckAccumulator(protocol, category_names)
   zero_acc = PckAccumulator(protocol, category_names) if zero_flow else None
@@ -237,16 +235,14 @@ def evaluate_model(model, variables, batches: Iterable[Mapping[str, Any]], proto
       meta = {k: _pad_rows(v, padded) for k, v in meta.items()}
       meta["pair_valid"] = meta["pair_valid"].copy()
       meta["pair_valid"][b:] = False
+      dev_batch = sharding.global_batch(
+          {k: _pad_rows(np.asarray(batch[k]), padded) for k in keys}, data_sharding)
       if multihost:
-        dev_batch = {k: jax.make_array_from_process_local_data(
-            data_sharding, _pad_rows(np.asarray(batch[k]), padded)) for k in keys}
         counts = multihost_utils.process_allgather(step(variables, dev_batch), tiled=True)
         meta = multihost_utils.process_allgather(meta, tiled=True)
         b = int(np.asarray(meta["pair_valid"]).shape[0])
         padded = b  # the gathered rows; their padding is masked by pair_valid already
       else:
-        dev_batch = {k: jax.device_put(_pad_rows(np.asarray(batch[k]), padded), data_sharding)
-                     for k in keys}
         counts = jax.device_get(step(variables, dev_batch))
       for accumulator, c in ((acc, counts), (zero_acc, counts.get("zero_flow"))):
         if accumulator is not None:
