@@ -197,11 +197,18 @@ class Setup:
   step_rng: jax.Array
   data_seed: int
   n_max: int
+  _hparams: Optional[Tuple[int, schedules.StepHparams]] = dataclasses.field(
+      default=None, repr=False)
 
   def hparams(self, epoch: int) -> schedules.StepHparams:
-    """This epoch's λ and remember table, on the device (fixed shapes: no recompilation)."""
-    return jax.device_put(schedules.step_hparams(self.config.teacher, epoch, self.n_max),
-                          self.replicated)
+    """This epoch's λ and remember table, on the device (fixed shapes: no recompilation).
+
+    They change once per epoch: built on the host and transferred once, then reused by every
+    step of the epoch."""
+    if self._hparams is None or self._hparams[0] != epoch:
+      self._hparams = (epoch, jax.device_put(
+          schedules.step_hparams(self.config.teacher, epoch, self.n_max), self.replicated))
+    return self._hparams[1]
 
 
 def setup(config, mesh: Optional[jax.sharding.Mesh] = None, *, teacher=None) -> Setup:
