@@ -284,87 +284,6 @@ def compile_step(s: Setup) -> Tuple[Any, float]:
 
 
 # ------------------------------------------------------------------------------------------------
-# Validation.
-
-
-def evaluate(model, variables, data_iter, protocol: evaluation.Protocol, *, mesh=None,
-             eval_step=None, max_batches: Optional[int] = None, prefix: str = 'val/',
-             zero_flow: bool = False) -> Dict[str, float]:
-  """PCK of one model over an evaluation iterator, as flat scalars.
-
-  Args:
-    model: the network.
-    variables: one model's `{'params', 'batch_stats'}`.
-    data_iter: iterable of eval batches (`data.create_eval_iterator`; padding rows masked by
-      `pair_valid`, padded keypoints by `kps_valid`).
-    protocol: alphas, threshold kind, resolution (`Protocol.from_config(.., validation=True)`).
-    mesh: device mesh (default all devices).
-    eval_step: a prebuilt `evaluation.make_eval_step(model, protocol, zero_flow)`.
-    max_batches: stop early (smoke runs).
-    prefix: key prefix.
-    zero_flow: also report the PCK of the zero flow (identity transfer) on the same pairs.
-
-  Returns:
-    `{prefix + 'pck@<alpha>': per-pair mean PCK in percent (the reference's number),
-    prefix + 'pck@<alpha>/per_keypoint': per keypoint, prefix + 'num_pairs': pairs}` and, with
-    `zero_flow`, `prefix + 'zero_flow/pck@<alpha>'` (`constants.metric_key`).
-  """
-  result = evaluation.evaluate_model(model, variables, data_iter, protocol, mesh=mesh,
-                                     eval_step=eval_step, max_batches=max_batches,
-                                     progress=False, zero_flow=zero_flow)
-  kind = protocol.thresholds[0]
-  out = {f'{prefix}num_pairs': float(result.groups['all'].pairs)}
-  for a in protocol.alphas:
-    out[metric_key(a, scope=prefix)] = result.pck(kind, a, 'per_pair')
-    out[metric_key(a, averaging='per_keypoint', scope=prefix)] = result.pck(kind, a,
-                                                                            'per_keypoint')
-  if zero_flow:
-    for a in protocol.alphas:
-      out[metric_key(a, scope=prefix + 'zero_flow')] = result.zero_flow.pck(kind, a, 'per_pair')
-  return out
-
-
-class Validator:
-  """Validation of every trained model of a run (one compiled evaluation step)."""
-
-  def __init__(self, s: Setup, features=None):
-    """`features`: the eval split's `cache_features.FeatureCache` (`model.inputs='features'`)."""
-    self.setup = s
-    self.features = features
-    self.protocol = evaluation.Protocol.from_config(s.config, validation=True)
-    self.eval_step = evaluation.make_eval_step(s.model, self.protocol, zero_flow=True)
-
-  def __call__(self, state: train_step.TrainState, epoch: int, zero_flow: bool) -> Dict[str, float]:
-    """`val/...` scalars of the state's model(s); for 'mt' also `val/a/...`, `val/b/...` and
-    `val/best_model` (the better one by `val/pck@<eval.select_alpha>`, whose numbers are the
-    `val/pck@...` ones); with `zero_flow`, the zero flow's PCK on the same pairs."""
-    c, t = self.setup.config, time.time()
-    mutual = c.learning_mode == 'mt'
-    variables = jax.device_get({'params': state.params, 'batch_stats': state.batch_stats})
-    out = {}
-    for i, name in enumerate('ab' if mutual else ['']):
-      v = jax.tree.map(lambda x, i=i: x[i], variables) if mutual else variables
-      batches = data_lib.create_eval_iterator(
-          c.data, c.eval.split, batch_size=int(c.eval.batch_size),
-          process_index=jax.process_index(), process_count=jax.process_count(),
-          features=self.features)
-      out.update(evaluate(self.setup.model, v, batches, self.protocol, mesh=self.setup.mesh,
-                          eval_step=self.eval_step, max_batches=c.eval.get('max_batches'),
-                          prefix=f'val/{name}/' if name else 'val/',
-                          zero_flow=zero_flow and i == 0))
-    if mutual:
-      sel = [out[metric_key(c.eval.select_alpha, scope=f'val/{m}')] for m in 'ab']
-      winner = int(np.nanargmax(sel)) if np.isfinite(sel).any() else 0
-      for a in self.protocol.alphas:
-        out[metric_key(a, scope='val')] = out[metric_key(a, scope=f'val/{"ab"[winner]}')]
-      out['val/best_model'] = float(winner)
-      out = {k.replace('val/a/zero_flow/', 'val/zero_flow/'): v for k, v in out.items()}
-    out['val/epoch'] = float(epoch)
-    out['time/eval_s'] = time.time() - t
-    return out
-
-
-# ------------------------------------------------------------------------------------------------
 # The loop's helpers (explicit arguments, no shared mutable state).
 
 
@@ -547,7 +466,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   compiled, compile_s = compile_step(s) if step < total else (None, 0.0)
   if compiled is not None:
     writer.write(step, {'compile/train_step_s': compile_s})
-  validate = Validator(s, eval_features)
+  validate = evaluation.Validator(config, s.model, s.mesh, eval_features)
   window = Window(meta.get('log_window'))
   pending: List[Tuple[int, Dict[str, Any]]] = []  # step metrics not yet read from the device
   read = functools.partial(read_metrics, pending, window, writer,
@@ -579,7 +498,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           read()
           completed, val = step // spe, None
           if completed % int(config.eval.every_epochs) == 0 or step == total:
-            val = validate(state, completed, zero_flow='zero_flow' not in meta)
+            val = validate({'params': state.params, 'batch_stats': state.batch_stats}, completed,
+                           zero_flow='zero_flow' not in meta)
             meta.setdefault('zero_flow', {k: v for k, v in val.items() if 'zero_flow' in k})
             last_val = val
             writer.write(step, val)

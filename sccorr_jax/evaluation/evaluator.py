@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
 
 import jax
 from jax.experimental import multihost_utils
@@ -139,7 +139,8 @@ def _batch_keys(protocol: Protocol) -> tuple:
           *(f"pckthres_{k}" for k in protocol.thresholds))
 
 
-def make_eval_step(model, protocol: Protocol, zero_flow: bool = False) -> Callable:
+def make_eval_step(model, protocol: Protocol, zero_flow: bool = False,
+                   num_models: Optional[int] = None) -> Callable:
   """`(variables, batch) -> pair_counts` of the model's flow, jitted.
 
   Args:
@@ -148,6 +149,9 @@ def make_eval_step(model, protocol: Protocol, zero_flow: bool = False) -> Callab
     protocol: alphas, thresholds and resolution.
     zero_flow: also count the zero flow (every target keypoint stays where it is), the trivial
       reference a trained model must beat, on the same pairs; returned under `'zero_flow'`.
+    num_models: None: `variables` are one model's. N: the variables of N models stacked on a
+      leading axis (a mutual-teacher state's); each model's counts, in one program, under
+      `'models'` (a list, model i's at i).
 
   Returns:
     A jitted function; under a mesh, shard the batch along its first axis and replicate the
@@ -155,9 +159,17 @@ def make_eval_step(model, protocol: Protocol, zero_flow: bool = False) -> Callab
   """
   alphas, kinds, size = protocol.alphas, protocol.thresholds, protocol.img_size
 
-  def step(variables, batch):
+  def flow_counts(variables, batch):
     flow = model.apply(variables, batch["src_img"], batch["trg_img"])
-    counts = pair_counts(flow, batch, alphas, kinds, size)
+    return flow, pair_counts(flow, batch, alphas, kinds, size)
+
+  def step(variables, batch):
+    if num_models is None:
+      flow, counts = flow_counts(variables, batch)
+    else:
+      each = [flow_counts(jax.tree.map(lambda x, i=i: x[i], variables), batch)
+              for i in range(num_models)]
+      flow, counts = each[0][0], {"models": [c for _, c in each]}
     if zero_flow:
       counts["zero_flow"] = pair_counts(jnp.zeros_like(flow), batch, alphas, kinds, size)
     return counts
@@ -201,6 +213,40 @@ def evaluate_model(model, variables, batches: Iterable[Mapping[str, Any]], proto
   Returns:
     The `EvalResult`; with `zero_flow`, its `zero_flow` attribute is the zero flow's.
   """
+  step = eval_step or make_eval_step(model, protocol, zero_flow)
+  (result,) = _evaluate(step, variables, batches, protocol, None, category_names=category_names,
+                        num_pairs=num_pairs, max_batches=max_batches, progress=progress,
+                        mesh=mesh, zero_flow=zero_flow)
+  return result
+
+
+def evaluate_models(model, variables, batches: Iterable[Mapping[str, Any]], protocol: Protocol,
+                    num_models: int, *, max_batches: Optional[int] = None,
+                    mesh: Optional[jax.sharding.Mesh] = None,
+                    eval_step: Optional[Callable] = None, zero_flow: bool = False
+                    ) -> List[EvalResult]:
+  """`evaluate_model` of N models stacked on a leading axis (a mutual-teacher state's), in one
+  pass: each batch is read, transferred and run once for all of them, and the variables stay
+  where they are (a training state's, on the mesh already, are not copied).
+
+  Args:
+    variables: `{'params', 'batch_stats'}`, every leaf [num_models, ...].
+    eval_step: a prebuilt `make_eval_step(model, protocol, zero_flow, num_models)`.
+    The others: as `evaluate_model`.
+
+  Returns:
+    One `EvalResult` per model; with `zero_flow`, the first one's `zero_flow` attribute is the
+    zero flow's.
+  """
+  step = eval_step or make_eval_step(model, protocol, zero_flow, num_models)
+  return _evaluate(step, variables, batches, protocol, num_models, max_batches=max_batches,
+                   progress=False, mesh=mesh, zero_flow=zero_flow)
+
+
+def _evaluate(step, variables, batches, protocol: Protocol, num_models: Optional[int], *,
+              category_names=None, num_pairs=None, max_batches=None, progress=True, mesh=None,
+              zero_flow=False) -> List[EvalResult]:
+  """The loop of `evaluate_model` / `evaluate_models`: one result per model."""
   if mesh is None:
     mesh = sharding.make_mesh()
   multihost = jax.process_count() > 1
@@ -210,8 +256,7 @@ def evaluate_model(model, variables, batches: Iterable[Mapping[str, Any]], proto
   ndev = jax.local_device_count() if multihost else mesh.devices.size
   data_sharding = sharding.batch_sharded(mesh)
   variables = jax.device_put(variables, sharding.replicated(mesh))
-  step = eval_step or make_eval_step(model, protocol, zero_flow)
-  acc = PckAccumulator(protocol, category_names)
+  accs = [PckAccumulator(protocol, category_names) for _ in range(num_models or 1)]
   zero_acc = PckAccumulator(protocol, category_names) if zero_flow else None
   keys = _batch_keys(protocol)
   total = num_pairs
@@ -244,7 +289,8 @@ def evaluate_model(model, variables, batches: Iterable[Mapping[str, Any]], proto
         padded = b  # the gathered rows; their padding is masked by pair_valid already
       else:
         counts = jax.device_get(step(variables, dev_batch))
-      for accumulator, c in ((acc, counts), (zero_acc, counts.get("zero_flow"))):
+      per_model = counts["models"] if num_models else [counts]
+      for accumulator, c in (*zip(accs, per_model), (zero_acc, counts.get("zero_flow"))):
         if accumulator is not None:
           accumulator.update(c, meta)
           accumulator.num_padding_pairs -= padded - b  # only the data's own padding pairs
@@ -253,10 +299,10 @@ def evaluate_model(model, variables, batches: Iterable[Mapping[str, Any]], proto
   finally:
     if bar is not None:
       bar.close()
-  result = acc.result()
+  results = [acc.result() for acc in accs]
   if zero_acc is not None:
-    result.zero_flow = zero_acc.result()
-  return result
+    results[0].zero_flow = zero_acc.result()
+  return results
 
 
 def evaluate_checkpoint(config, checkpoint: str, workdir: Optional[str] = None, *,
