@@ -361,6 +361,20 @@ def _train_scalars(config, step: int, spe: int, window: Window, steps: int, seco
   return scalars
 
 
+def _validate(validate: evaluation.Validator, state, epoch: int, step: int,
+              meta: Dict[str, Any], writer: MetricWriter, config) -> Dict[str, float]:
+  """Validates the state's model(s) after `epoch` (global step `step`), logs the scalars and
+  returns them. The zero flow is measured at a run's first validation and kept in `meta`."""
+  val = validate({'params': state.params, 'batch_stats': state.batch_stats}, epoch,
+                 zero_flow='zero_flow' not in meta)
+  meta.setdefault('zero_flow', {k: v for k, v in val.items() if 'zero_flow' in k})
+  writer.write(step, val)
+  logging.info('epoch %d (step %d): %s', epoch, step, ', '.join(
+      f'{k}={val[k]:.2f}' for k in (metric_key(a, scope='val')
+                                    for a in config.eval.alphas) if k in val))
+  return val
+
+
 def _save(manager, step: int, epoch: int, state, meta: Dict[str, Any], window: Window,
           train_iter, config, val: Optional[Dict[str, float]] = None) -> None:
   """Checkpoints the step; the manager ranks steps by `ckpt_lib.select_metric(config)`."""
@@ -498,14 +512,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           read()
           completed, val = step // spe, None
           if completed % int(config.eval.every_epochs) == 0 or step == total:
-            val = validate({'params': state.params, 'batch_stats': state.batch_stats}, completed,
-                           zero_flow='zero_flow' not in meta)
-            meta.setdefault('zero_flow', {k: v for k, v in val.items() if 'zero_flow' in k})
-            last_val = val
-            writer.write(step, val)
-            logging.info('epoch %d (step %d): %s', completed, step, ', '.join(
-                f'{k}={val[k]:.2f}' for k in (metric_key(a, scope='val')
-                                              for a in config.eval.alphas) if k in val))
+            val = last_val = _validate(validate, state, completed, step, meta, writer, config)
           _save(manager, step, completed, state, meta, window, train_iter, config, val)
           # Evaluation and checkpointing are not step time: the speed window restarts.
           t_log, steps_since_log = time.time(), 0
