@@ -221,27 +221,22 @@ def load_model_variables(path: PathLike, model_index: ModelIndex = None, *,
   return variables, config
 
 
-def load_model(path: PathLike, model_index: ModelIndex = None, fallback_config=None):
+def load_model(path: PathLike, model_index: ModelIndex = None):
   """Loads a checkpoint (see `load_model_variables`) and builds its model.
 
   Args:
     path: a trainer workdir (its best model), a checkpoint step directory or an export.
     model_index: for mutual-teacher checkpoints: 0, 1, 'best' or None (the recorded best).
-    fallback_config: experiment config whose `model` section builds the network when the
-      checkpoint carries no config.
 
   Returns:
-    `(model, variables, config)` with `config` the checkpoint's config (or the fallback).
+    `(model, variables, config)` with `config` the checkpoint's config (every export and every
+    trainer step holds one).
 
   Raises:
     FileNotFoundError: nothing at `path`.
     CheckpointError: one line naming the file and the problem.
   """
   variables, config = load_model_variables(path, model_index=model_index)
-  config = fallback_config if config is None else config
-  if config is None:
-    raise CheckpointError(f'{path}: the checkpoint has no config; pass one (--config) to say '
-                          'which model it holds')
   return build_model(config), variables, config
 
 

@@ -317,8 +317,8 @@ def evaluate_checkpoint(config, checkpoint: str, workdir: Optional[str] = None, 
   the feature cache of the evaluated split (`cache_features.open_for_config`).
 
   Args:
-    config: experiment config (`configs/*.py`): `data`, `eval`, and `model` (used when the
-      checkpoint carries no config, e.g. one converted from PyTorch).
+    config: experiment config (`configs/*.py`): `data` and `eval` (the model is the
+      checkpoint's own).
     checkpoint: a trainer workdir, a checkpoint step directory or an exported model (see
       `sccorr_jax.checkpoint.load_model_variables`).
     workdir: where `eval_<benchmark>_<split>.{json,txt}` are written (None: nothing written).
@@ -332,8 +332,7 @@ def evaluate_checkpoint(config, checkpoint: str, workdir: Optional[str] = None, 
     The `EvalResult`.
   """
   # Verified (checksums), shape-checked against the model: one-line CheckpointError otherwise.
-  model, variables, ckpt_config = ckpt_lib.load_model(checkpoint, model_index=model_index,
-                                                      fallback_config=config)
+  model, variables, ckpt_config = ckpt_lib.load_model(checkpoint, model_index=model_index)
   protocol = Protocol.from_config(config, split)
   bs = int(batch_size or config.eval.batch_size)
   features = None
