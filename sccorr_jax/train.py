@@ -11,7 +11,7 @@ every `config.eval.every_epochs` epochs for every trained model, and checkpoints
 steps and the best by `val/pck@<eval.select_alpha>`; for 'mt' the better of the two models by
 the same metric, whose index is recorded). A restarted run continues from the newest intact
 checkpoint exactly where it stopped: parameters, optimiser states, step, data-iterator position
-and logging window are restored, and the step's randomness is `fold_in(key, step)`.
+and logging window are restored (the steps draw no random numbers).
 
 Data parallelism: one `jax.jit` step over all devices of a 1-D `('data',)` mesh, the batch sharded
 along its first axis and the state replicated. Batch statistics and the small-loss selection are
@@ -175,10 +175,9 @@ class Setup:
     mesh: the 1-D `('data',)` device mesh; `replicated` / `data_sharding` on it.
     model, tx, step_config: the network, the optimiser, the step's static config.
     state: the initial `TrainState`, replicated on the mesh.
-    step_fn: the jitted step `(state, batch, rng, hparams) -> (state, metrics)` (state donated).
+    step_fn: the jitted step `(state, batch, hparams) -> (state, metrics)` (state donated).
     abstract_batch: the global batch it is compiled for.
     steps_per_epoch, total_steps: the schedule.
-    step_rng: the root key of the step randomness (`fold_in(step_rng, step)`).
     data_seed: the training data order's seed.
     n_max: flow positions of a global batch (the remember table's length - 1).
   """
@@ -194,7 +193,6 @@ class Setup:
   abstract_batch: Dict[str, jax.ShapeDtypeStruct]
   steps_per_epoch: int
   total_steps: int
-  step_rng: jax.Array
   data_seed: int
   n_max: int
   _hparams: Optional[Tuple[int, schedules.StepHparams]] = dataclasses.field(
@@ -225,7 +223,9 @@ def setup(config, mesh: Optional[jax.sharding.Mesh] = None, *, teacher=None) -> 
   replicated, data_sharding = sharding.replicated(mesh), sharding.batch_sharded(mesh)
   mode = config.learning_mode
   spe = steps_per_epoch(config)
-  init_rng, step_rng, data_seed_rng = jax.random.split(jax.random.PRNGKey(int(config.seed)), 3)
+  # Three streams, as when the steps took a key (the second): the same initial state and data
+  # order for a seed as before.
+  init_rng, _, data_seed_rng = jax.random.split(jax.random.PRNGKey(int(config.seed)), 3)
   model = models.build_model(config)
   tx = schedules.make_optimizer(config.optim, spe)
   step_config = train_step.StepConfig.from_config(config, model, tx)
@@ -236,13 +236,12 @@ def setup(config, mesh: Optional[jax.sharding.Mesh] = None, *, teacher=None) -> 
                  config.teacher.checkpoint, teacher_config.get('learning_mode'))
   state = jax.device_put(create_train_state(config, model, tx, init_rng, teacher), replicated)
   step_fn = jax.jit(functools.partial(train_step.get_step_fn(mode), step_config),
-                    in_shardings=(replicated, data_sharding, replicated, replicated),
+                    in_shardings=(replicated, data_sharding, replicated),
                     out_shardings=(replicated, replicated), donate_argnums=(0,))
   return Setup(config=config, mesh=mesh, replicated=replicated, data_sharding=data_sharding,
                model=model, tx=tx, step_config=step_config, state=state, step_fn=step_fn,
                abstract_batch=abstract_train_batch(config, data_sharding),
                steps_per_epoch=spe, total_steps=spe * int(config.optim.num_epochs),
-               step_rng=step_rng,
                data_seed=int(jax.random.randint(data_seed_rng, (), 0, 2 ** 31 - 1)),
                n_max=int(config.optim.batch_size) * int(config.data.feature_size) ** 2)
 
@@ -273,7 +272,7 @@ def compile_step(s: Setup) -> Tuple[Any, float]:
     return _COMPILED[key], 0.0
   t0 = time.time()
   abstract = lambda tree: ckpt_lib.abstract_like(tree, s.replicated)  # noqa: E731
-  compiled = s.step_fn.lower(abstract(s.state), s.abstract_batch, abstract(s.step_rng),
+  compiled = s.step_fn.lower(abstract(s.state), s.abstract_batch,
                              abstract(schedules.step_hparams(s.config.teacher, 0, s.n_max))
                              ).compile()
   compile_s = time.time() - t0
@@ -493,8 +492,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       while step < total:
         epoch = step // spe
         batch = sharding.global_batch(next(train_iter), s.data_sharding, TRAIN_KEYS + TRUTH_KEYS)
-        rng = jax.device_put(jax.random.fold_in(s.step_rng, step), s.replicated)
-        state, metrics = compiled(state, batch, rng, s.hparams(epoch))
+        state, metrics = compiled(state, batch, s.hparams(epoch))
         step, steps_since_log = step + 1, steps_since_log + 1
         pending.append((step, metrics))
         if bar is not None:

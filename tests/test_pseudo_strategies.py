@@ -381,7 +381,7 @@ def test_mt_step_affinity_cycle_propagated_and_unlabelled_pairs(x64):
                                   cycle_delta=0.5)
   hp = _hparams(dt)
   new_state, metrics = jax.jit(functools.partial(train_step.mutual_teacher_step, cfg))(
-      state, batch, jax.random.PRNGKey(0), hp)
+      state, batch, hp)
   _, (_, _, (terms_a, _), (flow_a, _)) = jax.jit(
       functools.partial(train_step.mutual_teacher_objective, cfg))(state.params, {}, batch, hp)
   tol = _tol(x64)
@@ -419,7 +419,7 @@ def test_st_step_object_region_and_confidence_gate(x64):
                                   confidence_radius=0.5)
   state = state.replace(teacher={'params': state.params, 'batch_stats': {}})
   step = jax.jit(functools.partial(train_step.single_teacher_step, cfg))
-  new_state, metrics = step(state, batch, jax.random.PRNGKey(0), _hparams(dt, 34.0))
+  new_state, metrics = step(state, batch, _hparams(dt, 34.0))
 
   @jax.jit
   def terms_of(params, hp):
@@ -440,7 +440,7 @@ def test_st_step_object_region_and_confidence_gate(x64):
   # teacher's ~0 flow is right only at those two, which the gate dropped.
   assert m['pseudo_recall'] == pytest.approx(0.0)
   before = step._cache_size()  # pylint: disable=protected-access
-  _, metrics = step(state, batch, jax.random.PRNGKey(0), _hparams(dt, 0.0))
+  _, metrics = step(state, batch, _hparams(dt, 0.0))
   assert step._cache_size() == before  # pylint: disable=protected-access
   assert float(metrics['kept_fraction']) == pytest.approx(1.0)
 
@@ -472,7 +472,7 @@ def test_tiny_model_mt_step_with_every_option():
   hp = schedules.step_hparams(config.teacher, 0, b * fs * fs)
   assert float(hp.confidence_percentile) == 50.0
   step = jax.jit(functools.partial(train_step.mutual_teacher_step, cfg))
-  new_state, metrics = step(state, batch, jax.random.PRNGKey(0), hp)
+  new_state, metrics = step(state, batch, hp)
   m = jax.device_get(metrics)
   assert not m['nonfinite'] and np.isfinite(m['a/loss_pseudo']) and m['a/loss_pseudo'] > 0
   # Candidates: the labelled pairs' 7 x 7 windows (threshold -1 passes all) and every cell of
@@ -483,7 +483,7 @@ def test_tiny_model_mt_step_with_every_option():
   assert all(moved)
   # A batch of unlabelled pairs only still teaches through the object region and the cycle.
   unlabelled = dict(batch, flow=np.zeros_like(flow))
-  new_state, metrics = step(state, unlabelled, jax.random.PRNGKey(0), hp)
+  new_state, metrics = step(state, unlabelled, hp)
   assert float(metrics['a/loss_sup']) == 0.0 and float(metrics['a/loss_pseudo']) > 0
   assert not np.array_equal(np.asarray(new_state.params['x_normal']),
                             np.asarray(state.params['x_normal']))

@@ -48,7 +48,7 @@ def setup(fast_compiles):  # pylint: disable=redefined-outer-name,unused-argumen
   batch = make_batch()
   hp = schedules.step_hparams(config.teacher, 1, 4 * 8 * 8)
   mt = jax.jit(functools.partial(train_step.mutual_teacher_step, cfg))
-  new_state, metrics = mt(state, batch, jax.random.PRNGKey(0), hp)
+  new_state, metrics = mt(state, batch, hp)
   return dict(config=config, model=model, tx=tx, cfg=cfg, state=state, batch=batch, hp=hp,
               mt=mt, new_state=new_state, metrics=metrics)
 
@@ -120,11 +120,10 @@ def test_sharded_step_equals_single_device(setup):
                        devices=jax.devices()[:4])
   repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
   step = jax.jit(functools.partial(train_step.mutual_teacher_step, setup['cfg']),
-                 in_shardings=(repl, data, repl, repl), out_shardings=(repl, repl))
+                 in_shardings=(repl, data, repl), out_shardings=(repl, repl))
   state = jax.device_put(setup['state'], repl)
   batch = jax.device_put(setup['batch'], data)
-  new_state, metrics = step(state, batch, jax.device_put(jax.random.PRNGKey(0), repl),
-                            jax.device_put(setup['hp'], repl))
+  new_state, metrics = step(state, batch, jax.device_put(setup['hp'], repl))
   assert len(new_state.params['sce']['conv']['kernel'].sharding.device_set) == 4
   assert_trees_close(new_state.params, setup['new_state'].params, PARAMS_RTOL, 'params')
   assert_trees_close(new_state.batch_stats, setup['new_state'].batch_stats, STATS_RTOL)
@@ -136,7 +135,7 @@ def test_sharded_step_equals_single_device(setup):
 def test_batch_without_labels_changes_nothing_and_is_not_nonfinite(setup):
   """E.g. data.labelled_pair_fraction < 1: a batch whose pairs all lack labels."""
   batch = dict(setup['batch'], flow=np.zeros_like(setup['batch']['flow']))
-  state, metrics = setup['mt'](setup['state'], batch, jax.random.PRNGKey(0), setup['hp'])
+  state, metrics = setup['mt'](setup['state'], batch, setup['hp'])
   assert not bool(metrics['nonfinite']) and int(state.nonfinite_total) == 0
   assert metrics['a/loss_sup'] == 0.0 and int(state.step) == 1
   _equal(state.params, setup['state'].params)
@@ -162,13 +161,13 @@ def test_dense_step_counts_every_valid_position_once_and_no_other(setup):
   err = np.linalg.norm(np.asarray(flow, np.float64) - truth, axis=-1)
   expected = err[valid].sum() / valid.sum()
   new_state, metrics = jax.jit(functools.partial(train_step.dense_step, cfg))(
-      state, batch, jax.random.PRNGKey(0), setup['hp'])
+      state, batch, setup['hp'])
   np.testing.assert_allclose(float(metrics['loss']), expected, rtol=1e-5)
   assert int(new_state.step) == 1 and not bool(metrics['nonfinite'])
   # No valid position anywhere: nothing changes, nothing is counted as non-finite.
   empty = dict(batch, dense_valid=np.zeros_like(valid))
   same, metrics = jax.jit(functools.partial(train_step.dense_step, cfg))(
-      state, empty, jax.random.PRNGKey(0), setup['hp'])
+      state, empty, setup['hp'])
   assert float(metrics['loss']) == 0.0 and not bool(metrics['nonfinite'])
   _equal(same.params, state.params)
   del config
@@ -185,13 +184,13 @@ def test_dense_mode_refuses_a_dataset_without_dense_truth():
 
 def test_nonfinite_step_is_skipped_and_counted(setup):
   batch = dict(setup['batch'], src_img=np.full_like(setup['batch']['src_img'], np.nan))
-  state, metrics = setup['mt'](setup['state'], batch, jax.random.PRNGKey(0), setup['hp'])
+  state, metrics = setup['mt'](setup['state'], batch, setup['hp'])
   assert bool(metrics['nonfinite'])
   assert int(state.nonfinite_streak) == 1 and int(state.nonfinite_total) == 1
   assert int(state.step) == 1
   _equal(state.params, setup['state'].params)
   _equal(state.opt_state, setup['state'].opt_state)
-  state, _ = setup['mt'](state, setup['batch'], jax.random.PRNGKey(0), setup['hp'])
+  state, _ = setup['mt'](state, setup['batch'], setup['hp'])
   assert int(state.nonfinite_streak) == 0 and int(state.nonfinite_total) == 1
 
 
@@ -199,7 +198,7 @@ def test_new_remember_rate_does_not_recompile(setup):
   mt = setup['mt']
   before = mt._cache_size()  # pylint: disable=protected-access
   hp = schedules.step_hparams(setup['config'].teacher, 0, 4 * 8 * 8)
-  mt(setup['state'], setup['batch'], jax.random.PRNGKey(0), hp)
+  mt(setup['state'], setup['batch'], hp)
   assert mt._cache_size() == before  # pylint: disable=protected-access
 
 
@@ -248,7 +247,7 @@ def test_frozen_batch_norm_keeps_running_statistics(setup):
   state = train_step.TrainState(step=s0.step, params=first(s0.params),
                                 batch_stats=first(s0.batch_stats), opt_state=first(s0.opt_state))
   new, metrics = jax.jit(functools.partial(train_step.baseline_step, cfg))(
-      state, setup['batch'], jax.random.PRNGKey(0), setup['hp'])
+      state, setup['batch'], setup['hp'])
   assert np.isfinite(float(metrics['loss']))
   _equal(new.batch_stats, state.batch_stats)
   with pytest.raises(ValueError, match='batch_norm'):

@@ -225,16 +225,15 @@ def build(config, mode: str) -> Built:
   # Pseudo-label loss on (its start epoch): every term runs.
   hparams = s.hparams(int(config.teacher.pseudo_start_epoch))
   batch = {k: jax.device_put(v, s.data_sharding) for k, v in batch.items()}
-  step_rng = jax.device_put(s.step_rng, s.replicated)
   t0 = time.perf_counter()
-  compiled = s.step_fn.lower(s.state, batch, step_rng, hparams).compile()
+  compiled = s.step_fn.lower(s.state, batch, hparams).compile()
   compile_s = time.perf_counter() - t0
 
   def run(args):
     new_state, metrics = compiled(*args)
     return (new_state,) + args[1:], metrics
 
-  return Built(compiled, (s.state, batch, step_rng, hparams), run, compile_s)
+  return Built(compiled, (s.state, batch, hparams), run, compile_s)
 
 
 def time_built(built: Built, steps: int, warmup: int):
