@@ -5,4 +5,4 @@ encoder, a mutual-nearest-neighbour filtered 4D correlation, soft-argmax flow, a
 training (single offline teacher or two mutual online teachers).
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

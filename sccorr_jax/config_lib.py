@@ -77,6 +77,27 @@ def parse_arg(arg: Optional[str], lazy: bool = False, **spec) -> ml_collections.
   return out
 
 
+def parse_overrides(items: List[str]) -> Dict[str, Any]:
+  """`['optim.num_epochs=4', 'data.data_dir=/tmp/d']` (`--set` of tools/experiment.py) ->
+  {key: value} for `apply_overrides`; values are Python literals where they parse as one (`4`,
+  `1e-3`, `True`, `None`, `(1, 2)`), else strings."""
+  out = {}
+  for item in items:
+    key, sep, value = item.partition('=')
+    if not sep or not key.strip():
+      raise ValueError(f'--set {item!r}: expected key=value')
+    value = value.strip()
+    if value.lower() in ('true', 'false'):
+      value = value.lower() == 'true'
+    else:
+      try:
+        value = ast.literal_eval(value)
+      except (ValueError, SyntaxError):
+        pass
+    out[key.strip()] = value
+  return out
+
+
 class ConfigError(ValueError):
   """Settings of a config that do not fit together (one line naming the keys)."""
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 # ImageNet normalisation of RGB images in [0, 1] (the pretrained backbones' statistics).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -27,6 +27,10 @@ DIFFICULTY_LEVELS = {
 # The direction PCK is measured in: target keypoints moved to the source by the flow.
 DIRECTION = "trg->src"
 
+# The PCK threshold kinds and averagings (`sccorr_jax.evaluation.protocol` says what each is).
+THRESHOLD_KINDS = ("bbox", "img", "bbox_legacy")
+AVERAGINGS = ("per_pair", "per_keypoint")
+
 
 def metric_key(alpha: float, threshold: Optional[str] = None, averaging: Optional[str] = None,
                img_size: Optional[int] = None, direction: Optional[str] = None,
@@ -46,3 +50,37 @@ def metric_key(alpha: float, threshold: Optional[str] = None, averaging: Optiona
            None if group == "all" else group)
   key = "/".join(p for p in parts if p)
   return f"{scope.rstrip('/')}/{key}" if scope else key
+
+
+class MetricKey(NamedTuple):
+  """The parts of a `metric_key` (its arguments, in order): `metric_key(*parts)` is the key."""
+  alpha: float
+  threshold: Optional[str] = None
+  averaging: Optional[str] = None
+  img_size: Optional[int] = None
+  direction: Optional[str] = None
+  group: str = "all"
+  scope: str = ""
+
+
+def parse_metric_key(key: str) -> Optional[MetricKey]:
+  """The inverse of `metric_key`: `'val/a/pck@0.1/per_keypoint'` -> `MetricKey(0.1,
+  averaging='per_keypoint', scope='val/a')`; None for a key that is not a PCK (`val/epoch`)."""
+  parts = key.split("/")
+  at = next((i for i, p in enumerate(parts) if p.startswith("pck@")), None)
+  if at is None:
+    return None
+  try:
+    alpha = float(parts[at][len("pck@"):])
+  except ValueError:
+    return None
+  rest, found = parts[at + 1:], {}
+  for name, fits in (("threshold", THRESHOLD_KINDS.__contains__),
+                     ("averaging", AVERAGINGS.__contains__),
+                     ("img_size", lambda p: p.endswith("px") and p[:-2].isdigit()),
+                     ("direction", lambda p: "->" in p)):
+    if rest and fits(rest[0]):
+      found[name] = rest.pop(0)
+  if "img_size" in found:
+    found["img_size"] = int(found["img_size"][:-2])
+  return MetricKey(alpha, **found, group="/".join(rest) or "all", scope="/".join(parts[:at]))

@@ -12,9 +12,11 @@ import json
 import math
 import os
 import re
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
+
+METRICS_FILE = 'metrics.jsonl'
 
 
 class MetricWriter:
@@ -31,7 +33,7 @@ class MetricWriter:
     self._jsonl = None
     if enabled:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      path = os.path.join(workdir, 'metrics.jsonl')
+      path = os.path.join(workdir, METRICS_FILE)
       _drop_rows_after(path, resume_step)
       self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'),
                                purge_step=resume_step + 1)
@@ -53,6 +55,20 @@ class MetricWriter:
     if self.enabled:
       self._tb.close()
       self._jsonl.close()
+
+
+def read_rows(workdir: str) -> List[Dict[str, Any]]:
+  """The rows of `<workdir>/metrics.jsonl` (a torn last line is skipped)."""
+  path = os.path.join(workdir, METRICS_FILE)
+  rows = []
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        try:
+          rows.append(json.loads(line))
+        except ValueError:
+          pass
+  return rows
 
 
 def _drop_rows_after(path: str, step: int) -> None:

@@ -526,12 +526,14 @@ class Predictor:
     Args:
       path: see `load_model`, or a serialized model file (`from_serialized`).
       model_index: mutual-teacher checkpoints: 0, 1, 'best' or None (the recorded best).
-      config: fallback experiment config for checkpoints without one.
+      config: ignored: every checkpoint carries its own config (kept for the callers that
+        still pass one: tools/match.py --config, export.export_checkpoint).
       **kwargs: `confidence_radius`, `img_size` (default: the config's `data.img_size`).
     """
+    del config
     if os.path.isfile(path):
       return cls.from_serialized(path, model_index=model_index, **kwargs)
-    model, variables, cfg = load_model(path, model_index=model_index, fallback_config=config)
+    model, variables, cfg = load_model(path, model_index=model_index)
     img_size = kwargs.pop("img_size", None)
     if img_size is None:
       try:

@@ -11,7 +11,7 @@ every `config.eval.every_epochs` epochs for every trained model, and checkpoints
 steps and the best by `val/pck@<eval.select_alpha>`; for 'mt' the better of the two models by
 the same metric, whose index is recorded). A restarted run continues from the newest intact
 checkpoint exactly where it stopped: parameters, optimiser states, step, data-iterator position
-and logging window are restored, and the step's randomness is `fold_in(key, step)`.
+and logging window are restored (the steps draw no random numbers).
 
 Data parallelism: one `jax.jit` step over all devices of a 1-D `('data',)` mesh, the batch sharded
 along its first axis and the state replicated. Batch statistics and the small-loss selection are
@@ -43,7 +43,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from absl import logging
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
 import ml_collections
 import numpy as np
 import tqdm
@@ -55,7 +55,8 @@ from sccorr_jax import data as data_lib
 from sccorr_jax import evaluation
 from sccorr_jax import models
 from sccorr_jax import schedules
-from sccorr_jax import train_step as ts
+from sccorr_jax import sharding
+from sccorr_jax import train_step
 from sccorr_jax.data import cache_features
 from sccorr_jax.data import pipeline as data_pipeline
 from sccorr_jax.metric_writer import MetricWriter
@@ -71,12 +72,6 @@ TRUTH_KEYS = ('dense_flow', 'dense_valid', 'withheld_src_kps', 'withheld_trg_kps
 
 # ------------------------------------------------------------------------------------------------
 # Set-up helpers.
-
-
-def make_mesh() -> jax.sharding.Mesh:
-  """A 1-D `('data',)` mesh over every device of every process (automatic sharding mode)."""
-  return jax.make_mesh((jax.device_count(),), ('data',),
-                       axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def steps_per_epoch(config) -> int:
@@ -98,8 +93,8 @@ def check_config(config, need_teacher: bool = True) -> None:
   """
   error = config_lib.ConfigError
   mode = config.learning_mode
-  if mode not in ts.STEPS:
-    raise error(f'learning_mode must be one of {tuple(ts.STEPS)}, got {mode!r}')
+  if mode not in train_step.STEPS:
+    raise error(f'learning_mode must be one of {tuple(train_step.STEPS)}, got {mode!r}')
   if mode == 'dense' and not data_lib.has_dense_truth(config.data):
     raise error(f"learning_mode 'dense' needs a dataset with a dense ground truth "
                 f"({', '.join(data_lib.DENSE_TRUTH_DATASETS)}); data.name is "
@@ -131,7 +126,7 @@ def check_config(config, need_teacher: bool = True) -> None:
     raise error(f'teacher.dilation_kernel must be an odd positive int, or 0 / None (no mask), '
                 f'got {k}')
   try:  # teacher.region, gate, target, unlabelled_pairs and their parameters.
-    ts.pseudo_label_options(config.teacher)
+    train_step.pseudo_label_options(config.teacher)
   except ValueError as e:
     raise error(str(e)) from None
   teacher = config.teacher
@@ -147,13 +142,13 @@ def check_config(config, need_teacher: bool = True) -> None:
                 f'count ({jax.device_count()})')
 
 
-def create_train_state(config, model, tx, rng, teacher=None) -> ts.TrainState:
+def create_train_state(config, model, tx, rng, teacher=None) -> train_step.TrainState:
   """A fresh `TrainState` for `config.learning_mode` (host arrays; shard with `device_put`)."""
   mutual = config.learning_mode == 'mt'
   v = models.init_variables(config, model, rng, 2 if mutual else 1)
   opt_state = (jax.vmap(tx.init) if mutual else tx.init)(v['params'])
-  return ts.TrainState(step=jnp.zeros((), jnp.int32), params=v['params'],
-                       batch_stats=v['batch_stats'], opt_state=opt_state, teacher=teacher)
+  return train_step.TrainState(step=jnp.zeros((), jnp.int32), params=v['params'],
+                               batch_stats=v['batch_stats'], opt_state=opt_state, teacher=teacher)
 
 
 def abstract_train_batch(config, sharding) -> Dict[str, jax.ShapeDtypeStruct]:
@@ -180,10 +175,9 @@ class Setup:
     mesh: the 1-D `('data',)` device mesh; `replicated` / `data_sharding` on it.
     model, tx, step_config: the network, the optimiser, the step's static config.
     state: the initial `TrainState`, replicated on the mesh.
-    step_fn: the jitted step `(state, batch, rng, hparams) -> (state, metrics)` (state donated).
+    step_fn: the jitted step `(state, batch, hparams) -> (state, metrics)` (state donated).
     abstract_batch: the global batch it is compiled for.
     steps_per_epoch, total_steps: the schedule.
-    step_rng: the root key of the step randomness (`fold_in(step_rng, step)`).
     data_seed: the training data order's seed.
     n_max: flow positions of a global batch (the remember table's length - 1).
   """
@@ -193,20 +187,26 @@ class Setup:
   data_sharding: NamedSharding
   model: Any
   tx: Any
-  step_config: ts.StepConfig
-  state: ts.TrainState
+  step_config: train_step.StepConfig
+  state: train_step.TrainState
   step_fn: Callable
   abstract_batch: Dict[str, jax.ShapeDtypeStruct]
   steps_per_epoch: int
   total_steps: int
-  step_rng: jax.Array
   data_seed: int
   n_max: int
+  _hparams: Optional[Tuple[int, schedules.StepHparams]] = dataclasses.field(
+      default=None, repr=False)
 
   def hparams(self, epoch: int) -> schedules.StepHparams:
-    """This epoch's λ and remember table, on the device (fixed shapes: no recompilation)."""
-    return jax.device_put(schedules.step_hparams(self.config.teacher, epoch, self.n_max),
-                          self.replicated)
+    """This epoch's λ and remember table, on the device (fixed shapes: no recompilation).
+
+    They change once per epoch: built on the host and transferred once, then reused by every
+    step of the epoch."""
+    if self._hparams is None or self._hparams[0] != epoch:
+      self._hparams = (epoch, jax.device_put(
+          schedules.step_hparams(self.config.teacher, epoch, self.n_max), self.replicated))
+    return self._hparams[1]
 
 
 def setup(config, mesh: Optional[jax.sharding.Mesh] = None, *, teacher=None) -> Setup:
@@ -214,33 +214,34 @@ def setup(config, mesh: Optional[jax.sharding.Mesh] = None, *, teacher=None) -> 
 
   Args:
     config: the experiment config (checked by `check_config`).
-    mesh: default `make_mesh()`.
+    mesh: default `sharding.make_mesh()`.
     teacher: 'st' only: the fixed teacher's `{'params', 'batch_stats'}`; default: loaded from
       `config.teacher.checkpoint` (its best model).
   """
   check_config(config, need_teacher=teacher is None)
-  mesh = mesh or make_mesh()
-  replicated, data_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
+  mesh = mesh or sharding.make_mesh()
+  replicated, data_sharding = sharding.replicated(mesh), sharding.batch_sharded(mesh)
   mode = config.learning_mode
   spe = steps_per_epoch(config)
-  init_rng, step_rng, data_seed_rng = jax.random.split(jax.random.PRNGKey(int(config.seed)), 3)
+  # Three streams, as when the steps took a key (the second): the same initial state and data
+  # order for a seed as before.
+  init_rng, _, data_seed_rng = jax.random.split(jax.random.PRNGKey(int(config.seed)), 3)
   model = models.build_model(config)
   tx = schedules.make_optimizer(config.optim, spe)
-  step_config = ts.StepConfig.from_config(config, model, tx)
+  step_config = train_step.StepConfig.from_config(config, model, tx)
   if mode == 'st' and teacher is None:
     teacher, teacher_config = ckpt_lib.load_model_variables(
         config.teacher.checkpoint, 'best', sharding=replicated, model_config=config)
     logging.info('fixed teacher loaded from %s (its learning mode: %s)',
                  config.teacher.checkpoint, teacher_config.get('learning_mode'))
   state = jax.device_put(create_train_state(config, model, tx, init_rng, teacher), replicated)
-  step_fn = jax.jit(functools.partial(ts.get_step_fn(mode), step_config),
-                    in_shardings=(replicated, data_sharding, replicated, replicated),
+  step_fn = jax.jit(functools.partial(train_step.get_step_fn(mode), step_config),
+                    in_shardings=(replicated, data_sharding, replicated),
                     out_shardings=(replicated, replicated), donate_argnums=(0,))
   return Setup(config=config, mesh=mesh, replicated=replicated, data_sharding=data_sharding,
                model=model, tx=tx, step_config=step_config, state=state, step_fn=step_fn,
                abstract_batch=abstract_train_batch(config, data_sharding),
                steps_per_epoch=spe, total_steps=spe * int(config.optim.num_epochs),
-               step_rng=step_rng,
                data_seed=int(jax.random.randint(data_seed_rng, (), 0, 2 ** 31 - 1)),
                n_max=int(config.optim.batch_size) * int(config.data.feature_size) ** 2)
 
@@ -271,7 +272,7 @@ def compile_step(s: Setup) -> Tuple[Any, float]:
     return _COMPILED[key], 0.0
   t0 = time.time()
   abstract = lambda tree: ckpt_lib.abstract_like(tree, s.replicated)  # noqa: E731
-  compiled = s.step_fn.lower(abstract(s.state), s.abstract_batch, abstract(s.step_rng),
+  compiled = s.step_fn.lower(abstract(s.state), s.abstract_batch,
                              abstract(schedules.step_hparams(s.config.teacher, 0, s.n_max))
                              ).compile()
   compile_s = time.time() - t0
@@ -282,94 +283,7 @@ def compile_step(s: Setup) -> Tuple[Any, float]:
 
 
 # ------------------------------------------------------------------------------------------------
-# Validation.
-
-
-def evaluate(model, variables, data_iter, protocol: evaluation.Protocol, *, mesh=None,
-             eval_step=None, max_batches: Optional[int] = None, prefix: str = 'val/',
-             zero_flow: bool = False) -> Dict[str, float]:
-  """PCK of one model over an evaluation iterator, as flat scalars.
-
-  Args:
-    model: the network.
-    variables: one model's `{'params', 'batch_stats'}`.
-    data_iter: iterable of eval batches (`data.create_eval_iterator`; padding rows masked by
-      `pair_valid`, padded keypoints by `kps_valid`).
-    protocol: alphas, threshold kind, resolution (`Protocol.from_config(.., validation=True)`).
-    mesh: device mesh (default all devices).
-    eval_step: a prebuilt `evaluation.make_eval_step(model, protocol, zero_flow)`.
-    max_batches: stop early (smoke runs).
-    prefix: key prefix.
-    zero_flow: also report the PCK of the zero flow (identity transfer) on the same pairs.
-
-  Returns:
-    `{prefix + 'pck@<alpha>': per-pair mean PCK in percent (the reference's number),
-    prefix + 'pck@<alpha>/per_keypoint': per keypoint, prefix + 'num_pairs': pairs}` and, with
-    `zero_flow`, `prefix + 'zero_flow/pck@<alpha>'` (`constants.metric_key`).
-  """
-  result = evaluation.evaluate_model(model, variables, data_iter, protocol, mesh=mesh,
-                                     eval_step=eval_step, max_batches=max_batches,
-                                     progress=False, zero_flow=zero_flow)
-  kind = protocol.thresholds[0]
-  out = {f'{prefix}num_pairs': float(result.groups['all'].pairs)}
-  for a in protocol.alphas:
-    out[metric_key(a, scope=prefix)] = result.pck(kind, a, 'per_pair')
-    out[metric_key(a, averaging='per_keypoint', scope=prefix)] = result.pck(kind, a,
-                                                                            'per_keypoint')
-  if zero_flow:
-    for a in protocol.alphas:
-      out[metric_key(a, scope=prefix + 'zero_flow')] = result.zero_flow.pck(kind, a, 'per_pair')
-  return out
-
-
-class Validator:
-  """Validation of every trained model of a run (one compiled evaluation step)."""
-
-  def __init__(self, s: Setup, features=None):
-    """`features`: the eval split's `cache_features.FeatureCache` (`model.inputs='features'`)."""
-    self.setup = s
-    self.features = features
-    self.protocol = evaluation.Protocol.from_config(s.config, validation=True)
-    self.eval_step = evaluation.make_eval_step(s.model, self.protocol, zero_flow=True)
-
-  def __call__(self, state: ts.TrainState, epoch: int, zero_flow: bool) -> Dict[str, float]:
-    """`val/...` scalars of the state's model(s); for 'mt' also `val/a/...`, `val/b/...` and
-    `val/best_model` (the better one by `val/pck@<eval.select_alpha>`, whose numbers are the
-    `val/pck@...` ones); with `zero_flow`, the zero flow's PCK on the same pairs."""
-    c, t = self.setup.config, time.time()
-    mutual = c.learning_mode == 'mt'
-    variables = jax.device_get({'params': state.params, 'batch_stats': state.batch_stats})
-    out = {}
-    for i, name in enumerate('ab' if mutual else ['']):
-      v = jax.tree.map(lambda x, i=i: x[i], variables) if mutual else variables
-      batches = data_lib.create_eval_iterator(
-          c.data, c.eval.split, batch_size=int(c.eval.batch_size),
-          process_index=jax.process_index(), process_count=jax.process_count(),
-          features=self.features)
-      out.update(evaluate(self.setup.model, v, batches, self.protocol, mesh=self.setup.mesh,
-                          eval_step=self.eval_step, max_batches=c.eval.get('max_batches'),
-                          prefix=f'val/{name}/' if name else 'val/',
-                          zero_flow=zero_flow and i == 0))
-    if mutual:
-      sel = [out[metric_key(c.eval.select_alpha, scope=f'val/{m}')] for m in 'ab']
-      winner = int(np.nanargmax(sel)) if np.isfinite(sel).any() else 0
-      for a in self.protocol.alphas:
-        out[metric_key(a, scope='val')] = out[metric_key(a, scope=f'val/{"ab"[winner]}')]
-      out['val/best_model'] = float(winner)
-      out = {k.replace('val/a/zero_flow/', 'val/zero_flow/'): v for k, v in out.items()}
-    out['val/epoch'] = float(epoch)
-    out['time/eval_s'] = time.time() - t
-    return out
-
-
-# ------------------------------------------------------------------------------------------------
 # The loop's helpers (explicit arguments, no shared mutable state).
-
-
-def _global_batch(batch, sharding, keys=TRAIN_KEYS + TRUTH_KEYS):
-  """Process-local numpy batch -> global arrays sharded over the mesh."""
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k]))
-          for k in keys}
 
 
 def _data(config, data_seed: int):
@@ -389,7 +303,7 @@ def _data(config, data_seed: int):
   return train_iter, features.get(config.eval.split)
 
 
-def _restore(s: Setup, manager, train_iter) -> Tuple[ts.TrainState, Dict[str, Any]]:
+def _restore(s: Setup, manager, train_iter) -> Tuple[train_step.TrainState, Dict[str, Any]]:
   """The newest intact checkpoint's state and meta, or the fresh state."""
   restored = ckpt_lib.restore(manager, ckpt_lib.abstract_like(s.state, s.replicated),
                               train_iter, config=s.config)
@@ -444,6 +358,20 @@ def _train_scalars(config, step: int, spe: int, window: Window, steps: int, seco
     scalars['train/pseudo_weight'] = schedules.pseudo_weight(config.teacher, epoch)
     scalars['train/remember_rate'] = schedules.remember_rate(config.teacher, epoch)
   return scalars
+
+
+def _validate(validate: evaluation.Validator, state, epoch: int, step: int,
+              meta: Dict[str, Any], writer: MetricWriter, config) -> Dict[str, float]:
+  """Validates the state's model(s) after `epoch` (global step `step`), logs the scalars and
+  returns them. The zero flow is measured at a run's first validation and kept in `meta`."""
+  val = validate({'params': state.params, 'batch_stats': state.batch_stats}, epoch,
+                 zero_flow='zero_flow' not in meta)
+  meta.setdefault('zero_flow', {k: v for k, v in val.items() if 'zero_flow' in k})
+  writer.write(step, val)
+  logging.info('epoch %d (step %d): %s', epoch, step, ', '.join(
+      f'{k}={val[k]:.2f}' for k in (metric_key(a, scope='val')
+                                    for a in config.eval.alphas) if k in val))
+  return val
 
 
 def _save(manager, step: int, epoch: int, state, meta: Dict[str, Any], window: Window,
@@ -551,7 +479,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   compiled, compile_s = compile_step(s) if step < total else (None, 0.0)
   if compiled is not None:
     writer.write(step, {'compile/train_step_s': compile_s})
-  validate = Validator(s, eval_features)
+  validate = evaluation.Validator(config, s.model, s.mesh, eval_features)
   window = Window(meta.get('log_window'))
   pending: List[Tuple[int, Dict[str, Any]]] = []  # step metrics not yet read from the device
   read = functools.partial(read_metrics, pending, window, writer,
@@ -563,9 +491,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     with _sigterm_requests_stop() as signalled:
       while step < total:
         epoch = step // spe
-        batch = _global_batch(next(train_iter), s.data_sharding)
-        rng = jax.device_put(jax.random.fold_in(s.step_rng, step), s.replicated)
-        state, metrics = compiled(state, batch, rng, s.hparams(epoch))
+        batch = sharding.global_batch(next(train_iter), s.data_sharding, TRAIN_KEYS + TRUTH_KEYS)
+        state, metrics = compiled(state, batch, s.hparams(epoch))
         step, steps_since_log = step + 1, steps_since_log + 1
         pending.append((step, metrics))
         if bar is not None:
@@ -583,13 +510,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           read()
           completed, val = step // spe, None
           if completed % int(config.eval.every_epochs) == 0 or step == total:
-            val = validate(state, completed, zero_flow='zero_flow' not in meta)
-            meta.setdefault('zero_flow', {k: v for k, v in val.items() if 'zero_flow' in k})
-            last_val = val
-            writer.write(step, val)
-            logging.info('epoch %d (step %d): %s', completed, step, ', '.join(
-                f'{k}={val[k]:.2f}' for k in (metric_key(a, scope='val')
-                                              for a in config.eval.alphas) if k in val))
+            val = last_val = _validate(validate, state, completed, step, meta, writer, config)
           _save(manager, step, completed, state, meta, window, train_iter, config, val)
           # Evaluation and checkpointing are not step time: the speed window restarts.
           t_log, steps_since_log = time.time(), 0

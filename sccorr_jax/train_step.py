@@ -1,6 +1,6 @@
 """The three learning modes of SCorrSAN as pure training steps (paper Sec. 3.3-3.4, Alg. 1).
 
-Every step has the signature `(state, batch, rng, hparams) -> (state, metrics)`; the static
+Every step has the signature `(state, batch, hparams) -> (state, metrics)`; the static
 parts (model, optimiser, options) are bound with `functools.partial(step, step_config)` before
 `jax.jit`. `hparams` (`schedules.StepHparams`: λ, the remember-count table, the confidence
 percentile) change once per epoch with fixed shapes, so a new epoch never recompiles.
@@ -404,7 +404,7 @@ def _supervised_step(cfg: StepConfig, state: TrainState, batch, label_loss, labe
   return state, {'loss': loss, 'loss_sup': loss, **_state_metrics(state, ok)}
 
 
-def baseline_step(cfg: StepConfig, state: TrainState, batch, rng, hparams: StepHparams
+def baseline_step(cfg: StepConfig, state: TrainState, batch, hparams: StepHparams
                   ) -> Tuple[TrainState, Metrics]:
   """One supervised step: sparse EPE on the keypoint-derived flow labels.
 
@@ -412,20 +412,19 @@ def baseline_step(cfg: StepConfig, state: TrainState, batch, rng, hparams: StepH
     cfg: static config.
     state: a single-model `TrainState`.
     batch: the batch contract's `src_img`, `trg_img` [b, H, W, 3] and `flow` [b, S, S, 2].
-    rng: PRNG key (unused: the network has no stochastic layer; kept for a uniform signature).
     hparams: unused by this mode.
 
   Returns:
     `(state, metrics)`; metrics `loss`, `loss_sup`, `nonfinite`, `nonfinite_streak`,
     `nonfinite_total`.
   """
-  del rng, hparams
+  del hparams
   return _supervised_step(cfg, state, batch,
                           lambda flow: losses.labelled_epe(flow, batch['flow']),
                           labelled=_has_labels(batch))
 
 
-def dense_step(cfg: StepConfig, state: TrainState, batch, rng, hparams: StepHparams
+def dense_step(cfg: StepConfig, state: TrainState, batch, hparams: StepHparams
                ) -> Tuple[TrainState, Metrics]:
   """One step on the dense ground truth: EPE over every position where it is valid.
 
@@ -438,12 +437,12 @@ def dense_step(cfg: StepConfig, state: TrainState, batch, rng, hparams: StepHpar
     state: a single-model `TrainState`.
     batch: `src_img`, `trg_img` [b, H, W, 3], `dense_flow` [b, S, S, 2] (cells) and
       `dense_valid` [b, S, S] bool (datasets with a dense truth: `parts`, `synthetic`).
-    rng, hparams: unused by this mode.
+    hparams: unused by this mode.
 
   Returns:
     `(state, metrics)` as `baseline_step`; a batch with no valid position changes nothing.
   """
-  del rng, hparams
+  del hparams
   valid = jnp.asarray(batch['dense_valid'], bool)
   return _supervised_step(cfg, state, batch,
                           lambda flow: losses.masked_epe(flow, batch['dense_flow'], valid),
@@ -502,7 +501,7 @@ def student_update(cfg: StepConfig, state: TrainState, batch, teacher_flow,
   return state, {'loss': loss, **metrics, **_state_metrics(state, ok)}
 
 
-def single_teacher_step(cfg: StepConfig, state: TrainState, batch, rng, hparams: StepHparams
+def single_teacher_step(cfg: StepConfig, state: TrainState, batch, hparams: StepHparams
                         ) -> Tuple[TrainState, Metrics]:
   """One step of a student taught by a fixed offline teacher (`state.teacher`).
 
@@ -513,7 +512,6 @@ def single_teacher_step(cfg: StepConfig, state: TrainState, batch, rng, hparams:
      gate and target of `cfg.pseudo_label`).
   3. Gradient and update of the student only; the teacher is never touched.
   """
-  del rng
   teacher = (state.teacher['params'], state.teacher['batch_stats'])
   aux = cfg.pseudo_label.needs_teacher_aux
   out = forward(cfg, *teacher, batch, train=False, return_aux=aux)
@@ -587,7 +585,7 @@ def mutual_teacher_objective(cfg: StepConfig, params_ab, batch_stats_ab, batch,
                            (flow_a, flow_b))
 
 
-def mutual_teacher_step(cfg: StepConfig, state: TrainState, batch, rng, hparams: StepHparams
+def mutual_teacher_step(cfg: StepConfig, state: TrainState, batch, hparams: StepHparams
                         ) -> Tuple[TrainState, Metrics]:
   """One step of two mutual online teachers, a and b (leading axis 2 of the state).
 
@@ -596,7 +594,6 @@ def mutual_teacher_step(cfg: StepConfig, state: TrainState, batch, rng, hparams:
     state: `TrainState` whose `params`, `batch_stats`, `opt_state` leaves are stacked [2, ...].
     batch: `src_img`, `trg_img` [b, H, W, 3], `flow` [b, S, S, 2] (and optionally the truth
       of `pseudo_label_truth`, for metrics only).
-    rng: unused (no stochastic layer).
     hparams: λ, the remember-count table and the confidence percentile of this epoch.
 
   Returns:
@@ -605,7 +602,6 @@ def mutual_teacher_step(cfg: StepConfig, state: TrainState, batch, rng, hparams:
     same for `b/`, `pseudo_agreement` (fraction of candidates where the two flows are within
     `PSEUDO_ACC_CELLS`), `nonfinite` and the streak counters.
   """
-  del rng
   # 1-4: the objective (see `mutual_teacher_objective`).
   grad_fn = jax.value_and_grad(mutual_teacher_objective, argnums=1, has_aux=True)
   (_, (batch_stats, loss_ab, terms, flows)), grads = grad_fn(

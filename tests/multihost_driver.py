@@ -19,9 +19,9 @@ def main():
                              num_processes=int(nproc), process_id=int(pid))
   from absl import flags  # pylint: disable=g-import-not-at-top
   flags.FLAGS.mark_as_parsed()
-  from sccorr_jax import config_lib as common
+  from sccorr_jax import config_lib
   from sccorr_jax import train  # pylint: disable=g-import-not-at-top
-  config = common.tiny_config("mt", data_dir=data_dir)
+  config = config_lib.tiny_config("mt", data_dir=data_dir)
   summary = train.train_and_evaluate(config, workdir)
   print(f"process {pid} of {jax.process_count()} with {jax.device_count()} devices: "
         f"step {summary['step']}", flush=True)

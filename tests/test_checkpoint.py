@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from sccorr_jax import models
-from sccorr_jax import config_lib as common
+from sccorr_jax import config_lib
 
 from sccorr_jax import checkpoint as ckpt_lib  # noqa: E402
 from sccorr_jax import schedules  # noqa: E402
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.usefixtures('fast_compiles')
 
 @pytest.fixture(scope='module')
 def tiny(fast_compiles):  # pylint: disable=redefined-outer-name,unused-argument
-  config = common.tiny_config('mt')
+  config = config_lib.tiny_config('mt')
   model = models.build_model(config)
   variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)),
                                   jnp.zeros((1, 32, 32, 3)))
@@ -52,7 +52,7 @@ def test_export_roundtrip_and_errors(tiny, tmp_path):
     ckpt_lib.load_model_variables(tmp_path / 'nowhere')
   with pytest.raises(ckpt_lib.CheckpointError, match='neither'):
     ckpt_lib.load_model_variables(tmp_path)
-  other = common.tiny_config('mt')
+  other = config_lib.tiny_config('mt')
   other.model.sce_features = 24
   with pytest.raises(ckpt_lib.CheckpointError,
                      match=r'export/variables does not fit .*sce/conv/kernel has shape '
@@ -108,7 +108,7 @@ def test_manager_keeps_latest_and_best_and_restores_abstract(tiny, tmp_path):
   with pytest.raises(ckpt_lib.CheckpointError, match='model_index'):
     ckpt_lib.load_model_variables(tmp_path, model_index=2)
   # Restoring into another configuration's state names the path and the arrays.
-  other = common.tiny_config('mt')
+  other = config_lib.tiny_config('mt')
   other.model.sce_features = 24
   other_state = train.create_train_state(other, models.build_model(other), tx,
                                          jax.random.PRNGKey(1))

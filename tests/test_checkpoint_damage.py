@@ -87,10 +87,10 @@ def _restore(config, workdir):
 
 
 def _warnings(caplog):
-  """The warnings `sccorr_jax/checkpoint.py` logged (not, say, asyncio reporting late an Orbax
+  """The warnings `sccorr_jax/checkpoint/` logged (not, say, asyncio reporting late an Orbax
   read error of an earlier test's damaged step, when its future is garbage-collected)."""
   return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING
-          and pathlib.Path(r.pathname).parts[-2:] == ('sccorr_jax', 'checkpoint.py')]
+          and pathlib.Path(r.pathname).parts[-3:-1] == ('sccorr_jax', 'checkpoint')]
 
 
 def _one_line(e) -> str:

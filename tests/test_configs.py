@@ -9,34 +9,34 @@ from ml_collections import config_flags  # noqa: F401  (absl flags are marked pa
 import pytest
 
 from sccorr_jax import models
-from sccorr_jax import config_lib as common
+from sccorr_jax import config_lib
 
 CONFIGS = os.path.join(os.path.dirname(__file__), '..', 'configs')
 demo, demo_warp, pfpascal, pfwillow, spair = (
-    common.load_config_module(os.path.join(CONFIGS, f'{name}.py'))
+    config_lib.load_config_module(os.path.join(CONFIGS, f'{name}.py'))
     for name in ('demo', 'demo_warp', 'pfpascal', 'pfwillow', 'spair'))
 
 
 def test_load_config_file_errors(tmp_path):
-  with pytest.raises(common.ConfigFileError, match='nope.py: does not exist'):
-    common.load_config(str(tmp_path / 'nope.py') + ':mt')
+  with pytest.raises(config_lib.ConfigFileError, match='nope.py: does not exist'):
+    config_lib.load_config(str(tmp_path / 'nope.py') + ':mt')
   (tmp_path / 'empty.py').write_text('x = 1\n')
-  with pytest.raises(common.ConfigFileError, match='defines no get_config'):
-    common.load_config(str(tmp_path / 'empty.py'))
-  assert common.load_config(os.path.join(CONFIGS, 'demo.py') + ':baseline,tiny'
-                            ).learning_mode == 'baseline'
+  with pytest.raises(config_lib.ConfigFileError, match='defines no get_config'):
+    config_lib.load_config(str(tmp_path / 'empty.py'))
+  assert config_lib.load_config(os.path.join(CONFIGS, 'demo.py') + ':baseline,tiny'
+                                ).learning_mode == 'baseline'
 
 
 def test_parse_arg():
-  a = common.parse_arg('st,runlocal', variant='mt', runlocal=False, epochs=0)
+  a = config_lib.parse_arg('st,runlocal', variant='mt', runlocal=False, epochs=0)
   assert a.variant == 'st' and a.runlocal and a.epochs == 0
-  a = common.parse_arg('variant=baseline,epochs=3', variant='mt', runlocal=False, epochs=0)
+  a = config_lib.parse_arg('variant=baseline,epochs=3', variant='mt', runlocal=False, epochs=0)
   assert a.variant == 'baseline' and not a.runlocal and a.epochs == 3
-  assert common.parse_arg(None, variant='mt').variant == 'mt'
+  assert config_lib.parse_arg(None, variant='mt').variant == 'mt'
   with pytest.raises(ValueError, match='unknown config argument'):
-    common.parse_arg('nosuchkey=1', variant='mt')
+    config_lib.parse_arg('nosuchkey=1', variant='mt')
   with pytest.raises(ValueError, match='must be a int'):
-    common.parse_arg('epochs=x', epochs=0)
+    config_lib.parse_arg('epochs=x', epochs=0)
 
 
 def test_spair_reference_values():
@@ -94,7 +94,7 @@ def test_locked_config_rejects_typos():
   c.optim.lr = 1e-4  # Existing keys stay writable.
 
 
-@pytest.mark.parametrize('entry', common.ablation_sweep())
+@pytest.mark.parametrize('entry', config_lib.ablation_sweep())
 def test_every_ablation_is_a_config_switch(entry):
   c = spair.get_config()
   c.lock()
@@ -105,16 +105,17 @@ def test_every_ablation_is_a_config_switch(entry):
       node = node[p]
     node[leaf] = value
     assert node[leaf] == value
-  assert c.learning_mode in common.LEARNING_MODES
+  assert c.learning_mode in config_lib.LEARNING_MODES
 
 
 def test_ablation_sweep_covers_tables_4_and_6():
-  keys = {k for entry in common.ablation_sweep() for k in entry}
+  keys = {k for entry in config_lib.ablation_sweep() for k in entry}
   assert {'model.use_context', 'model.feature_size', 'optim.freeze_backbone', 'learning_mode',
           'teacher.small_loss_selection', 'teacher.dilation_kernel'} <= keys
-  kernels = {e.get('teacher.dilation_kernel', 7) for e in common.ablation_sweep()}
+  kernels = {e.get('teacher.dilation_kernel', 7) for e in config_lib.ablation_sweep()}
   assert {0, 3, 7, 15} <= kernels
-  assert all(s.startswith('--config.') for s in common.sweep_to_flags(common.ablation_sweep()))
+  lines = config_lib.sweep_to_flags(config_lib.ablation_sweep())
+  assert all(s.startswith('--config.') for s in lines)
 
 
 def test_command_line_overrides(monkeypatch):

@@ -14,6 +14,7 @@ import pytest
 
 from sccorr_jax import checkpoint
 from sccorr_jax import config_lib
+from sccorr_jax import constants
 from sccorr_jax import evaluation
 from sccorr_jax.data import transforms
 
@@ -299,3 +300,16 @@ def test_one_metric_key_scheme_for_reports_and_training_logs():
   assert evaluation.metric_key(0.15, scope="val/zero_flow") == "val/zero_flow/pck@0.15"
   config = ml_collections.ConfigDict({"eval": {"select_alpha": 0.05}})
   assert checkpoint.select_metric(config) == "val/pck@0.05"
+
+
+def test_metric_keys_parse_back_into_their_parts():
+  for key in ("val/pck@0.1", "val/a/pck@0.1/per_keypoint", "val/zero_flow/pck@0.15",
+              "test/pck@0.05", "pck@0.1/bbox/per_pair/256px/trg->src",
+              "pck@0.05/img/per_keypoint/96px/trg->src/category=cat"):
+    parts = constants.parse_metric_key(key)
+    assert constants.metric_key(*parts) == key
+  assert constants.parse_metric_key("val/a/pck@0.1/per_keypoint") == constants.MetricKey(
+      0.1, averaging="per_keypoint", scope="val/a")
+  assert constants.parse_metric_key("pck@0.05/bbox_legacy/per_pair/256px/trg->src").img_size == 256
+  for key in ("val/epoch", "val/best_model", "train/a/loss_sup", "val/pck@x"):
+    assert constants.parse_metric_key(key) is None

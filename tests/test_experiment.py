@@ -1,4 +1,4 @@
-"""Tests of the sweep runner `tools/experiment.py` (issue 11, part 3).
+"""Tests of the sweep runner `sccorr_jax.experiments` (`tools/experiment.py`; issue 11, part 3).
 
 One real run of the tiny config (`configs/demo.py:tiny`, 1 epoch of 2 steps): interrupted after
 step 1, finished by the runner from its checkpoint, then skipped by a second invocation. The
@@ -13,16 +13,14 @@ import os
 import signal
 import time
 
-from conftest import load_tool
 import pytest
 
 from sccorr_jax import config_lib
+from sccorr_jax import experiments
 from sccorr_jax import train
-from sccorr_jax import workers
+from sccorr_jax.experiments import workers
 
 pytestmark = pytest.mark.usefixtures('fast_compiles')
-
-experiment = load_tool('experiment')
 
 CONFIG = 'configs/demo.py:tiny'
 
@@ -49,13 +47,13 @@ def _no_training(config, workdir):
 def test_runner_resumes_a_killed_run_then_skips_it(data_dir, tmp_path):
   out = str(tmp_path / 'sweep')
   common = {'data.data_dir': data_dir, 'optim.num_epochs': 1}
-  cells = experiment.plan_cells({'baseline': {'learning_mode': 'baseline'}})
+  cells = experiments.plan_cells({'baseline': {'learning_mode': 'baseline'}})
   # A run killed after step 1 (of 2), with its checkpoint, in the runner's workdir.
-  workdir = experiment.run_dir(out, 'baseline', 0)
-  config = experiment.make_config(CONFIG, cells[0], 0, out, common)
+  workdir = experiments.run_dir(out, 'baseline', 0)
+  config = experiments.make_config(CONFIG, cells[0], 0, out, common)
   assert train.train_and_evaluate(config, workdir, stop_after_steps=1)['step'] == 1
 
-  runs = experiment.run_sweep(CONFIG, 'test', cells, [0], out, common)
+  runs = experiments.run_sweep(CONFIG, 'test', cells, [0], out, common)
   assert len(runs) == 1
   entry = runs[0]
   assert (entry['cell'], entry['seed'], entry['step']) == ('baseline', 0, 2)
@@ -79,7 +77,7 @@ def test_runner_resumes_a_killed_run_then_skips_it(data_dir, tmp_path):
   with open(os.path.join(out, 'results.json'), 'rb') as f:
     before = f.read()
   files = _files(os.path.join(out, 'runs'))
-  again = experiment.run_sweep(CONFIG, 'test', cells, [0], out, common, train_fn=_no_training)
+  again = experiments.run_sweep(CONFIG, 'test', cells, [0], out, common, train_fn=_no_training)
   assert again == runs
   with open(os.path.join(out, 'results.json'), 'rb') as f:
     assert f.read() == before
@@ -87,35 +85,35 @@ def test_runner_resumes_a_killed_run_then_skips_it(data_dir, tmp_path):
 
   # Other settings in the same directory are refused rather than mixed into one table.
   with pytest.raises(ValueError, match='optim.num_epochs'):
-    experiment.run_sweep(CONFIG, 'test', cells, [0], out, {**common, 'optim.num_epochs': 2},
+    experiments.run_sweep(CONFIG, 'test', cells, [0], out, {**common, 'optim.num_epochs': 2},
                          train_fn=_no_training)
 
 
 def test_st_cells_follow_and_use_the_same_seeds_baseline(tmp_path):
   sweep = config_lib.get_sweep('modes')
-  order = [c.name for c in experiment.plan_cells(sweep)]
+  order = [c.name for c in experiments.plan_cells(sweep)]
   assert order.index('baseline') < order.index('st')
-  assert [c.name for c in experiment.plan_cells(sweep, ['st'])] == ['baseline', 'st']
+  assert [c.name for c in experiments.plan_cells(sweep, ['st'])] == ['baseline', 'st']
   out = str(tmp_path)
-  st = experiment.plan_cells(sweep, ['st'])[1]
+  st = experiments.plan_cells(sweep, ['st'])[1]
   for seed in (0, 2):
-    config = experiment.make_config(CONFIG, st, seed, out)
+    config = experiments.make_config(CONFIG, st, seed, out)
     assert config.learning_mode == 'st' and config.seed == seed
     assert config.teacher.checkpoint == os.path.abspath(
-        experiment.run_dir(out, 'baseline', seed))
-  text = experiment.describe(CONFIG, experiment.plan_cells(sweep, ['st']), [0, 1], out, {})
+        experiments.run_dir(out, 'baseline', seed))
+  text = experiments.describe(CONFIG, experiments.plan_cells(sweep, ['st']), [0, 1], out, {})
   assert 'st after baseline' in text and 'seed1: to run' in text
   with pytest.raises(ValueError, match='unknown cell'):
-    experiment.plan_cells(sweep, ['nope'])
+    experiments.plan_cells(sweep, ['nope'])
   with pytest.raises(ValueError, match='cycle'):
-    experiment.plan_cells({'a': {'x': 'cell:b'}, 'b': {'x': 'cell:a'}})
+    experiments.plan_cells({'a': {'x': 'cell:b'}, 'b': {'x': 'cell:a'}})
 
 
 def test_cells_with_identical_configs_are_found(tmp_path):
   sweep = config_lib.get_sweep('modes')
-  cells = experiment.plan_cells(sweep)
-  configs = [experiment.make_config(CONFIG, c, 0, str(tmp_path)) for c in cells]
-  same = experiment.identical_cells(cells, configs)
+  cells = experiments.plan_cells(sweep)
+  configs = [experiments.make_config(CONFIG, c, 0, str(tmp_path)) for c in cells]
+  same = experiments.identical_cells(cells, configs)
   # The tiny config's default dilation is 7: that cell is `mt`; every other cell differs.
   assert configs[0].teacher.dilation_kernel == 7
   assert same == {'mt_dilation7': 'mt'}
@@ -128,7 +126,7 @@ def test_sweeps_and_overrides():
   ablation = config_lib.get_sweep('ablation')
   assert len(ablation) == len(config_lib.ablation_sweep())
   assert ablation['st']['teacher.checkpoint'] == 'cell:baseline'
-  assert experiment.parse_set(['optim.lr=1e-3', 'data.data_dir=/tmp/x', 'a.b=true']) == {
+  assert config_lib.parse_overrides(['optim.lr=1e-3', 'data.data_dir=/tmp/x', 'a.b=true']) == {
       'optim.lr': 1e-3, 'data.data_dir': '/tmp/x', 'a.b': True}
   c = config_lib.load_config(CONFIG)
   c.lock()
@@ -152,7 +150,7 @@ def test_markdown_mean_and_std_over_seeds():
                                                'train/b/pseudo_kept_epe': 0.7,
                                                'train/pseudo_weight': 1.0}))
   entries.append(_entry('st', 0, 30.0, pseudo={'train/pseudo_kept_epe': 0.25}))
-  text = experiment.markdown_table(entries, ['mt', 'baseline'])
+  text = experiments.markdown_table(entries, ['mt', 'baseline'])
   main, pseudo = text.split('## Pseudo-labels')
   rows = {line.split(' | ')[0].strip('| '): line for line in main.splitlines()
           if line.startswith('| ') and '---' not in line}
@@ -176,14 +174,14 @@ def test_budget_curve_and_plots(tmp_path):
       for seed, noise in enumerate((-1.0, 1.0)):
         entries.append(_entry(f'{mode}_k{k}', seed, 10.0 * (k or 8) + shift + noise,
                               {'learning_mode': mode, 'data.keypoints_per_pair': k}))
-  series = experiment.budget_series(entries, 'val/pck@0.1')
+  series = experiments.budget_series(entries, 'val/pck@0.1')
   assert [p[0] for p in series['mt']] == [1, 4, 0]  # 'all' last.
   k, mean, std, n = series['mt'][1]
   assert (k, n) == (4, 2) and mean == pytest.approx(45.0) and std == pytest.approx(2 ** 0.5)
-  paths = experiment.write_reports(str(tmp_path), entries, settings={'sweep': 'budget'})
+  paths = experiments.write_reports(str(tmp_path), entries, settings={'sweep': 'budget'})
   assert [os.path.basename(p) for p in paths] == ['results.md', 'budget.png']
   bars = str(tmp_path / 'modes.png')
-  experiment.plot_bars(entries[:4], 'val/pck@0.1', bars)
+  experiments.plot_bars(entries[:4], 'val/pck@0.1', bars)
   for path in (paths[1], bars):
     with open(path, 'rb') as f:
       assert f.read(8) == b'\x89PNG\r\n\x1a\n'
@@ -206,9 +204,9 @@ def _fake_train(config, workdir):
 def test_workers_run_cells_in_parallel_after_the_cells_they_need(tmp_path):
   out = str(tmp_path / 'sweep')
   sweep = config_lib.get_sweep('modes')
-  cells = experiment.plan_cells(sweep, ['st', 'mt', 'mt_dilation7', 'mt_dilation15'])
+  cells = experiments.plan_cells(sweep, ['st', 'mt', 'mt_dilation7', 'mt_dilation15'])
   with pytest.raises(RuntimeError, match=r'cell mt_dilation15 seed 1 failed: diverged .*train.log'):
-    experiment.run_sweep(CONFIG, 'test', cells, [0, 1], out, train_fn=_fake_train, workers=2)
+    experiments.run_sweep(CONFIG, 'test', cells, [0, 1], out, train_fn=_fake_train, workers=2)
   with open(os.path.join(out, 'results.json')) as f:
     runs = {(r['cell'], r['seed']): r for r in json.load(f)['runs']}
   # The failed run is the last to start: every other run finished and was recorded.
@@ -216,14 +214,14 @@ def test_workers_run_cells_in_parallel_after_the_cells_they_need(tmp_path):
   assert runs['mt_dilation7', 0]['same_as'] == 'mt' and runs['mt', 0]['workers'] == 2
 
   def times(cell, seed):
-    with open(os.path.join(experiment.run_dir(out, cell, seed), 'times.json')) as f:
+    with open(os.path.join(experiments.run_dir(out, cell, seed), 'times.json')) as f:
       return json.load(f)
 
   for seed in (0, 1):
     # The teacher run finished before its student started; two processes trained.
     assert times('baseline', seed)[1] <= times('st', seed)[0]
   assert len({times(c, 0)[2] for c in ('baseline', 'st', 'mt')}) >= 2
-  with open(os.path.join(experiment.run_dir(out, 'st', 0), 'train.log')) as f:
+  with open(os.path.join(experiments.run_dir(out, 'st', 0), 'train.log')) as f:
     assert 'trained' in f.read()
 
 
@@ -240,24 +238,24 @@ def test_pseudo_metrics_are_the_last_epochs_windows_mean():
           {'step': 30, 'train/a/pseudo_kept_epe': 3.0, 'train/pseudo_agreement': 0.5},
           {'step': 40, 'train/a/pseudo_kept_epe': 5.0},  # No agreement logged in this window.
           {'step': 48, 'val/pck@0.1': 10.0}]
-  pseudo, steps = experiment.last_epoch_pseudo_metrics(rows, steps_per_epoch=24)
+  pseudo, steps = experiments.last_epoch_pseudo_metrics(rows, steps_per_epoch=24)
   assert pseudo == {'train/a/pseudo_kept_epe': 4.0, 'train/pseudo_agreement': 0.5}
   assert steps == [30, 40]
-  assert experiment.last_epoch_pseudo_metrics(rows[:1], 24) == ({}, None)
+  assert experiments.last_epoch_pseudo_metrics(rows[:1], 24) == ({}, None)
 
 
 def test_mt_cells_also_report_the_mean_of_their_two_networks(tmp_path):
   mt = _entry('mt', 0, 12.0)
   mt['final'].update({'val/a/pck@0.1': 12.0, 'val/b/pck@0.1': 9.0})
   runs = [_entry('baseline', 0, 10.0), mt]
-  assert experiment.networks_mean(mt, 'val/pck@0.1') == 10.5
-  assert experiment.networks_mean(runs[0], 'val/pck@0.1') is None
-  table = experiment.markdown_table(runs)
+  assert experiments.networks_mean(mt, 'val/pck@0.1') == 10.5
+  assert experiments.networks_mean(runs[0], 'val/pck@0.1') is None
+  table = experiments.markdown_table(runs)
   assert 'mean of networks a, b' in table
   assert '| mt |' in table and '| 10.50 |' in table
   for e, k in zip(runs, (2, 2)):
-    e['overrides'] = {'learning_mode': e['cell'], experiment.BUDGET_KEY: k}
-  assert experiment.budget_series(runs, 'val/pck@0.1', networks=True) == {
+    e['overrides'] = {'learning_mode': e['cell'], experiments.BUDGET_KEY: k}
+  assert experiments.budget_series(runs, 'val/pck@0.1', networks=True) == {
       'mt': [(2, 10.5, pytest.approx(float('nan'), nan_ok=True), 1)]}
 
 

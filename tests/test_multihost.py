@@ -13,9 +13,9 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 from sccorr_jax import models
-from sccorr_jax import config_lib as common
+from sccorr_jax import config_lib
 
-from sccorr_jax import checkpoint, evaluation, train
+from sccorr_jax import checkpoint, evaluation
 
 
 def _free_port():
@@ -53,10 +53,11 @@ def test_two_process_training_and_evaluation(tmp_path):
   assert int(config.optim.batch_size) == 4
   # Evaluating model a here gives the number the two processes computed together (each
   # process held half of the validation pairs; the counts were gathered).
-  cfg = common.tiny_config("mt", data_dir=str(data_dir))
+  cfg = config_lib.tiny_config("mt", data_dir=str(data_dir))
   model = models.build_model(cfg)
   from sccorr_jax import data  # pylint: disable=g-import-not-at-top
   it = data.create_eval_iterator(cfg.data, cfg.eval.split, batch_size=cfg.eval.batch_size)
-  ours = train.evaluate(model, variables, it, evaluation.Protocol.from_config(cfg, validation=True),
-                        max_batches=cfg.eval.max_batches)
+  ours = evaluation.validation_metrics(
+      model, variables, it, evaluation.Protocol.from_config(cfg, validation=True),
+      max_batches=cfg.eval.max_batches)
   np.testing.assert_allclose(ours["val/pck@0.1"], logged["val/a/pck@0.1"], atol=1e-6)

@@ -30,7 +30,7 @@ from sccorr_jax import losses
 from sccorr_jax import models
 from sccorr_jax import schedules
 from sccorr_jax import train
-from sccorr_jax import train_step as ts
+from sccorr_jax import train_step
 from sccorr_jax.models import SCorrSAN
 from sccorr_jax.models import flow as flow_lib
 
@@ -299,7 +299,7 @@ def test_recall_counts_the_right_candidates_that_were_kept():
   terms = losses.PseudoLabelTerms(jnp.float32(0), jnp.float32(0), candidates, kept,
                                   jnp.int32(3), jnp.int32(5), target=pseudo)
   batch = {'flow': np.zeros_like(truth), 'dense_flow': truth, 'dense_valid': valid}
-  m = jax.device_get(ts.pseudo_label_metrics(terms, None, batch))
+  m = jax.device_get(train_step.pseudo_label_metrics(terms, None, batch))
   # Right candidates with a truth: (0, 0), (0, 2), (1, 0); kept of them: (0, 0) only.
   assert m['pseudo_recall'] == pytest.approx(1 / 3)
   assert m['kept_fraction'] == pytest.approx(3 / 5)
@@ -350,10 +350,10 @@ def _head_setup(dtype, mt=True, **teacher):
   if mt:
     params = jax.tree.map(lambda x: jnp.stack([x, x]), params)
   tx = optax.sgd(1e-3)
-  cfg = ts.StepConfig(model=model, tx=tx, dilation_kernel=3,
-                      pseudo_label=losses.PseudoLabelOptions(**teacher))
-  state = ts.TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats={},
-                        opt_state=(jax.vmap(tx.init) if mt else tx.init)(params))
+  cfg = train_step.StepConfig(model=model, tx=tx, dilation_kernel=3,
+                              pseudo_label=losses.PseudoLabelOptions(**teacher))
+  state = train_step.TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats={},
+                                opt_state=(jax.vmap(tx.init) if mt else tx.init)(params))
   src, trg = _features(dtype)
   label = (2.0, -1.0)
   truth = np.zeros((2, 3, 3, 2), dtype)
@@ -380,10 +380,10 @@ def test_mt_step_affinity_cycle_propagated_and_unlabelled_pairs(x64):
                                   unlabelled_pairs='object_cycle', affinity_radius=1,
                                   cycle_delta=0.5)
   hp = _hparams(dt)
-  new_state, metrics = jax.jit(functools.partial(ts.mutual_teacher_step, cfg))(
-      state, batch, jax.random.PRNGKey(0), hp)
+  new_state, metrics = jax.jit(functools.partial(train_step.mutual_teacher_step, cfg))(
+      state, batch, hp)
   _, (_, _, (terms_a, _), (flow_a, _)) = jax.jit(
-      functools.partial(ts.mutual_teacher_objective, cfg))(state.params, {}, batch, hp)
+      functools.partial(train_step.mutual_teacher_objective, cfg))(state.params, {}, batch, hp)
   tol = _tol(x64)
   np.testing.assert_allclose(np.asarray(flow_a)[0, 0, [0, 2]], [[1, 0], [-1, 0]], **tol)
   object_rows = [(y, x) for y in range(2) for x in range(3)]
@@ -418,14 +418,14 @@ def test_st_step_object_region_and_confidence_gate(x64):
   cfg, state, batch = _head_setup(dt, mt=False, region='object', gate='confidence',
                                   confidence_radius=0.5)
   state = state.replace(teacher={'params': state.params, 'batch_stats': {}})
-  step = jax.jit(functools.partial(ts.single_teacher_step, cfg))
-  new_state, metrics = step(state, batch, jax.random.PRNGKey(0), _hparams(dt, 34.0))
+  step = jax.jit(functools.partial(train_step.single_teacher_step, cfg))
+  new_state, metrics = step(state, batch, _hparams(dt, 34.0))
 
   @jax.jit
   def terms_of(params, hp):
-    flow, _, aux = ts.forward(cfg, params, {}, batch, train=False, return_aux=True)
-    signals = ts.teacher_signals(cfg, params, {}, batch, flow, aux, train=False)
-    return ts.student_objective(cfg, params, {}, batch, flow, hp, signals)[1][1], signals
+    flow, _, aux = train_step.forward(cfg, params, {}, batch, train=False, return_aux=True)
+    signals = train_step.teacher_signals(cfg, params, {}, batch, flow, aux, train=False)
+    return train_step.student_objective(cfg, params, {}, batch, flow, hp, signals)[1][1], signals
 
   terms, signals = terms_of(state.params, _hparams(dt, 34.0))
   mass = np.asarray(signals.confidence)[0]
@@ -440,7 +440,7 @@ def test_st_step_object_region_and_confidence_gate(x64):
   # teacher's ~0 flow is right only at those two, which the gate dropped.
   assert m['pseudo_recall'] == pytest.approx(0.0)
   before = step._cache_size()  # pylint: disable=protected-access
-  _, metrics = step(state, batch, jax.random.PRNGKey(0), _hparams(dt, 0.0))
+  _, metrics = step(state, batch, _hparams(dt, 0.0))
   assert step._cache_size() == before  # pylint: disable=protected-access
   assert float(metrics['kept_fraction']) == pytest.approx(1.0)
 
@@ -459,7 +459,7 @@ def test_tiny_model_mt_step_with_every_option():
   train.check_config(config)
   model = models.build_model(config)
   tx = schedules.make_optimizer(config.optim, 2)
-  cfg = ts.StepConfig.from_config(config, model, tx)
+  cfg = train_step.StepConfig.from_config(config, model, tx)
   state = train.create_train_state(config, model, tx, jax.random.PRNGKey(0))
   rng = np.random.default_rng(0)
   b, fs = 4, 8
@@ -471,8 +471,8 @@ def test_tiny_model_mt_step_with_every_option():
            'dense_valid': np.ones((b, fs, fs), bool)}
   hp = schedules.step_hparams(config.teacher, 0, b * fs * fs)
   assert float(hp.confidence_percentile) == 50.0
-  step = jax.jit(functools.partial(ts.mutual_teacher_step, cfg))
-  new_state, metrics = step(state, batch, jax.random.PRNGKey(0), hp)
+  step = jax.jit(functools.partial(train_step.mutual_teacher_step, cfg))
+  new_state, metrics = step(state, batch, hp)
   m = jax.device_get(metrics)
   assert not m['nonfinite'] and np.isfinite(m['a/loss_pseudo']) and m['a/loss_pseudo'] > 0
   # Candidates: the labelled pairs' 7 x 7 windows (threshold -1 passes all) and every cell of
@@ -483,7 +483,7 @@ def test_tiny_model_mt_step_with_every_option():
   assert all(moved)
   # A batch of unlabelled pairs only still teaches through the object region and the cycle.
   unlabelled = dict(batch, flow=np.zeros_like(flow))
-  new_state, metrics = step(state, unlabelled, jax.random.PRNGKey(0), hp)
+  new_state, metrics = step(state, unlabelled, hp)
   assert float(metrics['a/loss_sup']) == 0.0 and float(metrics['a/loss_pseudo']) > 0
   assert not np.array_equal(np.asarray(new_state.params['x_normal']),
                             np.asarray(state.params['x_normal']))
@@ -495,7 +495,7 @@ def test_tiny_model_mt_step_with_every_option():
 
 def test_defaults_are_the_papers_in_one_place():
   teacher = config_lib.base_config('synthetic').teacher
-  options = ts.pseudo_label_options(teacher)
+  options = train_step.pseudo_label_options(teacher)
   assert options == losses.PseudoLabelOptions()
   assert (options.region, options.gate, options.target, options.unlabelled_pairs) == (
       'square', 'small_loss', 'teacher_flow', 'none')
@@ -506,7 +506,7 @@ def test_defaults_are_the_papers_in_one_place():
   old = teacher.to_dict()
   for key in [f.name for f in __import__('dataclasses').fields(losses.PseudoLabelOptions)]:
     old.pop(key)
-  assert ts.pseudo_label_options(old) == options
+  assert train_step.pseudo_label_options(old) == options
 
 
 @pytest.mark.parametrize('key, value, message', [
@@ -541,7 +541,7 @@ def test_strategies_sweep_reaches_every_option_and_compiles_apart():
   for name, overrides in sweep.items():
     config = config_lib.apply_overrides(config_lib.tiny_config('mt'), overrides)
     train.check_config(config)
-    options = ts.pseudo_label_options(config.teacher)
+    options = train_step.pseudo_label_options(config.teacher)
     for key, value in overrides.items():
       if key.startswith('teacher.'):
         assert getattr(options, key[len('teacher.'):]) == value, name

@@ -1,6 +1,6 @@
 """End-to-end tests of the trainer on the synthetic dataset in its real on-disk format.
 
-Tiny model and images (`configs/common.py:tiny_config`). Covers: the three learning modes
+Tiny model and images (`config_lib.tiny_config`). Covers: the three learning modes
 running through the real data pipeline, checkpointing and validation; an 'st' run loading a
 baseline checkpoint as its teacher; stopping and resuming giving bitwise the same parameters as
 an uninterrupted run; non-finite losses stopping a run with a clear message.
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from sccorr_jax import models
-from sccorr_jax import config_lib as common
+from sccorr_jax import config_lib
 
 from sccorr_jax import checkpoint as ckpt_lib  # noqa: E402
 from sccorr_jax import train  # noqa: E402
@@ -32,7 +32,7 @@ def data_dir(tmp_path_factory):
 
 
 def _config(mode, data_dir, **overrides):
-  c = common.tiny_config(mode, data_dir)
+  c = config_lib.tiny_config(mode, data_dir)
   for key, value in overrides.items():
     section, name = key.split('.')
     c[section][name] = value

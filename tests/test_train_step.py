@@ -12,13 +12,13 @@ import optax
 import pytest
 
 from conftest import assert_trees_close
-from sccorr_jax import config_lib as common
+from sccorr_jax import config_lib
 from sccorr_jax import geometry
 from sccorr_jax import losses
 from sccorr_jax import models
 from sccorr_jax import schedules
 from sccorr_jax import train
-from sccorr_jax import train_step as ts
+from sccorr_jax import train_step
 
 
 def make_batch(b=4, img=32, fs=8, rf=7, seed=0):
@@ -40,15 +40,15 @@ pytestmark = pytest.mark.usefixtures('fast_compiles')
 
 @pytest.fixture(scope='module')
 def setup(fast_compiles):  # pylint: disable=redefined-outer-name,unused-argument
-  config = common.tiny_config('mt')
+  config = config_lib.tiny_config('mt')
   model = models.build_model(config)
   tx = schedules.make_optimizer(config.optim, 2)
-  cfg = ts.StepConfig(model=model, tx=tx, dilation_kernel=7)
+  cfg = train_step.StepConfig(model=model, tx=tx, dilation_kernel=7)
   state = train.create_train_state(config, model, tx, jax.random.PRNGKey(0))
   batch = make_batch()
   hp = schedules.step_hparams(config.teacher, 1, 4 * 8 * 8)
-  mt = jax.jit(functools.partial(ts.mutual_teacher_step, cfg))
-  new_state, metrics = mt(state, batch, jax.random.PRNGKey(0), hp)
+  mt = jax.jit(functools.partial(train_step.mutual_teacher_step, cfg))
+  new_state, metrics = mt(state, batch, hp)
   return dict(config=config, model=model, tx=tx, cfg=cfg, state=state, batch=batch, hp=hp,
               mt=mt, new_state=new_state, metrics=metrics)
 
@@ -95,12 +95,12 @@ def test_mt_step_equals_two_single_model_steps(setup):
   one = lambda tree, i: jax.tree.map(lambda x: x[i], tree)  # noqa: E731
   singles = []
   for i in range(2):
-    singles.append(ts.TrainState(step=state.step, params=one(state.params, i),
-                                 batch_stats=one(state.batch_stats, i),
-                                 opt_state=one(state.opt_state, i)))
-  fwd = jax.jit(lambda p, s: ts.forward(cfg, p, s, batch)[0])
+    singles.append(train_step.TrainState(step=state.step, params=one(state.params, i),
+                                         batch_stats=one(state.batch_stats, i),
+                                         opt_state=one(state.opt_state, i)))
+  fwd = jax.jit(lambda p, s: train_step.forward(cfg, p, s, batch)[0])
   flows = [fwd(s.params, s.batch_stats) for s in singles]
-  update = jax.jit(functools.partial(ts.student_update, cfg))
+  update = jax.jit(functools.partial(train_step.student_update, cfg))
   for i, name in enumerate('ab'):
     new, metrics = update(singles[i], batch, flows[1 - i], hp)
     mt_metrics = jax.device_get(setup['metrics'])
@@ -119,12 +119,11 @@ def test_sharded_step_equals_single_device(setup):
   mesh = jax.make_mesh((4,), ('data',), axis_types=(jax.sharding.AxisType.Auto,),
                        devices=jax.devices()[:4])
   repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
-  step = jax.jit(functools.partial(ts.mutual_teacher_step, setup['cfg']),
-                 in_shardings=(repl, data, repl, repl), out_shardings=(repl, repl))
+  step = jax.jit(functools.partial(train_step.mutual_teacher_step, setup['cfg']),
+                 in_shardings=(repl, data, repl), out_shardings=(repl, repl))
   state = jax.device_put(setup['state'], repl)
   batch = jax.device_put(setup['batch'], data)
-  new_state, metrics = step(state, batch, jax.device_put(jax.random.PRNGKey(0), repl),
-                            jax.device_put(setup['hp'], repl))
+  new_state, metrics = step(state, batch, jax.device_put(setup['hp'], repl))
   assert len(new_state.params['sce']['conv']['kernel'].sharding.device_set) == 4
   assert_trees_close(new_state.params, setup['new_state'].params, PARAMS_RTOL, 'params')
   assert_trees_close(new_state.batch_stats, setup['new_state'].batch_stats, STATS_RTOL)
@@ -136,7 +135,7 @@ def test_sharded_step_equals_single_device(setup):
 def test_batch_without_labels_changes_nothing_and_is_not_nonfinite(setup):
   """E.g. data.labelled_pair_fraction < 1: a batch whose pairs all lack labels."""
   batch = dict(setup['batch'], flow=np.zeros_like(setup['batch']['flow']))
-  state, metrics = setup['mt'](setup['state'], batch, jax.random.PRNGKey(0), setup['hp'])
+  state, metrics = setup['mt'](setup['state'], batch, setup['hp'])
   assert not bool(metrics['nonfinite']) and int(state.nonfinite_total) == 0
   assert metrics['a/loss_sup'] == 0.0 and int(state.step) == 1
   _equal(state.params, setup['state'].params)
@@ -147,8 +146,8 @@ def test_dense_step_counts_every_valid_position_once_and_no_other(setup):
   """The oracle's loss is the EPE to `dense_flow` over `dense_valid` of the whole batch; the
   sparse labels and the invalid positions (set to absurd values here) never reach it."""
   config, model, tx = setup['config'], setup['model'], setup['tx']
-  cfg = ts.StepConfig(model=model, tx=tx)
-  state = train.create_train_state(common.tiny_config('baseline'), model, tx,
+  cfg = train_step.StepConfig(model=model, tx=tx)
+  state = train.create_train_state(config_lib.tiny_config('baseline'), model, tx,
                                    jax.random.PRNGKey(1))
   rng = np.random.default_rng(3)
   fs = setup['batch']['flow'].shape[1]
@@ -158,40 +157,40 @@ def test_dense_step_counts_every_valid_position_once_and_no_other(setup):
   batch = dict(setup['batch'], flow=np.full_like(setup['batch']['flow'], 1e4),
                dense_flow=np.where(valid[..., None], truth, 1e6).astype(np.float32),
                dense_valid=valid)
-  flow, _ = ts.forward(cfg, state.params, state.batch_stats, batch)
+  flow, _ = train_step.forward(cfg, state.params, state.batch_stats, batch)
   err = np.linalg.norm(np.asarray(flow, np.float64) - truth, axis=-1)
   expected = err[valid].sum() / valid.sum()
-  new_state, metrics = jax.jit(functools.partial(ts.dense_step, cfg))(
-      state, batch, jax.random.PRNGKey(0), setup['hp'])
+  new_state, metrics = jax.jit(functools.partial(train_step.dense_step, cfg))(
+      state, batch, setup['hp'])
   np.testing.assert_allclose(float(metrics['loss']), expected, rtol=1e-5)
   assert int(new_state.step) == 1 and not bool(metrics['nonfinite'])
   # No valid position anywhere: nothing changes, nothing is counted as non-finite.
   empty = dict(batch, dense_valid=np.zeros_like(valid))
-  same, metrics = jax.jit(functools.partial(ts.dense_step, cfg))(
-      state, empty, jax.random.PRNGKey(0), setup['hp'])
+  same, metrics = jax.jit(functools.partial(train_step.dense_step, cfg))(
+      state, empty, setup['hp'])
   assert float(metrics['loss']) == 0.0 and not bool(metrics['nonfinite'])
   _equal(same.params, state.params)
   del config
 
 
 def test_dense_mode_refuses_a_dataset_without_dense_truth():
-  config = common.tiny_config('dense')
+  config = config_lib.tiny_config('dense')
   train.check_config(config)  # the tiny config's synthetic warps have a dense truth
   config.data.name = 'pfpascal'
-  with pytest.raises(common.ConfigError, match="learning_mode 'dense' needs a dataset with a "
+  with pytest.raises(config_lib.ConfigError, match="learning_mode 'dense' needs a dataset with a "
                      r"dense ground truth \(synthetic, parts\); data.name is 'pfpascal'"):
     train.check_config(config)
 
 
 def test_nonfinite_step_is_skipped_and_counted(setup):
   batch = dict(setup['batch'], src_img=np.full_like(setup['batch']['src_img'], np.nan))
-  state, metrics = setup['mt'](setup['state'], batch, jax.random.PRNGKey(0), setup['hp'])
+  state, metrics = setup['mt'](setup['state'], batch, setup['hp'])
   assert bool(metrics['nonfinite'])
   assert int(state.nonfinite_streak) == 1 and int(state.nonfinite_total) == 1
   assert int(state.step) == 1
   _equal(state.params, setup['state'].params)
   _equal(state.opt_state, setup['state'].opt_state)
-  state, _ = setup['mt'](state, setup['batch'], jax.random.PRNGKey(0), setup['hp'])
+  state, _ = setup['mt'](state, setup['batch'], setup['hp'])
   assert int(state.nonfinite_streak) == 0 and int(state.nonfinite_total) == 1
 
 
@@ -199,12 +198,12 @@ def test_new_remember_rate_does_not_recompile(setup):
   mt = setup['mt']
   before = mt._cache_size()  # pylint: disable=protected-access
   hp = schedules.step_hparams(setup['config'].teacher, 0, 4 * 8 * 8)
-  mt(setup['state'], setup['batch'], jax.random.PRNGKey(0), hp)
+  mt(setup['state'], setup['batch'], hp)
   assert mt._cache_size() == before  # pylint: disable=protected-access
 
 
 def test_pseudo_weight_and_remember_rate_schedules():
-  c = common.base_config('synthetic').teacher  # SPair-71k values: start 4, 0.2 -> 0.9 / 10.
+  c = config_lib.base_config('synthetic').teacher  # SPair-71k values: start 4, 0.2 -> 0.9 / 10.
   assert schedules.pseudo_weight(c, 3) == 0.0
   assert schedules.pseudo_weight(c, 4) == 10.0
   assert schedules.remember_rate(c, 4) == pytest.approx(0.2)
@@ -218,7 +217,7 @@ def test_pseudo_weight_and_remember_rate_schedules():
 
 
 def test_optimizer_groups_and_frozen_backbone():
-  optim = common.base_config('synthetic').optim  # lr 3e-5 head, 3e-6 backbone, wd 0.05.
+  optim = config_lib.base_config('synthetic').optim  # lr 3e-5 head, 3e-6 backbone, wd 0.05.
   params = {'backbone': {'w': jnp.ones(3)}, 'sce': {'b': jnp.ones(3)},
             'x_normal': jnp.ones(3), 'y_normal': jnp.ones(3)}
   labels = schedules.param_groups(params)
@@ -242,27 +241,27 @@ def test_optimizer_groups_and_frozen_backbone():
 
 
 def test_frozen_batch_norm_keeps_running_statistics(setup):
-  cfg = ts.StepConfig(model=setup['model'], tx=setup['tx'], batch_norm='frozen')
+  cfg = train_step.StepConfig(model=setup['model'], tx=setup['tx'], batch_norm='frozen')
   s0 = setup['state']
   first = lambda tree: jax.tree.map(lambda x: x[0], tree)  # noqa: E731
-  state = ts.TrainState(step=s0.step, params=first(s0.params),
-                        batch_stats=first(s0.batch_stats), opt_state=first(s0.opt_state))
-  new, metrics = jax.jit(functools.partial(ts.baseline_step, cfg))(
-      state, setup['batch'], jax.random.PRNGKey(0), setup['hp'])
+  state = train_step.TrainState(step=s0.step, params=first(s0.params),
+                                batch_stats=first(s0.batch_stats), opt_state=first(s0.opt_state))
+  new, metrics = jax.jit(functools.partial(train_step.baseline_step, cfg))(
+      state, setup['batch'], setup['hp'])
   assert np.isfinite(float(metrics['loss']))
   _equal(new.batch_stats, state.batch_stats)
   with pytest.raises(ValueError, match='batch_norm'):
-    ts.StepConfig(model=setup['model'], tx=setup['tx'], batch_norm='sync')
+    train_step.StepConfig(model=setup['model'], tx=setup['tx'], batch_norm='sync')
 
 
 def test_candidate_mask_dilated_or_everywhere(setup):
   gt = jnp.asarray(setup['batch']['flow'])
-  dilated = ts.candidate_mask(setup['cfg'], gt)
+  dilated = train_step.candidate_mask(setup['cfg'], gt)
   labelled = ~np.all(np.asarray(gt) == 0, axis=-1)
   assert dilated.shape == labelled.shape and np.all(np.asarray(dilated)[labelled])
   assert np.asarray(dilated).sum() > labelled.sum()
-  everywhere = ts.StepConfig(model=setup['model'], tx=setup['tx'], dilation_kernel=None)
-  assert np.all(np.asarray(ts.candidate_mask(everywhere, gt)))
+  everywhere = train_step.StepConfig(model=setup['model'], tx=setup['tx'], dilation_kernel=None)
+  assert np.all(np.asarray(train_step.candidate_mask(everywhere, gt)))
 
 
 def test_pseudo_label_metrics_on_a_hand_made_case():
@@ -283,7 +282,7 @@ def test_pseudo_label_metrics_on_a_hand_made_case():
       loss_sup=jnp.float32(0.5), loss_pseudo=jnp.float32(0.25), candidates=candidates, kept=kept,
       num_remember=jnp.int32(3), num_candidates=jnp.int32(5))
   batch = {'flow': gt, 'dense_flow': truth, 'dense_valid': valid}
-  m = jax.device_get(ts.pseudo_label_metrics(terms, pseudo, batch))
+  m = jax.device_get(train_step.pseudo_label_metrics(terms, pseudo, batch))
   assert m['kept_fraction'] == pytest.approx(0.6) and m['pseudo_label_acc'] == 1.0
   # Kept with a true match: (0,0) err 0 and (1,2) err 0.5 ((1,1) has none) -> epe 0.25, acc 1.
   assert m['pseudo_kept_epe'] == pytest.approx(0.25) and m['pseudo_kept_acc'] == 1.0
@@ -295,9 +294,9 @@ def test_pseudo_label_metrics_on_a_hand_made_case():
               'withheld_src_kps': np.array([[[17.0, 17.0], [0.0, 0.0]]], np.float32),
               'withheld_kps_valid': np.array([[True, False]])}
   batch = dict(batch, dense_valid=np.zeros_like(valid), **withheld)
-  m = jax.device_get(ts.pseudo_label_metrics(terms, pseudo, batch))
+  m = jax.device_get(train_step.pseudo_label_metrics(terms, pseudo, batch))
   # The withheld keypoint (5, 1) -> (17, 17) is cell (0, 1), truth (3, 4): the rejected
   # pseudo-label there was right after all; the invalid slot adds nothing.
   assert m['pseudo_rejected_epe'] == 0.0 and m['pseudo_rejected_acc'] == 1.0
   assert np.isnan(m['pseudo_kept_epe'])  # no withheld keypoint among the kept positions
-  assert 'pseudo_kept_epe' not in ts.pseudo_label_metrics(terms, pseudo, {'flow': gt})
+  assert 'pseudo_kept_epe' not in train_step.pseudo_label_metrics(terms, pseudo, {'flow': gt})

@@ -46,12 +46,12 @@ from typing import Any, Dict, Optional
 from absl import flags
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 import numpy as np
 
 from sccorr_jax import cli
 from sccorr_jax import models
+from sccorr_jax import sharding
 from sccorr_jax import train
 
 MODES = ('baseline', 'st', 'mt', 'eval')
@@ -204,8 +204,8 @@ def build(config, mode: str) -> Built:
     raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
   batch = random_batch(config)
   if mode == 'eval':
-    mesh = train.make_mesh()
-    replicated, data_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
+    mesh = sharding.make_mesh()
+    replicated, data_sharding = sharding.replicated(mesh), sharding.batch_sharded(mesh)
     model = models.build_model(config)
     variables = jax.device_put(
         models.init_variables(config, model, jax.random.PRNGKey(int(config.seed)), 1), replicated)
@@ -225,16 +225,15 @@ def build(config, mode: str) -> Built:
   # Pseudo-label loss on (its start epoch): every term runs.
   hparams = s.hparams(int(config.teacher.pseudo_start_epoch))
   batch = {k: jax.device_put(v, s.data_sharding) for k, v in batch.items()}
-  step_rng = jax.device_put(s.step_rng, s.replicated)
   t0 = time.perf_counter()
-  compiled = s.step_fn.lower(s.state, batch, step_rng, hparams).compile()
+  compiled = s.step_fn.lower(s.state, batch, hparams).compile()
   compile_s = time.perf_counter() - t0
 
   def run(args):
     new_state, metrics = compiled(*args)
     return (new_state,) + args[1:], metrics
 
-  return Built(compiled, (s.state, batch, step_rng, hparams), run, compile_s)
+  return Built(compiled, (s.state, batch, hparams), run, compile_s)
 
 
 def time_built(built: Built, steps: int, warmup: int):

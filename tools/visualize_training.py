@@ -33,7 +33,7 @@ from PIL import ImageDraw
 from sccorr_jax import cli
 from sccorr_jax import losses
 from sccorr_jax import schedules
-from sccorr_jax import train_step as ts
+from sccorr_jax import train_step
 from sccorr_jax import visualize
 
 LEGEND = ("panels: predictions (lines) vs ground truth (rings) | target: labels (yellow), "
@@ -64,13 +64,13 @@ def compute_signals(config, model, variables_a, variables_b, batch, epoch=None):
   teacher = config.teacher
   if epoch is None:
     epoch = int(teacher.pseudo_start_epoch) + int(teacher.remember_rate_epochs)
-  cfg = ts.StepConfig.from_config(config, model, tx=None, batch_norm="frozen")
+  cfg = train_step.StepConfig.from_config(config, model, tx=None, batch_norm="frozen")
   gt = np.asarray(batch["flow"])
   hp = schedules.step_hparams(teacher, epoch, gt[..., 0].size)
   stack = lambda a, b: jax.tree.map(lambda x, y: jnp.stack([x, y]), a, b)  # noqa: E731
   variables = stack(variables_a, variables_b)
   step_batch = {k: batch[k] for k in ("src_img", "trg_img", "flow")}
-  objective = jax.jit(functools.partial(ts.mutual_teacher_objective, cfg))
+  objective = jax.jit(functools.partial(train_step.mutual_teacher_objective, cfg))
   _, (_, _, (terms_a, _), (flow_a, flow_b)) = objective(
       variables["params"], variables.get("batch_stats", {}), step_batch, hp)
   return {"flow_a": np.asarray(flow_a), "flow_b": np.asarray(flow_b),

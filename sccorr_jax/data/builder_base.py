@@ -84,7 +84,7 @@ class PairDatasetBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
 
   def _split_generators(self, dl_manager):
     root = self._find_root(dl_manager)
-    records.load_image.cache_clear()  # files may have changed since an earlier preparation
+    records.read_encoded_image.cache_clear()  # files may have changed since an earlier preparation
     return {split: self._generate_examples(root=root, split=split) for split in self.SPLITS}
 
   def _generate_examples(self, root: str, split: str):

@@ -58,6 +58,7 @@ import tqdm
 from sccorr_jax import cli
 from sccorr_jax import images
 from sccorr_jax import models
+from sccorr_jax import sharding
 from sccorr_jax.data import pipeline
 
 
@@ -208,8 +209,7 @@ def make_features_fn(model, mesh: Optional[jax.sharding.Mesh] = None):
 
   if mesh is None:
     return jax.jit(features)
-  data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
-  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  data, rep = sharding.batch_sharded(mesh), sharding.replicated(mesh)
   return jax.jit(features, in_shardings=(rep, data), out_shardings=data)
 
 
@@ -269,10 +269,10 @@ def build_cache(model, variables, data_config, splits: Sequence[str], *,
     directory.mkdir(parents=True, exist_ok=True)
     key_file.write_text(json.dumps(key, indent=1, sort_keys=True))
   devices = jax.local_devices()
-  mesh = jax.sharding.Mesh(np.array(devices), ('data',))
+  mesh = sharding.make_mesh(devices)
   features = make_features_fn(model, mesh)
   variables = jax.device_put(jax.device_get({'params': variables['params']}),
-                             jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+                             sharding.replicated(mesh))
   step = -(-int(batch_size) // len(devices)) * len(devices)
   out = {'dir': str(directory), 'computed': {}, 'rows': {}}
   for split in splits:

@@ -35,10 +35,8 @@ rules of `records.SplitGuard`).
 from __future__ import annotations
 
 import dataclasses
-import io
 
 import numpy as np
-from PIL import Image
 import tensorflow_datasets as tfds
 
 from sccorr_jax.data import builder_base
@@ -107,12 +105,6 @@ def photos(cfg: PartsConfig, split: str):
   return PHOTOS['trn' if cfg.novel_categories else split]
 
 
-def _encode_png(img: np.ndarray) -> bytes:
-  buf = io.BytesIO()
-  Image.fromarray(img).save(buf, format='PNG', compress_level=1)
-  return buf.getvalue()
-
-
 def make_example(split: str, cat: int, k: int, cfg: PartsConfig) -> dict:
   """Record `k` of category `cat` in `split` (raises `records.BadRecordError`)."""
   key = f'{category_names(cfg)[cat]}-{k:05d}'
@@ -125,7 +117,8 @@ def make_example(split: str, cat: int, k: int, cfg: PartsConfig) -> dict:
   size = np.array([cfg.img_size, cfg.img_size], np.int32)
   return records.base_example(
       pair_id=key, src_imname=f'parts/{split}/{key}/src', trg_imname=f'parts/{split}/{key}/trg',
-      src_img=_encode_png(pair.pop('src_img')), trg_img=_encode_png(pair.pop('trg_img')),
+      src_img=records.encode_png(pair.pop('src_img')),
+      trg_img=records.encode_png(pair.pop('trg_img')),
       src_imsize=size, trg_imsize=size, category=cat, **pair)
 
 

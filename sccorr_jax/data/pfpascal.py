@@ -111,7 +111,7 @@ class PfPascal(builder_base.PairDatasetBuilder):
     names = [os.path.basename(row[0]), os.path.basename(row[1])]
     imgs, sizes, kps, boxes = [], [], [], []
     for name in names:
-      data, hw = records.load_image(os.path.join(root, 'JPEGImages', name))
+      data, hw = records.read_encoded_image(os.path.join(root, 'JPEGImages', name))
       mat_path = os.path.join(root, 'Annotations', cls, os.path.splitext(name)[0] + '.mat')
       k, b = read_mat(mat_path)
       records.check_box_in_image(b, hw, mat_path, 'bbox')

@@ -80,8 +80,8 @@ class PfWillow(builder_base.PairDatasetBuilder):
     if category not in self.CATEGORIES:
       raise records.BadRecordError(where, f'unknown class {category!r} in path {row[0]!r}')
     src_path, trg_path = self._image_path(root, row[0]), self._image_path(root, row[1])
-    src_bytes, src_hw = records.load_image(src_path)
-    trg_bytes, trg_hw = records.load_image(trg_path)
+    src_bytes, src_hw = records.read_encoded_image(src_path)
+    trg_bytes, trg_hw = records.read_encoded_image(trg_path)
     name = f'{os.path.basename(row[0])}-{os.path.basename(row[1])}'
     src, trg, valid = records.clean_keypoints(src_kps, trg_kps, src_hw, trg_hw, file=where,
                                               record=name, guard=guard, nan_invisible=False)

@@ -234,8 +234,15 @@ def _one_line(e: BaseException) -> str:
   return ' '.join(str(e).split())[:500]
 
 
+def encode_png(img: np.ndarray) -> bytes:
+  """[h, w, 3] uint8 -> PNG bytes of a record (lossless; fast compression: generated datasets)."""
+  buf = io.BytesIO()
+  Image.fromarray(img).save(buf, format='PNG', compress_level=1)
+  return buf.getvalue()
+
+
 @functools.lru_cache(maxsize=4096)
-def load_image(path: str) -> Tuple[bytes, Tuple[int, int]]:
+def read_encoded_image(path: str) -> Tuple[bytes, Tuple[int, int]]:
   """Reads an image file for a record.
 
   Args:

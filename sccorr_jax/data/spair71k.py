@@ -110,8 +110,8 @@ class Spair71k(builder_base.PairDatasetBuilder):
       raise records.BadRecordError(ann_path, f'field category: unknown category {category!r}')
     src_name = os.path.join('JPEGImages', category, src_stem + '.jpg')
     trg_name = os.path.join('JPEGImages', category, trg_stem + '.jpg')
-    src_bytes, src_hw = records.load_image(os.path.join(root, src_name))
-    trg_bytes, trg_hw = records.load_image(os.path.join(root, trg_name))
+    src_bytes, src_hw = records.read_encoded_image(os.path.join(root, src_name))
+    trg_bytes, trg_hw = records.read_encoded_image(os.path.join(root, trg_name))
     src_kps, trg_kps, valid = records.clean_keypoints(
         ann['src_kps'], ann['trg_kps'], src_hw, trg_hw, file=ann_path, record=name, guard=guard,
         nan_invisible=False)

@@ -24,7 +24,6 @@ its photograph.
 from __future__ import annotations
 
 import dataclasses
-import io
 from typing import Dict, Tuple
 
 import numpy as np
@@ -126,12 +125,6 @@ def _random_warp(rng: np.random.Generator, size: int) -> np.ndarray:
   return qh[..., :2] / qh[..., 2:3]
 
 
-def _encode_png(img: np.ndarray) -> bytes:
-  buf = io.BytesIO()
-  Image.fromarray(img).save(buf, format='PNG', compress_level=1)
-  return buf.getvalue()
-
-
 def make_pair(photo: np.ndarray, rng: np.random.Generator, size: int, min_kps: int,
               max_kps: int) -> dict:
   """One synthetic pair (record fields plus `dense_flow`, `dense_valid`)."""
@@ -216,7 +209,8 @@ class SccorrSynthetic(builder_base.EmbeddedBuilder):
         yield key, records.base_example(
             pair_id=key, src_imname=f'skimage.data.{photo_name}',
             trg_imname=f'skimage.data.{photo_name}#warp{k}',
-            src_img=_encode_png(pair.pop('src_img')), trg_img=_encode_png(pair.pop('trg_img')),
+            src_img=records.encode_png(pair.pop('src_img')),
+            trg_img=records.encode_png(pair.pop('trg_img')),
             src_imsize=size, trg_imsize=size, category=cat, **pair)
 
 

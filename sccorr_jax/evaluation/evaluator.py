@@ -10,19 +10,18 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
 
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 import numpy as np
 import tqdm
 
 from sccorr_jax import checkpoint as ckpt_lib
 from sccorr_jax import data as data_lib
 from sccorr_jax import geometry
+from sccorr_jax import sharding
 from sccorr_jax.data import cache_features
 from sccorr_jax.evaluation.pck import pck_correct
 from sccorr_jax.evaluation.pck import transfer_keypoints
@@ -140,7 +139,8 @@ def _batch_keys(protocol: Protocol) -> tuple:
           *(f"pckthres_{k}" for k in protocol.thresholds))
 
 
-def make_eval_step(model, protocol: Protocol, zero_flow: bool = False) -> Callable:
+def make_eval_step(model, protocol: Protocol, zero_flow: bool = False,
+                   num_models: Optional[int] = None) -> Callable:
   """`(variables, batch) -> pair_counts` of the model's flow, jitted.
 
   Args:
@@ -149,6 +149,9 @@ def make_eval_step(model, protocol: Protocol, zero_flow: bool = False) -> Callab
     protocol: alphas, thresholds and resolution.
     zero_flow: also count the zero flow (every target keypoint stays where it is), the trivial
       reference a trained model must beat, on the same pairs; returned under `'zero_flow'`.
+    num_models: None: `variables` are one model's. N: the variables of N models stacked on a
+      leading axis (a mutual-teacher state's); each model's counts, in one program, under
+      `'models'` (a list, model i's at i).
 
   Returns:
     A jitted function; under a mesh, shard the batch along its first axis and replicate the
@@ -156,9 +159,17 @@ def make_eval_step(model, protocol: Protocol, zero_flow: bool = False) -> Callab
   """
   alphas, kinds, size = protocol.alphas, protocol.thresholds, protocol.img_size
 
-  def step(variables, batch):
+  def flow_counts(variables, batch):
     flow = model.apply(variables, batch["src_img"], batch["trg_img"])
-    counts = pair_counts(flow, batch, alphas, kinds, size)
+    return flow, pair_counts(flow, batch, alphas, kinds, size)
+
+  def step(variables, batch):
+    if num_models is None:
+      flow, counts = flow_counts(variables, batch)
+    else:
+      each = [flow_counts(jax.tree.map(lambda x, i=i: x[i], variables), batch)
+              for i in range(num_models)]
+      flow, counts = each[0][0], {"models": [c for _, c in each]}
     if zero_flow:
       counts["zero_flow"] = pair_counts(jnp.zeros_like(flow), batch, alphas, kinds, size)
     return counts
@@ -202,18 +213,50 @@ def evaluate_model(model, variables, batches: Iterable[Mapping[str, Any]], proto
   Returns:
     The `EvalResult`; with `zero_flow`, its `zero_flow` attribute is the zero flow's.
   """
+  step = eval_step or make_eval_step(model, protocol, zero_flow)
+  (result,) = _evaluate(step, variables, batches, protocol, None, category_names=category_names,
+                        num_pairs=num_pairs, max_batches=max_batches, progress=progress,
+                        mesh=mesh, zero_flow=zero_flow)
+  return result
+
+
+def evaluate_models(model, variables, batches: Iterable[Mapping[str, Any]], protocol: Protocol,
+                    num_models: int, *, max_batches: Optional[int] = None,
+                    mesh: Optional[jax.sharding.Mesh] = None,
+                    eval_step: Optional[Callable] = None, zero_flow: bool = False
+                    ) -> List[EvalResult]:
+  """`evaluate_model` of N models stacked on a leading axis (a mutual-teacher state's), in one
+  pass: each batch is read, transferred and run once for all of them, and the variables stay
+  where they are (a training state's, on the mesh already, are not copied).
+
+  Args:
+    variables: `{'params', 'batch_stats'}`, every leaf [num_models, ...].
+    eval_step: a prebuilt `make_eval_step(model, protocol, zero_flow, num_models)`.
+    The others: as `evaluate_model`.
+
+  Returns:
+    One `EvalResult` per model; with `zero_flow`, the first one's `zero_flow` attribute is the
+    zero flow's.
+  """
+  step = eval_step or make_eval_step(model, protocol, zero_flow, num_models)
+  return _evaluate(step, variables, batches, protocol, num_models, max_batches=max_batches,
+                   progress=False, mesh=mesh, zero_flow=zero_flow)
+
+
+def _evaluate(step, variables, batches, protocol: Protocol, num_models: Optional[int], *,
+              category_names=None, num_pairs=None, max_batches=None, progress=True, mesh=None,
+              zero_flow=False) -> List[EvalResult]:
+  """The loop of `evaluate_model` / `evaluate_models`: one result per model."""
   if mesh is None:
-    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+    mesh = sharding.make_mesh()
   multihost = jax.process_count() > 1
   # Several processes: each holds its own rows (`create_eval_iterator(process_index=...)`),
   # padded to a multiple of its local devices; the per-pair counts and metadata of all processes
   # are gathered so every process accumulates the same global result.
   ndev = jax.local_device_count() if multihost else mesh.devices.size
-  replicated = NamedSharding(mesh, P())
-  data_sharding = NamedSharding(mesh, P("data"))
-  variables = jax.device_put(variables, replicated)
-  step = eval_step or make_eval_step(model, protocol, zero_flow)
-  acc = PckAccumulator(protocol, category_names)
+  data_sharding = sharding.batch_sharded(mesh)
+  variables = jax.device_put(variables, sharding.replicated(mesh))
+  accs = [PckAccumulator(protocol, category_names) for _ in range(num_models or 1)]
   zero_acc = PckAccumulator(protocol, category_names) if zero_flow else None
   keys = _batch_keys(protocol)
   total = num_pairs
@@ -237,18 +280,17 @@ def evaluate_model(model, variables, batches: Iterable[Mapping[str, Any]], proto
       meta = {k: _pad_rows(v, padded) for k, v in meta.items()}
       meta["pair_valid"] = meta["pair_valid"].copy()
       meta["pair_valid"][b:] = False
+      dev_batch = sharding.global_batch(
+          {k: _pad_rows(np.asarray(batch[k]), padded) for k in keys}, data_sharding)
       if multihost:
-        dev_batch = {k: jax.make_array_from_process_local_data(
-            data_sharding, _pad_rows(np.asarray(batch[k]), padded)) for k in keys}
         counts = multihost_utils.process_allgather(step(variables, dev_batch), tiled=True)
         meta = multihost_utils.process_allgather(meta, tiled=True)
         b = int(np.asarray(meta["pair_valid"]).shape[0])
         padded = b  # the gathered rows; their padding is masked by pair_valid already
       else:
-        dev_batch = {k: jax.device_put(_pad_rows(np.asarray(batch[k]), padded), data_sharding)
-                     for k in keys}
         counts = jax.device_get(step(variables, dev_batch))
-      for accumulator, c in ((acc, counts), (zero_acc, counts.get("zero_flow"))):
+      per_model = counts["models"] if num_models else [counts]
+      for accumulator, c in (*zip(accs, per_model), (zero_acc, counts.get("zero_flow"))):
         if accumulator is not None:
           accumulator.update(c, meta)
           accumulator.num_padding_pairs -= padded - b  # only the data's own padding pairs
@@ -257,10 +299,10 @@ def evaluate_model(model, variables, batches: Iterable[Mapping[str, Any]], proto
   finally:
     if bar is not None:
       bar.close()
-  result = acc.result()
+  results = [acc.result() for acc in accs]
   if zero_acc is not None:
-    result.zero_flow = zero_acc.result()
-  return result
+    results[0].zero_flow = zero_acc.result()
+  return results
 
 
 def evaluate_checkpoint(config, checkpoint: str, workdir: Optional[str] = None, *,
@@ -275,8 +317,8 @@ def evaluate_checkpoint(config, checkpoint: str, workdir: Optional[str] = None, 
   the feature cache of the evaluated split (`cache_features.open_for_config`).
 
   Args:
-    config: experiment config (`configs/*.py`): `data`, `eval`, and `model` (used when the
-      checkpoint carries no config, e.g. one converted from PyTorch).
+    config: experiment config (`configs/*.py`): `data` and `eval` (the model is the
+      checkpoint's own).
     checkpoint: a trainer workdir, a checkpoint step directory or an exported model (see
       `sccorr_jax.checkpoint.load_model_variables`).
     workdir: where `eval_<benchmark>_<split>.{json,txt}` are written (None: nothing written).
@@ -290,8 +332,7 @@ def evaluate_checkpoint(config, checkpoint: str, workdir: Optional[str] = None, 
     The `EvalResult`.
   """
   # Verified (checksums), shape-checked against the model: one-line CheckpointError otherwise.
-  model, variables, ckpt_config = ckpt_lib.load_model(checkpoint, model_index=model_index,
-                                                      fallback_config=config)
+  model, variables, ckpt_config = ckpt_lib.load_model(checkpoint, model_index=model_index)
   protocol = Protocol.from_config(config, split)
   bs = int(batch_size or config.eval.batch_size)
   features = None

@@ -6,12 +6,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Dict, Optional, Sequence
 
+from sccorr_jax.constants import AVERAGINGS  # noqa: F401  (re-exported)
 from sccorr_jax.constants import BENCHMARK_NAMES  # noqa: F401  (re-exported)
 from sccorr_jax.constants import DIFFICULTY_FIELDS  # noqa: F401
 from sccorr_jax.constants import DIFFICULTY_LEVELS  # noqa: F401
 from sccorr_jax.constants import DIRECTION
 from sccorr_jax.constants import metric_key
 from sccorr_jax.constants import STANDARD_THRESHOLD
+from sccorr_jax.constants import THRESHOLD_KINDS
 
 # ================================================================================================
 # The evaluator: protocols, sums-and-counts accumulation, reports.
@@ -35,8 +37,6 @@ from sccorr_jax.constants import STANDARD_THRESHOLD
 # ================================================================================================
 
 DEFAULT_ALPHAS = (0.01, 0.05, 0.1, 0.15)
-THRESHOLD_KINDS = ("bbox", "img", "bbox_legacy")
-AVERAGINGS = ("per_pair", "per_keypoint")
 
 
 def default_thresholds(benchmark: str) -> tuple:

@@ -1,0 +1,134 @@
+"""The reports of a sweep: `results.md` (mean ± std over seeds per cell) and its plot."""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Dict, List, Optional, Sequence
+
+from sccorr_jax import constants
+from sccorr_jax.experiments.plots import plot_bars
+from sccorr_jax.experiments.plots import plot_budget
+from sccorr_jax.experiments.results import BUDGET_KEY
+from sccorr_jax.experiments.results import by_cell
+from sccorr_jax.experiments.results import mean_std
+from sccorr_jax.experiments.results import networks_mean
+from sccorr_jax.experiments.results import overrides_text
+from sccorr_jax.experiments.results import unscoped
+
+RESULTS_MD = 'results.md'
+
+
+def _format(mean: float, std: float, digits: int = 2) -> str:
+  if not math.isfinite(mean):
+    return '–'
+  text = f'{mean:.{digits}f}'
+  return text + (f' ± {std:.{digits}f}' if math.isfinite(std) else '')
+
+
+def pck_keys(entries: Sequence[Dict[str, Any]]) -> List[str]:
+  """The final `val/pck@alpha` keys of the entries (the selected model's), by alpha."""
+  parts = {k: constants.parse_metric_key(k) for e in entries for k in e['final']}
+  keys = [k for k, p in parts.items() if p and p == constants.MetricKey(p.alpha, scope='val')]
+  return sorted(keys, key=lambda k: parts[k].alpha)
+
+
+def pseudo_columns(entries: Sequence[Dict[str, Any]]) -> List[str]:
+  """The pseudo-label metrics worth a column, named without `train/` and `a/`: network a's and
+  the shared ones (network b is symmetric and stays in results.json), without the λ schedule.
+  An 'st' run's `train/<x>` and an 'mt' run's `train/a/<x>` share the column `<x>`."""
+  cols = set()
+  for e in entries:
+    for k in e.get('pseudo', {}):
+      if k.startswith('train/b/') or k == 'train/pseudo_weight':
+        continue
+      cols.add(k.replace('train/', '', 1).replace('a/', '', 1) if k.startswith('train/a/')
+               else k.replace('train/', '', 1))
+  return sorted(cols)
+
+
+def pseudo_value(entry: Dict[str, Any], column: str) -> Optional[float]:
+  """The entry's value of a `pseudo_columns` column (network a's for 'mt')."""
+  pseudo = entry.get('pseudo', {})
+  return pseudo.get(f'train/a/{column}', pseudo.get(f'train/{column}'))
+
+
+def markdown_table(entries: Sequence[Dict[str, Any]], order: Optional[Sequence[str]] = None,
+                   settings: Optional[Dict[str, Any]] = None) -> str:
+  """results.md: per cell, mean ± std over seeds of the final validation PCK, the best one,
+  the pseudo-label metrics and the times, with the number of seeds n."""
+  groups = by_cell(entries, order)
+  pcks = pck_keys(entries)
+  lines = []
+  if settings:
+    lines.append(f'# Sweep `{settings.get("sweep")}` on `{settings.get("config")}`\n')
+    if settings.get('set'):
+      lines.append('Overrides for every cell: '
+                   + ', '.join(f'`{k}={v}`' for k, v in settings['set'].items()) + '.\n')
+  select = next((e.get('select_metric') for e in entries if e.get('select_metric')),
+                'val/pck@0.1')
+  lines.append(
+      f'Mean ± sample standard deviation over the n seeds of each cell. Final: the validation '
+      f'at the end of training (for mt the network selected on this validation split; the '
+      f'mean of its two networks is the fair comparison with one network). Best: the highest '
+      f'{select} seen '
+      f'during training (model selection on the same split, so optimistic). Times in seconds '
+      f'per run on this machine (wall: the invocation that finished the run; compile: the '
+      f'train step, near 0 when the persistent cache had it).\n')
+  key = constants.metric_key(constants.parse_metric_key(select).alpha, scope='val/zero_flow')
+  zero = [e.get('zero_flow', {}).get(key, e['final'].get(key)) for e in entries]
+  m, s, n = mean_std(zero)
+  if n:
+    lines.append(f'Zero-flow (identity) {select}: {_format(m, s)} (n={n}).\n')
+  two = any(networks_mean(e, select) is not None for e in entries)
+  head = ['cell', 'overrides', 'n'] + [f'final {unscoped(k)}' for k in pcks] + (
+      [f'final {unscoped(select)}, mean of networks a, b'] if two else []) + [
+      f'best {unscoped(select)}', 'best epoch', 'wall s', 'compile s']
+  lines += ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+  for name, group in groups.items():
+    row = [name + (f' (= {group[0]["same_as"]})' if group[0].get('same_as') else ''),
+           overrides_text(group[0]['overrides']), str(len(group))]
+    row += [_format(*mean_std([e['final'].get(k) for e in group])[:2]) for k in pcks]
+    if two:
+      row.append(_format(*mean_std([networks_mean(e, select) for e in group])[:2]))
+    row.append(_format(*mean_std([e['best'].get('value') for e in group])[:2]))
+    row.append(_format(*mean_std([e['best'].get('epoch') for e in group])[:2], digits=1))
+    row.append(_format(*mean_std([e.get('wall_s') for e in group])[:2], digits=0))
+    row.append(_format(*mean_std([e.get('compile_s') for e in group])[:2], digits=1))
+    lines.append('| ' + ' | '.join(row) + ' |')
+  columns = pseudo_columns(entries)
+  if columns:
+    lines += ['', '## Pseudo-labels', '',
+              'Averaged over the logged windows of the last epoch of each run (for mt network a; '
+              'b and every other key in results.json).', '']
+    head = ['cell', 'n'] + columns
+    lines += ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+    for name, group in groups.items():
+      if not any(e.get('pseudo') for e in group):
+        continue
+      row = [name, str(len(group))]
+      row += [_format(*mean_std([pseudo_value(e, k) for e in group])[:2], digits=3)
+              for k in columns]
+      lines.append('| ' + ' | '.join(row) + ' |')
+  return '\n'.join(lines) + '\n'
+
+
+def write_reports(out: str, entries: Sequence[Dict[str, Any]],
+                  order: Optional[Sequence[str]] = None,
+                  settings: Optional[Dict[str, Any]] = None) -> List[str]:
+  """Writes results.md and `<sweep>.png` (a curve for a sweep over the label budget, else bars);
+  returns their paths."""
+  if not entries:
+    return []
+  settings = settings or {}
+  paths = [os.path.join(out, RESULTS_MD)]
+  with open(paths[0] + '.tmp', 'w') as f:
+    f.write(markdown_table(entries, order, settings))
+  os.replace(paths[0] + '.tmp', paths[0])
+  metric = next((e['select_metric'] for e in entries if e.get('select_metric')), 'val/pck@0.1')
+  png = os.path.join(out, f'{settings.get("sweep") or "results"}.png')
+  if all(BUDGET_KEY in e['overrides'] for e in entries):
+    plot_budget(entries, metric, png)
+  else:
+    plot_bars(entries, metric, png, order)
+  return paths + [png]
