@@ -122,6 +122,7 @@ def test_a_trunk_of_another_model_is_one_clear_error(tmp_path):
   demo = config_lib.load_config(str(ROOT / 'configs' / 'demo.py'))
   other = config_lib.load_config(str(ROOT / 'configs' / 'demo.py'))
   other.model.backbone_width = 32
+  other.model.pretrained = None
   small = models.build_model(other)
   variables = models.init_variables(other, small, jax.random.PRNGKey(0), 1)
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
