@@ -4,18 +4,26 @@ r"""The CPU demo, on the embedded `parts` benchmark: semantic correspondence bet
 
 Pairs are two instances of one of six procedurally generated articulated categories (quadruped,
 bird, vehicle, face, humanoid, flower; `sccorr_jax.data.parts`, built on first use into
-`data.data_dir` in seconds), with different poses, proportions, flips, textures and backgrounds;
-the labels are the named keypoints visible in both images, and training batches also carry the
+`data.data_dir`), with different poses, proportions, flips, textures and backgrounds; the
+labels are the named keypoints visible in both images, and training batches also carry the
 exact dense ground truth (`dense_flow`, `dense_valid`) and the keypoints withheld by the label
-budget. Model, optimiser and schedule are those of `configs/demo_warp.py` (a small trunk from
-scratch, 96x96 images, 24x24 flow, label receptive field 11), so the two demos differ only in
-the data. Validation PCK@0.1 (bbox threshold) on the 96 `val` pairs, whose textures come from
+budget. Validation PCK@0.1 (bbox threshold) on the 96 `val` pairs, whose textures come from
 photographs training never uses.
 
-Arguments: `baseline` | `st` | `mt` (default); `kps=K` keeps K labelled keypoints per training
-pair (`data.keypoints_per_pair`, 0 = all); `frac=P` labels a fraction P of the training pairs
-(`data.labelled_pair_fraction`); `runlocal` (a smoke run: 3 steps, one validation batch);
-`epochs=N`; `tiny` is the test suite's model and data (32x32 synthetic warps, seconds per run).
+The pretrained regime (default; README "The embedded benchmark and its two regimes"): both
+networks start from the shipped trunk `weights/parts_trunk.safetensors` (pretrained by
+`configs/pretrain.py` with no label of the benchmark; each head fresh), 3,840 training pairs
+whose parts have their category's typical appearance (`data.parts_appearance='category'`),
+12 epochs of 120 steps. Model, optimiser and teacher schedule are `config_lib.demo_config`'s (a
+small trunk, 96x96 images, 24x24 flow, label receptive field 11, lr 1e-3, λ = 1 from epoch 4).
+
+Arguments: `baseline` | `dense` | `st` | `mt` (default); `kps=K` keeps K labelled keypoints per
+training pair (`data.keypoints_per_pair`, 0 = all); `frac=P` labels a fraction P of the training
+pairs (`data.labelled_pair_fraction`); `pretrained=False` starts from scratch on the same
+benchmark; `scratch` is the first regime (no trunk, 384 training pairs, arbitrary part
+materials: the settings of the README's first-regime tables); `runlocal` (a smoke run: 3 steps,
+one validation batch); `epochs=N`; `tiny` is the test suite's model and data (32x32 synthetic
+warps, seconds per run).
 """
 
 from __future__ import annotations
