@@ -6,9 +6,9 @@ the experiment runner share it. `compile_step` compiles it once per distinct sha
 (the experiment runner's seeds reuse it).
 
 `train_and_evaluate(config, workdir)` trains in the learning mode `config.learning_mode`
-('baseline', 'dense', 'st', 'mt'; see `train_step`), validates PCK on `config.eval.split` at the end of
-every `config.eval.every_epochs` epochs for every trained model, and checkpoints (the two latest
-steps and the best by `val/pck@<eval.select_alpha>`; for 'mt' the better of the two models by
+('baseline', 'dense', 'st', 'mt'; see `train_step`), validates PCK on `config.eval.split` at the
+end of every `config.eval.every_epochs` epochs for every trained model, and checkpoints (the two
+latest steps and the best by `val/pck@<eval.select_alpha>`; for 'mt' the better of the two models by
 the same metric, whose index is recorded). A restarted run continues from the newest intact
 checkpoint exactly where it stopped: parameters, optimiser states, step, data-iterator position
 and logging window are restored (the steps draw no random numbers).
