@@ -17,8 +17,8 @@ import ml_collections
 
 from sccorr_jax import data
 
-# The three learning modes of the paper (Sec. 3.3-3.4): sparse ground truth only, a fixed
-# offline teacher, two mutual online teachers.
+# The learning modes: the paper's three (Sec. 3.3-3.4: sparse ground truth only, a fixed offline
+# teacher, two mutual online teachers) and the dense-truth oracle ('dense').
 LEARNING_MODES = ('baseline', 'dense', 'st', 'mt')
 
 

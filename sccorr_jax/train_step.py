@@ -1,4 +1,5 @@
-"""The three learning modes of SCorrSAN as pure training steps (paper Sec. 3.3-3.4, Alg. 1).
+"""The learning modes of SCorrSAN as pure training steps (paper Sec. 3.3-3.4, Alg. 1), and the
+dense-truth oracle.
 
 Every step has the signature `(state, batch, hparams) -> (state, metrics)`; the static
 parts (model, optimiser, options) are bound with `functools.partial(step, step_config)` before
