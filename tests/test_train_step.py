@@ -157,17 +157,17 @@ def test_dense_step_counts_every_valid_position_once_and_no_other(setup):
   batch = dict(setup['batch'], flow=np.full_like(setup['batch']['flow'], 1e4),
                dense_flow=np.where(valid[..., None], truth, 1e6).astype(np.float32),
                dense_valid=valid)
-  flow, _ = train_step.forward(cfg, state.params, state.batch_stats, batch)
+  flow, _ = jax.jit(functools.partial(train_step.forward, cfg))(state.params, state.batch_stats,
+                                                                  batch)
   err = np.linalg.norm(np.asarray(flow, np.float64) - truth, axis=-1)
   expected = err[valid].sum() / valid.sum()
-  new_state, metrics = jax.jit(functools.partial(train_step.dense_step, cfg))(
-      state, batch, setup['hp'])
+  step = jax.jit(functools.partial(train_step.dense_step, cfg))  # one compile, both batches
+  new_state, metrics = step(state, batch, setup['hp'])
   np.testing.assert_allclose(float(metrics['loss']), expected, rtol=1e-5)
   assert int(new_state.step) == 1 and not bool(metrics['nonfinite'])
   # No valid position anywhere: nothing changes, nothing is counted as non-finite.
   empty = dict(batch, dense_valid=np.zeros_like(valid))
-  same, metrics = jax.jit(functools.partial(train_step.dense_step, cfg))(
-      state, empty, setup['hp'])
+  same, metrics = step(state, empty, setup['hp'])
   assert float(metrics['loss']) == 0.0 and not bool(metrics['nonfinite'])
   _equal(same.params, state.params)
   del config
