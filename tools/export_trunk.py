@@ -39,11 +39,6 @@ def sha256(path) -> str:
   return h.hexdigest()
 
 
-def _latest_step(workdir: pathlib.Path):
-  steps = [int(p.name) for p in (workdir / "checkpoints").glob("*") if p.name.isdigit()]
-  return max(steps) if steps else None
-
-
 def main(argv):
   del argv
   # pylint: disable=g-import-not-at-top  # after flag parsing: `--help` stays fast
@@ -56,8 +51,8 @@ def main(argv):
     cli.fail(f"--out={out}: is a directory")
   path = pathlib.Path(_CHECKPOINT.value)
   step = _STEP.value
-  if step is None and (path / "checkpoints").is_dir():
-    step = _latest_step(path)
+  if step is None:
+    step = checkpoint.latest_step(path)  # None for a step directory: it is loaded itself
   try:
     variables, config = checkpoint.load_model_variables(path, _MODEL_INDEX.value, step=step)
     model = models.build_model(config)
