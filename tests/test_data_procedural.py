@@ -195,31 +195,34 @@ def test_records_and_iterators(cfg):
 
 
 def test_dense_grid_matches_record(cfg):
-  # Same image size as the records, no crop: each valid cell holds the displacement of the
-  # record pixel at its centre, in cells.
+  # Same image size as the records, no crop: a cell is valid iff one of its jsz x jsz record
+  # pixels is valid with its match inside the image, and holds their mean displacement, in
+  # cells; every cell holding a keypoint's pixel is valid (the keypoint is visible in both).
   src = data.data_source(cfg, 'trn')
   opts = data.PreprocessOptions('parts', img_size=SIZE, feature_size=12, receptive_field=7,
                                 label_truth=True)
   jsz = SIZE // 12
+  ys, xs = np.mgrid[0:SIZE, 0:SIZE]
   for i in range(len(src)):
     rec = src[i]
     out = data.preprocess_pair(rec, opts)
-    centre = np.floor((np.arange(12) + 0.5) * jsz - 0.5 + 0.5).astype(int)
-    sub_valid = rec['dense_valid'][np.ix_(centre, centre)]
-    sub_flow = rec['dense_flow'][np.ix_(centre, centre)]
-    np.testing.assert_array_equal(out['dense_valid'], sub_valid & _inside(sub_flow, centre))
-    np.testing.assert_allclose(out['dense_flow'][out['dense_valid']] * jsz,
-                               sub_flow[out['dense_valid']], atol=1e-4)
-
-
-def _inside(flow, centre):
-  c = (np.arange(len(centre)) + 0.5) * (SIZE / len(centre)) - 0.5
-  p = np.stack(np.meshgrid(c, c, indexing='xy'), -1) + flow
-  return (p >= -0.5).all(-1) & (p <= SIZE - 0.5).all(-1)
+    match = rec['dense_flow'] + np.stack([xs, ys], -1)
+    counts = rec['dense_valid'] & (match >= -0.5).all(-1) & (match <= SIZE - 0.5).all(-1)
+    for cy in range(12):
+      for cx in range(12):
+        block = np.s_[cy * jsz:(cy + 1) * jsz, cx * jsz:(cx + 1) * jsz]
+        assert out['dense_valid'][cy, cx] == counts[block].any()
+        if counts[block].any():
+          np.testing.assert_allclose(out['dense_flow'][cy, cx] * jsz,
+                                     rec['dense_flow'][block][counts[block]].mean(0), atol=1e-4)
+    kps = np.floor(np.asarray(rec['trg_kps'])[rec['kps_valid']] + 0.5).astype(int) // jsz
+    assert out['dense_valid'][kps[:, 1], kps[:, 0]].all()
 
 
 def test_dense_grid_resizes_an_affine_map():
-  # Record 40 px, batch 64 px on a 16-grid; the source is a scaled and shifted target.
+  # Record 40 px, batch 64 px on a 16-grid; the source is a scaled and shifted target. The
+  # displacement is affine in the output pixel, so a cell's mean is its value at the cell's
+  # middle, where the evaluator's upsampling puts it.
   h = w = 40
   ys, xs = np.mgrid[0:h, 0:w].astype(np.float64)
   pts = np.stack([xs, ys], -1)
@@ -230,10 +233,13 @@ def test_dense_grid_resizes_an_affine_map():
   c = (np.arange(16) + 0.5) * 4 - 0.5
   p_out = np.stack(np.meshgrid(c, c, indexing='xy'), -1)
   expect = ((1.1 * (p_out / 1.6) + [2.0, -3.0]) * 1.6 - p_out) / 4
-  inside = ((expect * 4 + p_out) >= -0.5).all(-1) & ((expect * 4 + p_out) <= 63.5).all(-1)
-  np.testing.assert_array_equal(valid, inside)
+  # Valid iff some output pixel of the cell (middle +- 1.5 px) has its match inside [-0.5, 63.5].
+  lo = expect * 4 + p_out - 1.5 * 1.1
+  hi = expect * 4 + p_out + 1.5 * 1.1
+  np.testing.assert_array_equal(valid, ((hi >= -0.5) & (lo <= 63.5)).all(-1))
+  full = ((lo >= -0.5) & (hi <= 63.5)).all(-1)  # cells whose every pixel counts
   # Nearest-pixel lookup: error <= |1.1 - 1| * 0.71 record px * 1.6 / 4 px per cell.
-  np.testing.assert_allclose(flow[valid], expect[valid], atol=0.1 * 0.71 * 1.6 / 4 + 1e-6)
+  np.testing.assert_allclose(flow[full], expect[full], atol=0.1 * 0.71 * 1.6 / 4 + 1e-6)
 
 
 def test_budget_subsets_are_seeded():

@@ -229,11 +229,16 @@ def dense_flow_to_grid(dense_flow: np.ndarray, dense_valid: np.ndarray, trg_map,
                        img_size: int, feature_size: int):
   """A record's dense ground truth (original pixels) -> the flow grid of the batch, in cells.
 
-  Cell `(i, j)` of the `feature_size` grid stands for the output-image point
-  `((j + 0.5) jsz - 0.5, (i + 0.5) jsz - 0.5)` (`jsz = img_size / feature_size`), where
-  bilinear upsampling (`evaluation.upsample_flow`, align_corners=False) puts the cell's value.
-  That point is taken back to the original target image, given the displacement of the
-  nearest original pixel, and the match is taken to the output source image.
+  Cell `(i, j)` of the `feature_size` grid covers the output-image pixels whose centres lie in
+  `[j jsz - 0.5, (j + 1) jsz - 0.5)` x `[i jsz - 0.5, (i + 1) jsz - 0.5)` (`jsz = img_size /
+  feature_size`; bilinear upsampling, `evaluation.upsample_flow`, puts the cell's value at the
+  middle of that square). Each output target pixel is taken back to the nearest original target
+  pixel, given its displacement, and its match taken to the output source image; the pixel
+  counts when the original pixel is valid and the match lies inside the output source image.
+  A cell is valid iff one of its pixels counts, and its flow is the mean displacement of those
+  pixels: every cell the object touches is labelled, as the sparse labels label the cells
+  around a keypoint, so the cells whose middle falls just off a part's edge (where keypoints at
+  tips and joints sit) are not left out.
 
   Args:
     dense_flow: [H, W, 2] float, original target pixel -> source displacement, pixels.
@@ -245,13 +250,12 @@ def dense_flow_to_grid(dense_flow: np.ndarray, dense_valid: np.ndarray, trg_map,
 
   Returns:
     flow: [fs, fs, 2] float32, (x, y) displacement target -> source in grid cells, 0 where
-    invalid; valid: [fs, fs] bool, the nearest original pixel is valid and the match lies in
-    the output source image.
+    invalid; valid: [fs, fs] bool.
   """
-  fs = int(feature_size)
-  jsz = img_size / fs
-  c = (np.arange(fs, dtype=np.float64) + 0.5) * jsz - 0.5
-  p_out = np.stack(np.meshgrid(c, c, indexing='xy'), -1)  # [fs, fs, 2] (x, y)
+  fs, s = int(feature_size), int(img_size)
+  jsz = s / fs
+  c = np.arange(s, dtype=np.float64)
+  p_out = np.stack(np.meshgrid(c, c, indexing='xy'), -1)  # [S, S, 2] (x, y) output pixels
   t_off, t_scale = (np.asarray(a, np.float64) for a in trg_map)
   s_off, s_scale = (np.asarray(a, np.float64) for a in src_map)
   p_orig = p_out / t_scale + t_off
@@ -261,10 +265,16 @@ def dense_flow_to_grid(dense_flow: np.ndarray, dense_valid: np.ndarray, trg_map,
   qx = np.clip(q[..., 0], 0, w - 1)
   qy = np.clip(q[..., 1], 0, h - 1)
   src_out = (p_orig + dense_flow[qy, qx] - s_off) * s_scale
-  valid = (inside & np.asarray(dense_valid, bool)[qy, qx]
-           & (src_out >= -0.5).all(-1) & (src_out <= img_size - 0.5).all(-1))
-  flow = np.where(valid[..., None], (src_out - p_out) / jsz, 0.0)
-  return flow.astype(np.float32), valid
+  counts = (inside & np.asarray(dense_valid, bool)[qy, qx]
+            & (src_out >= -0.5).all(-1) & (src_out <= s - 0.5).all(-1)).ravel()
+  cell = np.minimum(np.floor((c + 0.5) / jsz).astype(np.int64), fs - 1)
+  ids = (cell[:, None] * fs + cell[None, :]).ravel()[counts]  # row-major cell of each pixel
+  disp = (src_out - p_out).reshape(-1, 2)[counts] / jsz
+  n = np.bincount(ids, minlength=fs * fs)
+  total = np.stack([np.bincount(ids, disp[:, k], minlength=fs * fs) for k in (0, 1)], -1)
+  valid = n > 0
+  flow = np.where(valid[:, None], total / np.maximum(n, 1)[:, None], 0.0)
+  return flow.reshape(fs, fs, 2).astype(np.float32), valid.reshape(fs, fs)
 
 
 def preprocess_pair(rec: dict, opts: PreprocessOptions,
