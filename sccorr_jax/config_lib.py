@@ -2,8 +2,12 @@
 
 Every config file's `get_config(arg)` starts from `base_config()` and changes what differs. The
 sections mirror the modules: `config.model` (sccorr_jax.models.SCorrSAN), `config.data`
-(sccorr_jax.data.default_data_config), `config.optim` (AdamW groups and schedule),
-`config.teacher` (pseudo labels and small-loss selection), `config.eval` (PCK protocol).
+(`default_data_config`: every data option and its default, the one place they are written),
+`config.optim` (AdamW groups and schedule), `config.teacher` (pseudo labels and small-loss
+selection), `config.eval` (PCK protocol).
+
+This module imports nothing from `sccorr_jax.data` (nor grain, TFDS or JAX): loading a config
+file is cheap, and the data package reads its defaults from here.
 """
 
 from __future__ import annotations
@@ -15,11 +19,97 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import ml_collections
 
-from sccorr_jax import data
-
 # The learning modes: the paper's three (Sec. 3.3-3.4: sparse ground truth only, a fixed offline
 # teacher, two mutual online teachers) and the dense-truth oracle ('dense').
 LEARNING_MODES = ('baseline', 'dense', 'st', 'mt')
+
+
+# The datasets `config.data.name` may name (`sccorr_jax.data.pipeline` holds their builders).
+DATASETS = ('synthetic', 'parts', 'spair71k', 'pfpascal', 'pfwillow')
+
+# The size knobs of the embedded datasets with their defaults: the fields of
+# `synthetic.SyntheticConfig` and `parts.PartsConfig` (they name the cache directory), keys
+# `synthetic_<knob>` and `parts_<knob>` of the data config.
+SYNTHETIC_KNOBS = dict(img_size=128, train_pairs_per_photo=16, eval_pairs_per_photo=8,
+                       min_kps=8, max_kps=20, seed=0)
+PARTS_KNOBS = dict(img_size=128, train_pairs_per_category=64, eval_pairs_per_category=16,
+                   min_kps=4, seed=0, novel_categories=0, appearance='random')
+EMBEDDED_KNOBS = {'synthetic': SYNTHETIC_KNOBS, 'parts': PARTS_KNOBS}
+
+
+def default_data_config(name: str = 'synthetic') -> ml_collections.ConfigDict:
+  """Every data option with its default; configs build on it (`config.data = ...`).
+
+  Re-exported as `sccorr_jax.data.default_data_config`.
+
+  Args:
+    name: 'synthetic' | 'parts' | 'spair71k' | 'pfpascal' | 'pfwillow' (`DATASETS`).
+
+  Returns:
+    ConfigDict with fields:
+      name: the dataset.
+      data_dir: TFDS data dir of the prepared benchmarks; for 'synthetic' and 'parts', where
+        they are cached (built on first use). Default `$SCCORR_DATA_DIR` or
+        `~/tensorflow_datasets`.
+      img_size, feature_size, receptive_field: network input side (pixels), flow label grid
+        side, label receptive field (pixels); `img_size % feature_size == 0`.
+      max_kps: keypoint slots per pair (40).
+      train_split: split the training iterator reads ('trn').
+      augment, augment_p: the reference's colour augmentation (training) and its probability.
+      random_crop, random_crop_p: the reference's crop around the box (off, as in the
+        reference) and its probability when on.
+      flip: honour PF-PASCAL's training flip flags.
+      flip_source_p: mirror the source image of a training pair with this probability and
+        relabel its keypoints left <-> right (datasets with keypoint ids: 'parts').
+      shuffle: shuffle the training data per epoch.
+      num_workers: grain worker processes (0 = in-process); num_threads, prefetch_buffer_size:
+        grain `ReadOptions`.
+      synthetic_img_size, synthetic_train_pairs_per_photo, synthetic_eval_pairs_per_photo,
+        synthetic_min_kps, synthetic_max_kps, synthetic_seed: the embedded dataset's size knobs
+        (`SYNTHETIC_KNOBS`).
+      parts_img_size, parts_train_pairs_per_category, parts_eval_pairs_per_category,
+        parts_min_kps, parts_seed: the `parts` benchmark's size knobs (`PARTS_KNOBS`).
+      parts_novel_categories: 0 = the benchmark's six categories; N > 0 = the pretraining
+        variant of `parts`: N procedurally generated categories disjoint from the six
+        (`procedural.novel_category`), textures from the training photographs in every split.
+      parts_appearance: 'random' (every part of every instance an arbitrary material: shape
+        is the only cue) or 'category' (parts have their category's typical material, varied
+        per instance; `procedural.render`).
+      keypoints_per_pair: training label budget, keypoints kept per pair (0 = all).
+      labelled_pair_fraction: fraction of training pairs that keep any label (1.0 = all).
+      budget_seed: seed of the kept subsets (independent of the training seed).
+
+  Raises:
+    ValueError: an unknown dataset.
+  """
+  if name not in DATASETS:
+    raise ValueError(f'unknown dataset {name!r}; expected one of {DATASETS}')
+  c = ml_collections.ConfigDict()
+  c.name = name
+  c.data_dir = os.environ.get('SCCORR_DATA_DIR',
+                              os.path.join(os.path.expanduser('~'), 'tensorflow_datasets'))
+  c.img_size = 256
+  c.feature_size = 64
+  c.receptive_field = 11
+  c.max_kps = 40
+  c.train_split = 'trn'
+  c.augment = True
+  c.augment_p = 0.2
+  c.random_crop = False
+  c.random_crop_p = 0.5
+  c.flip = True
+  c.shuffle = True
+  c.num_workers = 0
+  c.num_threads = 4
+  c.prefetch_buffer_size = 16
+  for dataset, knobs in EMBEDDED_KNOBS.items():
+    for knob, default in knobs.items():
+      c[f'{dataset}_{knob}'] = default
+  c.flip_source_p = 0.0
+  c.keypoints_per_pair = 0
+  c.labelled_pair_fraction = 1.0
+  c.budget_seed = 0
+  return c
 
 
 def parse_arg(arg: Optional[str], lazy: bool = False, **spec) -> ml_collections.ConfigDict:
@@ -137,8 +227,8 @@ def base_config(dataset: str = 'spair71k') -> ml_collections.ConfigDict:
   """Every key the trainer reads, with the reference's SPair-71k values where one exists.
 
   Args:
-    dataset: `config.data.name` ('spair71k', 'pfpascal', 'pfwillow', 'synthetic'); the data
-      section is `sccorr_jax.data.default_data_config(dataset)` at the training resolution.
+    dataset: `config.data.name` ('spair71k', 'pfpascal', 'pfwillow', 'synthetic', 'parts');
+      the data section is `default_data_config(dataset)` at the training resolution.
 
   Benchmark files override what differs; see `docs/training.md` for the table of reference vs
   paper values.
@@ -171,7 +261,7 @@ def base_config(dataset: str = 'spair71k') -> ml_collections.ConfigDict:
   # images) and updates the running ones, as the reference; 'frozen': running statistics only.
   c.model.batch_norm = 'batch'
 
-  c.data = data.default_data_config(dataset)
+  c.data = default_data_config(dataset)
   c.data.img_size = 256
   c.data.feature_size = 64
   c.data.receptive_field = 11

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 
 from ml_collections import config_flags  # noqa: F401  (absl flags are marked parsed)
@@ -25,6 +26,30 @@ def test_load_config_file_errors(tmp_path):
     config_lib.load_config(str(tmp_path / 'empty.py'))
   assert config_lib.load_config(os.path.join(CONFIGS, 'demo.py') + ':baseline,tiny'
                                 ).learning_mode == 'baseline'
+
+
+def test_loading_a_config_imports_no_data_pipeline():
+  """config_lib (the data defaults included) and a config file pull in neither grain nor TFDS."""
+  root = os.path.dirname(CONFIGS)
+  code = ('import sys\n'
+          'from sccorr_jax import config_lib\n'
+          'config = config_lib.load_config("configs/demo.py")\n'
+          'assert config.data.name == "parts", config.data.name\n'
+          'heavy = [m for m in ("grain", "tensorflow_datasets", "tensorflow", "jax")\n'
+          '         if m in sys.modules]\n'
+          'assert not heavy, heavy\n')
+  env = dict(os.environ, PYTHONPATH=root)
+  r = subprocess.run([sys.executable, '-c', code], cwd=root, env=env, capture_output=True,
+                     text=True, timeout=120, check=False)
+  assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_data_defaults_are_config_libs():
+  """`sccorr_jax.data.default_data_config` is config_lib's (one home for the data defaults)."""
+  from sccorr_jax import data  # pylint: disable=g-import-not-at-top
+  from sccorr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  assert data.default_data_config is config_lib.default_data_config
+  assert set(config_lib.DATASETS) == {*pipeline.EMBEDDED, *pipeline.BUILDERS}
 
 
 def test_parse_arg():

@@ -22,9 +22,9 @@ import os
 from typing import Any, Dict
 
 import grain
-import ml_collections
 import numpy as np
 
+from sccorr_jax import config_lib
 from sccorr_jax.data import parts
 from sccorr_jax.data import pfpascal
 from sccorr_jax.data import pfwillow
@@ -36,89 +36,10 @@ BUILDERS = {'spair71k': spair71k.Spair71k, 'pfpascal': pfpascal.PfPascal,
             'pfwillow': pfwillow.PfWillow}
 # Embedded datasets: generated on first use into data_dir (no download).
 EMBEDDED = {'synthetic': synthetic, 'parts': parts}
-DATASETS = (*EMBEDDED, *BUILDERS)
+DATASETS = config_lib.DATASETS  # The names `data.name` may take: EMBEDDED and BUILDERS.
 # Datasets whose records carry a dense ground truth (`dense_flow`, `dense_valid`).
 DENSE_TRUTH_DATASETS = ('synthetic', 'parts')
 _SPLIT_ALIASES = {'train': 'trn', 'validation': 'val', 'valid': 'val'}
-
-
-def default_data_config(name: str = 'synthetic') -> ml_collections.ConfigDict:
-  """Every data option with its default; configs build on it (`config.data = ...`).
-
-  Args:
-    name: 'synthetic' | 'parts' | 'spair71k' | 'pfpascal' | 'pfwillow'.
-
-  Returns:
-    ConfigDict with fields:
-      name: the dataset.
-      data_dir: TFDS data dir of the prepared benchmarks; for 'synthetic' and 'parts', where
-        they are cached (built on first use). Default `$SCCORR_DATA_DIR` or
-        `~/tensorflow_datasets`.
-      img_size, feature_size, receptive_field: network input side (pixels), flow label grid
-        side, label receptive field (pixels); `img_size % feature_size == 0`.
-      max_kps: keypoint slots per pair (40).
-      train_split: split the training iterator reads ('trn').
-      augment, augment_p: the reference's colour augmentation (training) and its probability.
-      random_crop, random_crop_p: the reference's crop around the box (off, as in the
-        reference) and its probability when on.
-      flip: honour PF-PASCAL's training flip flags.
-      flip_source_p: mirror the source image of a training pair with this probability and
-        relabel its keypoints left <-> right (datasets with keypoint ids: 'parts').
-      shuffle: shuffle the training data per epoch.
-      num_workers: grain worker processes (0 = in-process); num_threads, prefetch_buffer_size:
-        grain `ReadOptions`.
-      synthetic_img_size, synthetic_train_pairs_per_photo, synthetic_eval_pairs_per_photo,
-        synthetic_min_kps, synthetic_max_kps, synthetic_seed: the embedded dataset's size knobs.
-      parts_img_size, parts_train_pairs_per_category, parts_eval_pairs_per_category,
-        parts_min_kps, parts_seed: the `parts` benchmark's size knobs (`parts.make_config`).
-      parts_novel_categories: 0 = the benchmark's six categories; N > 0 = the pretraining
-        variant of `parts`: N procedurally generated categories disjoint from the six
-        (`procedural.novel_category`), textures from the training photographs in every split.
-      parts_appearance: 'random' (every part of every instance an arbitrary material: shape
-        is the only cue) or 'category' (parts have their category's typical material, varied
-        per instance; `procedural.render`).
-      keypoints_per_pair: training label budget, keypoints kept per pair (0 = all).
-      labelled_pair_fraction: fraction of training pairs that keep any label (1.0 = all).
-      budget_seed: seed of the kept subsets (independent of the training seed).
-  """
-  if name not in DATASETS:
-    raise ValueError(f'unknown dataset {name!r}; expected one of {DATASETS}')
-  c = ml_collections.ConfigDict()
-  c.name = name
-  c.data_dir = os.environ.get('SCCORR_DATA_DIR',
-                              os.path.join(os.path.expanduser('~'), 'tensorflow_datasets'))
-  c.img_size = 256
-  c.feature_size = 64
-  c.receptive_field = 11
-  c.max_kps = 40
-  c.train_split = 'trn'
-  c.augment = True
-  c.augment_p = 0.2
-  c.random_crop = False
-  c.random_crop_p = 0.5
-  c.flip = True
-  c.shuffle = True
-  c.num_workers = 0
-  c.num_threads = 4
-  c.prefetch_buffer_size = 16
-  c.synthetic_img_size = 128
-  c.synthetic_train_pairs_per_photo = 16
-  c.synthetic_eval_pairs_per_photo = 8
-  c.synthetic_min_kps = 8
-  c.synthetic_max_kps = 20
-  c.synthetic_seed = 0
-  c.parts_img_size = 128
-  c.parts_train_pairs_per_category = 64
-  c.parts_eval_pairs_per_category = 16
-  c.parts_min_kps = 4
-  c.parts_seed = 0
-  c.parts_novel_categories = 0
-  c.parts_appearance = 'random'
-  c.flip_source_p = 0.0
-  c.keypoints_per_pair = 0
-  c.labelled_pair_fraction = 1.0
-  c.budget_seed = 0
-  return c
 
 
 def has_dense_truth(cfg) -> bool:
@@ -296,7 +217,7 @@ def create_train_iterator(data_config, *, batch_size: int, seed: int, process_in
   """Infinite, shuffled, augmented training batches of this process (checkpointable).
 
   Args:
-    data_config: see `default_data_config`.
+    data_config: see `config_lib.default_data_config`.
     batch_size: global batch size; this process yields `batch_size // process_count` pairs.
     seed: data seed (shuffling and augmentation).
     process_index, process_count: this process and the number of processes; each reads the
@@ -359,7 +280,7 @@ def create_eval_iterator(data_config, split: str, *, batch_size: int, process_in
   """One pass over a split in fixed-shape batches, no augmentation.
 
   Args:
-    data_config: see `default_data_config`.
+    data_config: see `config_lib.default_data_config`.
     split: 'trn' | 'val' | 'test' (PF-WILLOW: 'test').
     batch_size: global batch size; this process yields `batch_size // process_count` rows.
     process_index, process_count: this process gets records `process_index::process_count`.

@@ -32,6 +32,7 @@ from absl import logging
 import tensorflow_datasets as tfds
 
 from sccorr_jax import cli
+from sccorr_jax import config_lib
 from sccorr_jax.data import builder_base
 from sccorr_jax.data import pipeline
 from sccorr_jax.data import records
@@ -70,7 +71,7 @@ def prepare(dataset: str, data_dir: str, manual_dir: str | None = None,
   if os.path.exists(data_dir) and not os.path.isdir(data_dir):
     raise records.PreparationError(f'data dir {data_dir} is not a directory')
   if dataset not in pipeline.BUILDERS:  # embedded: generated, nothing to read
-    cfg = pipeline.default_data_config(dataset)
+    cfg = config_lib.default_data_config(dataset)
     cfg.data_dir = data_dir
     return pipeline.get_builder(cfg)
   builder_cls = pipeline.BUILDERS[dataset]
@@ -111,7 +112,7 @@ def _run():
   if not 0 <= _MAX_BAD.value <= 1:
     raise records.PreparationError(
         f'--max_bad_fraction={_MAX_BAD.value}: must lie in [0, 1]')
-  data_dir = _DATA_DIR.value or pipeline.default_data_config().data_dir
+  data_dir = _DATA_DIR.value or config_lib.default_data_config().data_dir
   builder = prepare(_DATASET.value, data_dir, _MANUAL_DIR.value,
                     records.BadRecordPolicy(_ON_BAD.value, _MAX_BAD.value),
                     _REGISTER_CHECKSUMS.value)
