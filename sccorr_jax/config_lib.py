@@ -40,7 +40,9 @@ EMBEDDED_KNOBS = {'synthetic': SYNTHETIC_KNOBS, 'parts': PARTS_KNOBS}
 def default_data_config(name: str = 'synthetic') -> ml_collections.ConfigDict:
   """Every data option with its default; configs build on it (`config.data = ...`).
 
-  Re-exported as `sccorr_jax.data.default_data_config`.
+  Re-exported as `sccorr_jax.data.default_data_config`. The data pipeline reads these keys
+  without defaults of its own (a config read back from an older run is completed by
+  `restored_config`).
 
   Args:
     name: 'synthetic' | 'parts' | 'spair71k' | 'pfpascal' | 'pfwillow' (`DATASETS`).
@@ -110,6 +112,21 @@ def default_data_config(name: str = 'synthetic') -> ml_collections.ConfigDict:
   c.labelled_pair_fraction = 1.0
   c.budget_seed = 0
   return c
+
+
+def restored_config(stored: Dict[str, Any]) -> ml_collections.ConfigDict:
+  """A config read back from a run (a checkpoint's or an export's JSON, as a dict).
+
+  Its data section gains every key of `default_data_config` it lacks (keys added since the run
+  was written) at its default: the data pipeline reads every key and guesses none.
+  """
+  config = ml_collections.ConfigDict(stored)
+  data = config.get('data')
+  if data is not None and data.get('name') in DATASETS:
+    complete = default_data_config(data.name)
+    complete.update(data)
+    config.data = complete
+  return config
 
 
 def parse_arg(arg: Optional[str], lazy: bool = False, **spec) -> ml_collections.ConfigDict:

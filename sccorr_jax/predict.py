@@ -52,12 +52,12 @@ from typing import Any, Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from PIL import Image
 from PIL import ImageOps
 
 from sccorr_jax import checkpoint as ckpt_lib
+from sccorr_jax import config_lib
 from sccorr_jax import export
 from sccorr_jax import geometry
 from sccorr_jax import images
@@ -561,7 +561,7 @@ class Predictor:
                             f"model_index={index}); model_index={model_index!r} is for "
                             "checkpoints")
     cfg = serialized.header.get("config")
-    cfg = None if cfg is None else ml_collections.ConfigDict(cfg)
+    cfg = None if cfg is None else config_lib.restored_config(cfg)
     return cls(None, None, config=cfg, serialized=serialized, **kwargs)
 
   def _forward_impl(self, variables, src, trg):

@@ -78,7 +78,7 @@ def steps_per_epoch(config) -> int:
   """`optim.steps_per_epoch`, or the training pairs divided by the global batch size."""
   if config.optim.get('steps_per_epoch'):
     return int(config.optim.steps_per_epoch)
-  n = data_lib.num_examples(config.data, config.data.get('train_split', 'trn'))
+  n = data_lib.num_examples(config.data, config.data.train_split)
   spe = n // int(config.optim.batch_size)
   if spe < 1:
     raise config_lib.ConfigError(f'the training split has {n} pairs, fewer than one batch of '
@@ -292,7 +292,7 @@ def _data(config, data_seed: int):
   With `model.inputs='features'` (the head on a frozen backbone's cached features) both
   splits' caches are opened, and so verified, before any step.
   """
-  train_split = config.data.get('train_split', 'trn')
+  train_split = config.data.train_split
   features = {}
   if config.model.get('inputs', 'images') == 'features':
     features = cache_features.open_for_config(config, (train_split, config.eval.split))

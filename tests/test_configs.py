@@ -52,6 +52,22 @@ def test_data_defaults_are_config_libs():
   assert set(config_lib.DATASETS) == {*pipeline.EMBEDDED, *pipeline.BUILDERS}
 
 
+def test_restored_config_completes_an_older_runs_data_section():
+  """A run written before a data key existed reads back with that key at its default: the
+  pipeline reads every key without a default of its own."""
+  import json  # pylint: disable=g-import-not-at-top
+  from sccorr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  stored = json.loads(config_lib.load_config(os.path.join(CONFIGS, 'demo.py')
+                                             ).to_json_best_effort())
+  for key in ('parts_appearance', 'parts_novel_categories', 'flip_source_p'):
+    del stored['data'][key]
+  config = config_lib.restored_config(stored)
+  assert config.data.parts_appearance == 'random' and config.data.flip_source_p == 0.0
+  assert config.data.parts_train_pairs_per_category == 640  # the run's own value stays
+  assert pipeline._embedded_knobs(config.data)['appearance'] == 'random'  # pylint: disable=protected-access
+  assert config.model.to_dict() == stored['model']
+
+
 def test_parse_arg():
   a = config_lib.parse_arg('st,runlocal', variant='mt', runlocal=False, epochs=0)
   assert a.variant == 'st' and a.runlocal and a.epochs == 0

@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from sccorr_jax import config_lib
 from sccorr_jax.checkpoint.integrity import _check_tree
 from sccorr_jax.checkpoint.integrity import _config_dict
 from sccorr_jax.checkpoint.integrity import _first_line
@@ -178,10 +179,10 @@ def load_model_variables(path: PathLike, model_index: ModelIndex = None, *,
   item = VARIABLES if kind == 'export' else STATE
   verify(directory, (VARIABLES, CONFIG) if kind == 'export' else (STATE, META))
   if kind == 'export':
-    config = ml_collections.ConfigDict(_read_json(directory / CONFIG))
+    config = config_lib.restored_config(_read_json(directory / CONFIG))
   else:
     meta = _read_json(directory / META)
-    config = ml_collections.ConfigDict(_config_dict(meta['config']))
+    config = config_lib.restored_config(_config_dict(meta['config']))
   target_config = config if model_config is None else model_config
   model = build_model(target_config)
   one = abstract_model_variables(model, _img_size(target_config), sharding)

@@ -39,6 +39,7 @@ import dataclasses
 import numpy as np
 import tensorflow_datasets as tfds
 
+from sccorr_jax import config_lib
 from sccorr_jax.data import builder_base
 from sccorr_jax.data import procedural
 from sccorr_jax.data import records
@@ -49,9 +50,10 @@ CATEGORIES = procedural.CATEGORY_NAMES
 _SPLIT_IDS = {'trn': 0, 'val': 1, 'test': 2}
 
 
-@dataclasses.dataclass(eq=False)
+@dataclasses.dataclass(eq=False, kw_only=True)
 class PartsConfig(tfds.core.BuilderConfig):
-  """Size knobs of the `parts` dataset (they name the cache directory).
+  """Size knobs of the `parts` dataset (they name the cache directory); `make_config` fills
+  them, with `config_lib.PARTS_KNOBS` for those not given.
 
   Attributes:
     img_size: side S of the stored square images, pixels.
@@ -59,36 +61,41 @@ class PartsConfig(tfds.core.BuilderConfig):
     eval_pairs_per_category: validation and test pairs per category.
     min_kps: keypoints visible in both images a pair needs (redrawn otherwise).
     seed: generation seed.
+    novel_categories: 0 = the benchmark's six categories, N > 0 = the pretraining variant, N
+      novel categories and training photographs only.
+    appearance: the parts' appearance model (`procedural.APPEARANCES`).
   """
-  img_size: int = 128
-  train_pairs_per_category: int = 64
-  eval_pairs_per_category: int = 16
-  min_kps: int = 4
-  seed: int = 0
-  novel_categories: int = 0
-  appearance: str = 'random'
+  img_size: int
+  train_pairs_per_category: int
+  eval_pairs_per_category: int
+  min_kps: int
+  seed: int
+  novel_categories: int
+  appearance: str
 
 
-def make_config(img_size=128, train_pairs_per_category=64, eval_pairs_per_category=16,
-                min_kps=4, seed=0, novel_categories=0, appearance='random') -> PartsConfig:
-  """The builder config of these knobs (`novel_categories`: 0 = the benchmark's six categories,
-  N > 0 = the pretraining variant, N novel categories and training photographs only;
-  `appearance`: the parts' appearance model, `procedural.APPEARANCES`)."""
-  if appearance not in procedural.APPEARANCES:
-    raise ValueError(f'appearance must be one of {procedural.APPEARANCES}, got {appearance!r}')
-  if not 1 <= min_kps <= records.MAX_KPS:
+def make_config(**knobs) -> PartsConfig:
+  """The builder config of these knobs (`PartsConfig`'s fields; the defaults of those not given
+  are `config_lib.PARTS_KNOBS`, the data config's `parts_*` keys).
+
+  Raises:
+    ValueError: a knob out of range; TypeError: an unknown knob.
+  """
+  k = {**config_lib.PARTS_KNOBS, **knobs}
+  if k['appearance'] not in procedural.APPEARANCES:
+    raise ValueError(f'appearance must be one of {procedural.APPEARANCES}, '
+                     f'got {k["appearance"]!r}')
+  if not 1 <= k['min_kps'] <= records.MAX_KPS:
     raise ValueError(f'need 1 <= min_kps <= {records.MAX_KPS}')
-  if img_size < 16:
-    raise ValueError(f'img_size must be at least 16, got {img_size}')
-  if novel_categories < 0:
-    raise ValueError(f'novel_categories must be >= 0, got {novel_categories}')
-  name = (f'img{img_size}-trn{train_pairs_per_category}-eval{eval_pairs_per_category}-'
-          f'kps{min_kps}-seed{seed}' + (f'-novel{novel_categories}' if novel_categories else '')
-          + ('' if appearance == 'random' else f'-{appearance}'))
-  return PartsConfig(name=name, description='procedural articulated objects',
-                     img_size=img_size, train_pairs_per_category=train_pairs_per_category,
-                     eval_pairs_per_category=eval_pairs_per_category, min_kps=min_kps, seed=seed,
-                     novel_categories=novel_categories, appearance=appearance)
+  if k['img_size'] < 16:
+    raise ValueError(f'img_size must be at least 16, got {k["img_size"]}')
+  if k['novel_categories'] < 0:
+    raise ValueError(f'novel_categories must be >= 0, got {k["novel_categories"]}')
+  name = (f'img{k["img_size"]}-trn{k["train_pairs_per_category"]}-'
+          f'eval{k["eval_pairs_per_category"]}-kps{k["min_kps"]}-seed{k["seed"]}'
+          + (f'-novel{k["novel_categories"]}' if k['novel_categories'] else '')
+          + ('' if k['appearance'] == 'random' else f'-{k["appearance"]}'))
+  return PartsConfig(name=name, description='procedural articulated objects', **k)
 
 
 def category_names(cfg: PartsConfig):

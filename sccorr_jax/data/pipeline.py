@@ -9,6 +9,9 @@ Evaluation: one pass over a split, no augmentation, every process gets the same 
 fixed-shape batches; the last ones are padded with copies of a real pair marked
 `pair_valid=False`.
 
+Options: the data config's keys (`config_lib.default_data_config`, the one place their defaults
+are written), read here without defaults of their own.
+
 Label budget (training only, `keypoints_per_pair`, `labelled_pair_fraction`, `budget_seed`):
 before sharding and shuffling, record `i` of the training split keeps a subset of its keypoints
 fixed by `(budget_seed, i)`, the same in every epoch, on every process and for every training
@@ -44,28 +47,23 @@ _SPLIT_ALIASES = {'train': 'trn', 'validation': 'val', 'valid': 'val'}
 
 def has_dense_truth(cfg) -> bool:
   """Whether the dataset's records carry a dense ground truth (learning mode 'dense')."""
-  return _get(cfg, 'name') in DENSE_TRUTH_DATASETS
-
-
-def _get(cfg, key: str, default: Any = None) -> Any:
-  return cfg.get(key, default) if hasattr(cfg, 'get') else getattr(cfg, key, default)
+  return cfg.name in DENSE_TRUTH_DATASETS
 
 
 def _check(cfg):
-  name = _get(cfg, 'name')
+  name = cfg.name
   if name not in DATASETS:
     raise ValueError(f'data.name must be one of {DATASETS}, got {name!r}')
   if int(cfg.img_size) % int(cfg.feature_size):
     raise ValueError(f'data.img_size ({cfg.img_size}) must be divisible by data.feature_size '
                      f'({cfg.feature_size})')
-  if int(_get(cfg, 'keypoints_per_pair', 0)) < 0:
+  if int(cfg.keypoints_per_pair) < 0:
     raise ValueError(f'data.keypoints_per_pair must be >= 0, got {cfg.keypoints_per_pair}')
-  if (name == 'parts' and int(_get(cfg, 'parts_novel_categories', 0))
-      and float(_get(cfg, 'flip_source_p', 0.0)) > 0):
+  if name == 'parts' and int(cfg.parts_novel_categories) and float(cfg.flip_source_p) > 0:
     raise ValueError('data.flip_source_p relabels keypoints with the six benchmark categories\' '
                      'left/right tables; the novel categories (data.parts_novel_categories) '
                      'need data.flip_source_p=0')
-  frac = float(_get(cfg, 'labelled_pair_fraction', 1.0))
+  frac = float(cfg.labelled_pair_fraction)
   if not 0.0 <= frac <= 1.0:
     raise ValueError(f'data.labelled_pair_fraction must be in [0, 1], got {frac}')
 
@@ -75,24 +73,12 @@ def _prepared_on_disk(builder) -> bool:
   return os.path.isfile(os.path.join(builder.data_dir, 'dataset_info.json'))
 
 
-def _embedded_knobs(data_config) -> Dict[str, int]:
-  """The `make_config` knobs of an embedded dataset from the data config."""
-  if data_config.name == 'synthetic':
-    return dict(
-        img_size=int(_get(data_config, 'synthetic_img_size', 128)),
-        train_pairs_per_photo=int(_get(data_config, 'synthetic_train_pairs_per_photo', 16)),
-        eval_pairs_per_photo=int(_get(data_config, 'synthetic_eval_pairs_per_photo', 8)),
-        min_kps=int(_get(data_config, 'synthetic_min_kps', 8)),
-        max_kps=int(_get(data_config, 'synthetic_max_kps', 20)),
-        seed=int(_get(data_config, 'synthetic_seed', 0)))
-  return dict(
-      img_size=int(_get(data_config, 'parts_img_size', 128)),
-      train_pairs_per_category=int(_get(data_config, 'parts_train_pairs_per_category', 64)),
-      eval_pairs_per_category=int(_get(data_config, 'parts_eval_pairs_per_category', 16)),
-      min_kps=int(_get(data_config, 'parts_min_kps', 4)),
-      seed=int(_get(data_config, 'parts_seed', 0)),
-      novel_categories=int(_get(data_config, 'parts_novel_categories', 0)),
-      appearance=str(_get(data_config, 'parts_appearance', 'random')))
+def _embedded_knobs(data_config) -> Dict[str, Any]:
+  """The `make_config` knobs of an embedded dataset: its `<name>_<knob>` keys of the data
+  config (`config_lib.EMBEDDED_KNOBS`), each of its default's type."""
+  knobs = config_lib.EMBEDDED_KNOBS[data_config.name]
+  return {k: type(default)(data_config[f'{data_config.name}_{k}'])
+          for k, default in knobs.items()}
 
 
 def get_builder(data_config):
@@ -161,12 +147,10 @@ def preprocess_options(data_config, train: bool) -> transforms.PreprocessOptions
       dataset=data_config.name, img_size=int(data_config.img_size),
       feature_size=int(data_config.feature_size),
       receptive_field=int(data_config.receptive_field), max_kps=int(data_config.max_kps),
-      train=train, augment=bool(_get(data_config, 'augment', True)),
-      augment_p=float(_get(data_config, 'augment_p', 0.2)),
-      random_crop=bool(_get(data_config, 'random_crop', False)),
-      random_crop_p=float(_get(data_config, 'random_crop_p', 0.5)),
-      flip=bool(_get(data_config, 'flip', True)), label_truth=train,
-      flip_source_p=float(_get(data_config, 'flip_source_p', 0.0)))
+      train=train, augment=bool(data_config.augment), augment_p=float(data_config.augment_p),
+      random_crop=bool(data_config.random_crop),
+      random_crop_p=float(data_config.random_crop_p), flip=bool(data_config.flip),
+      label_truth=train, flip_source_p=float(data_config.flip_source_p))
 
 
 def check_cached_features(data_config) -> None:
@@ -175,7 +159,7 @@ def check_cached_features(data_config) -> None:
   Colour augmentation and random crops change the pixels the backbone sees, so they cannot
   apply to cached features; flips can (the token grid is mirrored, see `preprocess_pair`).
   """
-  on = [k for k in ('augment', 'random_crop') if bool(_get(data_config, k, False))]
+  on = [k for k in ('augment', 'random_crop') if bool(data_config[k])]
   if on:
     raise ValueError('cached features (model.inputs=\'features\') cannot take colour '
                      'augmentation or random crops, which change pixels: set '
@@ -192,8 +176,8 @@ def _check_features(data_config, features, split: str, train: bool) -> None:
 
 
 def _read_options(data_config) -> grain.ReadOptions:
-  return grain.ReadOptions(num_threads=int(_get(data_config, 'num_threads', 4)),
-                           prefetch_buffer_size=int(_get(data_config, 'prefetch_buffer_size', 16)))
+  return grain.ReadOptions(num_threads=int(data_config.num_threads),
+                           prefetch_buffer_size=int(data_config.prefetch_buffer_size))
 
 
 def _local_batch_size(batch_size: int, process_count: int) -> int:
@@ -206,7 +190,7 @@ def _batched_iter_dataset(data_config, ds, batch_size: int):
   """Batches on the MapDataset (batches do not depend on the worker count), then reads it with
   `num_workers` prefetch processes (0: in-process read threads)."""
   it = ds.batch(batch_size, drop_remainder=True).to_iter_dataset(_read_options(data_config))
-  workers = int(_get(data_config, 'num_workers', 0))
+  workers = int(data_config.num_workers)
   if workers > 0:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
   return it
@@ -232,22 +216,22 @@ def create_train_iterator(data_config, *, batch_size: int, seed: int, process_in
     resume exactly, mid-epoch included.
   """
   local = _local_batch_size(batch_size, process_count)
-  split = _get(data_config, 'train_split', 'trn')
+  split = data_config.train_split
   _check_features(data_config, features, split, train=True)
   source = data_source(data_config, split)
   ds = grain.MapDataset.source(source)
   # The label budget is fixed per record (index in the split), before sharding and shuffling.
   ds = ds.map_with_index(transforms.LabelBudget(
-      keypoints_per_pair=int(_get(data_config, 'keypoints_per_pair', 0)),
-      labelled_pair_fraction=float(_get(data_config, 'labelled_pair_fraction', 1.0)),
-      num_records=len(source), seed=int(_get(data_config, 'budget_seed', 0))))
+      keypoints_per_pair=int(data_config.keypoints_per_pair),
+      labelled_pair_fraction=float(data_config.labelled_pair_fraction),
+      num_records=len(source), seed=int(data_config.budget_seed)))
   if process_count > 1:
     ds = ds[process_index::process_count]
   if len(ds) == 0:
     raise ValueError('the training split of this process is empty')
   process_seed = int(np.random.SeedSequence([int(seed), int(process_index)]).generate_state(1)[0])
   ds = ds.seed(process_seed)
-  if _get(data_config, 'shuffle', True):
+  if data_config.shuffle:
     ds = ds.shuffle()
   ds = ds.repeat()
   ds = ds.random_map(transforms.TrainPreprocess(preprocess_options(data_config, train=True),

@@ -31,6 +31,7 @@ from PIL import Image
 import scipy.ndimage
 import tensorflow_datasets as tfds
 
+from sccorr_jax import config_lib
 from sccorr_jax.data import builder_base
 from sccorr_jax.data import records
 
@@ -44,9 +45,10 @@ CATEGORIES = tuple(p for split in ('trn', 'val', 'test') for p in PHOTOS[split])
 _SPLIT_IDS = {'trn': 0, 'val': 1, 'test': 2}
 
 
-@dataclasses.dataclass(eq=False)
+@dataclasses.dataclass(eq=False, kw_only=True)
 class SyntheticConfig(tfds.core.BuilderConfig):
-  """Size knobs of the synthetic dataset (they name the cache directory).
+  """Size knobs of the synthetic dataset (they name the cache directory); `make_config` fills
+  them, with `config_lib.SYNTHETIC_KNOBS` for those not given.
 
   Attributes:
     img_size: side S of the stored square images, pixels.
@@ -55,24 +57,28 @@ class SyntheticConfig(tfds.core.BuilderConfig):
     min_kps, max_kps: keypoints per pair (at most 40).
     seed: generation seed.
   """
-  img_size: int = 128
-  train_pairs_per_photo: int = 16
-  eval_pairs_per_photo: int = 8
-  min_kps: int = 8
-  max_kps: int = 20
-  seed: int = 0
+  img_size: int
+  train_pairs_per_photo: int
+  eval_pairs_per_photo: int
+  min_kps: int
+  max_kps: int
+  seed: int
 
 
-def make_config(img_size=128, train_pairs_per_photo=16, eval_pairs_per_photo=8, min_kps=8,
-                max_kps=20, seed=0) -> SyntheticConfig:
-  if not 1 <= min_kps <= max_kps <= records.MAX_KPS:
+def make_config(**knobs) -> SyntheticConfig:
+  """The builder config of these knobs (`SyntheticConfig`'s fields; the defaults of those not
+  given are `config_lib.SYNTHETIC_KNOBS`, the data config's `synthetic_*` keys).
+
+  Raises:
+    ValueError: keypoint counts out of range; TypeError: an unknown knob.
+  """
+  k = {**config_lib.SYNTHETIC_KNOBS, **knobs}
+  if not 1 <= k['min_kps'] <= k['max_kps'] <= records.MAX_KPS:
     raise ValueError(f'need 1 <= min_kps <= max_kps <= {records.MAX_KPS}')
-  name = (f'img{img_size}-trn{train_pairs_per_photo}-eval{eval_pairs_per_photo}-'
-          f'kps{min_kps}to{max_kps}-seed{seed}')
+  name = (f'img{k["img_size"]}-trn{k["train_pairs_per_photo"]}-eval{k["eval_pairs_per_photo"]}-'
+          f'kps{k["min_kps"]}to{k["max_kps"]}-seed{k["seed"]}')
   return SyntheticConfig(name=name, description='synthetic warps of skimage.data photographs',
-                         img_size=img_size, train_pairs_per_photo=train_pairs_per_photo,
-                         eval_pairs_per_photo=eval_pairs_per_photo, min_kps=min_kps,
-                         max_kps=max_kps, seed=seed)
+                         **k)
 
 
 def load_photo(name: str) -> np.ndarray:
