@@ -54,8 +54,10 @@ def default_data_config(name: str = 'synthetic') -> ml_collections.ConfigDict:
         they are cached (built on first use). Default `$SCCORR_DATA_DIR` or
         `~/tensorflow_datasets`.
       img_size, feature_size, receptive_field: network input side (pixels), flow label grid
-        side, label receptive field (pixels); `img_size % feature_size == 0`.
-      max_kps: keypoint slots per pair (40).
+        side, label receptive field (pixels); `img_size % feature_size == 0`. In an
+        experiment config (`base_config`) `feature_size` follows `model.feature_size`.
+      max_kps: keypoint slots per pair in a batch (40; the records hold `records.MAX_KPS` =
+        40, real keypoints beyond `max_kps` are dropped); the training step is compiled for it.
       train_split: split the training iterator reads ('trn').
       augment, augment_p: the reference's colour augmentation (training) and its probability.
       random_crop, random_crop_p: the reference's crop around the box (off, as in the
@@ -259,7 +261,7 @@ def base_config(dataset: str = 'spair71k') -> ml_collections.ConfigDict:
   c.model.sce_kernel_size = 7
   c.model.sce_features = 2048
   # Flow grid side (4x the correlation); 0 (or None) = the loss at stride 16, on the
-  # correlation's own grid (Table 4 ablation).
+  # correlation's own grid (Table 4 ablation). `data.feature_size` follows it.
   c.model.feature_size = ml_collections.FieldReference(64, field_type=int)
   c.model.backbone_depth = 101
   c.model.stage_sizes = ml_collections.FieldReference(None, field_type=tuple)
@@ -280,7 +282,12 @@ def base_config(dataset: str = 'spair71k') -> ml_collections.ConfigDict:
 
   c.data = default_data_config(dataset)
   c.data.img_size = 256
-  c.data.feature_size = 64
+  # The label grid is the model's flow grid: a one-way reference to `model.feature_size`
+  # (`--config.model.feature_size=N` sets both). Set on its own it detaches, which only
+  # `model.feature_size=0` needs: the label grid is then the correlation's (`ablation_sweep`).
+  # A plain reference, not `get_oneway_ref` (a lambda op): configs must pickle (`--workers`).
+  c.data.feature_size = ml_collections.FieldReference(c.model.get_ref('feature_size'),
+                                                      field_type=int)
   c.data.receptive_field = 11
 
   c.optim = ml_collections.ConfigDict()
@@ -414,7 +421,6 @@ def apply_dinov2_tiny(c: ml_collections.ConfigDict, img_size: int = 56,
   c.model.pretrained = None
   c.model.feature_size = feature_size
   c.data.img_size = img_size
-  c.data.feature_size = feature_size
   c.data.receptive_field = 2 * (img_size // feature_size) + 5
   return c
 
@@ -448,7 +454,6 @@ def benchmark_config(dataset: str, arg: Optional[str], *, sce_kernel_size: int,
   c.model.sce_features = sce_features
   if dinov2:
     c.data.img_size = 448
-    c.data.feature_size = 64
     c.model.feature_size = 64
     c.data.receptive_field = 19
     c.optim.batch_size = 16
@@ -497,7 +502,6 @@ def demo_config(dataset: str, arg: Optional[str], **extra_args
   c = base_config(dataset)
   c.data.data_dir = DEMO_DATA_DIR
   c.data.img_size = 96
-  c.data.feature_size = 24
   c.data.receptive_field = 11
   c.data.augment = False  # The colour augmentation slows learning from scratch here.
   c.data.num_threads = 2
@@ -542,7 +546,6 @@ def apply_runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.model.sce_features = 32
   c.model.feature_size = 16
   c.data.img_size = 64
-  c.data.feature_size = 16
   c.data.receptive_field = 5
   c.data.augment = False
   c.optim.batch_size = 4
@@ -724,7 +727,6 @@ def tiny_config(learning_mode: str = 'mt', data_dir: Optional[str] = None
   c.data.synthetic_train_pairs_per_photo = 1
   c.data.synthetic_eval_pairs_per_photo = 2
   c.data.img_size = 32
-  c.data.feature_size = 8
   c.data.receptive_field = 7
   c.data.augment = False
   c.data.num_threads = 1

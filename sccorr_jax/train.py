@@ -153,8 +153,10 @@ def create_train_state(config, model, tx, rng, teacher=None) -> train_step.Train
 
 def abstract_train_batch(config, sharding) -> Dict[str, jax.ShapeDtypeStruct]:
   """The global training batch the step is compiled for (`TRAIN_KEYS` + `TRUTH_KEYS`); with
-  `model.inputs='features'`, `src_img`/`trg_img` are the cached features (`models.input_shape`)."""
-  b, fs, n = int(config.optim.batch_size), int(config.data.feature_size), data_lib.MAX_KPS
+  `model.inputs='features'`, `src_img`/`trg_img` are the cached features (`models.input_shape`).
+  The keypoint slots are `data.max_kps`, as the pipeline pads them."""
+  b, fs, n = (int(config.optim.batch_size), int(config.data.feature_size),
+              int(config.data.max_kps))
   x = (b, *models.input_shape(models.build_model(config), config.data.img_size))
   shapes = {'src_img': (x, jnp.float32), 'trg_img': (x, jnp.float32),
             'flow': ((b, fs, fs, 2), jnp.float32), 'dense_flow': ((b, fs, fs, 2), jnp.float32),

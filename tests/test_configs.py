@@ -175,3 +175,57 @@ def test_command_line_overrides(monkeypatch):
   assert c.model.feature_size == 0 and c.teacher.dilation_kernel == 0
   assert models.build_model(c).feature_size is None
   assert c.optim.lr == 1e-4 and c.model.pretrained == '/x.pth' and c.optim.steps_per_epoch == 5
+
+
+def _flags_config(monkeypatch, spec, *overrides):
+  """The config of `--config=<spec> <overrides>` through absl, as `sccorr_jax.main` reads it."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  argv = ['prog', f'--config={spec}', *overrides]
+  monkeypatch.setattr(sys, 'argv', argv)
+  fv = flags.FlagValues()
+  holder = config_flags.DEFINE_config_file('config', None, flag_values=fv, lock_config=True)
+  fv(argv)
+  return holder.value
+
+
+@pytest.mark.parametrize('name', ['spair', 'demo', 'demo_warp', 'pretrain', 'spair_dinov2'])
+def test_data_feature_size_follows_model_feature_size(monkeypatch, name):
+  """One value: `model.feature_size=N` (command line or `apply_overrides`) sets both keys."""
+  spec = os.path.join(CONFIGS, f'{name}.py')
+  c = _flags_config(monkeypatch, spec, '--config.model.feature_size=32')
+  assert c.model.feature_size == c.data.feature_size == 32
+  c = config_lib.load_config(spec)
+  c.lock()
+  config_lib.apply_overrides(c, {'model.feature_size': 48})
+  assert c.model.feature_size == c.data.feature_size == 48
+  c = config_lib.load_config(spec + ':runlocal')
+  assert c.data.feature_size == c.model.feature_size  # runlocal's own size, one value too
+
+
+def test_the_stride_16_loss_ablation_detaches_data_feature_size(monkeypatch):
+  """`model.feature_size=0` (no upsampling) takes the label grid of the correlation, set apart
+  in either order (why the link is one way); the model does not follow `data.feature_size`."""
+  from sccorr_jax import train  # pylint: disable=g-import-not-at-top
+  entry = [e for e in config_lib.ablation_sweep() if e.get('model.feature_size') == 0][0]
+  for order in (entry, dict(reversed(list(entry.items())))):
+    c = spair.get_config()
+    c.lock()
+    config_lib.apply_overrides(c, order)
+    assert (c.model.feature_size, c.data.feature_size) == (0, 16)
+    train.check_config(c)
+  c = _flags_config(monkeypatch, os.path.join(CONFIGS, 'spair.py'),
+                    *config_lib.sweep_to_flags([entry])[0].split())
+  assert (c.model.feature_size, c.data.feature_size) == (0, 16)
+  c = spair.get_config()
+  c.data.feature_size = 32  # On its own: the model keeps its grid, and the check says so.
+  assert c.model.feature_size == 64
+  with pytest.raises(config_lib.ConfigError, match='data.feature_size'):
+    train.check_config(c)
+
+
+def test_the_feature_size_link_survives_pickling():
+  """The experiment runner sends configs to spawned workers."""
+  import pickle  # pylint: disable=g-import-not-at-top
+  c = pickle.loads(pickle.dumps(demo.get_config()))
+  c.model.feature_size = 12
+  assert c.data.feature_size == 12

@@ -20,6 +20,7 @@ from sccorr_jax import models
 from sccorr_jax import config_lib
 
 from sccorr_jax import checkpoint as ckpt_lib  # noqa: E402
+from sccorr_jax import data as data_lib  # noqa: E402
 from sccorr_jax import train  # noqa: E402
 
 
@@ -85,6 +86,17 @@ def test_st_run_loads_the_baseline_as_fixed_teacher(baseline_run, data_dir, tmp_
   assert all(np.isfinite(r['train/loss_pseudo']) and r['train/pseudo_weight'] == 10.0
              for r in records)
   del base_config
+
+
+def test_the_step_is_compiled_for_data_max_kps_slots(data_dir):
+  """`data.max_kps` is the one source of the keypoint slots: the pipeline pads to it and the
+  step is compiled for it (it used to be compiled for `records.MAX_KPS` whatever the config)."""
+  config = _config('mt', data_dir, **{'data.max_kps': 10})
+  batch = next(data_lib.create_train_iterator(config.data, batch_size=4, seed=0))
+  abstract = train.abstract_train_batch(config, None)
+  assert abstract['withheld_kps_valid'].shape == (4, 10)
+  for key, spec in abstract.items():
+    assert (batch[key].shape, batch[key].dtype) == (spec.shape, spec.dtype), key
 
 
 def test_st_without_teacher_checkpoint_is_a_clear_error(data_dir, tmp_path):
