@@ -64,7 +64,8 @@ def test_restored_config_completes_an_older_runs_data_section():
   config = config_lib.restored_config(stored)
   assert config.data.parts_appearance == 'random' and config.data.flip_source_p == 0.0
   assert config.data.parts_train_pairs_per_category == 640  # the run's own value stays
-  assert pipeline._embedded_knobs(config.data)['appearance'] == 'random'  # pylint: disable=protected-access
+  knobs = pipeline._embedded_knobs(config.data)  # pylint: disable=protected-access
+  assert knobs['appearance'] == 'random'
   assert config.model.to_dict() == stored['model']
 
 
