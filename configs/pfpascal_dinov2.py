@@ -23,7 +23,14 @@ What differs for PF-PASCAL and why:
 
 from __future__ import annotations
 
-from sccorr_jax import config_lib as common
+import os
+
+from sccorr_jax import config_lib
+
+# PF-PASCAL's config (head, pseudo-label schedule, protocol) and the DINOv2 recipe it gets.
+pfpascal = config_lib.load_config_module(os.path.join(os.path.dirname(__file__), 'pfpascal.py'))
+spair_dinov2 = config_lib.load_config_module(
+    os.path.join(os.path.dirname(__file__), 'spair_dinov2.py'))
 
 
 def get_config(arg=None):
@@ -31,5 +38,7 @@ def get_config(arg=None):
 
   `arg` = 'variant[,preset=..][,trained_blocks=N][,cached][,runlocal]'.
   """
-  return common.benchmark_config('pfpascal', arg, sce_kernel_size=13, sce_features=1024,
-                                 pseudo_start_epoch=60, threshold='img', dinov2=True)
+  args = config_lib.parse_arg(arg, variant='mt', runlocal=False, preset='vitb14',
+                              trained_blocks=2, cached=False)
+  c = pfpascal.get_config(args.variant)  # SCE 13 / 1024, pseudo labels from epoch 60 of 150, img.
+  return spair_dinov2.dinov2_recipe(c, args)

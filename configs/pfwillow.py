@@ -11,14 +11,13 @@ padded keypoint slots, for parity), alphas 0.05 / 0.1 / 0.15.
 
 from __future__ import annotations
 
-
-from sccorr_jax import config_lib as common
+from sccorr_jax import config_lib
 
 
 def get_config(arg=None):
   """The PF-WILLOW evaluation config; `arg`: `runlocal` for a smoke run."""
-  args = common.parse_arg(arg, runlocal=False)
-  c = common.base_config('pfwillow')
+  args = config_lib.parse_arg(arg, runlocal=False)
+  c = config_lib.base_config('pfwillow')
   # The PF-PASCAL model (used only when a checkpoint carries no config of its own).
   c.model.sce_kernel_size = 13
   c.model.sce_features = 1024
@@ -26,6 +25,6 @@ def get_config(arg=None):
   c.eval.split = 'test'
   c.eval.threshold = 'bbox'
   if args.runlocal:
-    common.apply_runlocal(c)
+    config_lib.apply_runlocal(c)
     c.eval.split = 'test'
   return c

@@ -27,12 +27,20 @@ batch, a tiny dataset).
 
 from __future__ import annotations
 
-from sccorr_jax import config_lib as common
+import os
+
+from sccorr_jax import config_lib
+
+# The network the trunk is for, and its optimiser and schedule: `configs/demo.py`'s `cpu_recipe`.
+demo = config_lib.load_config_module(os.path.join(os.path.dirname(__file__), 'demo.py'))
 
 
 def get_config(arg=None):
   """The pretraining config; `arg` = '[source=novel|warps][,epochs=N][,runlocal]'."""
-  c, args = common.demo_config('parts', arg, source='novel')
+  # `variant` and `tiny` are accepted as `cpu_recipe` reads them; the learning mode is 'dense'.
+  args = config_lib.parse_arg(arg, variant='mt', runlocal=False, tiny=False, epochs=0,
+                              source='novel')
+  c = demo.cpu_recipe('parts', args)
   if args.source not in ('novel', 'warps'):
     raise ValueError(f"source must be 'novel' or 'warps', got {args.source!r}")
   c.learning_mode = 'dense'
@@ -52,7 +60,7 @@ def get_config(arg=None):
     c.eval.split = 'trn'
   c.optim.schedule = 'cosine'
   c.eval.every_epochs = 2
-  if not args.runlocal:  # runlocal: demo_config's 3 steps and one validation batch
+  if not args.runlocal:  # runlocal: cpu_recipe's 3 steps and one validation batch
     c.optim.num_epochs = args.epochs or 4
     c.eval.max_batches = 8
   c.teacher.pseudo_start_epoch = 0

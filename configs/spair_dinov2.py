@@ -53,12 +53,17 @@ weights or data; the values are what we would defend, not measured optima):
 
 from __future__ import annotations
 
-from sccorr_jax import config_lib as common
+import os
+
+from sccorr_jax import config_lib
+
+# The SPair-71k config this one changes: its head, pseudo-label schedule and protocol.
+spair = config_lib.load_config_module(os.path.join(os.path.dirname(__file__), 'spair.py'))
 
 # Re-exported for the tests that load this file (the helpers live in `sccorr_jax.config_lib`).
-TINY_DINOV2 = common.TINY_DINOV2
-apply_dinov2 = common.apply_dinov2
-apply_dinov2_tiny = common.apply_dinov2_tiny
+TINY_DINOV2 = config_lib.TINY_DINOV2
+apply_dinov2 = config_lib.apply_dinov2
+apply_dinov2_tiny = config_lib.apply_dinov2_tiny
 
 
 def get_config(arg=None):
@@ -66,6 +71,35 @@ def get_config(arg=None):
 
   `arg` = 'variant[,preset=..][,trained_blocks=N][,cached][,runlocal]'.
   """
-  return common.benchmark_config('spair71k', arg, sce_kernel_size=7, sce_features=2048,
-                                 pseudo_start_epoch=4, threshold='bbox', num_epochs=30,
-                                 dinov2=True)
+  args = config_lib.parse_arg(arg, variant='mt', runlocal=False, preset='vitb14',
+                              trained_blocks=2, cached=False)
+  c = spair.get_config(args.variant)  # SCE 7 / 2048, pseudo labels from epoch 4, bbox.
+  c.optim.num_epochs = 30
+  return dinov2_recipe(c, args)
+
+
+def dinov2_recipe(c, args):
+  """The DINOv2 backbone and its training (the reasoning is this file's docstring) on a
+  benchmark's config `c`: this file's and `configs/pfpascal_dinov2.py`'s.
+
+  Args:
+    c: the benchmark's ResNet config (`configs/spair.py`, `configs/pfpascal.py`) with its
+      variant; changed in place.
+    args: the parsed config-file argument: `preset`, `trained_blocks`, `cached` (see
+      `config_lib.apply_dinov2`) and `runlocal` (a tiny random ViT on 56-pixel images).
+
+  Returns:
+    `c`.
+  """
+  config_lib.apply_dinov2(c, args.preset, (-1,), args.trained_blocks, args.cached)
+  c.data.img_size = 448  # A 32x32 token grid of 14-pixel patches.
+  c.model.feature_size = 64  # The token grid upsampled 2x (data.feature_size follows).
+  c.data.receptive_field = 19  # The reference's 11 px at 4 px per cell, at 7 px per cell.
+  c.optim.batch_size = 16
+  c.optim.schedule = 'cosine'
+  c.optim.lr = 1e-4
+  c.optim.backbone_lr = 1e-5
+  if args.runlocal:
+    config_lib.apply_runlocal(c)
+    config_lib.apply_dinov2_tiny(c)
+  return c

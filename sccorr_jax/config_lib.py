@@ -1,7 +1,14 @@
-"""Shared pieces of the experiment configs: the argument parser, the base config, the loader.
+"""Shared pieces of the experiment configs: the base config, argument parsing, overrides, sweeps.
 
-Every config file's `get_config(arg)` starts from `base_config()` and changes what differs. The
-sections mirror the modules: `config.model` (sccorr_jax.models.SCorrSAN), `config.data`
+Each `configs/*.py` states its recipe: its `get_config(arg)` starts from `base_config()` (every
+key the trainer reads, with the reference's values) and changes what differs, top to bottom. A
+config that shares another's recipe loads that file (`load_config_module`): `demo_warp.py` and
+`pretrain.py` use `demo.py:cpu_recipe`, `pfpascal_dinov2.py` uses `spair_dinov2.py:dinov2_recipe`.
+Here: `base_config` and the switches several files apply (`apply_variant`, `apply_runlocal`,
+`apply_dinov2`), the test suite's `tiny_config`, `parse_arg`, `load_config`, `apply_overrides`,
+the sweeps (`get_sweep`) and `restored_config`.
+
+The sections mirror the modules: `config.model` (sccorr_jax.models.SCorrSAN), `config.data`
 (`default_data_config`: every data option and its default, the one place they are written),
 `config.optim` (AdamW groups and schedule), `config.teacher` (pseudo labels and small-loss
 selection), `config.eval` (PCK protocol).
@@ -15,7 +22,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import os
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import ml_collections
 
@@ -423,119 +430,6 @@ def apply_dinov2_tiny(c: ml_collections.ConfigDict, img_size: int = 56,
   c.data.img_size = img_size
   c.data.receptive_field = 2 * (img_size // feature_size) + 5
   return c
-
-
-def benchmark_config(dataset: str, arg: Optional[str], *, sce_kernel_size: int,
-                     sce_features: int, pseudo_start_epoch: int, threshold: str,
-                     num_epochs: int = 150, dinov2: bool = False) -> ml_collections.ConfigDict:
-  """A benchmark's config (`configs/spair.py`, `pfpascal.py` and their `_dinov2` versions).
-
-  What differs between the benchmarks is passed in (the reference's SCE size, the pseudo-loss
-  start, the standard threshold); the rest is `base_config`. With `dinov2`, the DINOv2 recipe
-  that `configs/spair_dinov2.py` defends: ViT-B/14 at 448 px (a 32x32 token grid upsampled to a
-  64x64 flow, label receptive field 19), the last 2 blocks trained, batch 16, cosine schedule,
-  lr 1e-4 head / 1e-5 backbone.
-
-  Args:
-    dataset: `config.data.name`.
-    arg: the config-file argument: `variant` (baseline | st | mt), `runlocal`, and with
-      `dinov2` also `preset=`, `trained_blocks=N` and `cached` (see `apply_dinov2`).
-    sce_kernel_size, sce_features, pseudo_start_epoch, threshold, num_epochs: the benchmark's.
-    dinov2: the DINOv2 backbone instead of ResNet-101.
-  """
-  spec = dict(variant='mt', runlocal=False)
-  if dinov2:
-    spec.update(preset='vitb14', trained_blocks=2, cached=False)
-  args = parse_arg(arg, **spec)
-  c = base_config(dataset)
-  if dinov2:
-    apply_dinov2(c, args.preset, (-1,), args.trained_blocks, args.cached)
-  c.model.sce_kernel_size = sce_kernel_size
-  c.model.sce_features = sce_features
-  if dinov2:
-    c.data.img_size = 448
-    c.model.feature_size = 64
-    c.data.receptive_field = 19
-    c.optim.batch_size = 16
-    c.optim.schedule = 'cosine'
-    c.optim.lr = 1e-4
-    c.optim.backbone_lr = 1e-5
-  c.optim.num_epochs = num_epochs
-  c.teacher.pseudo_start_epoch = pseudo_start_epoch
-  c.eval.threshold = threshold
-  apply_variant(c, args.variant)
-  if args.runlocal:
-    apply_runlocal(c)
-    if dinov2:
-      apply_dinov2_tiny(c)
-  return c
-
-
-DEMO_DATA_DIR = os.path.join(os.path.expanduser('~'), '.cache', 'sccorr_jax', 'data')
-
-
-def demo_config(dataset: str, arg: Optional[str], **extra_args
-                ) -> Tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
-  """The CPU demos' shared settings (`configs/demo.py`, `configs/demo_warp.py`).
-
-  A small ResNet trunk trained from scratch (one basic block per stage, two stages: stride 8,
-  64 -> 128 channels), 96x96 images, a 12x12 correlation upsampled 2x to a 24x24 flow (4 pixels
-  per cell, as the reference's 64x64 flow of 256x256 images; label receptive field 11 as the
-  reference). Changed from the reference because nothing is pretrained and a CPU has minutes:
-  lr 1e-3 (constant, both groups), weight decay 1e-4, no colour augmentation, the soft-argmax
-  coordinate vectors kept at linspace(-1, 1), λ = 1 from epoch 4 with the remember rate rising
-  over 4 epochs; batch 8, 12 epochs, validation every 4.
-
-  Args:
-    dataset: `config.data.name`.
-    arg: the config-file argument: `variant` (baseline | st | mt), `runlocal` (3 steps, one
-      validation batch), `epochs=N`, `tiny` (the test suite's model and data) and `extra_args`.
-    **extra_args: further accepted arguments with their defaults (the caller applies them).
-
-  Returns:
-    `(config, parsed arguments)`; the caller sets its dataset's size knobs.
-  """
-  args = parse_arg(arg, variant='mt', runlocal=False, tiny=False, epochs=0, **extra_args)
-  if args.tiny:
-    c = tiny_config(args.variant, DEMO_DATA_DIR)
-    return c, args
-  c = base_config(dataset)
-  c.data.data_dir = DEMO_DATA_DIR
-  c.data.img_size = 96
-  c.data.receptive_field = 11
-  c.data.augment = False  # The colour augmentation slows learning from scratch here.
-  c.data.num_threads = 2
-
-  c.model.backbone_depth = 18
-  c.model.stage_sizes = (1, 1, 1, 1)
-  c.model.backbone_width = 64
-  c.model.backbone_stages = 2
-  c.model.sce_kernel_size = 5
-  c.model.sce_features = 128
-  c.model.feature_size = 24
-
-  c.optim.batch_size = 8
-  c.optim.num_epochs = args.epochs or 12
-  c.optim.lr = 1e-3
-  c.optim.backbone_lr = 1e-3
-  c.optim.weight_decay = 1e-4
-  c.optim.schedule = 'constant'
-  c.optim.train_coordinates = False  # From scratch at lr 1e-3 they get distorted.
-
-  c.teacher.pseudo_start_epoch = 4
-  c.teacher.remember_rate_epochs = 4
-  c.teacher.pseudo_weight = 1.0
-
-  c.eval.batch_size = 16
-  c.eval.every_epochs = 4
-  c.log_every_steps = 10
-  apply_variant(c, args.variant)
-  if args.runlocal:
-    c.optim.num_epochs = 1
-    c.optim.steps_per_epoch = 3
-    c.eval.max_batches = 1
-    c.log_every_steps = 1
-  return c, args
 
 
 def apply_runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -29,12 +29,15 @@ def test_load_config_file_errors(tmp_path):
 
 
 def test_loading_a_config_imports_no_data_pipeline():
-  """config_lib (the data defaults included) and a config file pull in neither grain nor TFDS."""
+  """config_lib (the data defaults included) and the config files (those that load another's
+  recipe too) pull in neither grain nor TFDS."""
   root = os.path.dirname(CONFIGS)
-  code = ('import sys\n'
+  code = ('import glob, sys\n'
           'from sccorr_jax import config_lib\n'
           'config = config_lib.load_config("configs/demo.py")\n'
           'assert config.data.name == "parts", config.data.name\n'
+          'for path in sorted(glob.glob("configs/*.py")):\n'
+          '  config_lib.load_config(path)\n'
           'heavy = [m for m in ("grain", "tensorflow_datasets", "tensorflow", "jax")\n'
           '         if m in sys.modules]\n'
           'assert not heavy, heavy\n')
