@@ -58,7 +58,6 @@ from sccorr_jax import schedules
 from sccorr_jax import sharding
 from sccorr_jax import train_step
 from sccorr_jax.data import cache_features
-from sccorr_jax.data import pipeline as data_pipeline
 from sccorr_jax.metric_writer import MetricWriter
 from sccorr_jax.metric_writer import to_python
 from sccorr_jax.metric_writer import Window
@@ -74,16 +73,16 @@ TRUTH_KEYS = ('dense_flow', 'dense_valid', 'withheld_src_kps', 'withheld_trg_kps
 # Set-up helpers.
 
 
-def steps_per_epoch(config) -> int:
-  """`optim.steps_per_epoch`, or the training pairs divided by the global batch size."""
+def steps_per_epoch(config, data: Optional[data_lib.ResolvedData] = None) -> int:
+  """`optim.steps_per_epoch`, or the training pairs divided by the global batch size.
+
+  `data`: the resolved data section; without it, `config.data` is resolved here when the
+  training split's size is needed.
+  """
   if config.optim.get('steps_per_epoch'):
     return int(config.optim.steps_per_epoch)
-  n = data_lib.num_examples(config.data, config.data.train_split)
-  spe = n // int(config.optim.batch_size)
-  if spe < 1:
-    raise config_lib.ConfigError(f'the training split has {n} pairs, fewer than one batch of '
-                                 f'{config.optim.batch_size}')
-  return spe
+  data = data_lib.resolve(config.data if data is None else data)
+  return data.steps_per_epoch(int(config.optim.batch_size))
 
 
 def check_config(config, need_teacher: bool = True) -> None:
@@ -112,7 +111,7 @@ def check_config(config, need_teacher: bool = True) -> None:
     if config.model.get('backbone') != 'dinov2' or int(config.model.dinov2_trained_blocks):
       raise error("model.inputs='features' (the head on cached features) needs "
                   "model.backbone='dinov2' and model.dinov2_trained_blocks=0")
-    data_pipeline.check_cached_features(config.data)
+    data_lib.check_cached_features(config.data)
   grid = config.data.img_size // stride
   expected = config.model.feature_size or grid
   if config.data.feature_size != expected:
@@ -182,6 +181,8 @@ class Setup:
     steps_per_epoch, total_steps: the schedule.
     data_seed: the training data order's seed.
     n_max: flow positions of a global batch (the remember table's length - 1).
+    data: the resolved data section: as given to `setup`, or resolved there for the schedule
+      (`optim.steps_per_epoch` unset); None when neither (the benchmark reads no dataset).
   """
   config: Any
   mesh: jax.sharding.Mesh
@@ -197,6 +198,7 @@ class Setup:
   total_steps: int
   data_seed: int
   n_max: int
+  data: Optional[data_lib.ResolvedData] = None
   _hparams: Optional[Tuple[int, schedules.StepHparams]] = dataclasses.field(
       default=None, repr=False)
 
@@ -211,7 +213,8 @@ class Setup:
     return self._hparams[1]
 
 
-def setup(config, mesh: Optional[jax.sharding.Mesh] = None, *, teacher=None) -> Setup:
+def setup(config, mesh: Optional[jax.sharding.Mesh] = None, *, teacher=None,
+          data: Optional[data_lib.ResolvedData] = None) -> Setup:
   """Builds a run's model, optimiser, initial state and jitted step from `config`.
 
   Args:
@@ -219,12 +222,16 @@ def setup(config, mesh: Optional[jax.sharding.Mesh] = None, *, teacher=None) -> 
     mesh: default `sharding.make_mesh()`.
     teacher: 'st' only: the fixed teacher's `{'params', 'batch_stats'}`; default: loaded from
       `config.teacher.checkpoint` (its best model).
+    data: the resolved data section (`data.resolve(config.data)`); default: resolved here
+      if the schedule needs the training split's size (`optim.steps_per_epoch` unset).
   """
   check_config(config, need_teacher=teacher is None)
   mesh = mesh or sharding.make_mesh()
   replicated, data_sharding = sharding.replicated(mesh), sharding.batch_sharded(mesh)
   mode = config.learning_mode
-  spe = steps_per_epoch(config)
+  if data is None and not config.optim.get('steps_per_epoch'):
+    data = data_lib.resolve(config.data)
+  spe = steps_per_epoch(config, data)
   # Three streams, as when the steps took a key (the second): the same initial state and data
   # order for a seed as before.
   init_rng, _, data_seed_rng = jax.random.split(jax.random.PRNGKey(int(config.seed)), 3)
@@ -245,7 +252,8 @@ def setup(config, mesh: Optional[jax.sharding.Mesh] = None, *, teacher=None) -> 
                abstract_batch=abstract_train_batch(config, data_sharding),
                steps_per_epoch=spe, total_steps=spe * int(config.optim.num_epochs),
                data_seed=int(jax.random.randint(data_seed_rng, (), 0, 2 ** 31 - 1)),
-               n_max=int(config.optim.batch_size) * int(config.data.feature_size) ** 2)
+               n_max=int(config.optim.batch_size) * int(config.data.feature_size) ** 2,
+               data=data)
 
 
 _COMPILED: Dict[str, Any] = {}
@@ -288,21 +296,20 @@ def compile_step(s: Setup) -> Tuple[Any, float]:
 # The loop's helpers (explicit arguments, no shared mutable state).
 
 
-def _data(config, data_seed: int):
-  """The training iterator, and the validation split's feature cache (None on images).
+def _data(config, data: data_lib.ResolvedData, data_seed: int):
+  """The resolved data with its feature caches, and the training iterator over it.
 
-  With `model.inputs='features'` (the head on a frozen backbone's cached features) both
-  splits' caches are opened, and so verified, before any step.
+  With `model.inputs='features'` (the head on a frozen backbone's cached features) the
+  training and validation splits' caches are opened, and so verified, before any step, and
+  attached to the data (`ResolvedData.features`): the pipelines read them instead of images.
   """
-  train_split = config.data.train_split
-  features = {}
   if config.model.get('inputs', 'images') == 'features':
-    features = cache_features.open_for_config(config, (train_split, config.eval.split))
+    data = data.with_features(cache_features.open_for_config(
+        config, (data.train_split, config.eval.split), data))
   train_iter = data_lib.create_train_iterator(
-      config.data, batch_size=int(config.optim.batch_size), seed=data_seed,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      features=features.get(train_split))
-  return train_iter, features.get(config.eval.split)
+      data, batch_size=int(config.optim.batch_size), seed=data_seed,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  return data, train_iter
 
 
 def _restore(s: Setup, manager, train_iter) -> Tuple[train_step.TrainState, Dict[str, Any]]:
@@ -472,7 +479,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   spe, total = s.steps_per_epoch, s.total_steps
   logging.info('%s parameters%s', f'{sum(x.size for x in jax.tree.leaves(s.state.params)):,}',
                ' (2 models)' if config.learning_mode == 'mt' else '')
-  train_iter, eval_features = _data(config, s.data_seed)
+  # The data section, resolved once (by `setup` if the schedule needed the split's size).
+  data = s.data if s.data is not None else data_lib.resolve(config.data)
+  data, train_iter = _data(config, data, s.data_seed)
   manager = ckpt_lib.make_manager(workdir, ckpt_lib.select_metric(config),
                                   async_saves=bool(config.async_checkpoints))
   state, meta = _restore(s, manager, train_iter)
@@ -481,7 +490,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   compiled, compile_s = compile_step(s) if step < total else (None, 0.0)
   if compiled is not None:
     writer.write(step, {'compile/train_step_s': compile_s})
-  validate = evaluation.Validator(config, s.model, s.mesh, eval_features)
+  validate = evaluation.Validator(config, s.model, s.mesh, data)
   window = Window(meta.get('log_window'))
   pending: List[Tuple[int, Dict[str, Any]]] = []  # step metrics not yet read from the device
   read = functools.partial(read_metrics, pending, window, writer,

@@ -6,7 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from sccorr_jax import config_lib
 import sccorr_jax.data as data
+from sccorr_jax.data import pipeline
 
 
 @pytest.fixture(scope='module')
@@ -165,3 +167,25 @@ def test_config_checks(cfg):
   with pytest.raises(ValueError, match='no split'):
     data.num_examples(cfg, 'bogus')
   assert data.category_names(cfg)[0] == 'astronaut'
+
+
+def test_the_data_section_is_resolved_once(cfg, monkeypatch):
+  """`resolve` reads the data section and opens the builder once; the readers and pipelines
+  then use what it holds, and give what they give on the config itself (issue 19)."""
+  resolved = data.resolve(cfg)
+  assert data.resolve(resolved) is resolved
+  monkeypatch.setattr(pipeline, 'get_builder',
+                      lambda *args: pytest.fail('the data config was read again'))
+  assert resolved.split_sizes == {'trn': 39, 'val': 6, 'test': 6}
+  assert data.num_examples(resolved, 'validation') == 6
+  assert data.category_names(resolved)[0] == 'astronaut'
+  assert resolved.steps_per_epoch(4) == 9
+  with pytest.raises(config_lib.ConfigError, match='39 pairs, fewer than one batch of 40'):
+    resolved.steps_per_epoch(40)
+  train = _take(data.create_train_iterator(resolved, batch_size=4, seed=0), 2)
+  val = list(data.create_eval_iterator(resolved, 'val', batch_size=4))
+  monkeypatch.undo()
+  for x, y in zip(train, _take(data.create_train_iterator(cfg, batch_size=4, seed=0), 2)):
+    _assert_same(x, y)
+  for x, y in zip(val, data.create_eval_iterator(cfg, 'val', batch_size=4)):
+    _assert_same(x, y)

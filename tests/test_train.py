@@ -22,6 +22,7 @@ from sccorr_jax import config_lib
 from sccorr_jax import checkpoint as ckpt_lib  # noqa: E402
 from sccorr_jax import data as data_lib  # noqa: E402
 from sccorr_jax import train  # noqa: E402
+from sccorr_jax.data import pipeline as data_pipeline  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures('fast_compiles')
@@ -50,12 +51,17 @@ def baseline_run(data_dir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('baseline'))
   config = _config('baseline', data_dir)
   config.optim.num_epochs = 1
-  summary = train.train_and_evaluate(config, workdir)
-  return workdir, config, summary
+  opened = []  # The data config is read (its builder opened) once per run: `data.resolve`.
+  with pytest.MonkeyPatch.context() as mp:
+    get_builder = data_pipeline.get_builder
+    mp.setattr(data_pipeline, 'get_builder', lambda c: opened.append(c) or get_builder(c))
+    summary = train.train_and_evaluate(config, workdir)
+  return workdir, config, summary, len(opened)
 
 
 def test_baseline_run_trains_validates_and_checkpoints(baseline_run):
-  workdir, _, summary = baseline_run
+  workdir, _, summary, data_sections_read = baseline_run
+  assert data_sections_read == 1  # Training and validation use the same resolved data.
   assert summary['step'] == 2 and summary['nonfinite_total'] == 0
   assert np.isfinite(summary['val']['val/pck@0.1'])
   records = _read_metrics(workdir)
@@ -72,7 +78,7 @@ def test_baseline_run_trains_validates_and_checkpoints(baseline_run):
 
 
 def test_st_run_loads_the_baseline_as_fixed_teacher(baseline_run, data_dir, tmp_path):
-  base_dir, base_config, _ = baseline_run
+  base_dir, base_config, *_ = baseline_run
   teacher, _ = ckpt_lib.load_model_variables(base_dir)
   config = _config('st', data_dir, **{'teacher.checkpoint': base_dir})
   config.optim.num_epochs = 1

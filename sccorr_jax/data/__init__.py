@@ -5,6 +5,9 @@ through grain pipelines that apply the reference's preprocessing and the trainin
 Public API (see `docs/data.md`):
 
     default_data_config(name)            ConfigDict of every data option (`config_lib`'s)
+    resolve(cfg) -> ResolvedData         the data section resolved once (builder, splits,
+                                         options, feature caches); the functions below take
+                                         it or the config
     create_train_iterator(cfg, *, batch_size, seed, process_index=0, process_count=1)
     create_eval_iterator(cfg, split, *, batch_size, process_index=0, process_count=1)
     num_examples(cfg, split), category_names(cfg), data_source(cfg, split), get_builder(cfg)
@@ -12,6 +15,7 @@ Public API (see `docs/data.md`):
 
 from sccorr_jax.config_lib import default_data_config
 from sccorr_jax.data.pipeline import category_names
+from sccorr_jax.data.pipeline import check_cached_features
 from sccorr_jax.data.pipeline import create_eval_iterator
 from sccorr_jax.data.pipeline import create_train_iterator
 from sccorr_jax.data.pipeline import data_source
@@ -20,6 +24,8 @@ from sccorr_jax.data.pipeline import DENSE_TRUTH_DATASETS
 from sccorr_jax.data.pipeline import get_builder
 from sccorr_jax.data.pipeline import has_dense_truth
 from sccorr_jax.data.pipeline import num_examples
+from sccorr_jax.data.pipeline import resolve
+from sccorr_jax.data.pipeline import ResolvedData
 from sccorr_jax.data.records import BadRecordError
 from sccorr_jax.data.records import BadRecordPolicy
 from sccorr_jax.data.records import MAX_KPS

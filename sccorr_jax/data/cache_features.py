@@ -105,38 +105,38 @@ def compute_dtype(model, variables) -> str:
   return np.result_type(np.float32, *(a.dtype for a in leaves)).name
 
 
-def cache_key(model, variables, data_config, dtype: str = 'bfloat16') -> Dict[str, Any]:
+def cache_key(model, variables, data, dtype: str = 'bfloat16') -> Dict[str, Any]:
   """What a cache is computed from: any difference makes it unusable for this model.
 
+  `data` is the `pipeline.ResolvedData` (or a data config, resolved here; likewise below).
   `dtype` is the storage dtype; `compute_dtype` (the forward's, `model.dtype`) is keyed too:
   bfloat16 compute changes the features by more than their bfloat16 storage does.
   """
   _check_model(model)
   if dtype not in DTYPES:
     raise ValueError(f'cache dtype must be one of {sorted(DTYPES)}, got {dtype!r}')
-  builder = pipeline.get_builder(data_config)
+  data = pipeline.resolve(data)
   return {
       'preset': model.dinov2_preset,
       'dinov2_kwargs': {k: v for k, v in sorted(model.dinov2_kwargs().items())},
       'layers': list(model.dinov2_blocks()),
-      'img_size': int(data_config.img_size),
+      'img_size': data.img_size,
       'dtype': dtype,
       'compute_dtype': compute_dtype(model, variables),
       'weights_sha256': backbone_digest(variables),
-      'dataset': {'name': str(data_config.name), 'builder': builder.info.full_name,
-                  'splits': {k: int(v.num_examples) for k, v in sorted(
-                      builder.info.splits.items())}},
+      'dataset': {'name': data.name, 'builder': data.builder.info.full_name,
+                  'splits': dict(sorted(data.split_sizes.items()))},
   }
 
 
-def cache_dir(data_config, key: Dict[str, Any]) -> pathlib.Path:
+def cache_dir(data, key: Dict[str, Any]) -> pathlib.Path:
   """`<data_dir>/dinov2_features/<preset>_L<layers>_<img>px_<dtype>[_compute-<dtype>]` (the
   suffix when the forward is not float32, so that both caches can exist)."""
   layers = '-'.join(str(i) for i in key['layers'])
   name = f"{key['preset']}_L{layers}_{key['img_size']}px_{key['dtype']}"
   if key.get('compute_dtype', 'float32') != 'float32':
     name += f"_compute-{key['compute_dtype']}"
-  return pathlib.Path(os.path.expanduser(str(data_config.data_dir))) / CACHE_DIRNAME / name
+  return pathlib.Path(os.path.expanduser(str(data.data_dir))) / CACHE_DIRNAME / name
 
 
 def _diff(stored: Dict[str, Any], wanted: Dict[str, Any], prefix: str = '') -> List[str]:
@@ -168,7 +168,7 @@ def _name(name: Any) -> str:
   return name.decode() if isinstance(name, bytes) else str(name)
 
 
-def split_image_names(data_config, split: str) -> Tuple[List[str], Dict[str, Tuple[int, str]]]:
+def split_image_names(data, split: str) -> Tuple[List[str], Dict[str, Tuple[int, str]]]:
   """Row ids of a split's distinct images in first-appearance order, and where to read each.
 
   The id is the image name (`src_imname` / `trg_imname`), or `name#sha1:<digest of the
@@ -178,7 +178,7 @@ def split_image_names(data_config, split: str) -> Tuple[List[str], Dict[str, Tup
   Returns:
     `(ids, where)`, `where[id] = (record index, 'src' | 'trg')`.
   """
-  source = pipeline.data_source(data_config, split)
+  source = pipeline.data_source(data, split)
   seen = []  # (name, digest, record index, side) of every image of the split.
   digests: Dict[str, set] = {}
   for i in range(len(source)):
@@ -228,7 +228,7 @@ def _progress(total: int, desc: str, enabled: bool):
   return tqdm.tqdm(total=total, desc=desc, unit='img', file=sys.stderr)
 
 
-def build_cache(model, variables, data_config, splits: Sequence[str], *,
+def build_cache(model, variables, data, splits: Sequence[str], *,
                 dtype: str = 'bfloat16', batch_size: int = 32, overwrite: bool = False,
                 progress: bool = True, max_batches: Optional[int] = None) -> Dict[str, Any]:
   """Computes (or completes) the feature cache of `splits`.
@@ -236,7 +236,7 @@ def build_cache(model, variables, data_config, splits: Sequence[str], *,
   Args:
     model: a `SCorrSAN` with the frozen DINOv2 backbone.
     variables: its variables (only the backbone is used).
-    data_config: `config.data` (dataset, `data_dir`, `img_size`).
+    data: the `pipeline.ResolvedData`, or `config.data` (dataset, `data_dir`, `img_size`).
     splits: e.g. ('trn', 'val', 'test').
     dtype: storage dtype, 'bfloat16' or 'float32'.
     batch_size: images per step of each process (padded to a multiple of its devices).
@@ -251,8 +251,9 @@ def build_cache(model, variables, data_config, splits: Sequence[str], *,
     CacheError: a cache of that name from another key exists (without `overwrite`), or the
       model is not a frozen DINOv2.
   """
-  key = cache_key(model, variables, data_config, dtype)
-  directory = cache_dir(data_config, key)
+  data = pipeline.resolve(data)
+  key = cache_key(model, variables, data, dtype)
+  directory = cache_dir(data, key)
   pid, nproc = jax.process_index(), jax.process_count()
   key_file = directory / 'key.json'
   if key_file.exists():
@@ -276,9 +277,9 @@ def build_cache(model, variables, data_config, splits: Sequence[str], *,
   step = -(-int(batch_size) // len(devices)) * len(devices)
   out = {'dir': str(directory), 'computed': {}, 'rows': {}}
   for split in splits:
-    names, where = split_image_names(data_config, split)
+    names, where = split_image_names(data, split)
     n = len(names)
-    size = int(data_config.img_size)
+    size = data.img_size
     probe = jax.eval_shape(features, variables, jax.ShapeDtypeStruct((step, size, size, 3),
                                                                      jnp.float32))
     shape = (n,) + tuple(probe.shape[1:])
@@ -295,7 +296,7 @@ def build_cache(model, variables, data_config, splits: Sequence[str], *,
     if store.shape != shape:
       raise CacheError(f'{feat_path} has shape {store.shape}, expected {shape}')
     todo = [r for r in range(pid, n, nproc) if not done[r]]
-    source = pipeline.data_source(data_config, split)
+    source = data.source(split)
     bar = _progress(len(todo), f'{split} features', progress and pid == 0)
     computed = 0
     for b, start in enumerate(range(0, len(todo), step)):
@@ -340,16 +341,18 @@ class FeatureCache:
   ambiguous: Set[str] = dataclasses.field(default_factory=set)  # Names of several images.
 
   @classmethod
-  def open(cls, model, variables, data_config, split: str,
+  def open(cls, model, variables, data, split: str,
            dtype: str = 'bfloat16') -> 'FeatureCache':
-    """Opens the cache of `split` for this model, weights and data config.
+    """Opens the cache of `split` for this model, weights and data (`pipeline.ResolvedData`,
+    or a data config).
 
     Raises:
       CacheError: none exists (saying how to build it), it is stale or mismatched (naming the
         fields that differ), or incomplete.
     """
-    key = cache_key(model, variables, data_config, dtype)
-    directory = cache_dir(data_config, key)
+    data = pipeline.resolve(data)
+    key = cache_key(model, variables, data, dtype)
+    directory = cache_dir(data, key)
     command = ('python -m sccorr_jax.data.cache_features --config=<the config> '
                f'--splits={split}')
     if not (directory / 'key.json').exists():
@@ -424,15 +427,20 @@ def full_model_variables(config):
   return model, models.init_variables(config, model, jax.random.PRNGKey(int(config.seed)), 1)
 
 
-def open_for_config(config, splits: Sequence[str]) -> Dict[str, FeatureCache]:
+def open_for_config(config, splits: Sequence[str], data=None) -> Dict[str, FeatureCache]:
   """The verified caches of `splits` for a `model.inputs='features'` config (`FeatureCache.open`).
+
+  Args:
+    config: the experiment config (its model, seed and `data.img_size` key the backbone).
+    splits: the splits whose caches are opened.
+    data: `config.data` resolved (`pipeline.resolve`); default: resolved here.
 
   Raises:
     CacheError: a cache is missing, stale, mismatched or incomplete.
   """
   model, variables = full_model_variables(config)
-  dtype = str(config.data.get('feature_cache_dtype', 'bfloat16'))
-  return {s: FeatureCache.open(model, variables, config.data, s, dtype)
+  data = pipeline.resolve(config.data if data is None else data)
+  return {s: FeatureCache.open(model, variables, data, s, data.feature_cache_dtype)
           for s in dict.fromkeys(splits)}
 
 
@@ -447,9 +455,9 @@ def main(argv):
     cfg.data.data_dir = flags.FLAGS.data_dir
   try:
     model, variables = full_model_variables(cfg)
-    result = build_cache(model, variables, cfg.data, flags.FLAGS.splits,
-                         dtype=flags.FLAGS.dtype or str(cfg.data.get('feature_cache_dtype',
-                                                                     'bfloat16')),
+    data = pipeline.resolve(cfg.data)
+    result = build_cache(model, variables, data, flags.FLAGS.splits,
+                         dtype=flags.FLAGS.dtype or data.feature_cache_dtype,
                          batch_size=flags.FLAGS.batch_size,
                          overwrite=flags.FLAGS.overwrite)
   except (CacheError, FileNotFoundError, ValueError) as e:  # ConversionError is a ValueError.

@@ -10,7 +10,10 @@ fixed-shape batches; the last ones are padded with copies of a real pair marked
 `pair_valid=False`.
 
 Options: the data config's keys (`config_lib.default_data_config`, the one place their defaults
-are written), read here without defaults of their own.
+are written), read here without defaults of their own, once: `resolve(config.data)` gives the
+`ResolvedData` (builder, split sizes, categories, preprocessing options, feature caches) that the
+trainer, the evaluator and the feature cache use. Every function here also takes the data
+config itself, resolved on the call.
 
 Label budget (training only, `keypoints_per_pair`, `labelled_pair_fraction`, `budget_seed`):
 before sharding and shuffling, record `i` of the training split keeps a subset of its keypoints
@@ -20,9 +23,10 @@ seed. The withheld keypoints never reach `flow`/`kps_valid`; they travel in `wit
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import os
-from typing import Any, Dict
+from typing import Any, Dict, Mapping, Tuple
 
 import grain
 import numpy as np
@@ -117,32 +121,26 @@ def get_builder(data_config):
   return builder
 
 
-def _split(builder, split: str) -> str:
-  split = _SPLIT_ALIASES.get(split, split)
-  if split not in builder.info.splits:
-    raise ValueError(f'{builder.name} has no split {split!r}; it has '
-                     f'{sorted(builder.info.splits.keys())}')
-  return split
+def data_source(data, split: str):
+  """Random-access TFDS data source of a split (records of `records.py`, images decoded).
+
+  `data`, here and below: the `ResolvedData` (`resolve`), or a data config, resolved on the call.
+  """
+  return resolve(data).source(split)
 
 
-def data_source(data_config, split: str):
-  """Random-access TFDS data source of a split (records of `records.py`, images decoded)."""
-  builder = get_builder(data_config)
-  return builder.as_data_source(split=_split(builder, split))
-
-
-def num_examples(data_config, split: str) -> int:
+def num_examples(data, split: str) -> int:
   """Number of pairs in a split."""
-  builder = get_builder(data_config)
-  return int(builder.info.splits[_split(builder, split)].num_examples)
+  return resolve(data).num_examples(split)
 
 
-def category_names(data_config) -> list:
+def category_names(data) -> list:
   """Category names of the dataset; index = `category` id."""
-  return list(get_builder(data_config).info.features['category'].names)
+  return list(resolve(data).category_names)
 
 
 def preprocess_options(data_config, train: bool) -> transforms.PreprocessOptions:
+  """`preprocess_pair`'s options of a data config's training or evaluation pairs."""
   return transforms.PreprocessOptions(
       dataset=data_config.name, img_size=int(data_config.img_size),
       feature_size=int(data_config.feature_size),
@@ -153,31 +151,173 @@ def preprocess_options(data_config, train: bool) -> transforms.PreprocessOptions
       label_truth=train, flip_source_p=float(data_config.flip_source_p))
 
 
-def check_cached_features(data_config) -> None:
+def _pixel_augmentations(data) -> Tuple[str, ...]:
+  """The training augmentations that are on and change pixels (a config or `ResolvedData`)."""
+  if isinstance(data, ResolvedData):
+    return data.pixel_augmentations
+  return tuple(k for k in ('augment', 'random_crop') if bool(data[k]))
+
+
+def check_cached_features(data) -> None:
   """Raises ValueError if training augmentation that needs pixels is on (cached features).
 
   Colour augmentation and random crops change the pixels the backbone sees, so they cannot
   apply to cached features; flips can (the token grid is mirrored, see `preprocess_pair`).
+
+  Args:
+    data: a data config (read, not resolved: a config check) or its `ResolvedData`.
   """
-  on = [k for k in ('augment', 'random_crop') if bool(data_config[k])]
+  on = _pixel_augmentations(data)
   if on:
     raise ValueError('cached features (model.inputs=\'features\') cannot take colour '
                      'augmentation or random crops, which change pixels: set '
                      + ' and '.join(f'data.{k}=False' for k in on))
 
 
-def _check_features(data_config, features, split: str, train: bool) -> None:
+def _split_features(data, features, split: str, train: bool):
+  """The feature cache a pipeline over `split` reads (None: images), checked before any record
+  is read: `features`, or else the `ResolvedData`'s cache of that split."""
+  if features is None and isinstance(data, ResolvedData):
+    features = data.features.get(split)
   if features is None:
-    return
+    return None
   if train:
-    check_cached_features(data_config)
+    check_cached_features(data)
   if features.split != _SPLIT_ALIASES.get(split, split):
     raise ValueError(f'the feature cache is of split {features.split!r}, not {split!r}')
+  return features
 
 
 def _read_options(data_config) -> grain.ReadOptions:
   return grain.ReadOptions(num_threads=int(data_config.num_threads),
                            prefetch_buffer_size=int(data_config.prefetch_buffer_size))
+
+
+# ------------------------------------------------------------------------------------------------
+# The data section, resolved once.
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ResolvedData:
+  """The data section of a config, resolved once (`resolve`): what the pipelines, the trainer,
+  the evaluator and the feature cache read instead of the config.
+
+  Attributes:
+    name: the dataset (`DATASETS`).
+    data_dir: its TFDS data dir, `~` expanded.
+    builder: its prepared TFDS builder (`get_builder`).
+    split_sizes: pairs per split, for every split the dataset has (its names: 'trn', 'val',
+      'test').
+    category_names: the category names; index = `category` id.
+    dense_truth: the records carry a dense ground truth (`dense_flow`, `dense_valid`).
+    train_split: the split the training iterator reads, as configured (checked where it is
+      read: a dataset that is only evaluated, PF-WILLOW, has no training split).
+    train_options, eval_options: `preprocess_pair`'s options of training and evaluation pairs.
+    keypoints_per_pair, labelled_pair_fraction, budget_seed: the training label budget
+      (`transforms.LabelBudget`).
+    shuffle: shuffle the training data every epoch.
+    num_workers: grain prefetch processes (0: in-process read threads).
+    read_options: grain's read threads and prefetch buffer.
+    pixel_augmentations: the training augmentations that are on and change pixels
+      ('augment', 'random_crop'), which cached features refuse (`check_cached_features`).
+    feature_cache_dtype: the storage dtype of the feature caches (`cache_features`).
+    features: split -> verified `cache_features.FeatureCache`, attached at set-up
+      (`with_features`, `model.inputs='features'`); the pipelines of those splits read it
+      instead of the images. Empty: images.
+  """
+  name: str
+  data_dir: str
+  builder: Any
+  split_sizes: Mapping[str, int]
+  category_names: Tuple[str, ...]
+  dense_truth: bool
+  train_split: str
+  train_options: transforms.PreprocessOptions
+  eval_options: transforms.PreprocessOptions
+  keypoints_per_pair: int
+  labelled_pair_fraction: float
+  budget_seed: int
+  shuffle: bool
+  num_workers: int
+  read_options: grain.ReadOptions
+  pixel_augmentations: Tuple[str, ...]
+  feature_cache_dtype: str
+  features: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+  @property
+  def img_size(self) -> int:
+    """The network's input side, pixels."""
+    return self.eval_options.img_size
+
+  def split_name(self, split: str) -> str:
+    """The dataset's name of `split` ('train' -> 'trn', 'validation' -> 'val').
+
+    Raises:
+      ValueError: the dataset has no such split.
+    """
+    split = _SPLIT_ALIASES.get(split, split)
+    if split not in self.split_sizes:
+      raise ValueError(f'{self.builder.name} has no split {split!r}; it has '
+                       f'{sorted(self.split_sizes)}')
+    return split
+
+  def source(self, split: str):
+    """Random-access TFDS data source of a split (records of `records.py`, images decoded)."""
+    return self.builder.as_data_source(split=self.split_name(split))
+
+  def num_examples(self, split: str) -> int:
+    """Number of pairs in a split."""
+    return self.split_sizes[self.split_name(split)]
+
+  def steps_per_epoch(self, batch_size: int) -> int:
+    """Full global batches of `batch_size` pairs in the training split.
+
+    Raises:
+      config_lib.ConfigError: the split has fewer pairs than one batch.
+    """
+    n = self.num_examples(self.train_split)
+    spe = n // int(batch_size)
+    if spe < 1:
+      raise config_lib.ConfigError(f'the training split has {n} pairs, fewer than one batch of '
+                                   f'{batch_size}')
+    return spe
+
+  def with_features(self, features: Mapping[str, Any]) -> 'ResolvedData':
+    """The same data with the verified feature caches of some splits (`FeatureCache`s)."""
+    return dataclasses.replace(self, features=dict(features))
+
+
+def resolve(data) -> ResolvedData:
+  """The data section resolved once: its builder (prepared, or generated for the embedded
+  datasets, see `get_builder`), split sizes, categories and every option the pipelines read.
+
+  Args:
+    data: `config.data` (`config_lib.default_data_config`); a `ResolvedData` is returned as is.
+
+  Raises:
+    ValueError: inconsistent data options, naming the keys.
+    FileNotFoundError: a benchmark that is not prepared (saying how to prepare it).
+  """
+  if isinstance(data, ResolvedData):
+    return data
+  builder = get_builder(data)
+  return ResolvedData(
+      name=str(data.name), data_dir=os.path.expanduser(str(data.data_dir)), builder=builder,
+      split_sizes={k: int(v.num_examples) for k, v in builder.info.splits.items()},
+      category_names=tuple(builder.info.features['category'].names),
+      dense_truth=has_dense_truth(data), train_split=str(data.train_split),
+      train_options=preprocess_options(data, train=True),
+      eval_options=preprocess_options(data, train=False),
+      keypoints_per_pair=int(data.keypoints_per_pair),
+      labelled_pair_fraction=float(data.labelled_pair_fraction),
+      budget_seed=int(data.budget_seed), shuffle=bool(data.shuffle),
+      num_workers=int(data.num_workers), read_options=_read_options(data),
+      pixel_augmentations=_pixel_augmentations(data),
+      feature_cache_dtype=str(data.get('feature_cache_dtype', 'bfloat16')))
+
+
+# ------------------------------------------------------------------------------------------------
+# The pipelines.
 
 
 def _local_batch_size(batch_size: int, process_count: int) -> int:
@@ -186,29 +326,29 @@ def _local_batch_size(batch_size: int, process_count: int) -> int:
   return batch_size // process_count
 
 
-def _batched_iter_dataset(data_config, ds, batch_size: int):
+def _batched_iter_dataset(data: ResolvedData, ds, batch_size: int):
   """Batches on the MapDataset (batches do not depend on the worker count), then reads it with
   `num_workers` prefetch processes (0: in-process read threads)."""
-  it = ds.batch(batch_size, drop_remainder=True).to_iter_dataset(_read_options(data_config))
-  workers = int(data_config.num_workers)
-  if workers > 0:
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+  it = ds.batch(batch_size, drop_remainder=True).to_iter_dataset(data.read_options)
+  if data.num_workers > 0:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.num_workers))
   return it
 
 
-def create_train_iterator(data_config, *, batch_size: int, seed: int, process_index: int = 0,
+def create_train_iterator(data, *, batch_size: int, seed: int, process_index: int = 0,
                           process_count: int = 1, features=None) -> grain.DatasetIterator:
   """Infinite, shuffled, augmented training batches of this process (checkpointable).
 
   Args:
-    data_config: see `config_lib.default_data_config`.
+    data: the `ResolvedData` (`resolve`), or a data config (`config_lib.default_data_config`).
     batch_size: global batch size; this process yields `batch_size // process_count` pairs.
     seed: data seed (shuffling and augmentation).
     process_index, process_count: this process and the number of processes; each reads the
       records `process_index::process_count` of the split.
-    features: the training split's `cache_features.FeatureCache`: `src_img`/`trg_img` are then
-      the cached features of the images ([h, w, c] float32), flipped with them; colour
-      augmentation and random crops are refused (`check_cached_features`).
+    features: the training split's `cache_features.FeatureCache` (default: the
+      `ResolvedData`'s, if it has one): `src_img`/`trg_img` are then the cached features of
+      the images ([h, w, c] float32), flipped with them; colour augmentation and random crops
+      are refused (`check_cached_features`).
 
   Returns:
     A grain `DatasetIterator` of batch dicts (the batch contract of CONTRIBUTING.md, with the
@@ -216,27 +356,27 @@ def create_train_iterator(data_config, *, batch_size: int, seed: int, process_in
     resume exactly, mid-epoch included.
   """
   local = _local_batch_size(batch_size, process_count)
-  split = data_config.train_split
-  _check_features(data_config, features, split, train=True)
-  source = data_source(data_config, split)
+  split = data.train_split
+  features = _split_features(data, features, split, train=True)
+  data = resolve(data)
+  source = data.source(split)
   ds = grain.MapDataset.source(source)
   # The label budget is fixed per record (index in the split), before sharding and shuffling.
   ds = ds.map_with_index(transforms.LabelBudget(
-      keypoints_per_pair=int(data_config.keypoints_per_pair),
-      labelled_pair_fraction=float(data_config.labelled_pair_fraction),
-      num_records=len(source), seed=int(data_config.budget_seed)))
+      keypoints_per_pair=data.keypoints_per_pair,
+      labelled_pair_fraction=data.labelled_pair_fraction,
+      num_records=len(source), seed=data.budget_seed))
   if process_count > 1:
     ds = ds[process_index::process_count]
   if len(ds) == 0:
     raise ValueError('the training split of this process is empty')
   process_seed = int(np.random.SeedSequence([int(seed), int(process_index)]).generate_state(1)[0])
   ds = ds.seed(process_seed)
-  if data_config.shuffle:
+  if data.shuffle:
     ds = ds.shuffle()
   ds = ds.repeat()
-  ds = ds.random_map(transforms.TrainPreprocess(preprocess_options(data_config, train=True),
-                                                features))
-  return iter(_batched_iter_dataset(data_config, ds, local))
+  ds = ds.random_map(transforms.TrainPreprocess(data.train_options, features))
+  return iter(_batched_iter_dataset(data, ds, local))
 
 
 class _PaddedSource:
@@ -259,25 +399,26 @@ class _PaddedSource:
     return rec
 
 
-def create_eval_iterator(data_config, split: str, *, batch_size: int, process_index: int = 0,
+def create_eval_iterator(data, split: str, *, batch_size: int, process_index: int = 0,
                          process_count: int = 1, features=None) -> grain.IterDataset:
   """One pass over a split in fixed-shape batches, no augmentation.
 
   Args:
-    data_config: see `config_lib.default_data_config`.
+    data: the `ResolvedData` (`resolve`), or a data config (`config_lib.default_data_config`).
     split: 'trn' | 'val' | 'test' (PF-WILLOW: 'test').
     batch_size: global batch size; this process yields `batch_size // process_count` rows.
     process_index, process_count: this process gets records `process_index::process_count`.
-    features: the split's `cache_features.FeatureCache`: `src_img`/`trg_img` are the cached
-      features ([h, w, c] float32).
+    features: the split's `cache_features.FeatureCache` (default: the `ResolvedData`'s, if it
+      has one): `src_img`/`trg_img` are the cached features ([h, w, c] float32).
 
   Returns:
     An iterable (each `iter()` starts a new pass) of batch dicts; all processes yield the same
     number of batches; rows past the end of the data are copies with `pair_valid=False`.
   """
   local = _local_batch_size(batch_size, process_count)
-  _check_features(data_config, features, split, train=False)
-  source = data_source(data_config, split)
+  features = _split_features(data, features, split, train=False)
+  data = resolve(data)
+  source = data.source(split)
   n = len(source)
   indices = np.arange(process_index, n, process_count)
   if len(indices) == 0:
@@ -286,5 +427,5 @@ def create_eval_iterator(data_config, split: str, *, batch_size: int, process_in
   num_batches = -(-per_process // local)
   padded = _PaddedSource(source, indices, num_batches * local)
   ds = grain.MapDataset.source(padded)
-  ds = ds.map(transforms.EvalPreprocess(preprocess_options(data_config, train=False), features))
-  return _batched_iter_dataset(data_config, ds, local)
+  ds = ds.map(transforms.EvalPreprocess(data.eval_options, features))
+  return _batched_iter_dataset(data, ds, local)

@@ -335,17 +335,18 @@ def evaluate_checkpoint(config, checkpoint: str, workdir: Optional[str] = None, 
   model, variables, ckpt_config = ckpt_lib.load_model(checkpoint, model_index=model_index)
   protocol = Protocol.from_config(config, split)
   bs = int(batch_size or config.eval.batch_size)
-  features = None
+  data = data_lib.resolve(config.data)
   if getattr(model, "inputs", "images") == "features":  # The head alone: read the cache.
     cache_config = ckpt_config.copy_and_resolve_references()
     with cache_config.unlocked():
       cache_config.data = config.data.copy_and_resolve_references()
-    features = cache_features.open_for_config(cache_config, [protocol.split])[protocol.split]
-  batches = data_lib.create_eval_iterator(config.data, protocol.split, batch_size=bs,
+    data = data.with_features(
+        cache_features.open_for_config(cache_config, [protocol.split], data))
+  batches = data_lib.create_eval_iterator(data, protocol.split, batch_size=bs,
                                           process_index=jax.process_index(),
-                                          process_count=jax.process_count(), features=features)
-  n = data_lib.num_examples(config.data, protocol.split)
-  names = data_lib.category_names(config.data)
+                                          process_count=jax.process_count())
+  n = data.num_examples(protocol.split)
+  names = list(data.category_names)
   start = time.time()
   result = evaluate_model(model, variables, batches, protocol, category_names=names,
                           num_pairs=n if max_batches is None else min(n, max_batches * bs),

@@ -68,14 +68,15 @@ def validation_metrics(model, variables, data_iter, protocol: Protocol, *, mesh=
 class Validator:
   """Validation of every trained model of a run (one compiled evaluation step)."""
 
-  def __init__(self, config, model, mesh: jax.sharding.Mesh, features=None):
+  def __init__(self, config, model, mesh: jax.sharding.Mesh, data: data_lib.ResolvedData):
     """Args:
-      config: the run's config (`data`, `eval`, `learning_mode`).
+      config: the run's config (`eval`, `learning_mode`; the protocol also reads `data`).
       model: the network.
       mesh: the run's device mesh.
-      features: the eval split's `cache_features.FeatureCache` (`model.inputs='features'`).
+      data: the run's resolved data section, with the validation split's feature cache when
+        the model runs on cached features (`model.inputs='features'`).
     """
-    self.config, self.model, self.mesh, self.features = config, model, mesh, features
+    self.config, self.model, self.mesh, self.data = config, model, mesh, data
     self.mutual = config.learning_mode == 'mt'
     self.protocol = Protocol.from_config(config, validation=True)
     self.eval_step = make_eval_step(model, self.protocol, zero_flow=True,
@@ -89,9 +90,8 @@ class Validator:
     `val/pck@...` ones); with `zero_flow`, the zero flow's PCK on the same pairs."""
     c, t = self.config, time.time()
     batches = data_lib.create_eval_iterator(
-        c.data, c.eval.split, batch_size=int(c.eval.batch_size),
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        features=self.features)
+        self.data, c.eval.split, batch_size=int(c.eval.batch_size),
+        process_index=jax.process_index(), process_count=jax.process_count())
     max_batches = c.eval.get('max_batches')
     if not self.mutual:
       out = validation_metrics(self.model, variables, batches, self.protocol, mesh=self.mesh,
