@@ -415,11 +415,77 @@ def _sigterm_requests_stop():
     signal.signal(signal.SIGTERM, old)
 
 
-def _progress_bar(config, total: int, initial: int, lead: bool):
-  if not (lead and config.get('progress_bar', True)):
-    return None
-  return tqdm.tqdm(total=total, initial=initial, unit='step', dynamic_ncols=True,
-                   desc=f'train {config.learning_mode}')
+class _ProgressBar:
+  """The run's tqdm bar on process 0 (`config.progress_bar`, default on); a no-op elsewhere."""
+
+  def __init__(self, config, total: int, initial: int, lead: bool):
+    self._bar = None
+    if lead and config.get('progress_bar', True):
+      self._bar = tqdm.tqdm(total=total, initial=initial, unit='step', dynamic_ncols=True,
+                            desc=f'train {config.learning_mode}')
+
+  def update(self) -> None:
+    if self._bar is not None:
+      self._bar.update(1)
+
+  def show_losses(self, metrics: Dict[str, float]) -> None:
+    """Shows a step's supervised and pseudo losses beside the bar."""
+    if self._bar is not None:
+      self._bar.set_postfix({k.replace('loss_', ''): f'{v:.3f}' for k, v in metrics.items()
+                             if k.endswith(('loss_sup', 'loss_pseudo'))}, refresh=False)
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
+
+
+class _StepTimer:
+  """Wall time of the training steps between two log points (`train/steps_per_s`).
+
+  Validation and checkpoints are not step time: the loop `restart`s the timer after them.
+  """
+
+  def __init__(self):
+    self.seconds_per_step: List[float] = []  # One entry per log point.
+    self.restart()
+
+  def restart(self) -> None:
+    self._start, self.steps = time.time(), 0
+
+  def tick(self) -> None:
+    self.steps += 1
+
+  def lap(self) -> Tuple[int, float]:
+    """The steps and seconds since the last restart; records their time per step."""
+    seconds = time.time() - self._start
+    self.seconds_per_step.append(seconds / self.steps)
+    return self.steps, seconds
+
+  def median(self) -> Optional[float]:
+    """The median time per step over the log points, seconds (None before the first)."""
+    return float(np.median(self.seconds_per_step)) if self.seconds_per_step else None
+
+
+def _stop_reason(step: int, stop_after_steps: Optional[int], signalled: Dict[str, bool],
+                 manager) -> Optional[str]:
+  """Why the run stops after `step`: 'as asked' (`stop_after_steps` reached), 'preempted'
+  (SIGTERM, or on several hosts Orbax's preemption notice), or None (it goes on).
+
+  Both are asked at every step: every process must reach Orbax's preemption sync points.
+  """
+  asked = stop_after_steps is not None and step >= stop_after_steps
+  preempted = signalled['stop'] or (jax.process_count() > 1
+                                    and manager.reached_preemption(step))
+  return 'as asked' if asked else 'preempted' if preempted else None
+
+
+def _summary(state, step: int, spe: int, val: Dict[str, float], manager, compile_s: float,
+             timer: _StepTimer) -> Dict[str, Any]:
+  """What `train_and_evaluate` returns (see there)."""
+  return {'step': step, 'epoch': step // spe, 'val': val,
+          'best': ckpt_lib.best_checkpoint(manager), 'compile_s': compile_s,
+          'mean_step_s': timer.median(),
+          'nonfinite_total': int(jax.device_get(state.nonfinite_total)), 'state': state}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -429,6 +495,13 @@ def _progress_bar(config, total: int, initial: int, lead: bool):
 def _config_json(config) -> str:
   return config.to_json_best_effort(indent=2) if hasattr(config, 'to_json_best_effort') else (
       json.dumps(config, indent=2, default=str))
+
+
+def _log_devices(config) -> None:
+  """Logs the learning mode, the process and device counts and the platform."""
+  logging.info('learning mode %s; %d process(es), %d device(s) (%d local): %s',
+               config.learning_mode, jax.process_count(), jax.device_count(),
+               jax.local_device_count(), jax.devices()[0].platform)
 
 
 def write_config(config, workdir: str) -> None:
@@ -472,9 +545,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   workdir = os.path.abspath(workdir)
   write_config(config, workdir)
   lead = jax.process_index() == 0
-  logging.info('learning mode %s; %d process(es), %d device(s) (%d local): %s',
-               config.learning_mode, jax.process_count(), jax.device_count(),
-               jax.local_device_count(), jax.devices()[0].platform)
+  _log_devices(config)
   s = setup(config)
   spe, total = s.steps_per_epoch, s.total_steps
   logging.info('%s parameters%s', f'{sum(x.size for x in jax.tree.leaves(s.state.params)):,}',
@@ -496,59 +567,47 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   read = functools.partial(read_metrics, pending, window, writer,
                            int(config.max_consecutive_nonfinite), manager.directory)
   last_val = dict(meta.get('metrics') or {})
-  step_times, t_log, steps_since_log = [], time.time(), 0
-  bar = _progress_bar(config, total, step, lead)
+  checkpoint_every = int(config.get('checkpoint_every_steps') or 0)
+  timer, bar = _StepTimer(), _ProgressBar(config, total, step, lead)
   try:
     with _sigterm_requests_stop() as signalled:
       while step < total:
         epoch = step // spe
         batch = sharding.global_batch(next(train_iter), s.data_sharding, TRAIN_KEYS + TRUTH_KEYS)
         state, metrics = compiled(state, batch, s.hparams(epoch))
-        step, steps_since_log = step + 1, steps_since_log + 1
+        step += 1
         pending.append((step, metrics))
-        if bar is not None:
-          bar.update(1)
+        timer.tick()
+        bar.update()
         if step % int(config.log_every_steps) == 0 or step == total:
           last = read()
-          dt = time.time() - t_log
-          step_times.append(dt / steps_since_log)
-          writer.write(step, _train_scalars(config, step, spe, window, steps_since_log, dt))
-          t_log, steps_since_log = time.time(), 0
-          if bar is not None:
-            bar.set_postfix({k.replace('loss_', ''): f'{v:.3f}' for k, v in last.items()
-                             if k.endswith(('loss_sup', 'loss_pseudo'))}, refresh=False)
+          writer.write(step, _train_scalars(config, step, spe, window, *timer.lap()))
+          timer.restart()
+          bar.show_losses(last)
         if step % spe == 0:
           read()
           completed, val = step // spe, None
           if completed % int(config.eval.every_epochs) == 0 or step == total:
             val = last_val = _validate(validate, state, completed, step, meta, writer, config)
           _save(manager, step, completed, state, meta, window, train_iter, config, val)
-          # Evaluation and checkpointing are not step time: the speed window restarts.
-          t_log, steps_since_log = time.time(), 0
-        elif config.get('checkpoint_every_steps') and step % int(
-            config.checkpoint_every_steps) == 0:
+          timer.restart()  # Evaluation and checkpointing are not step time.
+        elif checkpoint_every and step % checkpoint_every == 0:
           read()  # The saved logging window includes this step.
           _save(manager, step, step // spe, state, meta, window, train_iter, config)
-        asked = stop_after_steps is not None and step >= stop_after_steps
-        preempted = signalled['stop'] or (jax.process_count() > 1
-                                          and manager.reached_preemption(step))
-        if (asked or preempted) and step < total:
+        reason = _stop_reason(step, stop_after_steps, signalled, manager)
+        if reason and step < total:
           read()
           if manager.latest_step() != step:
             _save(manager, step, step // spe, state, meta, window, train_iter, config)
           logging.info('stopping at step %d (%s) with a checkpoint; rerun to resume', step,
-                       'as asked' if asked else 'preempted')
+                       reason)
           break
       read()
   finally:
     manager.wait_until_finished()
-    if bar is not None:
-      bar.close()
+    bar.close()
     writer.close()
-  return {'step': step, 'epoch': step // spe, 'val': last_val,
-          'best': ckpt_lib.best_checkpoint(manager), 'compile_s': compile_s,
-          'mean_step_s': float(np.median(step_times)) if step_times else None,
-          'nonfinite_total': int(jax.device_get(state.nonfinite_total)), 'state': state}
+  return _summary(state, step, spe, last_val, manager, compile_s, timer)
 
 
 def run_evaluation(config, checkpoint: str, workdir: Optional[str] = None,
