@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 import grain
 import numpy as np
@@ -318,44 +318,30 @@ def preprocess_pair(rec: dict, opts: PreprocessOptions,
                                                                 features)
   flipped = bool(train and opts.flip and int(rec.get('flip', 0)))
   if flipped:
-    for side in ('src', 'trg'):
-      imgs[side] = imgs[side][:, ::-1]
-      kps[side][valid, 0] = s - kps[side][valid, 0]
-      x1, x2 = boxes[side][0], boxes[side][2]
-      boxes[side][0], boxes[side][2] = s - x2, s - x1
+    _flip_pair(imgs, kps, boxes, valid, s)
   dense_known = 'dense_flow' in rec
-  if (train and opts.flip_source_p > 0 and opts.dataset in FLIP_TABLES and 'kps_ids' in rec
-      and rng.random() < opts.flip_source_p):
-    mirrored = mirror_source(imgs['src'], kps['src'], kps['trg'], valid, kept,
-                             np.asarray(rec['kps_ids']),
-                             FLIP_TABLES[opts.dataset](int(rec['category'])), boxes['src'], s)
+  if _mirrors_source(rec, opts, rng, train):
+    ids, perm = np.asarray(rec['kps_ids']), FLIP_TABLES[opts.dataset](int(rec['category']))
+    mirrored = mirror_source(imgs['src'], kps['src'], kps['trg'], valid, kept, ids, perm,
+                             boxes['src'], s)
     if mirrored is not None:
       imgs['src'], kps['src'], kps['trg'], valid, kept, boxes['src'] = mirrored
       dense_known = False  # the record's dense truth is for the unmirrored source
-  src_box = boxes['src']
-  thr_bbox, thr_legacy = _bbox_thresholds(opts.dataset, kps['src'], valid, src_box)
-  thr_img = np.float32(s)
-  standard = constants.STANDARD_THRESHOLD[opts.dataset]
   n = int(opts.max_kps)
   # Slots past `max_kps` are dropped, as before the budget; the kept ones form a prefix.
   in_range = np.arange(len(valid)) < n
   src_kps, valid_out = _compact(kps['src'], kept & in_range, n)
   trg_kps, _ = _compact(kps['trg'], kept & in_range, n)
   out = {
-      'src_img': (normalize(imgs['src']) if features is None
-                  else np.ascontiguousarray(imgs['src'], np.float32)),
-      'trg_img': (normalize(imgs['trg']) if features is None
-                  else np.ascontiguousarray(imgs['trg'], np.float32)),
+      'src_img': _network_input(imgs['src'], features),
+      'trg_img': _network_input(imgs['trg'], features),
       'src_kps': src_kps,
       'trg_kps': trg_kps,
       'kps_valid': valid_out,
       'flow': keypoints_to_flow_np(src_kps, trg_kps, valid_out, opts.feature_size,
                                    opts.receptive_field, s),
-      'pckthres': thr_bbox if standard == 'bbox' else thr_img,
-      'pckthres_bbox': thr_bbox,
-      'pckthres_img': thr_img,
-      'pckthres_bbox_legacy': thr_legacy,
-      'src_bbox': src_box.astype(np.float32),
+      **_thresholds(opts.dataset, kps['src'], valid, boxes['src'], s),
+      'src_bbox': boxes['src'].astype(np.float32),
       'trg_bbox': boxes['trg'].astype(np.float32),
       'src_imsize': out_imsize['src'],
       'trg_imsize': out_imsize['trg'],
@@ -406,14 +392,46 @@ def _one_image(rec: dict, side: str, opts: PreprocessOptions, rng, train: bool, 
   return img, k, box, (offset, scale.astype(np.float64))
 
 
-def _bbox_thresholds(dataset: str, src_kps, valid, src_box):
-  """`(bbox, bbox_legacy)` PCK thresholds of a pair (see `BBOX_FROM_KEYPOINTS`)."""
+def _flip_pair(imgs, kps, boxes, valid, s: int) -> None:
+  """Step 4, PF-PASCAL's flag: mirrors both images of a pair, in place (the dicts' 'src' and
+  'trg'): image column `x` -> `S - 1 - x`, keypoints `x -> S - x` (the reference's one-pixel
+  inconsistency, kept for parity), boxes mirrored as the keypoints."""
+  for side in ('src', 'trg'):
+    imgs[side] = imgs[side][:, ::-1]
+    kps[side][valid, 0] = s - kps[side][valid, 0]
+    x1, x2 = boxes[side][0], boxes[side][2]
+    boxes[side][0], boxes[side][2] = s - x2, s - x1
+
+
+def _mirrors_source(rec: dict, opts: PreprocessOptions, rng, train: bool) -> bool:
+  """Step 4, `flip_source_p`: whether this training pair's source is mirrored. Draws from `rng`
+  only for a dataset with keypoint ids (`FLIP_TABLES`, `kps_ids`) and `flip_source_p > 0`."""
+  return bool(train and opts.flip_source_p > 0 and opts.dataset in FLIP_TABLES
+              and 'kps_ids' in rec and rng.random() < opts.flip_source_p)
+
+
+def _network_input(img: np.ndarray, features) -> np.ndarray:
+  """Step 6: the ImageNet-normalised image, float32; with cached `features`, `img` is the
+  feature grid already, passed as float32."""
+  if features is None:
+    return normalize(img)
+  return np.ascontiguousarray(img, np.float32)
+
+
+def _thresholds(dataset: str, src_kps, valid, src_box, s: int) -> Dict[str, np.float32]:
+  """The pair's PCK thresholds, S-pixel units (module docstring): `pckthres` (the benchmark's
+  standard kind), `pckthres_bbox` (see `BBOX_FROM_KEYPOINTS`), `pckthres_img`,
+  `pckthres_bbox_legacy`."""
   if dataset in BBOX_FROM_KEYPOINTS:
     ext = src_kps[valid]
-    return (np.float32((ext.max(0) - ext.min(0)).max()),
-            legacy_willow_threshold(src_kps, valid))
-  thr = np.float32(max(src_box[2] - src_box[0], src_box[3] - src_box[1]))
-  return thr, thr
+    bbox = np.float32((ext.max(0) - ext.min(0)).max())
+    legacy = legacy_willow_threshold(src_kps, valid)
+  else:
+    bbox = legacy = np.float32(max(src_box[2] - src_box[0], src_box[3] - src_box[1]))
+  img = np.float32(s)
+  standard = constants.STANDARD_THRESHOLD[dataset]
+  return {'pckthres': bbox if standard == 'bbox' else img, 'pckthres_bbox': bbox,
+          'pckthres_img': img, 'pckthres_bbox_legacy': legacy}
 
 
 def _dense_truth(rec: Optional[dict], maps, flipped: bool, s: int, fs: int):
