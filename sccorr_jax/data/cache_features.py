@@ -228,6 +228,54 @@ def _progress(total: int, desc: str, enabled: bool):
   return tqdm.tqdm(total=total, desc=desc, unit='img', file=sys.stderr)
 
 
+def _claim_directory(directory: pathlib.Path, key: Dict[str, Any], overwrite: bool,
+                     pid: int) -> None:
+  """Makes `directory` the cache of `key`: one of another key is refused, or with `overwrite`
+  emptied; then process `pid` 0 writes `key.json`.
+
+  Raises:
+    CacheError: the directory holds a cache of another key and `overwrite` is False.
+  """
+  key_file = directory / 'key.json'
+  if key_file.exists():
+    stored = json.loads(key_file.read_text())
+    if stored != key:
+      if not overwrite:
+        raise CacheError(f'{directory} holds a cache of another key ('
+                         + '; '.join(_diff(stored, key)) + '); pass overwrite=True '
+                         '(--overwrite) to replace it')
+      if pid == 0:
+        for f in directory.iterdir():
+          f.unlink()
+  if pid == 0:
+    directory.mkdir(parents=True, exist_ok=True)
+    key_file.write_text(json.dumps(key, indent=1, sort_keys=True))
+
+
+def _split_store(directory: pathlib.Path, split: str, names: List[str], shape: Tuple[int, ...],
+                 dtype: str, pid: int, nproc: int) -> Tuple[np.ndarray, np.ndarray]:
+  """A split's stored features `shape` = [n, h, w, c] and its done flags [n], memory-mapped
+  for writing. Process 0 writes the row ids and creates both files when absent (a rerun
+  resumes into them); the others wait for that.
+
+  Raises:
+    CacheError: the stored features have another shape.
+  """
+  feat_path, done_path = directory / f'{split}.npy', directory / f'{split}.done.npy'
+  if pid == 0:
+    (directory / f'{split}.names.json').write_text(json.dumps(names))
+    if not feat_path.exists():
+      np.lib.format.open_memmap(feat_path, 'w+', _STORED[dtype], shape).flush()
+      np.lib.format.open_memmap(done_path, 'w+', np.bool_, shape[:1]).flush()
+  if nproc > 1:
+    multihost_utils.sync_global_devices(f'cache_features_{split}_created')
+  store = np.lib.format.open_memmap(feat_path, 'r+')
+  done = np.lib.format.open_memmap(done_path, 'r+')
+  if store.shape != shape:
+    raise CacheError(f'{feat_path} has shape {store.shape}, expected {shape}')
+  return store, done
+
+
 def build_cache(model, variables, data, splits: Sequence[str], *,
                 dtype: str = 'bfloat16', batch_size: int = 32, overwrite: bool = False,
                 progress: bool = True, max_batches: Optional[int] = None) -> Dict[str, Any]:
@@ -255,20 +303,7 @@ def build_cache(model, variables, data, splits: Sequence[str], *,
   key = cache_key(model, variables, data, dtype)
   directory = cache_dir(data, key)
   pid, nproc = jax.process_index(), jax.process_count()
-  key_file = directory / 'key.json'
-  if key_file.exists():
-    stored = json.loads(key_file.read_text())
-    if stored != key:
-      if not overwrite:
-        raise CacheError(f'{directory} holds a cache of another key ('
-                         + '; '.join(_diff(stored, key)) + '); pass overwrite=True '
-                         '(--overwrite) to replace it')
-      if pid == 0:
-        for f in directory.iterdir():
-          f.unlink()
-  if pid == 0:
-    directory.mkdir(parents=True, exist_ok=True)
-    key_file.write_text(json.dumps(key, indent=1, sort_keys=True))
+  _claim_directory(directory, key, overwrite, pid)
   devices = jax.local_devices()
   mesh = sharding.make_mesh(devices)
   features = make_features_fn(model, mesh)
@@ -283,18 +318,7 @@ def build_cache(model, variables, data, splits: Sequence[str], *,
     probe = jax.eval_shape(features, variables, jax.ShapeDtypeStruct((step, size, size, 3),
                                                                      jnp.float32))
     shape = (n,) + tuple(probe.shape[1:])
-    feat_path, done_path = directory / f'{split}.npy', directory / f'{split}.done.npy'
-    if pid == 0:
-      (directory / f'{split}.names.json').write_text(json.dumps(names))
-      if not feat_path.exists():
-        np.lib.format.open_memmap(feat_path, 'w+', _STORED[dtype], shape).flush()
-        np.lib.format.open_memmap(done_path, 'w+', np.bool_, (n,)).flush()
-    if nproc > 1:
-      multihost_utils.sync_global_devices(f'cache_features_{split}_created')
-    store = np.lib.format.open_memmap(feat_path, 'r+')
-    done = np.lib.format.open_memmap(done_path, 'r+')
-    if store.shape != shape:
-      raise CacheError(f'{feat_path} has shape {store.shape}, expected {shape}')
+    store, done = _split_store(directory, split, names, shape, dtype, pid, nproc)
     todo = [r for r in range(pid, n, nproc) if not done[r]]
     source = data.source(split)
     bar = _progress(len(todo), f'{split} features', progress and pid == 0)
