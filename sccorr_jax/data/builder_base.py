@@ -3,10 +3,12 @@ the bad-record policy and its report."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Dict, Optional, Sequence
 
 from absl import logging
+import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import shuffle as tfds_shuffle
 
@@ -121,12 +123,39 @@ def manual_dir_problem(manual: str, builder_cls, name: Optional[str] = None) -> 
           'see docs/data.md for the expected layout')
 
 
+# The splits of an embedded dataset and their ids in its records' seeds (`record_rng`).
+EMBEDDED_SPLIT_IDS = {'trn': 0, 'val': 1, 'test': 2}
+
+
+@dataclasses.dataclass(eq=False, kw_only=True)
+class EmbeddedConfig(tfds.core.BuilderConfig):
+  """The size knobs every embedded dataset has; its config adds its own (all of them name the
+  cache directory).
+
+  Attributes:
+    img_size: side S of the stored square images, pixels.
+    min_kps: the fewest keypoints a pair has (how they are drawn: the dataset's docstring).
+    seed: generation seed.
+  """
+  img_size: int
+  min_kps: int
+  seed: int
+
+
+def record_rng(cfg: EmbeddedConfig, split: str, category: int, index: int
+               ) -> np.random.Generator:
+  """The random stream of record `index` of `category` in `split`: `default_rng([seed, split
+  id, category, index])`, so every record, and so every split, is drawn independently."""
+  return np.random.default_rng([cfg.seed, EMBEDDED_SPLIT_IDS[split], category, index])
+
+
 class EmbeddedBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Base of the embedded datasets generated here (`parts`, `synthetic`; not registered itself).
 
-  Subclasses set `CATEGORIES`, `SPLITS` and `EXTRA_FEATURES` (a function of the builder config
-  giving the record's features beyond `records.pair_features`, e.g. the dense ground truth) and
-  implement `_generate_examples(split)`. Bad records go through `self.policy` / `self.report`.
+  Subclasses set `BUILDER_CONFIGS` (an `EmbeddedConfig`), `CATEGORIES` and `SPLITS`, may extend
+  `extra_features` (the record's features beyond `records.pair_features`; default: the dense
+  ground truth) and implement `_generate_examples(split)`. Bad records go through
+  `self.policy` / `self.report`. Build one with `for_config`.
   """
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'Initial release.'}
@@ -140,6 +169,12 @@ class EmbeddedBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     super().__init__(**kwargs)
     self.policy = policy or records.BadRecordPolicy()
     self.report = records.PreparationReport()
+
+  @classmethod
+  def for_config(cls, data_dir: str, config: EmbeddedConfig) -> 'EmbeddedBuilder':
+    """The builder of `config` caching under `data_dir` (a registered config by its name)."""
+    known = {c.name for c in cls.BUILDER_CONFIGS}
+    return cls(data_dir=data_dir, config=config.name if config.name in known else config)
 
   def download_and_prepare(self, *args, **kwargs):
     """TFDS's preparation, its shuffle buffer kept in memory (`EMBEDDED_SHUFFLE_BYTES`).

@@ -47,29 +47,23 @@ from sccorr_jax.data import synthetic
 
 PHOTOS = synthetic.PHOTOS
 CATEGORIES = procedural.CATEGORY_NAMES
-_SPLIT_IDS = {'trn': 0, 'val': 1, 'test': 2}
 
 
 @dataclasses.dataclass(eq=False, kw_only=True)
-class PartsConfig(tfds.core.BuilderConfig):
+class PartsConfig(builder_base.EmbeddedConfig):
   """Size knobs of the `parts` dataset (they name the cache directory); `make_config` fills
   them, with `config_lib.PARTS_KNOBS` for those not given.
 
-  Attributes:
-    img_size: side S of the stored square images, pixels.
+  Attributes (besides `EmbeddedConfig`'s `img_size`, `seed` and `min_kps`, the keypoints
+  visible in both images a pair needs, redrawn otherwise):
     train_pairs_per_category: training pairs per category.
     eval_pairs_per_category: validation and test pairs per category.
-    min_kps: keypoints visible in both images a pair needs (redrawn otherwise).
-    seed: generation seed.
     novel_categories: 0 = the benchmark's six categories, N > 0 = the pretraining variant, N
       novel categories and training photographs only.
     appearance: the parts' appearance model (`procedural.APPEARANCES`).
   """
-  img_size: int
   train_pairs_per_category: int
   eval_pairs_per_category: int
-  min_kps: int
-  seed: int
   novel_categories: int
   appearance: str
 
@@ -115,7 +109,7 @@ def photos(cfg: PartsConfig, split: str):
 def make_example(split: str, cat: int, k: int, cfg: PartsConfig) -> dict:
   """Record `k` of category `cat` in `split` (raises `records.BadRecordError`)."""
   key = f'{category_names(cfg)[cat]}-{k:05d}'
-  rng = np.random.default_rng([cfg.seed, _SPLIT_IDS[split], cat, k])
+  rng = builder_base.record_rng(cfg, split, cat, k)
   cat_id = procedural.NOVEL_BASE + cat if cfg.novel_categories else cat
   pair = procedural.make_pair(cat_id, rng, cfg.img_size, photos(cfg, split), min_kps=cfg.min_kps,
                               name=f'parts/{split}/{key}', appearance=cfg.appearance)
@@ -132,7 +126,7 @@ def make_example(split: str, cat: int, k: int, cfg: PartsConfig) -> dict:
 class SccorrParts(builder_base.EmbeddedBuilder):
   """Procedural articulated objects with named keypoints and exact dense ground truth."""
   BUILDER_CONFIGS = [make_config()]
-  SPLITS = tuple(_SPLIT_IDS)
+  SPLITS = tuple(builder_base.EMBEDDED_SPLIT_IDS)
   DESCRIPTION = __doc__
 
   @property
@@ -159,6 +153,4 @@ class SccorrParts(builder_base.EmbeddedBuilder):
 
 def make_builder(data_dir: str, **knobs) -> SccorrParts:
   """The `parts` builder for the given `make_config` knobs, caching under `data_dir`."""
-  config = make_config(**knobs)
-  known = {c.name for c in SccorrParts.BUILDER_CONFIGS}
-  return SccorrParts(data_dir=data_dir, config=config.name if config.name in known else config)
+  return SccorrParts.for_config(data_dir, make_config(**knobs))

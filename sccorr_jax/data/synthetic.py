@@ -42,27 +42,21 @@ PHOTOS: Dict[str, Tuple[str, ...]] = {
     'test': ('coffee', 'rocket', 'camera'),
 }
 CATEGORIES = tuple(p for split in ('trn', 'val', 'test') for p in PHOTOS[split])
-_SPLIT_IDS = {'trn': 0, 'val': 1, 'test': 2}
 
 
 @dataclasses.dataclass(eq=False, kw_only=True)
-class SyntheticConfig(tfds.core.BuilderConfig):
+class SyntheticConfig(builder_base.EmbeddedConfig):
   """Size knobs of the synthetic dataset (they name the cache directory); `make_config` fills
   them, with `config_lib.SYNTHETIC_KNOBS` for those not given.
 
-  Attributes:
-    img_size: side S of the stored square images, pixels.
+  Attributes (besides `EmbeddedConfig`'s `img_size`, `seed` and `min_kps`):
     train_pairs_per_photo: pairs per training photograph.
     eval_pairs_per_photo: pairs per validation / test photograph.
-    min_kps, max_kps: keypoints per pair (at most 40).
-    seed: generation seed.
+    max_kps: keypoints per pair at most (`min_kps` to `max_kps`, at most 40).
   """
-  img_size: int
   train_pairs_per_photo: int
   eval_pairs_per_photo: int
-  min_kps: int
   max_kps: int
-  seed: int
 
 
 def make_config(**knobs) -> SyntheticConfig:
@@ -208,7 +202,7 @@ class SccorrSynthetic(builder_base.EmbeddedBuilder):
             (round(photo.shape[1] * shrink), round(photo.shape[0] * shrink)), Image.BILINEAR))
       cat = CATEGORIES.index(photo_name)
       for k in range(per_photo):
-        rng = np.random.default_rng([cfg.seed, _SPLIT_IDS[split], cat, k])
+        rng = builder_base.record_rng(cfg, split, cat, k)
         pair = make_pair(photo, rng, cfg.img_size, cfg.min_kps, cfg.max_kps)
         size = np.array([cfg.img_size, cfg.img_size], np.int32)
         key = f'{photo_name}-{k:04d}'
@@ -222,6 +216,4 @@ class SccorrSynthetic(builder_base.EmbeddedBuilder):
 
 def make_builder(data_dir: str, **knobs) -> SccorrSynthetic:
   """The synthetic builder for the given `make_config` knobs, caching under `data_dir`."""
-  config = make_config(**knobs)
-  known = {c.name for c in SccorrSynthetic.BUILDER_CONFIGS}
-  return SccorrSynthetic(data_dir=data_dir, config=config.name if config.name in known else config)
+  return SccorrSynthetic.for_config(data_dir, make_config(**knobs))
