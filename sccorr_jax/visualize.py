@@ -152,15 +152,9 @@ def hstack(images: Sequence[np.ndarray], gap: int = GAP) -> np.ndarray:
 
 
 def vstack(images: Sequence[np.ndarray], gap: int = GAP) -> np.ndarray:
-  """Images stacked vertically on white (left aligned)."""
-  w = max(i.shape[1] for i in images)
-  h = sum(i.shape[0] for i in images) + gap * (len(images) - 1)
-  out = np.full((h, w, 3), 255, np.uint8)
-  y = 0
-  for img in images:
-    out[y:y + img.shape[0], :img.shape[1]] = img
-    y += img.shape[0] + gap
-  return out
+  """Images stacked vertically on white (left aligned): `hstack` of the transposed images."""
+  side_by_side = hstack([np.swapaxes(img, 0, 1) for img in images], gap)
+  return np.ascontiguousarray(np.swapaxes(side_by_side, 0, 1))
 
 
 def draw_training_signals(src_img: np.ndarray, trg_img: np.ndarray, pred_flow: np.ndarray,
