@@ -60,7 +60,7 @@ def get_config(arg=None):
   c.data.parts_appearance = 'category'  # parts look like their category's, varied
   c.data.parts_train_pairs_per_category = 640  # 3,840 training pairs
   if not args.runlocal:
-    c.optim.steps_per_epoch = 120  # An epoch of 960 pairs: 12 epochs see each pair 3 times.
+    c.optim.steps_per_epoch = 72  # An epoch of 576 pairs: 12 epochs see each pair 1.8 times.
   return c
 
 
