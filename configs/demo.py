@@ -18,8 +18,8 @@ whose parts have their category's typical appearance (`data.parts_appearance='ca
 trunk, 96x96 images, 24x24 flow, label receptive field 11, lr 1e-3, λ = 1 from epoch 4), which
 `configs/demo_warp.py` and `configs/pretrain.py` (whose trunk this config loads) share.
 
-Arguments: `baseline` | `dense` | `st` | `mt` (default); `kps=K` keeps K labelled keypoints per
-training pair (`data.keypoints_per_pair`, 0 = all); `frac=P` labels a fraction P of the training
+Arguments: `baseline` | `dense` | `truth_teacher` | `st` | `mt` (default); `kps=K` keeps K
+labelled keypoints per training pair (`data.keypoints_per_pair`, 0 = all); `frac=P` labels a fraction P of the training
 pairs (`data.labelled_pair_fraction`); `pretrained=False` starts from scratch on the same
 benchmark; `scratch` is the first regime (no trunk, 384 training pairs, arbitrary part
 materials: the settings of the README's first-regime tables); `runlocal` (a smoke run: 3 steps,
@@ -60,7 +60,7 @@ def get_config(arg=None):
   c.data.parts_appearance = 'category'  # parts look like their category's, varied
   c.data.parts_train_pairs_per_category = 640  # 3,840 training pairs
   if not args.runlocal:
-    c.optim.steps_per_epoch = 120  # An epoch of 960 pairs: 12 epochs see each pair 3 times.
+    c.optim.steps_per_epoch = 72  # An epoch of 576 pairs: 12 epochs see each pair 1.8 times.
   return c
 
 
@@ -78,7 +78,7 @@ def cpu_recipe(dataset, args):
 
   Args:
     dataset: `config.data.name`; the caller sets its size knobs.
-    args: the parsed config-file argument: `variant` (baseline | dense | st | mt), `runlocal`
+    args: the parsed config-file argument: `variant` (a learning mode), `runlocal`
       (3 steps, one validation batch), `epochs` (0 = 12), `tiny` (the test suite's model and
       data instead: `config_lib.tiny_config`, 32x32 synthetic warps, seconds per run).
   """

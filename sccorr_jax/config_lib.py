@@ -28,7 +28,7 @@ import ml_collections
 
 # The learning modes: the paper's three (Sec. 3.3-3.4: sparse ground truth only, a fixed offline
 # teacher, two mutual online teachers) and the dense-truth oracle ('dense').
-LEARNING_MODES = ('baseline', 'dense', 'st', 'mt')
+LEARNING_MODES = ('baseline', 'dense', 'st', 'mt', 'truth_teacher')
 
 
 # The datasets `config.data.name` may name (`sccorr_jax.data.pipeline` holds their builders).
@@ -261,7 +261,8 @@ def base_config(dataset: str = 'spair71k') -> ml_collections.ConfigDict:
   """
   c = ml_collections.ConfigDict()
   c.seed = 0
-  # 'baseline' | 'dense' (the dense-truth oracle) | 'st' | 'mt' (see LEARNING_MODES).
+  # 'baseline' | 'dense' (the dense-truth oracle) | 'st' | 'mt' | 'truth_teacher' (st with the
+  # dense truth as its teacher: the pseudo-labels' ceiling); see LEARNING_MODES.
   c.learning_mode = 'mt'
 
   c.model = ml_collections.ConfigDict()
@@ -382,7 +383,7 @@ def add_pseudo_label_options(teacher: ml_collections.ConfigDict) -> ml_collectio
 
 
 def apply_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
-  """Sets `learning_mode` from a variant name ('baseline', 'dense', 'st', 'mt')."""
+  """Sets `learning_mode` from a variant name (one of LEARNING_MODES)."""
   if variant not in LEARNING_MODES:
     raise ValueError(f'variant must be one of {LEARNING_MODES}, got {variant!r}')
   c.learning_mode = variant
@@ -541,10 +542,11 @@ def get_sweep(name: str, img_size: int = 256, stride: int = 16, dense_oracle: bo
               dilated mask (every position a candidate); mt with dilation 3, 7 and 15 (a cell
               identical to another under the base config, e.g. dilation 7 = `mt` when 7 is the
               default, is run once and reported under both names); with `dense_oracle`,
-              `dense`, the dense-truth oracle (datasets with a dense ground truth).
+              `dense`, the dense-truth oracle, and `truth_teacher`, st with the dense truth as
+              its teacher (datasets with a dense ground truth).
     regime    what calibrates a benchmark's regime, with no pseudo-label in it: the baseline
-              with every label (`baseline_kall`) and with one per pair (`baseline_k1`), and the
-              dense oracle (`dense`).
+              with every label (`baseline_kall`) and with one per pair (`baseline_k1`), the
+              dense oracle (`dense`) and the pseudo-labels' ceiling (`truth_teacher`).
     budget    validation PCK against the labels per training pair k in BUDGET_KEYPOINTS
               (`data.keypoints_per_pair`, 0 = all), for `baseline` and `mt`; cells `<mode>_k<k>`
               and `<mode>_kall`.
@@ -576,12 +578,14 @@ def get_sweep(name: str, img_size: int = 256, stride: int = 16, dense_oracle: bo
         'mt_dilation3': {'learning_mode': 'mt', 'teacher.dilation_kernel': 3},
         'mt_dilation7': {'learning_mode': 'mt', 'teacher.dilation_kernel': 7},
         'mt_dilation15': {'learning_mode': 'mt', 'teacher.dilation_kernel': 15},
-        **({'dense': {'learning_mode': 'dense'}} if dense_oracle else {}),
+        **({'dense': {'learning_mode': 'dense'},
+            'truth_teacher': {'learning_mode': 'truth_teacher'}} if dense_oracle else {}),
     }
   if name == 'regime':
     return {'baseline_kall': {'learning_mode': 'baseline', 'data.keypoints_per_pair': 0},
             'baseline_k1': {'learning_mode': 'baseline', 'data.keypoints_per_pair': 1},
-            'dense': {'learning_mode': 'dense'}}
+            'dense': {'learning_mode': 'dense'},
+            'truth_teacher': {'learning_mode': 'truth_teacher'}}
   if name == 'budget':
     return {f'{mode}_k{k or "all"}': {'learning_mode': mode, 'data.keypoints_per_pair': k}
             for mode in ('baseline', 'mt') for k in BUDGET_KEYPOINTS}

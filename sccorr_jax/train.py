@@ -6,7 +6,7 @@ the experiment runner share it. `compile_step` compiles it once per distinct sha
 (the experiment runner's seeds reuse it).
 
 `train_and_evaluate(config, workdir)` trains in the learning mode `config.learning_mode`
-('baseline', 'dense', 'st', 'mt'; see `train_step`), validates PCK on `config.eval.split` at the
+(`train_step.STEPS`), validates PCK on `config.eval.split` at the
 end of every `config.eval.every_epochs` epochs for every trained model, and checkpoints (the two
 latest steps and the best by `val/pck@<eval.select_alpha>`; for 'mt' the better of the two models by
 the same metric, whose index is recorded). A restarted run continues from the newest intact
@@ -94,10 +94,16 @@ def check_config(config, need_teacher: bool = True) -> None:
   mode = config.learning_mode
   if mode not in train_step.STEPS:
     raise error(f'learning_mode must be one of {tuple(train_step.STEPS)}, got {mode!r}')
-  if mode == 'dense' and not data_lib.has_dense_truth(config.data):
-    raise error(f"learning_mode 'dense' needs a dataset with a dense ground truth "
+  if mode in train_step.DENSE_TRUTH_MODES and not data_lib.has_dense_truth(config.data):
+    raise error(f"learning_mode {mode!r} needs a dataset with a dense ground truth "
                 f"({', '.join(data_lib.DENSE_TRUTH_DATASETS)}); data.name is "
                 f'{config.data.name!r}')
+  if mode == 'truth_teacher':
+    options = train_step.pseudo_label_options(config.teacher)
+    if options.needs_signals or options.target != 'teacher_flow':
+      raise error("learning_mode 'truth_teacher' takes the paper's pseudo-labels only "
+                  "(teacher.region='square', teacher.gate='small_loss', "
+                  "teacher.target='teacher_flow'): the others read a teacher network")
   if mode == 'st' and need_teacher and not config.teacher.get('checkpoint'):
     raise error("learning_mode 'st' needs --config.teacher.checkpoint=<baseline workdir, "
                 'checkpoint step directory or exported model>')
@@ -362,7 +368,7 @@ def _train_scalars(config, step: int, spe: int, window: Window, steps: int, seco
                   for k, v in schedules.learning_rates(config.optim, spe, step - 1).items()})
   scalars['train/steps_per_s'] = steps / max(seconds, 1e-9)
   scalars['train/epoch'] = step / spe
-  if config.learning_mode in ('st', 'mt'):
+  if config.learning_mode in ('st', 'mt', 'truth_teacher'):
     epoch = (step - 1) // spe
     scalars['train/pseudo_weight'] = schedules.pseudo_weight(config.teacher, epoch)
     scalars['train/remember_rate'] = schedules.remember_rate(config.teacher, epoch)

@@ -456,12 +456,14 @@ def dense_step(cfg: StepConfig, state: TrainState, batch, hparams: StepHparams
 
 
 def _pseudo_objective(cfg: StepConfig, flow, teacher_flow, batch, hparams: StepHparams,
-                      signals: Optional[losses.TeacherSignals] = None):
-  """`losses.pseudo_label_objective` on the region, gate and target of `cfg.pseudo_label`."""
+                      signals: Optional[losses.TeacherSignals] = None, known=None):
+  """`losses.pseudo_label_objective` on the region, gate and target of `cfg.pseudo_label`;
+  `known` [b, S, S] bool (the truth teacher's `dense_valid`) bounds the candidates."""
   gt = batch['flow']
   labels = losses.pseudo_labels(cfg.pseudo_label, teacher_flow, gt, signals,
                                 hparams.confidence_percentile, cfg.dilation_kernel)
-  return losses.pseudo_label_objective(flow, labels.target, gt, labels.candidates,
+  candidates = labels.candidates if known is None else labels.candidates & known
+  return losses.pseudo_label_objective(flow, labels.target, gt, candidates,
                                        hparams.remember_table, hparams.pseudo_weight,
                                        gate=labels.gate)
 
@@ -477,25 +479,27 @@ def _has_signal(cfg: StepConfig, batch, kept, hparams: StepHparams) -> jax.Array
 
 
 def student_objective(cfg: StepConfig, params, batch_stats, batch, teacher_flow,
-                      hparams: StepHparams, signals: Optional[losses.TeacherSignals] = None):
+                      hparams: StepHparams, signals: Optional[losses.TeacherSignals] = None,
+                      known=None):
   """Loss of one model against a constant pseudo-label flow (and the teacher's `signals`
-  that `cfg.pseudo_label` reads; `teacher_signals`).
+  that `cfg.pseudo_label` reads; `teacher_signals`); `known`: where the teacher's flow is
+  defined (None: everywhere).
 
   Returns:
     `(loss, (batch_stats, terms))`, terms a `losses.PseudoLabelTerms`.
   """
   flow, batch_stats = forward(cfg, params, batch_stats, batch)
-  loss, terms = _pseudo_objective(cfg, flow, teacher_flow, batch, hparams, signals)
+  loss, terms = _pseudo_objective(cfg, flow, teacher_flow, batch, hparams, signals, known)
   return loss, (batch_stats, terms)
 
 
 def student_update(cfg: StepConfig, state: TrainState, batch, teacher_flow,
-                   hparams: StepHparams, signals: Optional[losses.TeacherSignals] = None
-                   ) -> Tuple[TrainState, Metrics]:
+                   hparams: StepHparams, signals: Optional[losses.TeacherSignals] = None,
+                   known=None) -> Tuple[TrainState, Metrics]:
   """One optimiser step of a single model against a given pseudo-label flow."""
   grad_fn = jax.value_and_grad(student_objective, argnums=1, has_aux=True)
   (loss, (batch_stats, terms)), grads = grad_fn(cfg, state.params, state.batch_stats, batch,
-                                                teacher_flow, hparams, signals)
+                                                teacher_flow, hparams, signals, known)
   state, ok = apply_if_finite(cfg, state, loss, grads, batch_stats,
                               labelled=_has_signal(cfg, batch, terms.kept, hparams))
   metrics = pseudo_label_metrics(terms, teacher_flow, batch)
@@ -520,6 +524,32 @@ def single_teacher_step(cfg: StepConfig, state: TrainState, batch, hparams: Step
   signals = teacher_signals(cfg, *teacher, batch, teacher_flow, out[2] if aux else None,
                             train=False)
   return student_update(cfg, state, batch, teacher_flow, hparams, signals)
+
+
+def truth_teacher_step(cfg: StepConfig, state: TrainState, batch, hparams: StepHparams
+                       ) -> Tuple[TrainState, Metrics]:
+  """The single-teacher step with the exact dense truth as its teacher: the ceiling of the
+  paper's pseudo-labels (perfect pseudo-labels where the method lets them stand).
+
+  The student's objective of `single_teacher_step` unchanged (sparse EPE + λ · the small-loss
+  selection inside the dilated label mask, λ and the remember rate on their schedules), the
+  teacher's flow replaced by `dense_flow`, and the candidates limited to where it is known
+  (`dense_valid`). Only the paper's region, gate and target (the others read a teacher
+  network); datasets with a dense truth.
+
+  Args:
+    cfg: static config.
+    state: a single-model `TrainState`.
+    batch: the batch contract's `src_img`, `trg_img`, `flow`, and `dense_flow` [b, S, S, 2],
+      `dense_valid` [b, S, S].
+    hparams: λ, the remember-count table of this epoch.
+
+  Returns:
+    `(state, metrics)` as `single_teacher_step`.
+  """
+  known = jnp.asarray(batch['dense_valid'], bool)
+  return student_update(cfg, state, batch, jnp.asarray(batch['dense_flow']), hparams,
+                        known=known)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -624,11 +654,14 @@ def mutual_teacher_step(cfg: StepConfig, state: TrainState, batch, hparams: Step
 
 
 STEPS = {'baseline': baseline_step, 'dense': dense_step, 'st': single_teacher_step,
-         'mt': mutual_teacher_step}
+         'mt': mutual_teacher_step, 'truth_teacher': truth_teacher_step}
+# The modes that read the batch's dense ground truth in their loss.
+DENSE_TRUTH_MODES = ('dense', 'truth_teacher')
 
 
 def get_step_fn(learning_mode: str):
-  """The step function of a learning mode ('baseline' | 'dense' | 'st' | 'mt')."""
+  """The step function of a learning mode ('baseline' | 'dense' | 'st' | 'mt' |
+  'truth_teacher')."""
   if learning_mode not in STEPS:
     raise ValueError(f'learning_mode must be one of {tuple(STEPS)}, got {learning_mode!r}')
   return STEPS[learning_mode]

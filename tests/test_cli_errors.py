@@ -65,7 +65,7 @@ def test_missing_config_file_fails_before_jax_starts(tmp_path):
 @pytest.mark.parametrize('args, fragments', [
     ([f'--config={DEMO}:mtt', '--workdir=w'],
      [f'--config={DEMO}:mtt',
-      "variant must be one of ('baseline', 'dense', 'st', 'mt'), got 'mtt'"]),
+      "variant must be one of ('baseline', 'dense', 'st', 'mt', 'truth_teacher'), got 'mtt'"]),
     ([f'--config={DEMO}:tiny'], ['--workdir is required']),
     ([f'--config={DEMO}:tiny', '--workdir=w', '--mode=eval', '--checkpoint=nowhere'],
      ['--checkpoint=nowhere: no such file or directory']),

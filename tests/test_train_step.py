@@ -10,6 +10,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 import optax
 import pytest
+import scipy.ndimage
 
 from conftest import assert_trees_close
 from sccorr_jax import config_lib
@@ -171,6 +172,46 @@ def test_dense_step_counts_every_valid_position_once_and_no_other(setup):
   assert float(metrics['loss']) == 0.0 and not bool(metrics['nonfinite'])
   _equal(same.params, state.params)
   del config
+
+
+def test_truth_teacher_step_is_the_student_objective_against_the_known_truth(setup):
+  """truth_teacher: sparse EPE + λ · the mean distance to `dense_flow` over the dilated label
+  mask where the truth is known (every candidate kept at remember rate 1), checked against a
+  NumPy recomputation from the step's own forward; unknown positions (absurd values) never
+  reach it."""
+  config, model, tx = setup['config'], setup['model'], setup['tx']
+  cfg = train_step.StepConfig(model=model, tx=tx, dilation_kernel=3)
+  state = train.create_train_state(config_lib.tiny_config('baseline'), model, tx,
+                                   jax.random.PRNGKey(1))
+  rng = np.random.default_rng(4)
+  gt = np.asarray(setup['batch']['flow'])
+  fs = gt.shape[1]
+  truth = rng.normal(0, 2, (4, fs, fs, 2)).astype(np.float32)
+  valid = rng.random((4, fs, fs)) < 0.6
+  batch = dict(setup['batch'], dense_flow=np.where(valid[..., None], truth, 1e6).astype(
+      np.float32), dense_valid=valid)
+  teacher = config.teacher.copy_and_resolve_references()
+  teacher.pseudo_start_epoch, teacher.pseudo_weight = 0, 0.5
+  teacher.remember_rate_start = teacher.remember_rate_end = 1.0
+  hp = schedules.step_hparams(teacher, 0, 4 * fs * fs)
+  flow, _ = jax.jit(functools.partial(train_step.forward, cfg))(state.params, state.batch_stats,
+                                                                  batch)
+  flow = np.asarray(flow, np.float64)
+  labelled = (gt != 0).any(-1)
+  square = scipy.ndimage.maximum_filter(labelled, size=(1, 3, 3), mode='constant')
+  candidates = square & valid
+  assert 0 < candidates.sum() < square.sum()
+  sparse = np.linalg.norm(flow - gt, axis=-1)[labelled].mean()
+  pseudo = np.linalg.norm(flow - truth, axis=-1)[candidates].mean()
+  new_state, metrics = jax.jit(functools.partial(train_step.truth_teacher_step, cfg))(
+      state, batch, hp)
+  np.testing.assert_allclose(float(metrics['loss']), sparse + 0.5 * pseudo, rtol=1e-5)
+  assert int(new_state.step) == 1 and not bool(metrics['nonfinite'])
+  truth_config = config_lib.tiny_config('truth_teacher')
+  train.check_config(truth_config)
+  truth_config.teacher.gate = 'cycle'
+  with pytest.raises(config_lib.ConfigError, match="'truth_teacher' takes the paper's"):
+    train.check_config(truth_config)
 
 
 def test_dense_mode_refuses_a_dataset_without_dense_truth():
