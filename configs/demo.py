@@ -43,8 +43,17 @@ DATA_DIR = os.path.join(os.path.expanduser('~'), '.cache', 'sccorr_jax', 'data')
 def get_config(arg=None):
   """The demo config; `arg` = 'variant[,kps=K][,frac=P][,scratch][,pretrained=False][,runlocal]
   [,epochs=N][,tiny]'."""
-  args = config_lib.parse_arg(arg, variant='mt', runlocal=False, tiny=False, epochs=0, kps=0,
-                              frac=1.0, scratch=False, pretrained=True)
+  args = config_lib.parse_arg(
+      arg,
+      variant='mt',
+      runlocal=False,
+      tiny=False,
+      epochs=0,
+      kps=0,
+      frac=1.0,
+      scratch=False,
+      pretrained=True,
+  )
   c = cpu_recipe('parts', args)
   if args.tiny:
     return c

@@ -30,7 +30,8 @@ from sccorr_jax import config_lib
 # PF-PASCAL's config (head, pseudo-label schedule, protocol) and the DINOv2 recipe it gets.
 pfpascal = config_lib.load_config_module(os.path.join(os.path.dirname(__file__), 'pfpascal.py'))
 spair_dinov2 = config_lib.load_config_module(
-    os.path.join(os.path.dirname(__file__), 'spair_dinov2.py'))
+    os.path.join(os.path.dirname(__file__), 'spair_dinov2.py')
+)
 
 
 def get_config(arg=None):
@@ -38,7 +39,8 @@ def get_config(arg=None):
 
   `arg` = 'variant[,preset=..][,trained_blocks=N][,cached][,runlocal]'.
   """
-  args = config_lib.parse_arg(arg, variant='mt', runlocal=False, preset='vitb14',
-                              trained_blocks=2, cached=False)
+  args = config_lib.parse_arg(
+      arg, variant='mt', runlocal=False, preset='vitb14', trained_blocks=2, cached=False
+  )
   c = pfpascal.get_config(args.variant)  # SCE 13 / 1024, pseudo labels from epoch 60 of 150, img.
   return spair_dinov2.dinov2_recipe(c, args)

@@ -38,8 +38,9 @@ demo = config_lib.load_config_module(os.path.join(os.path.dirname(__file__), 'de
 def get_config(arg=None):
   """The pretraining config; `arg` = '[source=novel|warps][,epochs=N][,runlocal]'."""
   # `variant` and `tiny` are accepted as `cpu_recipe` reads them; the learning mode is 'dense'.
-  args = config_lib.parse_arg(arg, variant='mt', runlocal=False, tiny=False, epochs=0,
-                              source='novel')
+  args = config_lib.parse_arg(
+      arg, variant='mt', runlocal=False, tiny=False, epochs=0, source='novel'
+  )
   c = demo.cpu_recipe('parts', args)
   if args.source not in ('novel', 'warps'):
     raise ValueError(f"source must be 'novel' or 'warps', got {args.source!r}")

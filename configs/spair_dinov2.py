@@ -71,8 +71,9 @@ def get_config(arg=None):
 
   `arg` = 'variant[,preset=..][,trained_blocks=N][,cached][,runlocal]'.
   """
-  args = config_lib.parse_arg(arg, variant='mt', runlocal=False, preset='vitb14',
-                              trained_blocks=2, cached=False)
+  args = config_lib.parse_arg(
+      arg, variant='mt', runlocal=False, preset='vitb14', trained_blocks=2, cached=False
+  )
   c = spair.get_config(args.variant)  # SCE 7 / 2048, pseudo labels from epoch 4, bbox.
   c.optim.num_epochs = 30
   return dinov2_recipe(c, args)

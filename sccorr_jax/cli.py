@@ -36,8 +36,12 @@ from absl import logging
 from ml_collections import config_flags
 
 if 'verbose' not in flags.FLAGS:  # a tool may define its own --verbose with the same meaning
-  flags.DEFINE_bool('verbose', False, 'On an error, print the traceback too; keep the library '
-                    'log lines that are normally dropped.')
+  flags.DEFINE_bool(
+      'verbose',
+      False,
+      'On an error, print the traceback too; keep the library '
+      'log lines that are normally dropped.',
+  )
 
 EXIT_USER_ERROR = 2
 # The repository checkout this package lives in (configs/ beside sccorr_jax/), for hints.
@@ -47,8 +51,14 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 # the file or flag: one line, no traceback. Project classes are looked up by name at error time
 # (a module that was never imported cannot have raised), so that importing this module stays
 # cheap.
-USER_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
-               PermissionError, app.UsageError)
+USER_ERRORS = (
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+    app.UsageError,
+)
 USER_ERROR_NAMES = (
     'sccorr_jax.cli.UserError',
     'sccorr_jax.config_lib.ConfigFileError',
@@ -185,15 +195,26 @@ def quiet_libraries(progress_bars: bool = False) -> None:
 # Flags.
 
 
-_HELP = ('--help', '-help', '--helpshort', '-helpshort', '--helpfull', '-helpfull', '-?',
-         '--helpxml')
+_HELP = (
+    '--help',
+    '-help',
+    '--helpshort',
+    '-helpshort',
+    '--helpfull',
+    '-helpfull',
+    '-?',
+    '--helpxml',
+)
 
 
 def _config_file_flags() -> list:
   """Names of the ml_collections config-file flags defined (`DEFINE_config_file`)."""
   parser_cls = config_flags.config_flags.ConfigFileFlagParser
-  return [name for name, flag in flags.FLAGS._flags().items()  # pylint: disable=protected-access
-          if name == flag.name and isinstance(flag.parser, parser_cls)]
+  return [
+      name
+      for name, flag in flags.FLAGS._flags().items()  # pylint: disable=protected-access
+      if name == flag.name and isinstance(flag.parser, parser_cls)
+  ]
 
 
 def _flag_value(argv: Sequence[str], name: str) -> Optional[str]:
@@ -205,7 +226,7 @@ def _flag_value(argv: Sequence[str], name: str) -> Optional[str]:
       break
     for prefix in (f'--{name}', f'-{name}'):
       if a.startswith(prefix + '='):
-        value = a[len(prefix) + 1:]
+        value = a[len(prefix) + 1 :]
       elif a == prefix and i + 1 < len(args):
         value = args[i + 1]
   return value
@@ -222,7 +243,7 @@ def check_config_file(name: str, value: str) -> None:
     where += f' (relative to {os.getcwd()})'
     in_repo = REPO_ROOT / path
     if in_repo.is_file():
-      hint = f'; did you mean --{name}={in_repo}' + (value[len(path):])
+      hint = f'; did you mean --{name}={in_repo}' + (value[len(path) :])
   fail(f'--{name}={value}: config file {path} {where}{hint}')
 
 
@@ -249,10 +270,10 @@ def _flag_error_line(error: Exception) -> str:
     lines = [s.strip() for s in text.splitlines() if s.strip()]
     cause = lines[-1]
     for prefix in ('ValueError: ', 'TypeError: '):
-      cause = cause[len(prefix):] if cause.startswith(prefix) else cause
+      cause = cause[len(prefix) :] if cause.startswith(prefix) else cause
     return f'{head}: {cause}'
   if text.startswith('flag --'):
-    text = text[len('flag '):]
+    text = text[len('flag ') :]
   return text
 
 
@@ -284,8 +305,7 @@ def parse_flags(argv: Sequence[str]) -> list:
     raise
   except flags.Error as e:
     fail(_flag_error_line(e), e)
-  except (AttributeError, KeyError, TypeError, ValueError, OSError, SyntaxError,
-          ImportError) as e:
+  except (AttributeError, KeyError, TypeError, ValueError, OSError, SyntaxError, ImportError) as e:
     if not _from_config_flags(e):
       raise
     if isinstance(e, (AttributeError, KeyError)):
@@ -294,8 +314,12 @@ def parse_flags(argv: Sequence[str]) -> list:
   return []  # not reached
 
 
-def run(main: Callable[[list], Optional[int]], *, progress_bars: bool = False,
-        argv: Optional[Sequence[str]] = None) -> None:
+def run(
+    main: Callable[[list], Optional[int]],
+    *,
+    progress_bars: bool = False,
+    argv: Optional[Sequence[str]] = None,
+) -> None:
   """`absl.app.run(main)` with one-line user errors and quiet library logs (module docstring).
 
   Args:
@@ -334,8 +358,9 @@ def existing_path(flag_name: str, path: Optional[str], kind: str = 'file') -> No
     return
   ok = {'file': os.path.isfile, 'dir': os.path.isdir, 'any': os.path.exists}[kind](path)
   if not ok:
-    what = {'file': 'no such file', 'dir': 'no such directory',
-            'any': 'no such file or directory'}[kind]
+    what = {'file': 'no such file', 'dir': 'no such directory', 'any': 'no such file or directory'}[
+        kind
+    ]
     if kind == 'file' and os.path.isdir(path):
       what = 'is a directory, not a file'
     fail(f'--{flag_name}={path}: {what}')
@@ -352,4 +377,3 @@ def new_output_dir(flag_name: str, path: str) -> None:
     fail(f'--{flag_name}={path}: {parent} is a file, not a directory')
   if not os.access(parent if not os.path.isdir(path) else path, os.W_OK):
     fail(f'--{flag_name}={path}: not writable')
-

@@ -37,10 +37,18 @@ DATASETS = ('synthetic', 'parts', 'spair71k', 'pfpascal', 'pfwillow')
 # The size knobs of the embedded datasets with their defaults: the fields of
 # `synthetic.SyntheticConfig` and `parts.PartsConfig` (they name the cache directory), keys
 # `synthetic_<knob>` and `parts_<knob>` of the data config.
-SYNTHETIC_KNOBS = dict(img_size=128, train_pairs_per_photo=16, eval_pairs_per_photo=8,
-                       min_kps=8, max_kps=20, seed=0)
-PARTS_KNOBS = dict(img_size=128, train_pairs_per_category=64, eval_pairs_per_category=16,
-                   min_kps=4, seed=0, novel_categories=0, appearance='random')
+SYNTHETIC_KNOBS = dict(
+    img_size=128, train_pairs_per_photo=16, eval_pairs_per_photo=8, min_kps=8, max_kps=20, seed=0
+)
+PARTS_KNOBS = dict(
+    img_size=128,
+    train_pairs_per_category=64,
+    eval_pairs_per_category=16,
+    min_kps=4,
+    seed=0,
+    novel_categories=0,
+    appearance='random',
+)
 EMBEDDED_KNOBS = {'synthetic': SYNTHETIC_KNOBS, 'parts': PARTS_KNOBS}
 
 
@@ -97,8 +105,9 @@ def default_data_config(name: str = 'synthetic') -> ml_collections.ConfigDict:
     raise ValueError(f'unknown dataset {name!r}; expected one of {DATASETS}')
   c = ml_collections.ConfigDict()
   c.name = name
-  c.data_dir = os.environ.get('SCCORR_DATA_DIR',
-                              os.path.join(os.path.expanduser('~'), 'tensorflow_datasets'))
+  c.data_dir = os.environ.get(
+      'SCCORR_DATA_DIR', os.path.join(os.path.expanduser('~'), 'tensorflow_datasets')
+  )
   c.img_size = 256
   c.feature_size = 64
   c.receptive_field = 11
@@ -173,8 +182,9 @@ def parse_arg(arg: Optional[str], lazy: bool = False, **spec) -> ml_collections.
       key, value = item, 'True'
     if key not in spec:
       if not lazy:
-        raise ValueError(f'unknown config argument {key!r} in {arg!r}; accepted: '
-                         f'{", ".join(sorted(spec))}')
+        raise ValueError(
+            f'unknown config argument {key!r} in {arg!r}; accepted: ' f'{", ".join(sorted(spec))}'
+        )
       out[key] = value
       continue
     default = spec[key]
@@ -186,8 +196,9 @@ def parse_arg(arg: Optional[str], lazy: bool = False, **spec) -> ml_collections.
       try:
         out[key] = type(default)(ast.literal_eval(value))
       except (ValueError, SyntaxError) as e:
-        raise ValueError(f'config argument {key}={value!r} must be a {type(default).__name__}'
-                         ) from e
+        raise ValueError(
+            f'config argument {key}={value!r} must be a {type(default).__name__}'
+        ) from e
     else:
       out[key] = value
   return out
@@ -294,8 +305,9 @@ def base_config(dataset: str = 'spair71k') -> ml_collections.ConfigDict:
   # (`--config.model.feature_size=N` sets both). Set on its own it detaches, which only
   # `model.feature_size=0` needs: the label grid is then the correlation's (`ablation_sweep`).
   # A plain reference, not `get_oneway_ref` (a lambda op): configs must pickle (`--workers`).
-  c.data.feature_size = ml_collections.FieldReference(c.model.get_ref('feature_size'),
-                                                      field_type=int)
+  c.data.feature_size = ml_collections.FieldReference(
+      c.model.get_ref('feature_size'), field_type=int
+  )
   c.data.receptive_field = 11
 
   c.optim = ml_collections.ConfigDict()
@@ -395,8 +407,13 @@ def apply_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.
 TINY_DINOV2 = dict(embed_dim=32, depth=2, num_heads=2, img_size=56)
 
 
-def apply_dinov2(c: ml_collections.ConfigDict, preset: str = 'vitb14', layers=(-1,),
-                 trained_blocks: int = 2, cached: bool = False) -> ml_collections.ConfigDict:
+def apply_dinov2(
+    c: ml_collections.ConfigDict,
+    preset: str = 'vitb14',
+    layers=(-1,),
+    trained_blocks: int = 2,
+    cached: bool = False,
+) -> ml_collections.ConfigDict:
   """Switches a SCorrSAN config to the DINOv2 backbone.
 
   Sets `model.backbone`, `model.dinov2_preset`, `model.dinov2_layers`,
@@ -422,8 +439,9 @@ def apply_dinov2(c: ml_collections.ConfigDict, preset: str = 'vitb14', layers=(-
   return c
 
 
-def apply_dinov2_tiny(c: ml_collections.ConfigDict, img_size: int = 56,
-                      feature_size: int = 8) -> ml_collections.ConfigDict:
+def apply_dinov2_tiny(
+    c: ml_collections.ConfigDict, img_size: int = 56, feature_size: int = 8
+) -> ml_collections.ConfigDict:
   """A tiny random DINOv2 (`TINY_DINOV2`) on `img_size` images: CPU smoke runs and tests."""
   c.model.dinov2_overrides = ml_collections.ConfigDict(TINY_DINOV2)
   c.model.pretrained = None
@@ -469,8 +487,12 @@ def ablation_sweep(img_size: int = 256, stride: int = 16) -> List[Dict[str, Any]
       # Table 4: context encoder, loss resolution, backbone fine-tuning.
       {'learning_mode': 'baseline'},
       {'learning_mode': 'baseline', 'model.use_context': False},
-      {'learning_mode': 'baseline', 'model.feature_size': 0,
-       'data.feature_size': img_size // stride, 'data.receptive_field': 2 * stride + 3},
+      {
+          'learning_mode': 'baseline',
+          'model.feature_size': 0,
+          'data.feature_size': img_size // stride,
+          'data.receptive_field': 2 * stride + 3,
+      },
       {'learning_mode': 'baseline', 'optim.freeze_backbone': True},
       # Table 6: teacher-student, small-loss selection, mask dilation and its kernel.
       {'learning_mode': 'st'},
@@ -487,8 +509,9 @@ def sweep_to_flags(sweep: List[Dict[str, Any]]) -> List[str]:
   return [' '.join(f'--config.{k}={v}' for k, v in entry.items()) for entry in sweep]
 
 
-def apply_overrides(config: ml_collections.ConfigDict, overrides: Dict[str, Any]
-                    ) -> ml_collections.ConfigDict:
+def apply_overrides(
+    config: ml_collections.ConfigDict, overrides: Dict[str, Any]
+) -> ml_collections.ConfigDict:
   """Sets dotted keys (`'teacher.dilation_kernel': 3`) in `config`, in place, as `--config.*`.
 
   Raises:
@@ -521,8 +544,12 @@ BUDGET_KEYPOINTS = (1, 2, 4, 8, 0)
 
 # The pseudo-label options the `strategies` sweep tries one at a time (each value but the
 # paper's default): `teacher.<key>` -> values; cell `mt_<key>_<value>`.
-STRATEGY_OPTIONS = (('region', ('affinity', 'object')), ('gate', ('cycle', 'confidence')),
-                    ('target', ('propagated',)), ('unlabelled_pairs', ('object_cycle',)))
+STRATEGY_OPTIONS = (
+    ('region', ('affinity', 'object')),
+    ('gate', ('cycle', 'confidence')),
+    ('target', ('propagated',)),
+    ('unlabelled_pairs', ('object_cycle',)),
+)
 # Named combinations, cells `mt_<name>` of the `strategies` sweep after the single options:
 # the combination chosen by hand on val (by the mean of networks a and b) goes here, e.g.
 #   'affinity_cycle': {'teacher.region': 'affinity', 'teacher.gate': 'cycle'},
@@ -530,8 +557,9 @@ STRATEGY_OPTIONS = (('region', ('affinity', 'object')), ('gate', ('cycle', 'conf
 STRATEGY_COMBINATIONS: Dict[str, Dict[str, Any]] = {}
 
 
-def get_sweep(name: str, img_size: int = 256, stride: int = 16, dense_oracle: bool = False
-              ) -> Dict[str, Dict[str, Any]]:
+def get_sweep(
+    name: str, img_size: int = 256, stride: int = 16, dense_oracle: bool = False
+) -> Dict[str, Dict[str, Any]]:
   """The named cells of a sweep of `tools/experiment.py`: cell name -> dotted-key overrides.
 
   Each cell runs once per seed (`config.seed` = 0..N-1) on top of the config file given to the
@@ -578,17 +606,28 @@ def get_sweep(name: str, img_size: int = 256, stride: int = 16, dense_oracle: bo
         'mt_dilation3': {'learning_mode': 'mt', 'teacher.dilation_kernel': 3},
         'mt_dilation7': {'learning_mode': 'mt', 'teacher.dilation_kernel': 7},
         'mt_dilation15': {'learning_mode': 'mt', 'teacher.dilation_kernel': 15},
-        **({'dense': {'learning_mode': 'dense'},
-            'truth_teacher': {'learning_mode': 'truth_teacher'}} if dense_oracle else {}),
+        **(
+            {
+                'dense': {'learning_mode': 'dense'},
+                'truth_teacher': {'learning_mode': 'truth_teacher'},
+            }
+            if dense_oracle
+            else {}
+        ),
     }
   if name == 'regime':
-    return {'baseline_kall': {'learning_mode': 'baseline', 'data.keypoints_per_pair': 0},
-            'baseline_k1': {'learning_mode': 'baseline', 'data.keypoints_per_pair': 1},
-            'dense': {'learning_mode': 'dense'},
-            'truth_teacher': {'learning_mode': 'truth_teacher'}}
+    return {
+        'baseline_kall': {'learning_mode': 'baseline', 'data.keypoints_per_pair': 0},
+        'baseline_k1': {'learning_mode': 'baseline', 'data.keypoints_per_pair': 1},
+        'dense': {'learning_mode': 'dense'},
+        'truth_teacher': {'learning_mode': 'truth_teacher'},
+    }
   if name == 'budget':
-    return {f'{mode}_k{k or "all"}': {'learning_mode': mode, 'data.keypoints_per_pair': k}
-            for mode in ('baseline', 'mt') for k in BUDGET_KEYPOINTS}
+    return {
+        f'{mode}_k{k or "all"}': {'learning_mode': mode, 'data.keypoints_per_pair': k}
+        for mode in ('baseline', 'mt')
+        for k in BUDGET_KEYPOINTS
+    }
   if name == 'ablation':
     cells = {}
     for entry in ablation_sweep(img_size, stride):
@@ -607,12 +646,12 @@ def get_sweep(name: str, img_size: int = 256, stride: int = 16, dense_oracle: bo
     for combination, overrides in STRATEGY_COMBINATIONS.items():
       cells[f'mt_{combination}'] = {**mt, **overrides}
     return cells
-  raise ValueError(f'unknown sweep {name!r}; known: modes, regime, budget, ablation, '
-                   'strategies')
+  raise ValueError(f'unknown sweep {name!r}; known: modes, regime, budget, ablation, ' 'strategies')
 
 
-def tiny_config(learning_mode: str = 'mt', data_dir: Optional[str] = None
-                ) -> ml_collections.ConfigDict:
+def tiny_config(
+    learning_mode: str = 'mt', data_dir: Optional[str] = None
+) -> ml_collections.ConfigDict:
   """A tiny, fast config on the synthetic dataset (tests; seconds per compile on a CPU).
 
   ResNet with one block per stage, width 8, stride 16 on 32x32 images (a 2x2 correlation

@@ -9,11 +9,20 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # The benchmark's standard PCK threshold kind (see `sccorr_jax.evaluation.protocol`).
-STANDARD_THRESHOLD = {"spair71k": "bbox", "pfpascal": "img", "pfwillow": "bbox",
-                      "synthetic": "bbox", "parts": "bbox"}
-BENCHMARK_NAMES = {"spair71k": "SPair-71k", "pfpascal": "PF-PASCAL", "pfwillow": "PF-WILLOW",
-                   "synthetic": "synthetic (skimage.data warps)",
-                   "parts": "parts (procedural articulated objects)"}
+STANDARD_THRESHOLD = {
+    "spair71k": "bbox",
+    "pfpascal": "img",
+    "pfwillow": "bbox",
+    "synthetic": "bbox",
+    "parts": "bbox",
+}
+BENCHMARK_NAMES = {
+    "spair71k": "SPair-71k",
+    "pfpascal": "PF-PASCAL",
+    "pfwillow": "PF-WILLOW",
+    "synthetic": "synthetic (skimage.data warps)",
+    "parts": "parts (procedural articulated objects)",
+}
 
 # SPair-71k's difficulty annotations (0 for datasets without them), and their level names.
 DIFFICULTY_FIELDS = ("viewpoint_variation", "scale_variation", "truncation", "occlusion")
@@ -32,9 +41,15 @@ THRESHOLD_KINDS = ("bbox", "img", "bbox_legacy")
 AVERAGINGS = ("per_pair", "per_keypoint")
 
 
-def metric_key(alpha: float, threshold: Optional[str] = None, averaging: Optional[str] = None,
-               img_size: Optional[int] = None, direction: Optional[str] = None,
-               group: str = "all", scope: str = "") -> str:
+def metric_key(
+    alpha: float,
+    threshold: Optional[str] = None,
+    averaging: Optional[str] = None,
+    img_size: Optional[int] = None,
+    direction: Optional[str] = None,
+    group: str = "all",
+    scope: str = "",
+) -> str:
   """The one key scheme of every PCK number, in training logs and evaluation reports alike:
   `[<scope>/]pck@<alpha>[/<threshold>][/<averaging>][/<img_size>px][/<direction>][/<group>]`.
 
@@ -45,15 +60,21 @@ def metric_key(alpha: float, threshold: Optional[str] = None, averaging: Optiona
   `val/a/pck@0.1` (mt network a), `val/zero_flow/pck@0.1` (the zero flow on the same pairs),
   `test/pck@0.1` (`--mode=eval`).
   """
-  parts = (f"pck@{float(alpha):g}", threshold, averaging,
-           f"{int(img_size)}px" if img_size else None, direction,
-           None if group == "all" else group)
+  parts = (
+      f"pck@{float(alpha):g}",
+      threshold,
+      averaging,
+      f"{int(img_size)}px" if img_size else None,
+      direction,
+      None if group == "all" else group,
+  )
   key = "/".join(p for p in parts if p)
   return f"{scope.rstrip('/')}/{key}" if scope else key
 
 
 class MetricKey(NamedTuple):
   """The parts of a `metric_key` (its arguments, in order): `metric_key(*parts)` is the key."""
+
   alpha: float
   threshold: Optional[str] = None
   averaging: Optional[str] = None
@@ -71,14 +92,16 @@ def parse_metric_key(key: str) -> Optional[MetricKey]:
   if at is None:
     return None
   try:
-    alpha = float(parts[at][len("pck@"):])
+    alpha = float(parts[at][len("pck@") :])
   except ValueError:
     return None
-  rest, found = parts[at + 1:], {}
-  for name, fits in (("threshold", THRESHOLD_KINDS.__contains__),
-                     ("averaging", AVERAGINGS.__contains__),
-                     ("img_size", lambda p: p.endswith("px") and p[:-2].isdigit()),
-                     ("direction", lambda p: "->" in p)):
+  rest, found = parts[at + 1 :], {}
+  for name, fits in (
+      ("threshold", THRESHOLD_KINDS.__contains__),
+      ("averaging", AVERAGINGS.__contains__),
+      ("img_size", lambda p: p.endswith("px") and p[:-2].isdigit()),
+      ("direction", lambda p: "->" in p),
+  ):
     if rest and fits(rest[0]):
       found[name] = rest.pop(0)
   if "img_size" in found:

@@ -56,7 +56,8 @@ def _torch_name(path: Tuple[str, ...], collection: str) -> Tuple[str, str]:
     return path[0], "copy"
   if path[0] == "sce":
     return f"SCEs.0.conv.{'weight' if leaf == 'kernel' else 'bias'}", (
-        "dense" if leaf == "kernel" else "copy")
+        "dense" if leaf == "kernel" else "copy"
+    )
   assert path[0] == "backbone", path
   parts = []
   for p in path[1:-1]:
@@ -107,8 +108,7 @@ def _raise_if_unfit(what: str, missing, unexpected, mismatched) -> None:
   raise ConversionError("\n".join(lines))
 
 
-def _take(sd, name: str, kind: str, leaf, where: str, used: set, missing: list,
-          mismatched: list):
+def _take(sd, name: str, kind: str, leaf, where: str, used: set, missing: list, mismatched: list):
   """The state dict's `name`, converted (`kind`) to the Flax leaf's layout, or None.
 
   Records the name as used, or as missing, or its shape mismatch (naming `where` in the model).
@@ -119,15 +119,20 @@ def _take(sd, name: str, kind: str, leaf, where: str, used: set, missing: list,
   used.add(name)
   arr = _transform(np.asarray(sd[name]), kind)
   if tuple(arr.shape) != tuple(leaf.shape):
-    mismatched.append(f"{name}: state dict {tuple(np.asarray(sd[name]).shape)} -> "
-                      f"{tuple(arr.shape)}, model expects {tuple(leaf.shape)} (at {where})")
+    mismatched.append(
+        f"{name}: state dict {tuple(np.asarray(sd[name]).shape)} -> "
+        f"{tuple(arr.shape)}, model expects {tuple(leaf.shape)} (at {where})"
+    )
     return None
   return arr
 
 
-def from_torch_state_dict(state_dict: Mapping[str, Any], model,
-                          init_variables: Optional[Mapping[str, Any]] = None,
-                          dtype=None) -> Dict[str, Any]:
+def from_torch_state_dict(
+    state_dict: Mapping[str, Any],
+    model,
+    init_variables: Optional[Mapping[str, Any]] = None,
+    dtype=None,
+) -> Dict[str, Any]:
   """Maps a PyTorch state dict (name -> array) onto `model`'s variables.
 
   Args:
@@ -161,14 +166,17 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], model,
     elif not full:
       head_from_init[(collection,) + path] = leaf
       continue
-    arr = _take(sd, name, kind, leaf, f"{collection}/{'/'.join(path)}", used, missing,
-                mismatched)
+    arr = _take(sd, name, kind, leaf, f"{collection}/{'/'.join(path)}", used, missing, mismatched)
     if arr is not None:
       out[(collection,) + path] = arr if dtype is None else arr.astype(dtype)
   unexpected = sorted(k for k in sd if k not in used and not _IGNORED.search(k))
-  _raise_if_unfit(f"{type(model).__name__} "
-                  f"({'full SCorrSAN' if full else 'torchvision backbone'} checkpoint)",
-                  missing, unexpected, mismatched)
+  _raise_if_unfit(
+      f"{type(model).__name__} "
+      f"({'full SCorrSAN' if full else 'torchvision backbone'} checkpoint)",
+      missing,
+      unexpected,
+      mismatched,
+  )
   if head_from_init:
     if init_variables is None:
       x = jnp.zeros((1, 64, 64, 3), jnp.float32)
@@ -206,7 +214,7 @@ def backbone_state_dict(variables: Mapping[str, Any], model) -> Dict[str, np.nda
   is left out, so that a model loading it starts its head fresh.
   """
   full = to_torch_state_dict(variables, model)
-  return {k[len(BACKBONE_PREFIX):]: v for k, v in full.items() if k.startswith(BACKBONE_PREFIX)}
+  return {k[len(BACKBONE_PREFIX) :]: v for k, v in full.items() if k.startswith(BACKBONE_PREFIX)}
 
 
 def read_state_dict(path) -> Dict[str, np.ndarray]:
@@ -225,6 +233,7 @@ def read_state_dict(path) -> Dict[str, np.ndarray]:
     ImportError: a `.pth` file without PyTorch installed, saying how to get it or convert.
   """
   import pathlib
+
   path = pathlib.Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"no state dict file at {path}")
@@ -234,6 +243,7 @@ def read_state_dict(path) -> Dict[str, np.ndarray]:
       return {k: f[k] for k in f.files}
   if suffix == ".safetensors":
     from safetensors.numpy import load_file
+
     return dict(load_file(str(path)))
   if suffix in (".pth", ".pt", ".bin", ".ckpt"):
     try:
@@ -241,7 +251,8 @@ def read_state_dict(path) -> Dict[str, np.ndarray]:
     except ImportError as e:
       raise ImportError(
           f"reading {path} needs PyTorch (pip install torch), or convert it elsewhere to .npz "
-          "(numpy.savez(out, **{k: v.numpy() for k, v in sd.items()})) or .safetensors") from e
+          "(numpy.savez(out, **{k: v.numpy() for k, v in sd.items()})) or .safetensors"
+      ) from e
     obj = torch.load(str(path), map_location="cpu", weights_only=True)
     for key in ("state_dict", "model", "net"):
       if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
@@ -250,10 +261,14 @@ def read_state_dict(path) -> Dict[str, np.ndarray]:
     if not isinstance(obj, dict):
       raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict")
     # DataParallel checkpoints prefix every name with 'module.'.
-    return {k[len("module."):] if k.startswith("module.") else k:
-            v.detach().cpu().numpy() for k, v in obj.items() if hasattr(v, "detach")}
-  raise ValueError(f"{path}: unknown state dict format {suffix!r} (use .pth, .npz or "
-                   ".safetensors)")
+    return {
+        k[len("module.") :] if k.startswith("module.") else k: v.detach().cpu().numpy()
+        for k, v in obj.items()
+        if hasattr(v, "detach")
+    }
+  raise ValueError(
+      f"{path}: unknown state dict format {suffix!r} (use .pth, .npz or " ".safetensors)"
+  )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -285,16 +300,21 @@ def _dinov2_torch_name(path: Tuple[str, ...]) -> Tuple[str, str]:
   parts = []
   for p in path[:-1]:
     m = re.fullmatch(r"blocks_(\d+)", p)
-    parts += ["blocks", m.group(1)] if m else (["patch_embed", "proj"] if p == "patch_embed"
-                                               else [p])
+    parts += (
+        ["blocks", m.group(1)] if m else (["patch_embed", "proj"] if p == "patch_embed" else [p])
+    )
   if leaf == "kernel":
     return ".".join(parts + ["weight"]), "conv" if path[0] == "patch_embed" else "dense"
   return ".".join(parts + [{"scale": "weight"}.get(leaf, leaf)]), "copy"
 
 
-def _dinov2_params(state_dict: Mapping[str, Any], target_params: Mapping[str, Any],
-                   dtype=None, what: str = "DINOv2",
-                   ignore_blocks_after: Optional[int] = None) -> Dict[str, Any]:
+def _dinov2_params(
+    state_dict: Mapping[str, Any],
+    target_params: Mapping[str, Any],
+    dtype=None,
+    what: str = "DINOv2",
+    ignore_blocks_after: Optional[int] = None,
+) -> Dict[str, Any]:
   """Fills `target_params` (a DINOv2 param tree of ShapeDtypeStructs) from a state dict.
 
   `ignore_blocks_after`: the last block a truncated feature extractor runs; the checkpoint's
@@ -304,23 +324,25 @@ def _dinov2_params(state_dict: Mapping[str, Any], target_params: Mapping[str, An
   for k, v in state_dict.items():
     k = str(k)
     m = _CHUNKED_BLOCK.match(k)
-    sd[f"blocks.{m.group(1)}." + k[m.end():] if m else k] = v
+    sd[f"blocks.{m.group(1)}." + k[m.end() :] if m else k] = v
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(target_params))
   used, missing, mismatched, out = set(), [], [], {}
   for path, leaf in flat.items():
     name, kind = _dinov2_torch_name(tuple(path))
-    arr = _take(sd, name, kind, leaf, '/'.join(path), used, missing, mismatched)
+    arr = _take(sd, name, kind, leaf, "/".join(path), used, missing, mismatched)
     if arr is not None:
       out[tuple(path)] = arr if dtype is None else arr.astype(dtype)
 
   def ignored(k):
     m = re.match(r"blocks\.(\d+)\.", k)
     return k in DINOV2_IGNORED or bool(
-        m and ignore_blocks_after is not None and int(m.group(1)) > ignore_blocks_after)
+        m and ignore_blocks_after is not None and int(m.group(1)) > ignore_blocks_after
+    )
 
   unexpected = sorted(k for k in sd if k not in used and not ignored(k))
-  _raise_if_unfit(f"{what} (official DINOv2 checkpoint names expected)", missing, unexpected,
-                  mismatched)
+  _raise_if_unfit(
+      f"{what} (official DINOv2 checkpoint names expected)", missing, unexpected, mismatched
+  )
   return flax.traverse_util.unflatten_dict(out)
 
 
@@ -350,8 +372,12 @@ def from_dinov2_state_dict(state_dict: Mapping[str, Any], model, dtype=None) -> 
   p = int(model.patch_size)
   x = jax.ShapeDtypeStruct((1, p, p, 3), jnp.float32)
   target = jax.eval_shape(lambda a: model.init(jax.random.PRNGKey(0), a), x)
-  params = _dinov2_params(state_dict, target["params"], dtype,
-                          what=f"DINOv2(embed_dim={model.embed_dim}, depth={model.depth})")
+  params = _dinov2_params(
+      state_dict,
+      target["params"],
+      dtype,
+      what=f"DINOv2(embed_dim={model.embed_dim}, depth={model.depth})",
+  )
   return {"params": params}
 
 
@@ -363,9 +389,13 @@ def _scorrsan_from_dinov2(state_dict, model, init_variables, dtype) -> Dict[str,
   size = 4 * int(model.dinov2_kwargs().get("patch_size", 14))
   x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
   target = jax.eval_shape(lambda a, b: model.init(jax.random.PRNGKey(0), a, b), x, x)
-  backbone = _dinov2_params(state_dict, target["params"]["backbone"], dtype,
-                            what=f"the DINOv2 backbone of SCorrSAN ({model.dinov2_preset})",
-                            ignore_blocks_after=model.dinov2_blocks()[-1])
+  backbone = _dinov2_params(
+      state_dict,
+      target["params"]["backbone"],
+      dtype,
+      what=f"the DINOv2 backbone of SCorrSAN ({model.dinov2_preset})",
+      ignore_blocks_after=model.dinov2_blocks()[-1],
+  )
   if init_variables is None:
     xi = jnp.zeros((1, size, size, 3), jnp.float32)
     init_variables = jax.jit(model.init)(jax.random.PRNGKey(0), xi, xi)
@@ -386,8 +416,13 @@ def dinov2_state_dict_shapes(model) -> Dict[str, Tuple[int, ...]]:
   for path, leaf in flax.traverse_util.flatten_dict(target["params"]).items():
     name, kind = _dinov2_torch_name(tuple(path))
     shape = tuple(leaf.shape)
-    out[name] = (shape[::-1] if kind == "dense" else
-                 (shape[3], shape[2], shape[0], shape[1]) if kind == "conv" else shape)
+    out[name] = (
+        shape[::-1]
+        if kind == "dense"
+        else (shape[3], shape[2], shape[0], shape[1])
+        if kind == "conv"
+        else shape
+    )
   return out
 
 

@@ -63,7 +63,7 @@ PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')
 PREPROCESSING = {
     'color': 'RGB (grey, palette and 16-bit converted; transparency composited on white)',
     'resize': 'to S x S, bilinear with antialiasing (PIL Image.resize BILINEAR), aspect '
-              'ratio not kept',
+    'ratio not kept',
     'scale': 'uint8 / 255 -> [0, 1]',
     'mean': list(constants.IMAGENET_MEAN),
     'std': list(constants.IMAGENET_STD),
@@ -71,9 +71,11 @@ PREPROCESSING = {
     'layout': 'NHWC: [b, S, S, 3]',
     'python': 'sccorr_jax.export.load(f).preprocess(rgb) = sccorr_jax.predict.preprocess_image',
 }
-FLOW = ('for every target cell (x, y) of the fs x fs grid, the displacement to its match in the '
-        'source: source = (x + flow[..., 0], y + flow[..., 1]), in cells of that grid; cell i '
-        'is centred on pixel (i + 0.5) * S / fs - 0.5 of the S x S input')
+FLOW = (
+    'for every target cell (x, y) of the fs x fs grid, the displacement to its match in the '
+    'source: source = (x + flow[..., 0], y + flow[..., 1]), in cells of that grid; cell i '
+    'is centred on pixel (i + 0.5) * S / fs - 0.5 of the S x S input'
+)
 
 
 class SerializedModelError(ValueError):
@@ -134,12 +136,16 @@ class SerializedModel:
       x = x if hasattr(x, 'dtype') else np.asarray(x)
       floating = jnp.issubdtype(x.dtype, jnp.floating)
       if x.ndim != 4 or tuple(x.shape[1:]) != (s, s, 3) or not floating:
-        raise ValueError(f'{self.path}: {name} must be [b, {s}, {s}, 3] float32 (preprocessed '
-                         f'images, see its header), got {list(x.shape)} {x.dtype}')
+        raise ValueError(
+            f'{self.path}: {name} must be [b, {s}, {s}, 3] float32 (preprocessed '
+            f'images, see its header), got {list(x.shape)} {x.dtype}'
+        )
       out.append(x.astype(np.float32) if x.dtype != np.float32 else x)
     if out[0].shape[0] != out[1].shape[0]:
-      raise ValueError(f'{self.path}: src and trg must hold as many images, got '
-                       f'{out[0].shape[0]} and {out[1].shape[0]}')
+      raise ValueError(
+          f'{self.path}: src and trg must hold as many images, got '
+          f'{out[0].shape[0]} and {out[1].shape[0]}'
+      )
     return out
 
 
@@ -155,11 +161,15 @@ def read(path) -> Tuple[Dict[str, Any], bytes]:
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path}: no such file')
   if os.path.isdir(path):
-    raise SerializedModelError(f'{path}: is a directory, not a serialized model file (a '
-                               'checkpoint directory loads with predict.Predictor.'
-                               'from_checkpoint)')
-  what = (f'not a serialized model (expected a zip archive of {HEADER} and {FUNCTION}, written '
-          'by python -m sccorr_jax.export)')
+    raise SerializedModelError(
+        f'{path}: is a directory, not a serialized model file (a '
+        'checkpoint directory loads with predict.Predictor.'
+        'from_checkpoint)'
+    )
+  what = (
+      f'not a serialized model (expected a zip archive of {HEADER} and {FUNCTION}, written '
+      'by python -m sccorr_jax.export)'
+  )
   if not zipfile.is_zipfile(path):
     raise SerializedModelError(f'{path}: {what}')
   try:
@@ -172,14 +182,17 @@ def read(path) -> Tuple[Dict[str, Any], bytes]:
         raise SerializedModelError(f'{path}: {what}; its {HEADER} has no format {FORMAT!r}')
       version = header.get('format_version')
       if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise SerializedModelError(f'{path}: format_version {version!r} is newer than this '
-                                   f'sccorr_jax reads ({FORMAT_VERSION}); update sccorr_jax')
+        raise SerializedModelError(
+            f'{path}: format_version {version!r} is newer than this '
+            f'sccorr_jax reads ({FORMAT_VERSION}); update sccorr_jax'
+        )
       blob = z.read(FUNCTION)
   except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
     if isinstance(e, SerializedModelError):
       raise
-    raise SerializedModelError(f'{path}: damaged serialized model ({type(e).__name__}: '
-                               f'{_first_line(e)})') from e
+    raise SerializedModelError(
+        f'{path}: damaged serialized model ({type(e).__name__}: ' f'{_first_line(e)})'
+    ) from e
   return header, blob
 
 
@@ -201,8 +214,10 @@ def load(path) -> SerializedModel:
   try:
     exported = jax_export.deserialize(bytearray(blob))
   except Exception as e:  # pylint: disable=broad-except  # jax says why in its own terms.
-    raise SerializedModelError(f'{os.fspath(path)}: damaged serialized model: jax.export cannot '
-                               f'read {FUNCTION} ({type(e).__name__}: {_first_line(e)})') from e
+    raise SerializedModelError(
+        f'{os.fspath(path)}: damaged serialized model: jax.export cannot '
+        f'read {FUNCTION} ({type(e).__name__}: {_first_line(e)})'
+    ) from e
   return SerializedModel(os.fspath(path), header, exported)
 
 
@@ -229,22 +244,30 @@ def pair_function(model, variables):
   return jax.vmap(one_pair)
 
 
-def serialize(model, variables, img_size: int,
-              platforms: Sequence[str] = DEFAULT_PLATFORMS) -> jax_export.Exported:
+def serialize(
+    model, variables, img_size: int, platforms: Sequence[str] = DEFAULT_PLATFORMS
+) -> jax_export.Exported:
   """`pair_function` exported for [b, S, S, 3] float32 inputs, `b` symbolic."""
   (b,) = jax_export.symbolic_shape('b')
   s = int(img_size)
   spec = jax.ShapeDtypeStruct((b, s, s, 3), jnp.float32)
-  return jax_export.export(jax.jit(pair_function(model, variables)),
-                           platforms=tuple(platforms))(spec, spec)
+  return jax_export.export(jax.jit(pair_function(model, variables)), platforms=tuple(platforms))(
+      spec, spec
+  )
 
 
 def _shape(aval) -> list:
   return [d if isinstance(d, int) else str(d) for d in aval.shape]
 
 
-def make_header(model, variables, img_size: int, exported: jax_export.Exported, config=None,
-                source: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+def make_header(
+    model,
+    variables,
+    img_size: int,
+    exported: jax_export.Exported,
+    config=None,
+    source: Optional[Dict[str, Any]] = None,
+) -> Dict[str, Any]:
   """The file's `header.json` (module docstring)."""
   params = variables['params']
   flow_aval, corr_aval = exported.out_avals
@@ -253,25 +276,34 @@ def make_header(model, variables, img_size: int, exported: jax_export.Exported, 
     coords = {k: np.asarray(params[f'{k}_normal'], np.float64).tolist() for k in ('x', 'y')}
   backbone = getattr(model, 'backbone_type', 'resnet')
   if backbone == 'dinov2':
-    net = f"DINOv2 {model.dinov2_preset} blocks {list(model.dinov2_blocks())}"
+    net = f'DINOv2 {model.dinov2_preset} blocks {list(model.dinov2_blocks())}'
   else:
     net = f'ResNet-{model.backbone_depth} ({model.backbone_stages} stages)'
   n = int(sum(np.size(a) for a in jax.tree.leaves(variables)))
   s, fs = int(img_size), int(flow_aval.shape[1])
   spec = {'shape': ['b', s, s, 3], 'dtype': 'float32'}
   return {
-      'format': FORMAT, 'format_version': FORMAT_VERSION,
-      'img_size': s, 'flow_size': fs,
+      'format': FORMAT,
+      'format_version': FORMAT_VERSION,
+      'img_size': s,
+      'flow_size': fs,
       'inputs': {'src': spec, 'trg': spec},
-      'outputs': {'flow': {'shape': _shape(flow_aval), 'dtype': str(flow_aval.dtype)},
-                  'corr': {'shape': _shape(corr_aval), 'dtype': str(corr_aval.dtype)}},
+      'outputs': {
+          'flow': {'shape': _shape(flow_aval), 'dtype': str(flow_aval.dtype)},
+          'corr': {'shape': _shape(corr_aval), 'dtype': str(corr_aval.dtype)},
+      },
       'preprocessing': PREPROCESSING,
       'flow': FLOW,
-      'model': {'summary': f'{net}, SCE {model.sce_kernel_size}/{model.sce_features}, {s} px '
-                           f'-> {fs}x{fs} flow, {n:,} weights',
-                'backbone': backbone, 'feature_size': model.feature_size,
-                'beta': float(model.beta), 'dtype': None if model.dtype is None
-                else jnp.dtype(model.dtype).name, 'weights': n, 'coords': coords},
+      'model': {
+          'summary': f'{net}, SCE {model.sce_kernel_size}/{model.sce_features}, {s} px '
+          f'-> {fs}x{fs} flow, {n:,} weights',
+          'backbone': backbone,
+          'feature_size': model.feature_size,
+          'beta': float(model.beta),
+          'dtype': None if model.dtype is None else jnp.dtype(model.dtype).name,
+          'weights': n,
+          'coords': coords,
+      },
       'config': _config_json(config),
       'source': source or {},
       'jax_version': jax.__version__,
@@ -297,8 +329,10 @@ def write(path, header: Dict[str, Any], exported: jax_export.Exported) -> int:
   """
   path = os.fspath(path)
   if os.path.exists(path):
-    raise FileExistsError(f'{path}: exists; a serialized model is never overwritten (remove it '
-                          'or choose another name)')
+    raise FileExistsError(
+        f'{path}: exists; a serialized model is never overwritten (remove it '
+        'or choose another name)'
+    )
   blob = exported.serialize()
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = f'{path}.tmp-{os.getpid()}'
@@ -313,8 +347,9 @@ def write(path, header: Dict[str, Any], exported: jax_export.Exported) -> int:
   return os.path.getsize(path)
 
 
-def export_checkpoint(checkpoint, out, model_index=None, config=None,
-                      platforms: Sequence[str] = DEFAULT_PLATFORMS) -> Tuple[Dict[str, Any], int]:
+def export_checkpoint(
+    checkpoint, out, model_index=None, config=None, platforms: Sequence[str] = DEFAULT_PLATFORMS
+) -> Tuple[Dict[str, Any], int]:
   """Serializes the model of a checkpoint into the file `out`.
 
   Args:
@@ -335,27 +370,35 @@ def export_checkpoint(checkpoint, out, model_index=None, config=None,
   # Here, not at the top: `import sccorr_jax.export` and `load` must not import flax or the
   # models (a serving process has neither); writing needs both.
   from sccorr_jax import predict  # pylint: disable=g-import-not-at-top
+
   checkpoint = os.fspath(checkpoint)
   if os.path.isfile(checkpoint):
-    raise SerializedModelError(f'{checkpoint}: is a file; --checkpoint is a training workdir, a '
-                               'checkpoint step directory or a model export directory')
+    raise SerializedModelError(
+        f'{checkpoint}: is a file; --checkpoint is a training workdir, a '
+        'checkpoint step directory or a model export directory'
+    )
   unknown = sorted(set(platforms) - set(PLATFORMS))
   if unknown or not platforms:
-    raise SerializedModelError(f'platforms {",".join(platforms)}: each must be one of '
-                               f'{", ".join(PLATFORMS)}')
-  predictor = predict.Predictor.from_checkpoint(checkpoint, model_index=model_index,
-                                                config=config)
+    raise SerializedModelError(
+        f'platforms {",".join(platforms)}: each must be one of ' f'{", ".join(PLATFORMS)}'
+    )
+  predictor = predict.Predictor.from_checkpoint(checkpoint, model_index=model_index, config=config)
   model = predictor.model
   if getattr(model, 'inputs', 'images') != 'images':
-    raise SerializedModelError(f"{checkpoint}: its model runs on cached DINOv2 features "
-                               "(model.inputs='features') and holds no backbone; serializing "
-                               "it with its backbone is not supported")
+    raise SerializedModelError(
+        f'{checkpoint}: its model runs on cached DINOv2 features '
+        "(model.inputs='features') and holds no backbone; serializing "
+        'it with its backbone is not supported'
+    )
   exported = serialize(model, predictor.variables, predictor.img_size, platforms)
-  source = {'checkpoint': os.path.abspath(checkpoint),
-            'model_index': 'best' if model_index is None else model_index,
-            'learning_mode': (predictor.config or {}).get('learning_mode')}
-  header = make_header(model, predictor.variables, predictor.img_size, exported,
-                       predictor.config, source)
+  source = {
+      'checkpoint': os.path.abspath(checkpoint),
+      'model_index': 'best' if model_index is None else model_index,
+      'learning_mode': (predictor.config or {}).get('learning_mode'),
+  }
+  header = make_header(
+      model, predictor.variables, predictor.img_size, exported, predictor.config, source
+  )
   return header, write(out, header, exported)
 
 
@@ -368,27 +411,49 @@ def define_flags() -> None:
   # pylint: disable=g-import-not-at-top  # absl and ml_collections: the command line only.
   from absl import flags
   from ml_collections import config_flags
-  flags.DEFINE_string('checkpoint', None, 'Training workdir (uses its best model), checkpoint '
-                      'step directory or model export directory (required).')
-  flags.DEFINE_string('out', None, 'The serialized model file to write, e.g. model.zip '
-                      '(required; never overwritten).')
-  flags.DEFINE_enum('model_index', 'best', ['0', '1', 'best'], 'Mutual-teacher checkpoints: '
-                    'network 0 (a), 1 (b) or the recorded best.')
-  flags.DEFINE_list('platforms', list(DEFAULT_PLATFORMS), 'Platforms the function is lowered '
-                    f'for, of {", ".join(PLATFORMS)}.')
-  config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py[:variant]) for '
-                                  'checkpoints that carry no config.', lock_config=True)
+
+  flags.DEFINE_string(
+      'checkpoint',
+      None,
+      'Training workdir (uses its best model), checkpoint '
+      'step directory or model export directory (required).',
+  )
+  flags.DEFINE_string(
+      'out',
+      None,
+      'The serialized model file to write, e.g. model.zip ' '(required; never overwritten).',
+  )
+  flags.DEFINE_enum(
+      'model_index',
+      'best',
+      ['0', '1', 'best'],
+      'Mutual-teacher checkpoints: ' 'network 0 (a), 1 (b) or the recorded best.',
+  )
+  flags.DEFINE_list(
+      'platforms',
+      list(DEFAULT_PLATFORMS),
+      'Platforms the function is lowered ' f'for, of {", ".join(PLATFORMS)}.',
+  )
+  config_flags.DEFINE_config_file(
+      'config',
+      None,
+      'Config file (configs/*.py[:variant]) for ' 'checkpoints that carry no config.',
+      lock_config=True,
+  )
   flags.mark_flags_as_required(['checkpoint', 'out'])
 
 
 def _check_out(out: str) -> None:
   """The --out checks that need no model (one line and exit 2)."""
   from sccorr_jax import cli  # pylint: disable=g-import-not-at-top
+
   if os.path.isdir(out):
     cli.fail(f'--out={out}: is a directory; --out names the file to write')
   if os.path.exists(out):
-    cli.fail(f'--out={out}: exists; a serialized model is never overwritten (remove it or '
-             'choose another name)')
+    cli.fail(
+        f'--out={out}: exists; a serialized model is never overwritten (remove it or '
+        'choose another name)'
+    )
   parent = os.path.dirname(os.path.abspath(out))
   while not os.path.exists(parent):
     parent = os.path.dirname(parent)
@@ -402,6 +467,7 @@ def main(argv) -> int:
   # pylint: disable=g-import-not-at-top  # the command line only.
   from absl import flags
   from sccorr_jax import cli
+
   if len(argv) > 1:
     cli.fail(f'unexpected arguments: {" ".join(argv[1:])} (see --help)')
   f = flags.FLAGS
@@ -411,12 +477,19 @@ def main(argv) -> int:
     cli.fail(f'--platforms={",".join(f.platforms)}: each must be one of {", ".join(PLATFORMS)}')
   start = time.time()
   index = int(f.model_index) if f.model_index in ('0', '1') else f.model_index
-  header, size = export_checkpoint(f.checkpoint, f.out, model_index=index,
-                                   config=f.config if f['config'].present else None,
-                                   platforms=f.platforms)
-  print(f"wrote {f.out}: {size / 2**20:.1f} MiB; {header['model']['summary']}; input [b, "
-        f"{header['img_size']}, {header['img_size']}, 3] float32 per image; lowered for "
-        f"{', '.join(header['platforms'])} in {time.time() - start:.1f} s", flush=True)
+  header, size = export_checkpoint(
+      f.checkpoint,
+      f.out,
+      model_index=index,
+      config=f.config if f['config'].present else None,
+      platforms=f.platforms,
+  )
+  print(
+      f"wrote {f.out}: {size / 2**20:.1f} MiB; {header['model']['summary']}; input [b, "
+      f"{header['img_size']}, {header['img_size']}, 3] float32 per image; lowered for "
+      f"{', '.join(header['platforms'])} in {time.time() - start:.1f} s",
+      flush=True,
+  )
   return 0
 
 
@@ -427,6 +500,7 @@ if __name__ == '__main__':
   from absl import flags as _flags
   from sccorr_jax import cli as _cli
   from sccorr_jax import export as _export
+
   _export.define_flags()
   _flags.adopt_module_key_flags(_export)  # --help lists them as this program's flags.
   _cli.run(_export.main)

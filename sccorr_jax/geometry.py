@@ -37,8 +37,9 @@ def as_hw(size: SizeLike) -> Tuple[int, int]:
   return int(h), int(w)
 
 
-def linear_taps(points, n_in: int, n_out: int
-                ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def linear_taps(
+    points, n_in: int, n_out: int
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
   """1-D bilinear taps, align_corners=False, for positions on an `n_out`-sample axis that reads
   an `n_in`-sample axis (a flow grid's cells read from an image's pixels).
 
@@ -64,8 +65,9 @@ def linear_taps(points, n_in: int, n_out: int
   return i0, i1, 1.0 - w1, w1
 
 
-def keypoints_to_flow(src_kps, trg_kps, valid, feature_size: int,
-                      receptive_field: int, img_size: int = 256, xp=jnp):
+def keypoints_to_flow(
+    src_kps, trg_kps, valid, feature_size: int, receptive_field: int, img_size: int = 256, xp=jnp
+):
   """Sparse ground-truth flow from keypoint pairs (the reference's `KeypointToFlow`).
 
   For every cell `(fy, fx)` of the `feature_size` grid (cell stride `jsz = img_size //
@@ -142,8 +144,9 @@ def sample_cells(grid, xy):
   def at(yi, xi):
     return jnp.take_along_axis(flat, (yi * w + xi)[..., None], axis=1)
 
-  out = ((1 - fy) * ((1 - fx) * at(y0, x0) + fx * at(y0, x1))
-         + fy * ((1 - fx) * at(y1, x0) + fx * at(y1, x1)))
+  out = (1 - fy) * ((1 - fx) * at(y0, x0) + fx * at(y0, x1)) + fy * (
+      (1 - fx) * at(y1, x0) + fx * at(y1, x1)
+  )
   return out.reshape((b,) + lead + (c,))
 
 

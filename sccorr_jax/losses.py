@@ -168,12 +168,11 @@ def dilated_label_mask(gt, kernel_size: int):
   """
   k = int(kernel_size)
   if k < 1 or k % 2 == 0:
-    raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size!r}")
+    raise ValueError(f'kernel_size must be a positive odd int, got {kernel_size!r}')
   labelled = (~geometry.unlabelled_mask(gt)).astype(jnp.float32)
   p = k // 2
   zero = jnp.array(0, jnp.float32)
-  out = lax.reduce_window(labelled, zero, lax.max, (1, k, 1), (1, 1, 1),
-                          ((0, 0), (p, p), (0, 0)))
+  out = lax.reduce_window(labelled, zero, lax.max, (1, k, 1), (1, 1, 1), ((0, 0), (p, p), (0, 0)))
   out = lax.reduce_window(out, zero, lax.max, (1, 1, k), (1, 1, 1), ((0, 0), (0, 0), (p, p)))
   return out > 0
 
@@ -212,10 +211,10 @@ def num_remember_table(remember_rate: float, n_max: int) -> np.ndarray:
   """
   rate = float(remember_rate)
   if not 0.0 <= rate <= 1.0:
-    raise ValueError(f"remember_rate must be in [0, 1], got {remember_rate!r}")
+    raise ValueError(f'remember_rate must be in [0, 1], got {remember_rate!r}')
   n_max = int(n_max)
   if n_max < 0:
-    raise ValueError(f"n_max must be >= 0, got {n_max}")
+    raise ValueError(f'n_max must be >= 0, got {n_max}')
   # float64 products are the IEEE products Python computes; floor == int() for x >= 0.
   k = np.floor(np.float64(rate) * np.arange(n_max + 1, dtype=np.float64))
   return np.maximum(k, 1).astype(np.int32)
@@ -228,13 +227,16 @@ def _as_table(remember_rate: RateOrTable, n_total: int):
       rate = float(remember_rate)
     except jax.errors.ConcretizationTypeError as e:
       raise TypeError(
-          "A traced remember rate cannot give the exact float64 count k; build the table on "
-          "the host with `num_remember_table(rate, n)` and pass that (it may be traced).") from e
+          'A traced remember rate cannot give the exact float64 count k; build the table on '
+          'the host with `num_remember_table(rate, n)` and pass that (it may be traced).'
+      ) from e
     return jnp.asarray(num_remember_table(rate, n_total))
   table = jnp.asarray(remember_rate)
   if table.ndim != 1 or table.shape[0] < n_total + 1:
-    raise ValueError(f"remember table of shape {table.shape} does not cover {n_total} "
-                     f"candidates: need [>= {n_total + 1}], see `num_remember_table`")
+    raise ValueError(
+        f'remember table of shape {table.shape} does not cover {n_total} '
+        f'candidates: need [>= {n_total + 1}], see `num_remember_table`'
+    )
   return table.astype(jnp.int32)
 
 
@@ -260,6 +262,7 @@ class Selection(NamedTuple):
     num_remember: () int32, k (>= 1, even when `num_candidates` is 0).
     num_candidates: () int32, n, the number of positions in the mask.
   """
+
   loss_a: jax.Array
   loss_b: jax.Array
   kept_a: jax.Array
@@ -268,12 +271,11 @@ class Selection(NamedTuple):
   num_candidates: jax.Array
 
 
-def small_loss_selection_with_masks(loss_a, loss_b, mask, remember_rate: RateOrTable
-                                    ) -> Selection:
+def small_loss_selection_with_masks(loss_a, loss_b, mask, remember_rate: RateOrTable) -> Selection:
   """`small_loss_selection`, also returning the selection masks and counts (see there)."""
   mask = jnp.asarray(mask, bool)
   if loss_a.shape != mask.shape or loss_b.shape != mask.shape:
-    raise ValueError(f"shape mismatch: {loss_a.shape}, {loss_b.shape}, mask {mask.shape}")
+    raise ValueError(f'shape mismatch: {loss_a.shape}, {loss_b.shape}, mask {mask.shape}')
   table = _as_table(remember_rate, mask.size)
   n = jnp.sum(mask, dtype=jnp.int32)
   k = table[n]
@@ -355,6 +357,7 @@ class PseudoLabelOptions:
     propagation_mix: in [0, 1], the teacher flow's weight in a propagated target.
     propagation_temperature: > 0, of the softmax over affinities that weights the labels.
   """
+
   region: str = 'square'
   gate: str = 'small_loss'
   target: str = 'teacher_flow'
@@ -372,24 +375,33 @@ class PseudoLabelOptions:
     def one_of(name, allowed):
       value = getattr(self, name)
       if value not in allowed:
-        raise ValueError(f'teacher.{name} must be one of {", ".join(map(repr, allowed))}; '
-                         f'got {value!r}')
+        raise ValueError(
+            f'teacher.{name} must be one of {", ".join(map(repr, allowed))}; ' f'got {value!r}'
+        )
 
     def within(name, lo, hi, open_lo=False):
       value = getattr(self, name)
-      if not (isinstance(value, (int, float)) and not isinstance(value, bool)
-              and (value > lo if open_lo else value >= lo) and value <= hi):
-        raise ValueError(f'teacher.{name} must be in {"(" if open_lo else "["}{lo:g}, {hi:g}]'
-                         f'; got {value!r}')
+      if not (
+          isinstance(value, (int, float))
+          and not isinstance(value, bool)
+          and (value > lo if open_lo else value >= lo)
+          and value <= hi
+      ):
+        raise ValueError(
+            f'teacher.{name} must be in {"(" if open_lo else "["}{lo:g}, {hi:g}]' f'; got {value!r}'
+        )
 
     one_of('region', REGIONS)
     one_of('target', TARGETS)
     one_of('unlabelled_pairs', UNLABELLED_PAIRS)
     parts = self.gate.split('+') if isinstance(self.gate, str) else [self.gate]
-    if self.gate != 'small_loss' and (any(p not in GATES for p in parts)
-                                      or len(set(parts)) != len(parts)):
-      raise ValueError(f"teacher.gate must be 'small_loss' or a '+'-join of "
-                       f"{', '.join(map(repr, GATES))} ('cycle+confidence'); got {self.gate!r}")
+    if self.gate != 'small_loss' and (
+        any(p not in GATES for p in parts) or len(set(parts)) != len(parts)
+    ):
+      raise ValueError(
+          f"teacher.gate must be 'small_loss' or a '+'-join of "
+          f"{', '.join(map(repr, GATES))} ('cycle+confidence'); got {self.gate!r}"
+      )
     for name in ('affinity_radius', 'affinity_top_k'):
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -445,6 +457,7 @@ class TeacherSignals(NamedTuple):
     back_flow: [b, S, S, 2] its flow on the swapped pair (source -> target, cells).
     confidence: [b, S, S] its soft-argmax peak mass (`SCorrSAN.peak_mass`).
   """
+
   affinity: Optional[jax.Array] = None
   object_score: Optional[jax.Array] = None
   back_flow: Optional[jax.Array] = None
@@ -456,7 +469,7 @@ def _shift(x, dy: int, dx: int):
   h, w = x.shape[1:3]
   pad = [(0, 0), (max(dy, 0), max(-dy, 0)), (max(dx, 0), max(-dx, 0))] + [(0, 0)] * (x.ndim - 3)
   y0, x0 = max(-dy, 0), max(-dx, 0)
-  return jnp.pad(x, pad)[:, y0:y0 + h, x0:x0 + w]
+  return jnp.pad(x, pad)[:, y0 : y0 + h, x0 : x0 + w]
 
 
 def neighbour_windows(x, radius: int):
@@ -465,15 +478,18 @@ def neighbour_windows(x, radius: int):
   `out[b, y, x, i, j] = x[b, y + i - R, x + j - R]`, zero (False) outside the grid.
   """
   k = 2 * int(radius) + 1
-  rows = [jnp.stack([_shift(x, radius - i, radius - j) for j in range(k)], axis=3)
-          for i in range(k)]
+  rows = [
+      jnp.stack([_shift(x, radius - i, radius - j) for j in range(k)], axis=3) for i in range(k)
+  ]
   return jnp.stack(rows, axis=3)
 
 
 def _resize_matrices(hw_in, hw_out, dtype):
   """The model's align-corners bilinear resizing (`flow.interpolation_matrix`), per axis."""
-  return tuple(jnp.asarray(flow_lib.interpolation_matrix(int(i), int(o)), dtype)
-               for i, o in zip(hw_in, hw_out))
+  return tuple(
+      jnp.asarray(flow_lib.interpolation_matrix(int(i), int(o)), dtype)
+      for i, o in zip(hw_in, hw_out)
+  )
 
 
 def affinity_windows(features, size_hw: Tuple[int, int], radius: int):
@@ -606,8 +622,9 @@ def cycle_consistent(flow, back_flow, delta: float):
     [b, S, S] bool.
   """
   _, h, w, _ = flow.shape
-  ys, xs = jnp.meshgrid(jnp.arange(h, dtype=flow.dtype), jnp.arange(w, dtype=flow.dtype),
-                        indexing='ij')
+  ys, xs = jnp.meshgrid(
+      jnp.arange(h, dtype=flow.dtype), jnp.arange(w, dtype=flow.dtype), indexing='ij'
+  )
   there = jnp.stack([xs, ys], axis=-1) + flow
   miss = there + geometry.sample_cells(back_flow, there) - jnp.stack([xs, ys], axis=-1)
   return jnp.sum(jnp.square(miss), axis=-1) <= delta * delta
@@ -640,6 +657,7 @@ class PseudoLabels(NamedTuple):
     candidates: [b, S, S] bool, the region.
     gate: [b, S, S] bool, the positions that pass the checks; None with no check.
   """
+
   target: jax.Array
   candidates: jax.Array
   gate: Optional[jax.Array]
@@ -653,19 +671,31 @@ def square_region(gt, dilation_kernel: Optional[int]):
   return dilated_label_mask(gt, dilation_kernel)
 
 
-def _region(options: PseudoLabelOptions, gt, labelled, signals: TeacherSignals,
-            dilation_kernel: Optional[int]):
+def _region(
+    options: PseudoLabelOptions,
+    gt,
+    labelled,
+    signals: TeacherSignals,
+    dilation_kernel: Optional[int],
+):
   """[b, S, S] bool, the region of `options.region` (before the unlabelled-pair rule)."""
   if options.region == 'square':
     return square_region(gt, dilation_kernel)
   if options.region == 'affinity':
-    return affinity_region(signals.affinity, labelled, options.affinity_threshold,
-                           options.affinity_top_k)
+    return affinity_region(
+        signals.affinity, labelled, options.affinity_threshold, options.affinity_top_k
+    )
   return signals.object_score >= options.object_threshold
 
 
-def pseudo_labels(options: PseudoLabelOptions, teacher_flow, gt, signals=None, percentile=0.0,
-                  dilation_kernel: Optional[int] = 7) -> PseudoLabels:
+def pseudo_labels(
+    options: PseudoLabelOptions,
+    teacher_flow,
+    gt,
+    signals=None,
+    percentile=0.0,
+    dilation_kernel: Optional[int] = 7,
+) -> PseudoLabels:
   """The region, gate and target of a teacher's pseudo-labels (`PseudoLabelOptions`).
 
   Pairs without any labelled position get no pseudo-label with `unlabelled_pairs='none'`,
@@ -690,12 +720,14 @@ def pseudo_labels(options: PseudoLabelOptions, teacher_flow, gt, signals=None, p
   region = _region(options, gt, labelled, signals, dilation_kernel)
   object_cycle = options.unlabelled_pairs == 'object_cycle'
   if object_cycle:
-    region = jnp.where(pair_labelled, region,
-                       signals.object_score >= options.object_threshold)
+    region = jnp.where(pair_labelled, region, signals.object_score >= options.object_threshold)
   elif options.region != 'square' or dilation_kernel is None:
     region = region & pair_labelled  # The square is empty there already.
-  cycle = (cycle_consistent(teacher_flow, signals.back_flow, options.cycle_delta)
-           if options.needs_cycle else None)
+  cycle = (
+      cycle_consistent(teacher_flow, signals.back_flow, options.cycle_delta)
+      if options.needs_cycle
+      else None
+  )
   gate = cycle if 'cycle' in options.gates else None
   if 'confidence' in options.gates:
     confident = confidence_gate(signals.confidence, region, percentile)
@@ -731,6 +763,7 @@ class PseudoLabelTerms(NamedTuple):
     target: [b, h, w, 2] the pseudo-label (the teacher's flow, or a propagated target); None
       in terms built by hand.
   """
+
   loss_sup: jax.Array
   loss_pseudo: jax.Array
   candidates: jax.Array
@@ -746,8 +779,9 @@ class PseudoLabelTerms(NamedTuple):
     return jnp.where(n > 0, jnp.sum(self.kept, dtype=jnp.int32) / jnp.maximum(n, 1), 0.0)
 
 
-def pseudo_label_objective(flow, peer_flow, gt, mask, remember_table: RateOrTable, weight,
-                           gate=None):
+def pseudo_label_objective(
+    flow, peer_flow, gt, mask, remember_table: RateOrTable, weight, gate=None
+):
   """One network's loss against a peer's (or a fixed teacher's) flow as pseudo-label.
 
       dist = ||stop_gradient(peer_flow) - flow||      per position, cells
@@ -786,6 +820,13 @@ def pseudo_label_objective(flow, peer_flow, gt, mask, remember_table: RateOrTabl
   # `where`, not multiplication: garbage (inf/NaN) outside the selection must not leak.
   loss_pseudo = jnp.sum(jnp.where(kept, dist, 0)) / k.astype(dist.dtype)
   loss_sup = labelled_epe(flow, gt)
-  terms = PseudoLabelTerms(loss_sup, loss_pseudo, mask, kept, k,
-                           jnp.sum(mask, dtype=jnp.int32), lax.stop_gradient(peer_flow))
+  terms = PseudoLabelTerms(
+      loss_sup,
+      loss_pseudo,
+      mask,
+      kept,
+      k,
+      jnp.sum(mask, dtype=jnp.int32),
+      lax.stop_gradient(peer_flow),
+  )
   return loss_sup + weight * loss_pseudo, terms

@@ -33,10 +33,10 @@ class MetricWriter:
     self._jsonl = None
     if enabled:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+
       path = os.path.join(workdir, METRICS_FILE)
       _drop_rows_after(path, resume_step)
-      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'),
-                               purge_step=resume_step + 1)
+      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'), purge_step=resume_step + 1)
       self._jsonl = open(path, 'a')
 
   def write(self, step: int, scalars: Dict[str, Any]) -> None:

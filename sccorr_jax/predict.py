@@ -122,8 +122,10 @@ def load_image(image: ImageLike, name: Optional[str] = None) -> np.ndarray:
         im.load()
         return _pil_to_rgb(im)
     except Image.UnidentifiedImageError as e:
-      raise ImageError(f"{name}: cannot read the image (not an image format PIL can decode, or "
-                       f"the file is damaged)") from e
+      raise ImageError(
+          f"{name}: cannot read the image (not an image format PIL can decode, or "
+          f"the file is damaged)"
+      ) from e
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
       raise ImageError(f"{name}: cannot read the image ({type(e).__name__}: {e})") from e
   if isinstance(image, Image.Image):
@@ -132,8 +134,10 @@ def load_image(image: ImageLike, name: Optional[str] = None) -> np.ndarray:
   if arr.ndim == 3 and arr.shape[-1] == 1:
     arr = arr[..., 0]
   if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)):
-    raise ImageError(f"{name}: expected an [h, w], [h, w, 1], [h, w, 3] or [h, w, 4] array, "
-                     f"got shape {arr.shape}")
+    raise ImageError(
+        f"{name}: expected an [h, w], [h, w, 1], [h, w, 3] or [h, w, 4] array, "
+        f"got shape {arr.shape}"
+    )
   if arr.shape[0] < 1 or arr.shape[1] < 1:
     raise ImageError(f"{name}: empty image of shape {arr.shape}")
   if arr.dtype == bool:
@@ -154,8 +158,12 @@ def load_image(image: ImageLike, name: Optional[str] = None) -> np.ndarray:
   return np.ascontiguousarray(arr)
 
 
-def read_image(image: ImageLike, name: Optional[str] = None, max_side: Optional[int] = None,
-               min_side: int = MIN_IMAGE_SIDE) -> Tuple[np.ndarray, Tuple[int, int]]:
+def read_image(
+    image: ImageLike,
+    name: Optional[str] = None,
+    max_side: Optional[int] = None,
+    min_side: int = MIN_IMAGE_SIDE,
+) -> Tuple[np.ndarray, Tuple[int, int]]:
   """`load_image`, refusing tiny images and shrinking large ones right away.
 
   Args:
@@ -174,8 +182,10 @@ def read_image(image: ImageLike, name: Optional[str] = None, max_side: Optional[
   img = load_image(image, name)
   h, w = img.shape[:2]
   if min(h, w) < min_side:
-    raise ImageError(f"{name}: {w}x{h} pixels (w x h) is too small to match; images need at "
-                     f"least {min_side} pixels on each side")
+    raise ImageError(
+        f"{name}: {w}x{h} pixels (w x h) is too small to match; images need at "
+        f"least {min_side} pixels on each side"
+    )
   if max_side and max(h, w) > max_side:
     r = max_side / max(h, w)
     size = (max(1, int(round(w * r))), max(1, int(round(h * r))))
@@ -244,14 +254,18 @@ def check_keypoints(kps, size_hw: Tuple[int, int], name: str = "keypoints") -> n
   h, w = size_hw
   bad_value = ~np.isfinite(kps).all(-1)
   t = KPS_BORDER_TOLERANCE
-  outside = ~bad_value & ((kps[:, 0] < -t) | (kps[:, 0] > w - 1 + t)
-                          | (kps[:, 1] < -t) | (kps[:, 1] > h - 1 + t))
+  outside = ~bad_value & (
+      (kps[:, 0] < -t) | (kps[:, 0] > w - 1 + t) | (kps[:, 1] < -t) | (kps[:, 1] > h - 1 + t)
+  )
   if bad_value.any() or outside.any():
     msgs = [f"#{i} {tuple(np.round(kps[i], 2))} is not finite" for i in np.nonzero(bad_value)[0]]
     msgs += [f"#{i} (x={kps[i, 0]:g}, y={kps[i, 1]:g})" for i in np.nonzero(outside)[0]]
-    raise KeypointError(f"{name}: {len(msgs)} keypoint(s) outside the {w}x{h} (w x h) image "
-                        f"(allowed x in [0, {w - 1}], y in [0, {h - 1}], +-{t} px): "
-                        + ", ".join(msgs[:10]) + (" ..." if len(msgs) > 10 else ""))
+    raise KeypointError(
+        f"{name}: {len(msgs)} keypoint(s) outside the {w}x{h} (w x h) image "
+        f"(allowed x in [0, {w - 1}], y in [0, {h - 1}], +-{t} px): "
+        + ", ".join(msgs[:10])
+        + (" ..." if len(msgs) > 10 else "")
+    )
   return kps
 
 
@@ -282,8 +296,15 @@ def sample_flow(flow_grid: np.ndarray, points: np.ndarray, img_size: Tuple[int, 
   return disp * np.array([img_w / w, img_h / h])
 
 
-def keypoint_confidence(corr, trg_cells, x_coords, y_coords, size: Optional[int],
-                        beta: float = flow_lib.SOFTMAX_BETA, radius: float = 2.0):
+def keypoint_confidence(
+    corr,
+    trg_cells,
+    x_coords,
+    y_coords,
+    size: Optional[int],
+    beta: float = flow_lib.SOFTMAX_BETA,
+    radius: float = 2.0,
+):
   """Soft-argmax probability mass near the expected match, for some target cells only.
 
   The target dims of the correlation are interpolated only at the requested cells (one row of
@@ -342,8 +363,13 @@ def _axis_weights(points: np.ndarray, cells: int, img_len: int) -> np.ndarray:
   return w
 
 
-def dense_flow(flow_grid: np.ndarray, img_size: int, src_hw: Tuple[int, int],
-               trg_hw: Tuple[int, int], out_hw: Optional[Tuple[int, int]] = None) -> np.ndarray:
+def dense_flow(
+    flow_grid: np.ndarray,
+    img_size: int,
+    src_hw: Tuple[int, int],
+    trg_hw: Tuple[int, int],
+    out_hw: Optional[Tuple[int, int]] = None,
+) -> np.ndarray:
   """The network's flow as a displacement per target pixel, in source pixels.
 
   Equal to mapping every target pixel with `sample_flow` (as `Predictor.predict` does for the
@@ -379,8 +405,13 @@ def dense_flow(flow_grid: np.ndarray, img_size: int, src_hw: Tuple[int, int],
   return out
 
 
-def cycle_consistency(flow_ts: np.ndarray, flow_st: np.ndarray, points: np.ndarray,
-                      img_size: int, sigma: float = CONSISTENCY_SIGMA):
+def cycle_consistency(
+    flow_ts: np.ndarray,
+    flow_st: np.ndarray,
+    points: np.ndarray,
+    img_size: int,
+    sigma: float = CONSISTENCY_SIGMA,
+):
   """Forward-backward agreement of matches: target point -> source (flow_ts) -> back (flow_st).
 
   Args:
@@ -427,6 +458,7 @@ class Prediction:
     src_size_hw, trg_size_hw: the original images' sizes (src_image and trg_image are shrunk
       to at most `max_side`).
   """
+
   src_image: np.ndarray
   trg_image: np.ndarray
   flow: np.ndarray
@@ -452,14 +484,22 @@ class Prediction:
         "direction": "target keypoints -> their matches in the source (flow: target -> source)",
         "units": "pixels of the original images, (x, y), pixel centres at integers",
         "confidence": "mass (soft-argmax peakedness) x consistency (forward-backward "
-                      "agreement); see docs/matching.md",
-        "src_size_hw": [int(hs), int(ws)], "trg_size_hw": [int(ht), int(wt)],
-        "flow_size_hw": [int(a) for a in self.flow.shape[:2]], **extra,
+        "agreement); see docs/matching.md",
+        "src_size_hw": [int(hs), int(ws)],
+        "trg_size_hw": [int(ht), int(wt)],
+        "flow_size_hw": [int(a) for a in self.flow.shape[:2]],
+        **extra,
         "mean_confidence": float(np.mean(self.confidence)) if n else None,
-        "matches": [{"trg": [float(a) for a in t], "src": [float(a) for a in s],
-                     "confidence": float(c), "mass": opt(m), "consistency": opt(k)}
-                    for t, s, c, m, k in zip(self.trg_kps, self.src_kps, self.confidence, mass,
-                                             consistency)],
+        "matches": [
+            {
+                "trg": [float(a) for a in t],
+                "src": [float(a) for a in s],
+                "confidence": float(c),
+                "mass": opt(m),
+                "consistency": opt(k),
+            }
+            for t, s, c, m, k in zip(self.trg_kps, self.src_kps, self.confidence, mass, consistency)
+        ],
     }
 
 
@@ -482,24 +522,33 @@ class Predictor:
     config: the experiment config it came with (or None).
   """
 
-  def __init__(self, model, variables, img_size: Optional[int] = None, config=None,
-               confidence_radius: float = 2.0, *, serialized=None):
+  def __init__(
+      self,
+      model,
+      variables,
+      img_size: Optional[int] = None,
+      config=None,
+      confidence_radius: float = 2.0,
+      *,
+      serialized=None,
+  ):
     """Args:
-      model: a `SCorrSAN` (None with `serialized`).
-      variables: `{'params', 'batch_stats'}` fitting it (checked; None with `serialized`).
-      img_size: input side (the config's `data.img_size`; a multiple of 16); None: 256, or a
-        serialized model's own (which is the only one it takes).
-      config: the experiment config (information).
-      confidence_radius: radius of the confidence mass, source cells of the flow grid.
-      serialized: an `export.SerializedModel` to run instead of `model` and `variables`.
+    model: a `SCorrSAN` (None with `serialized`).
+    variables: `{'params', 'batch_stats'}` fitting it (checked; None with `serialized`).
+    img_size: input side (the config's `data.img_size`; a multiple of 16); None: 256, or a
+      serialized model's own (which is the only one it takes).
+    config: the experiment config (information).
+    confidence_radius: radius of the confidence mass, source cells of the flow grid.
+    serialized: an `export.SerializedModel` to run instead of `model` and `variables`.
     """
     self.serialized = serialized
     if serialized is not None:
       if model is not None or variables is not None:
         raise ValueError("pass a model and its variables, or a serialized model, not both")
       if img_size is not None and int(img_size) != serialized.img_size:
-        raise CheckpointError(f"{serialized.path}: its input is {serialized.img_size} pixels, "
-                              f"not {img_size}")
+        raise CheckpointError(
+            f"{serialized.path}: its input is {serialized.img_size} pixels, " f"not {img_size}"
+        )
       self.model = self.variables = None
       self.img_size = serialized.img_size
       self._run = serialized.flow_and_corr
@@ -516,8 +565,11 @@ class Predictor:
       beta = getattr(model, "beta", flow_lib.SOFTMAX_BETA)
     self.config = config
     self.confidence_radius = float(confidence_radius)
-    self._confidence = jax.jit(functools.partial(
-        keypoint_confidence, size=size, beta=float(beta), radius=self.confidence_radius))
+    self._confidence = jax.jit(
+        functools.partial(
+            keypoint_confidence, size=size, beta=float(beta), radius=self.confidence_radius
+        )
+    )
 
   @classmethod
   def from_checkpoint(cls, path: str, model_index=None, config=None, **kwargs) -> "Predictor":
@@ -557,9 +609,11 @@ class Predictor:
     serialized = export.load(path)
     if model_index not in (None, "best"):
       index = serialized.header.get("source", {}).get("model_index", "best")
-      raise CheckpointError(f"{path}: a serialized model holds one network (written with "
-                            f"model_index={index}); model_index={model_index!r} is for "
-                            "checkpoints")
+      raise CheckpointError(
+          f"{path}: a serialized model holds one network (written with "
+          f"model_index={index}); model_index={model_index!r} is for "
+          "checkpoints"
+      )
     cfg = serialized.header.get("config")
     cfg = None if cfg is None else config_lib.restored_config(cfg)
     return cls(None, None, config=cfg, serialized=serialized, **kwargs)
@@ -579,8 +633,9 @@ class Predictor:
     lin = jnp.linspace(-1.0, 1.0, s, dtype=jnp.float32)
     return lin, lin
 
-  def predict(self, src: ImageLike, trg: ImageLike, trg_kps=None,
-              max_side: Optional[int] = MAX_IMAGE_SIDE) -> Prediction:
+  def predict(
+      self, src: ImageLike, trg: ImageLike, trg_kps=None, max_side: Optional[int] = MAX_IMAGE_SIDE
+  ) -> Prediction:
     """Matches one pair (both directions in one batch: the second gives the consistency).
 
     Args:
@@ -605,8 +660,9 @@ class Predictor:
     src_in = preprocess_image(src_img, s)
     trg_in = preprocess_image(trg_img, s)
     # Row 0: the pair as given (target -> source); row 1: swapped (source -> target).
-    flow, corr = self._run(jnp.asarray(np.stack([src_in, trg_in])),
-                           jnp.asarray(np.stack([trg_in, src_in])))
+    flow, corr = self._run(
+        jnp.asarray(np.stack([src_in, trg_in])), jnp.asarray(np.stack([trg_in, src_in]))
+    )
     flows = np.asarray(flow, np.float64)
     flow_grid = flows[0]
     scale_t = np.array([s / wt, s / ht])  # target original -> input pixels
@@ -630,10 +686,20 @@ class Predictor:
       consistency = cycle_consistency(flow_grid, flows[1], p, s)[0].astype(np.float32)
     else:
       mass = consistency = np.zeros((0,), np.float32)
-    return Prediction(src_image=src_img, trg_image=trg_img, flow=dense,
-                      flow_grid=flow_grid.astype(np.float32), trg_kps=trg_kps,
-                      src_kps=src_kps, confidence=mass * consistency, img_size=s, mass=mass,
-                      consistency=consistency, src_size_hw=(hs, ws), trg_size_hw=(ht, wt))
+    return Prediction(
+        src_image=src_img,
+        trg_image=trg_img,
+        flow=dense,
+        flow_grid=flow_grid.astype(np.float32),
+        trg_kps=trg_kps,
+        src_kps=src_kps,
+        confidence=mass * consistency,
+        img_size=s,
+        mass=mass,
+        consistency=consistency,
+        src_size_hw=(hs, ws),
+        trg_size_hw=(ht, wt),
+    )
 
 
 def _name(image: Any, default: str) -> str:

@@ -35,8 +35,9 @@ FROZEN = 'frozen'
 COORDINATES = ('x_normal', 'y_normal')
 
 
-def param_groups(params, train_coordinates: bool = True,
-                 backbone_trained_blocks: Optional[int] = None) -> Dict[str, str]:
+def param_groups(
+    params, train_coordinates: bool = True, backbone_trained_blocks: Optional[int] = None
+) -> Dict[str, str]:
   """Pytree of group labels with the structure of `params`.
 
   'backbone' for `params['backbone']`, 'head' for the rest (context encoder and, as in the
@@ -52,21 +53,26 @@ def param_groups(params, train_coordinates: bool = True,
   dinov2_blocks = None
   if 'pos_embed' in backbone:
     if backbone_trained_blocks is None:
-      raise ValueError('a DINOv2 backbone needs optim.backbone_trained_blocks (the config files '
-                       'link it to model.dinov2_trained_blocks)')
+      raise ValueError(
+          'a DINOv2 backbone needs optim.backbone_trained_blocks (the config files '
+          'link it to model.dinov2_trained_blocks)'
+      )
     dinov2_blocks = sum(1 for k in backbone if k.startswith('blocks_'))
 
   def label(path, _):
     top = getattr(path[0], 'key', None)
     if top == BACKBONE:
       if dinov2_blocks is not None and not dinov2.is_trained(
-          tuple(getattr(p, 'key', None) for p in path[1:]), dinov2_blocks,
-          int(backbone_trained_blocks)):
+          tuple(getattr(p, 'key', None) for p in path[1:]),
+          dinov2_blocks,
+          int(backbone_trained_blocks),
+      ):
         return FROZEN
       return BACKBONE
     if top in COORDINATES and not train_coordinates:
       return FROZEN
     return HEAD
+
   return jax.tree_util.tree_map_with_path(label, params)
 
 
@@ -85,8 +91,10 @@ def lr_schedule(optim_config, base_lr: float, steps_per_epoch: int) -> optax.Sch
   if kind == 'constant':
     return optax.constant_schedule(base_lr)
   if kind == 'step':
-    boundaries = {int(m) * int(steps_per_epoch): float(optim_config.lr_gamma)
-                  for m in optim_config.lr_milestones_epochs}
+    boundaries = {
+        int(m) * int(steps_per_epoch): float(optim_config.lr_gamma)
+        for m in optim_config.lr_milestones_epochs
+    }
     return optax.piecewise_constant_schedule(base_lr, boundaries)
   if kind == 'cosine':
     total = max(int(optim_config.num_epochs) * int(steps_per_epoch), 1)
@@ -96,33 +104,47 @@ def lr_schedule(optim_config, base_lr: float, steps_per_epoch: int) -> optax.Sch
 
 def make_optimizer(optim_config, steps_per_epoch: int) -> optax.GradientTransformation:
   """AdamW with the reference's two learning-rate groups (see the module docstring)."""
+
   def adamw(lr):
-    return optax.adamw(lr_schedule(optim_config, lr, steps_per_epoch), b1=optim_config.b1,
-                       b2=optim_config.b2, eps=optim_config.eps,
-                       weight_decay=optim_config.weight_decay)
-  backbone = optax.set_to_zero() if optim_config.freeze_backbone else adamw(
-      optim_config.backbone_lr)
+    return optax.adamw(
+        lr_schedule(optim_config, lr, steps_per_epoch),
+        b1=optim_config.b1,
+        b2=optim_config.b2,
+        eps=optim_config.eps,
+        weight_decay=optim_config.weight_decay,
+    )
+
+  backbone = (
+      optax.set_to_zero() if optim_config.freeze_backbone else adamw(optim_config.backbone_lr)
+  )
   train_coordinates = bool(optim_config.get('train_coordinates', True))
   trained_blocks = optim_config.get('backbone_trained_blocks')
   if trained_blocks is None and optim_config.freeze_backbone:
     trained_blocks = 0
   return optax.multi_transform(
       {BACKBONE: backbone, HEAD: adamw(optim_config.lr), FROZEN: optax.set_to_zero()},
-      lambda params: param_groups(params, train_coordinates, trained_blocks))
+      lambda params: param_groups(params, train_coordinates, trained_blocks),
+  )
 
 
 def learning_rates(optim_config, steps_per_epoch: int, step: int) -> Dict[str, float]:
   """Host-side learning rates of both groups at `step` (for logging)."""
   head = float(lr_schedule(optim_config, optim_config.lr, steps_per_epoch)(step))
-  backbone = 0.0 if optim_config.freeze_backbone else float(
-      lr_schedule(optim_config, optim_config.backbone_lr, steps_per_epoch)(step))
+  backbone = (
+      0.0
+      if optim_config.freeze_backbone
+      else float(lr_schedule(optim_config, optim_config.backbone_lr, steps_per_epoch)(step))
+  )
   return {'lr/head': head, 'lr/backbone': backbone}
 
 
 def pseudo_weight(teacher_config, epoch: int) -> float:
   """λ of `epoch` (0-based): `teacher.pseudo_weight` from `pseudo_start_epoch` on, else 0."""
-  return float(teacher_config.pseudo_weight) if epoch >= int(
-      teacher_config.pseudo_start_epoch) else 0.0
+  return (
+      float(teacher_config.pseudo_weight)
+      if epoch >= int(teacher_config.pseudo_start_epoch)
+      else 0.0
+  )
 
 
 def _ramp(teacher_config, start: float, end: float, epochs: int, epoch: int) -> float:
@@ -142,13 +164,21 @@ def remember_rate(teacher_config, epoch: int) -> float:
   """
   if not teacher_config.small_loss_selection:
     return 1.0
-  return _ramp(teacher_config, teacher_config.remember_rate_start,
-               teacher_config.remember_rate_end, teacher_config.remember_rate_epochs, epoch)
+  return _ramp(
+      teacher_config,
+      teacher_config.remember_rate_start,
+      teacher_config.remember_rate_end,
+      teacher_config.remember_rate_epochs,
+      epoch,
+  )
 
 
 # The confidence gate's percentile schedule when a config has none (`base_config` documents it).
-CONFIDENCE_PERCENTILE = dict(confidence_percentile_start=20.0, confidence_percentile_end=80.0,
-                             confidence_percentile_epochs=10)
+CONFIDENCE_PERCENTILE = dict(
+    confidence_percentile_start=20.0,
+    confidence_percentile_end=80.0,
+    confidence_percentile_epochs=10,
+)
 
 
 def confidence_percentile(teacher_config, epoch: int) -> float:
@@ -157,8 +187,13 @@ def confidence_percentile(teacher_config, epoch: int) -> float:
   pseudo-loss start, then constant (the curriculum: a rising percentile, the gate grows
   stricter as the teacher learns). In [0, 100]."""
   get = lambda k: teacher_config.get(k, CONFIDENCE_PERCENTILE[k])  # noqa: E731
-  return _ramp(teacher_config, get('confidence_percentile_start'),
-               get('confidence_percentile_end'), get('confidence_percentile_epochs'), epoch)
+  return _ramp(
+      teacher_config,
+      get('confidence_percentile_start'),
+      get('confidence_percentile_end'),
+      get('confidence_percentile_epochs'),
+      epoch,
+  )
 
 
 class StepHparams(NamedTuple):
@@ -171,6 +206,7 @@ class StepHparams(NamedTuple):
     confidence_percentile: () float32 in [0, 100], the confidence gate's percentile (read only
       with `teacher.gate` containing 'confidence').
   """
+
   pseudo_weight: jax.Array
   remember_table: jax.Array
   confidence_percentile: jax.Array = np.float32(0.0)
@@ -181,11 +217,10 @@ def step_hparams(teacher_config, epoch: int, n_max: int) -> StepHparams:
   return StepHparams(
       pseudo_weight=np.asarray(pseudo_weight(teacher_config, epoch), np.float32),
       remember_table=losses.num_remember_table(remember_rate(teacher_config, epoch), n_max),
-      confidence_percentile=np.asarray(confidence_percentile(teacher_config, epoch),
-                                       np.float32))
+      confidence_percentile=np.asarray(confidence_percentile(teacher_config, epoch), np.float32),
+  )
 
 
 def lr_fn(optim_config, steps_per_epoch: int) -> Callable[[int], Dict[str, float]]:
   """`step -> {'lr/head': .., 'lr/backbone': ..}` (host)."""
   return lambda step: learning_rates(optim_config, steps_per_epoch, step)
-

@@ -41,8 +41,9 @@ def batch_sharded(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA_AXIS))
 
 
-def global_batch(batch: Mapping[str, Any], sharding: NamedSharding,
-                 keys: Optional[Iterable[str]] = None) -> Dict[str, jax.Array]:
+def global_batch(
+    batch: Mapping[str, Any], sharding: NamedSharding, keys: Optional[Iterable[str]] = None
+) -> Dict[str, jax.Array]:
   """This process's rows of a batch (numpy) -> global arrays sharded as `sharding`.
 
   Args:
@@ -51,5 +52,4 @@ def global_batch(batch: Mapping[str, Any], sharding: NamedSharding,
     keys: the keys to transfer (default all).
   """
   keys = batch.keys() if keys is None else keys
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k]))
-          for k in keys}
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k])) for k in keys}

@@ -65,8 +65,13 @@ from sccorr_jax.metric_writer import Window
 TRAIN_KEYS = ('src_img', 'trg_img', 'flow')
 # What the pseudo-label metrics are measured against (`train_step.pseudo_label_truth`); never
 # seen by a loss. Every training batch carries them (all invalid where a dataset has none).
-TRUTH_KEYS = ('dense_flow', 'dense_valid', 'withheld_src_kps', 'withheld_trg_kps',
-              'withheld_kps_valid')
+TRUTH_KEYS = (
+    'dense_flow',
+    'dense_valid',
+    'withheld_src_kps',
+    'withheld_trg_kps',
+    'withheld_kps_valid',
+)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -95,41 +100,53 @@ def check_config(config, need_teacher: bool = True) -> None:
   if mode not in train_step.STEPS:
     raise error(f'learning_mode must be one of {tuple(train_step.STEPS)}, got {mode!r}')
   if mode in train_step.DENSE_TRUTH_MODES and not data_lib.has_dense_truth(config.data):
-    raise error(f"learning_mode {mode!r} needs a dataset with a dense ground truth "
-                f"({', '.join(data_lib.DENSE_TRUTH_DATASETS)}); data.name is "
-                f'{config.data.name!r}')
+    raise error(
+        f'learning_mode {mode!r} needs a dataset with a dense ground truth '
+        f"({', '.join(data_lib.DENSE_TRUTH_DATASETS)}); data.name is "
+        f'{config.data.name!r}'
+    )
   if mode == 'truth_teacher':
     options = train_step.pseudo_label_options(config.teacher)
     if options.needs_signals or options.target != 'teacher_flow':
-      raise error("learning_mode 'truth_teacher' takes the paper's pseudo-labels only "
-                  "(teacher.region='square', teacher.gate='small_loss', "
-                  "teacher.target='teacher_flow'): the others read a teacher network")
+      raise error(
+          "learning_mode 'truth_teacher' takes the paper's pseudo-labels only "
+          "(teacher.region='square', teacher.gate='small_loss', "
+          "teacher.target='teacher_flow'): the others read a teacher network"
+      )
   if mode == 'st' and need_teacher and not config.teacher.get('checkpoint'):
-    raise error("learning_mode 'st' needs --config.teacher.checkpoint=<baseline workdir, "
-                'checkpoint step directory or exported model>')
+    raise error(
+        "learning_mode 'st' needs --config.teacher.checkpoint=<baseline workdir, "
+        'checkpoint step directory or exported model>'
+    )
   stride = 2 ** (int(config.model.get('backbone_stages', 3)) + 1)
   if config.model.get('backbone') == 'dinov2':
     stride = 14  # The ViT's patch size.
     if config.data.img_size % stride:
-      raise error(f'data.img_size ({config.data.img_size}) must be a multiple of 14, the '
-                  "DINOv2 patch size (model.backbone='dinov2')")
+      raise error(
+          f'data.img_size ({config.data.img_size}) must be a multiple of 14, the '
+          "DINOv2 patch size (model.backbone='dinov2')"
+      )
   if config.model.get('inputs', 'images') == 'features':
     if config.model.get('backbone') != 'dinov2' or int(config.model.dinov2_trained_blocks):
-      raise error("model.inputs='features' (the head on cached features) needs "
-                  "model.backbone='dinov2' and model.dinov2_trained_blocks=0")
+      raise error(
+          "model.inputs='features' (the head on cached features) needs "
+          "model.backbone='dinov2' and model.dinov2_trained_blocks=0"
+      )
     data_lib.check_cached_features(config.data)
   grid = config.data.img_size // stride
   expected = config.model.feature_size or grid
   if config.data.feature_size != expected:
     raise error(
         f'data.feature_size ({config.data.feature_size}) must equal the flow grid of the model '
-        f'({expected}: model.feature_size, or img_size / stride {stride} when it is 0)')
+        f'({expected}: model.feature_size, or img_size / stride {stride} when it is 0)'
+    )
   if config.model.batch_norm not in ('batch', 'frozen'):
     raise error(f"model.batch_norm must be 'batch' or 'frozen', got {config.model.batch_norm!r}")
   k = config.teacher.dilation_kernel
   if k and (k < 1 or k % 2 == 0):
-    raise error(f'teacher.dilation_kernel must be an odd positive int, or 0 / None (no mask), '
-                f'got {k}')
+    raise error(
+        f'teacher.dilation_kernel must be an odd positive int, or 0 / None (no mask), ' f'got {k}'
+    )
   try:  # teacher.region, gate, target, unlabelled_pairs and their parameters.
     train_step.pseudo_label_options(config.teacher)
   except ValueError as e:
@@ -143,8 +160,10 @@ def check_config(config, need_teacher: bool = True) -> None:
   if not isinstance(epochs, int) or epochs < 1:
     raise error(f'teacher.confidence_percentile_epochs must be an int >= 1; got {epochs!r}')
   if config.optim.batch_size % jax.device_count():
-    raise error(f'optim.batch_size ({config.optim.batch_size}) must be divisible by the device '
-                f'count ({jax.device_count()})')
+    raise error(
+        f'optim.batch_size ({config.optim.batch_size}) must be divisible by the device '
+        f'count ({jax.device_count()})'
+    )
 
 
 def create_train_state(config, model, tx, rng, teacher=None) -> train_step.TrainState:
@@ -152,25 +171,35 @@ def create_train_state(config, model, tx, rng, teacher=None) -> train_step.Train
   mutual = config.learning_mode == 'mt'
   v = models.init_variables(config, model, rng, 2 if mutual else 1)
   opt_state = (jax.vmap(tx.init) if mutual else tx.init)(v['params'])
-  return train_step.TrainState(step=jnp.zeros((), jnp.int32), params=v['params'],
-                               batch_stats=v['batch_stats'], opt_state=opt_state, teacher=teacher)
+  return train_step.TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=v['params'],
+      batch_stats=v['batch_stats'],
+      opt_state=opt_state,
+      teacher=teacher,
+  )
 
 
 def abstract_train_batch(config, sharding) -> Dict[str, jax.ShapeDtypeStruct]:
   """The global training batch the step is compiled for (`TRAIN_KEYS` + `TRUTH_KEYS`); with
   `model.inputs='features'`, `src_img`/`trg_img` are the cached features (`models.input_shape`).
   The keypoint slots are `data.max_kps`, as the pipeline pads them."""
-  b, fs, n = (int(config.optim.batch_size), int(config.data.feature_size),
-              int(config.data.max_kps))
+  b, fs, n = (int(config.optim.batch_size), int(config.data.feature_size), int(config.data.max_kps))
   x = (b, *models.input_shape(models.build_model(config), config.data.img_size))
-  shapes = {'src_img': (x, jnp.float32), 'trg_img': (x, jnp.float32),
-            'flow': ((b, fs, fs, 2), jnp.float32), 'dense_flow': ((b, fs, fs, 2), jnp.float32),
-            'dense_valid': ((b, fs, fs), jnp.bool_),
-            'withheld_src_kps': ((b, n, 2), jnp.float32),
-            'withheld_trg_kps': ((b, n, 2), jnp.float32),
-            'withheld_kps_valid': ((b, n), jnp.bool_)}
-  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
-          for k, (shape, dtype) in shapes.items()}
+  shapes = {
+      'src_img': (x, jnp.float32),
+      'trg_img': (x, jnp.float32),
+      'flow': ((b, fs, fs, 2), jnp.float32),
+      'dense_flow': ((b, fs, fs, 2), jnp.float32),
+      'dense_valid': ((b, fs, fs), jnp.bool_),
+      'withheld_src_kps': ((b, n, 2), jnp.float32),
+      'withheld_trg_kps': ((b, n, 2), jnp.float32),
+      'withheld_kps_valid': ((b, n), jnp.bool_),
+  }
+  return {
+      k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+      for k, (shape, dtype) in shapes.items()
+  }
 
 
 @dataclasses.dataclass
@@ -190,6 +219,7 @@ class Setup:
     data: the resolved data section: as given to `setup`, or resolved there for the schedule
       (`optim.steps_per_epoch` unset); None when neither (the benchmark reads no dataset).
   """
+
   config: Any
   mesh: jax.sharding.Mesh
   replicated: NamedSharding
@@ -206,7 +236,8 @@ class Setup:
   n_max: int
   data: Optional[data_lib.ResolvedData] = None
   _hparams: Optional[Tuple[int, schedules.StepHparams]] = dataclasses.field(
-      default=None, repr=False)
+      default=None, repr=False
+  )
 
   def hparams(self, epoch: int) -> schedules.StepHparams:
     """This epoch's λ and remember table, on the device (fixed shapes: no recompilation).
@@ -214,13 +245,22 @@ class Setup:
     They change once per epoch: built on the host and transferred once, then reused by every
     step of the epoch."""
     if self._hparams is None or self._hparams[0] != epoch:
-      self._hparams = (epoch, jax.device_put(
-          schedules.step_hparams(self.config.teacher, epoch, self.n_max), self.replicated))
+      self._hparams = (
+          epoch,
+          jax.device_put(
+              schedules.step_hparams(self.config.teacher, epoch, self.n_max), self.replicated
+          ),
+      )
     return self._hparams[1]
 
 
-def setup(config, mesh: Optional[jax.sharding.Mesh] = None, *, teacher=None,
-          data: Optional[data_lib.ResolvedData] = None) -> Setup:
+def setup(
+    config,
+    mesh: Optional[jax.sharding.Mesh] = None,
+    *,
+    teacher=None,
+    data: Optional[data_lib.ResolvedData] = None,
+) -> Setup:
   """Builds a run's model, optimiser, initial state and jitted step from `config`.
 
   Args:
@@ -246,20 +286,37 @@ def setup(config, mesh: Optional[jax.sharding.Mesh] = None, *, teacher=None,
   step_config = train_step.StepConfig.from_config(config, model, tx)
   if mode == 'st' and teacher is None:
     teacher, teacher_config = ckpt_lib.load_model_variables(
-        config.teacher.checkpoint, 'best', sharding=replicated, model_config=config)
-    logging.info('fixed teacher loaded from %s (its learning mode: %s)',
-                 config.teacher.checkpoint, teacher_config.get('learning_mode'))
+        config.teacher.checkpoint, 'best', sharding=replicated, model_config=config
+    )
+    logging.info(
+        'fixed teacher loaded from %s (its learning mode: %s)',
+        config.teacher.checkpoint,
+        teacher_config.get('learning_mode'),
+    )
   state = jax.device_put(create_train_state(config, model, tx, init_rng, teacher), replicated)
-  step_fn = jax.jit(functools.partial(train_step.get_step_fn(mode), step_config),
-                    in_shardings=(replicated, data_sharding, replicated),
-                    out_shardings=(replicated, replicated), donate_argnums=(0,))
-  return Setup(config=config, mesh=mesh, replicated=replicated, data_sharding=data_sharding,
-               model=model, tx=tx, step_config=step_config, state=state, step_fn=step_fn,
-               abstract_batch=abstract_train_batch(config, data_sharding),
-               steps_per_epoch=spe, total_steps=spe * int(config.optim.num_epochs),
-               data_seed=int(jax.random.randint(data_seed_rng, (), 0, 2 ** 31 - 1)),
-               n_max=int(config.optim.batch_size) * int(config.data.feature_size) ** 2,
-               data=data)
+  step_fn = jax.jit(
+      functools.partial(train_step.get_step_fn(mode), step_config),
+      in_shardings=(replicated, data_sharding, replicated),
+      out_shardings=(replicated, replicated),
+      donate_argnums=(0,),
+  )
+  return Setup(
+      config=config,
+      mesh=mesh,
+      replicated=replicated,
+      data_sharding=data_sharding,
+      model=model,
+      tx=tx,
+      step_config=step_config,
+      state=state,
+      step_fn=step_fn,
+      abstract_batch=abstract_train_batch(config, data_sharding),
+      steps_per_epoch=spe,
+      total_steps=spe * int(config.optim.num_epochs),
+      data_seed=int(jax.random.randint(data_seed_rng, (), 0, 2**31 - 1)),
+      n_max=int(config.optim.batch_size) * int(config.data.feature_size) ** 2,
+      data=data,
+  )
 
 
 _COMPILED: Dict[str, Any] = {}
@@ -268,13 +325,20 @@ _COMPILED: Dict[str, Any] = {}
 def _compile_key(s: Setup) -> str:
   """What the compiled step depends on: everything but seeds, data contents and schedules."""
   c = s.config
-  return json.dumps({'mode': c.learning_mode, 'model': c.model.to_dict(),
-                     'optim': c.optim.to_dict(), 'spe': s.steps_per_epoch,
-                     'dilation': c.teacher.dilation_kernel,
-                     'pseudo_label': dataclasses.asdict(s.step_config.pseudo_label), 'batch': {
-                         k: (v.shape, str(v.dtype)) for k, v in s.abstract_batch.items()},
-                     'devices': [d.id for d in s.mesh.devices.flat]},
-                    sort_keys=True, default=str)
+  return json.dumps(
+      {
+          'mode': c.learning_mode,
+          'model': c.model.to_dict(),
+          'optim': c.optim.to_dict(),
+          'spe': s.steps_per_epoch,
+          'dilation': c.teacher.dilation_kernel,
+          'pseudo_label': dataclasses.asdict(s.step_config.pseudo_label),
+          'batch': {k: (v.shape, str(v.dtype)) for k, v in s.abstract_batch.items()},
+          'devices': [d.id for d in s.mesh.devices.flat],
+      },
+      sort_keys=True,
+      default=str,
+  )
 
 
 def compile_step(s: Setup) -> Tuple[Any, float]:
@@ -288,9 +352,11 @@ def compile_step(s: Setup) -> Tuple[Any, float]:
     return _COMPILED[key], 0.0
   t0 = time.time()
   abstract = lambda tree: ckpt_lib.abstract_like(tree, s.replicated)  # noqa: E731
-  compiled = s.step_fn.lower(abstract(s.state), s.abstract_batch,
-                             abstract(schedules.step_hparams(s.config.teacher, 0, s.n_max))
-                             ).compile()
+  compiled = s.step_fn.lower(
+      abstract(s.state),
+      s.abstract_batch,
+      abstract(schedules.step_hparams(s.config.teacher, 0, s.n_max)),
+  ).compile()
   compile_s = time.time() - t0
   logging.info('compiled the %s train step in %.1f s', s.config.learning_mode, compile_s)
   release_free_heap()
@@ -310,28 +376,43 @@ def _data(config, data: data_lib.ResolvedData, data_seed: int):
   attached to the data (`ResolvedData.features`): the pipelines read them instead of images.
   """
   if config.model.get('inputs', 'images') == 'features':
-    data = data.with_features(cache_features.open_for_config(
-        config, (data.train_split, config.eval.split), data))
+    data = data.with_features(
+        cache_features.open_for_config(config, (data.train_split, config.eval.split), data)
+    )
   train_iter = data_lib.create_train_iterator(
-      data, batch_size=int(config.optim.batch_size), seed=data_seed,
-      process_index=jax.process_index(), process_count=jax.process_count())
+      data,
+      batch_size=int(config.optim.batch_size),
+      seed=data_seed,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+  )
   return data, train_iter
 
 
 def _restore(s: Setup, manager, train_iter) -> Tuple[train_step.TrainState, Dict[str, Any]]:
   """The newest intact checkpoint's state and meta, or the fresh state."""
-  restored = ckpt_lib.restore(manager, ckpt_lib.abstract_like(s.state, s.replicated),
-                              train_iter, config=s.config)
+  restored = ckpt_lib.restore(
+      manager, ckpt_lib.abstract_like(s.state, s.replicated), train_iter, config=s.config
+  )
   if restored is None:
     return s.state, {'metrics': {}}
   state, meta = restored
-  logging.info('resumed from %s at step %d (epoch %d)', manager.directory, int(state.step),
-               int(meta.get('epoch', 0)))
+  logging.info(
+      'resumed from %s at step %d (epoch %d)',
+      manager.directory,
+      int(state.step),
+      int(meta.get('epoch', 0)),
+  )
   return state, meta
 
 
-def read_metrics(pending: List[Tuple[int, Dict[str, Any]]], window: Window,
-                 writer: MetricWriter, max_nonfinite: int, directory) -> Dict[str, float]:
+def read_metrics(
+    pending: List[Tuple[int, Dict[str, Any]]],
+    window: Window,
+    writer: MetricWriter,
+    max_nonfinite: int,
+    directory,
+) -> Dict[str, float]:
   """Reads the steps' metrics from the device into the window, in one transfer.
 
   Logs every step that was skipped as non-finite and raises when the streak of such steps
@@ -345,27 +426,34 @@ def read_metrics(pending: List[Tuple[int, Dict[str, Any]]], window: Window,
     streak = int(metrics.pop('nonfinite_streak'))
     total = int(metrics.pop('nonfinite_total'))
     if bool(metrics.pop('nonfinite')):
-      logging.warning('step %d: non-finite loss or gradient, update skipped (%d in a row, %d in '
-                      'total)', step, streak, total)
+      logging.warning(
+          'step %d: non-finite loss or gradient, update skipped (%d in a row, %d in ' 'total)',
+          step,
+          streak,
+          total,
+      )
       writer.write(step, {'train/nonfinite_total': total, 'train/nonfinite_streak': streak})
     if streak >= max_nonfinite:
       raise FloatingPointError(
           f'{streak} consecutive training steps (steps {step - streak + 1}..{step}) had a '
           f'non-finite loss or gradient and were skipped; stopping (max_consecutive_nonfinite='
           f'{max_nonfinite}). The latest checkpoint in {directory} is from before the problem; '
-          'lower the learning rate or check the data.')
+          'lower the learning rate or check the data.'
+      )
     window.add(metrics)
     last = metrics
   pending.clear()
   return last
 
 
-def _train_scalars(config, step: int, spe: int, window: Window, steps: int, seconds: float
-                   ) -> Dict[str, Any]:
+def _train_scalars(
+    config, step: int, spe: int, window: Window, steps: int, seconds: float
+) -> Dict[str, Any]:
   """The logged training scalars: window means, learning rates, speed, schedules."""
   scalars = {f'train/{k}': v for k, v in window.means().items()}
-  scalars.update({f'train/{k}': v
-                  for k, v in schedules.learning_rates(config.optim, spe, step - 1).items()})
+  scalars.update(
+      {f'train/{k}': v for k, v in schedules.learning_rates(config.optim, spe, step - 1).items()}
+  )
   scalars['train/steps_per_s'] = steps / max(seconds, 1e-9)
   scalars['train/epoch'] = step / spe
   if config.learning_mode in ('st', 'mt', 'truth_teacher'):
@@ -375,25 +463,56 @@ def _train_scalars(config, step: int, spe: int, window: Window, steps: int, seco
   return scalars
 
 
-def _validate(validate: evaluation.Validator, state, epoch: int, step: int,
-              meta: Dict[str, Any], writer: MetricWriter, config) -> Dict[str, float]:
+def _validate(
+    validate: evaluation.Validator,
+    state,
+    epoch: int,
+    step: int,
+    meta: Dict[str, Any],
+    writer: MetricWriter,
+    config,
+) -> Dict[str, float]:
   """Validates the state's model(s) after `epoch` (global step `step`), logs the scalars and
   returns them. The zero flow is measured at a run's first validation and kept in `meta`."""
-  val = validate({'params': state.params, 'batch_stats': state.batch_stats}, epoch,
-                 zero_flow='zero_flow' not in meta)
+  val = validate(
+      {'params': state.params, 'batch_stats': state.batch_stats},
+      epoch,
+      zero_flow='zero_flow' not in meta,
+  )
   meta.setdefault('zero_flow', {k: v for k, v in val.items() if 'zero_flow' in k})
   writer.write(step, val)
-  logging.info('epoch %d (step %d): %s', epoch, step, ', '.join(
-      f'{k}={val[k]:.2f}' for k in (metric_key(a, scope='val')
-                                    for a in config.eval.alphas) if k in val))
+  logging.info(
+      'epoch %d (step %d): %s',
+      epoch,
+      step,
+      ', '.join(
+          f'{k}={val[k]:.2f}'
+          for k in (metric_key(a, scope='val') for a in config.eval.alphas)
+          if k in val
+      ),
+  )
   return val
 
 
-def _save(manager, step: int, epoch: int, state, meta: Dict[str, Any], window: Window,
-          train_iter, config, val: Optional[Dict[str, float]] = None) -> None:
+def _save(
+    manager,
+    step: int,
+    epoch: int,
+    state,
+    meta: Dict[str, Any],
+    window: Window,
+    train_iter,
+    config,
+    val: Optional[Dict[str, float]] = None,
+) -> None:
   """Checkpoints the step; the manager ranks steps by `ckpt_lib.select_metric(config)`."""
-  meta.update(step=step, epoch=epoch, learning_mode=config.learning_mode,
-              config=_config_json(config), log_window=window.state())
+  meta.update(
+      step=step,
+      epoch=epoch,
+      learning_mode=config.learning_mode,
+      config=_config_json(config),
+      log_window=window.state(),
+  )
   if val is not None:
     meta['metrics'] = {k: to_python(v) for k, v in val.items()}
     if config.learning_mode == 'mt':
@@ -427,8 +546,13 @@ class _ProgressBar:
   def __init__(self, config, total: int, initial: int, lead: bool):
     self._bar = None
     if lead and config.get('progress_bar', True):
-      self._bar = tqdm.tqdm(total=total, initial=initial, unit='step', dynamic_ncols=True,
-                            desc=f'train {config.learning_mode}')
+      self._bar = tqdm.tqdm(
+          total=total,
+          initial=initial,
+          unit='step',
+          dynamic_ncols=True,
+          desc=f'train {config.learning_mode}',
+      )
 
   def update(self) -> None:
     if self._bar is not None:
@@ -437,8 +561,14 @@ class _ProgressBar:
   def show_losses(self, metrics: Dict[str, float]) -> None:
     """Shows a step's supervised and pseudo losses beside the bar."""
     if self._bar is not None:
-      self._bar.set_postfix({k.replace('loss_', ''): f'{v:.3f}' for k, v in metrics.items()
-                             if k.endswith(('loss_sup', 'loss_pseudo'))}, refresh=False)
+      self._bar.set_postfix(
+          {
+              k.replace('loss_', ''): f'{v:.3f}'
+              for k, v in metrics.items()
+              if k.endswith(('loss_sup', 'loss_pseudo'))
+          },
+          refresh=False,
+      )
 
   def close(self) -> None:
     if self._bar is not None:
@@ -472,26 +602,33 @@ class _StepTimer:
     return float(np.median(self.seconds_per_step)) if self.seconds_per_step else None
 
 
-def _stop_reason(step: int, stop_after_steps: Optional[int], signalled: Dict[str, bool],
-                 manager) -> Optional[str]:
+def _stop_reason(
+    step: int, stop_after_steps: Optional[int], signalled: Dict[str, bool], manager
+) -> Optional[str]:
   """Why the run stops after `step`: 'as asked' (`stop_after_steps` reached), 'preempted'
   (SIGTERM, or on several hosts Orbax's preemption notice), or None (it goes on).
 
   Both are asked at every step: every process must reach Orbax's preemption sync points.
   """
   asked = stop_after_steps is not None and step >= stop_after_steps
-  preempted = signalled['stop'] or (jax.process_count() > 1
-                                    and manager.reached_preemption(step))
+  preempted = signalled['stop'] or (jax.process_count() > 1 and manager.reached_preemption(step))
   return 'as asked' if asked else 'preempted' if preempted else None
 
 
-def _summary(state, step: int, spe: int, val: Dict[str, float], manager, compile_s: float,
-             timer: _StepTimer) -> Dict[str, Any]:
+def _summary(
+    state, step: int, spe: int, val: Dict[str, float], manager, compile_s: float, timer: _StepTimer
+) -> Dict[str, Any]:
   """What `train_and_evaluate` returns (see there)."""
-  return {'step': step, 'epoch': step // spe, 'val': val,
-          'best': ckpt_lib.best_checkpoint(manager), 'compile_s': compile_s,
-          'mean_step_s': timer.median(),
-          'nonfinite_total': int(jax.device_get(state.nonfinite_total)), 'state': state}
+  return {
+      'step': step,
+      'epoch': step // spe,
+      'val': val,
+      'best': ckpt_lib.best_checkpoint(manager),
+      'compile_s': compile_s,
+      'mean_step_s': timer.median(),
+      'nonfinite_total': int(jax.device_get(state.nonfinite_total)),
+      'state': state,
+  }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -499,15 +636,23 @@ def _summary(state, step: int, spe: int, val: Dict[str, float], manager, compile
 
 
 def _config_json(config) -> str:
-  return config.to_json_best_effort(indent=2) if hasattr(config, 'to_json_best_effort') else (
-      json.dumps(config, indent=2, default=str))
+  return (
+      config.to_json_best_effort(indent=2)
+      if hasattr(config, 'to_json_best_effort')
+      else (json.dumps(config, indent=2, default=str))
+  )
 
 
 def _log_devices(config) -> None:
   """Logs the learning mode, the process and device counts and the platform."""
-  logging.info('learning mode %s; %d process(es), %d device(s) (%d local): %s',
-               config.learning_mode, jax.process_count(), jax.device_count(),
-               jax.local_device_count(), jax.devices()[0].platform)
+  logging.info(
+      'learning mode %s; %d process(es), %d device(s) (%d local): %s',
+      config.learning_mode,
+      jax.process_count(),
+      jax.device_count(),
+      jax.local_device_count(),
+      jax.devices()[0].platform,
+  )
 
 
 def write_config(config, workdir: str) -> None:
@@ -531,8 +676,9 @@ def release_free_heap() -> None:
     pass
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       stop_after_steps: Optional[int] = None) -> Dict[str, Any]:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: Optional[int] = None
+) -> Dict[str, Any]:
   """Trains (resuming from `<workdir>/checkpoints` if present) and validates.
 
   A SIGTERM (preemption) makes the run finish its current step, write a checkpoint and return;
@@ -554,13 +700,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   _log_devices(config)
   s = setup(config)
   spe, total = s.steps_per_epoch, s.total_steps
-  logging.info('%s parameters%s', f'{sum(x.size for x in jax.tree.leaves(s.state.params)):,}',
-               ' (2 models)' if config.learning_mode == 'mt' else '')
+  logging.info(
+      '%s parameters%s',
+      f'{sum(x.size for x in jax.tree.leaves(s.state.params)):,}',
+      ' (2 models)' if config.learning_mode == 'mt' else '',
+  )
   # The data section, resolved once (by `setup` if the schedule needed the split's size).
   data = s.data if s.data is not None else data_lib.resolve(config.data)
   data, train_iter = _data(config, data, s.data_seed)
-  manager = ckpt_lib.make_manager(workdir, ckpt_lib.select_metric(config),
-                                  async_saves=bool(config.async_checkpoints))
+  manager = ckpt_lib.make_manager(
+      workdir, ckpt_lib.select_metric(config), async_saves=bool(config.async_checkpoints)
+  )
   state, meta = _restore(s, manager, train_iter)
   step = int(jax.device_get(state.step))
   writer = MetricWriter(workdir, enabled=lead, resume_step=step)
@@ -570,8 +720,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   validate = evaluation.Validator(config, s.model, s.mesh, data)
   window = Window(meta.get('log_window'))
   pending: List[Tuple[int, Dict[str, Any]]] = []  # step metrics not yet read from the device
-  read = functools.partial(read_metrics, pending, window, writer,
-                           int(config.max_consecutive_nonfinite), manager.directory)
+  read = functools.partial(
+      read_metrics,
+      pending,
+      window,
+      writer,
+      int(config.max_consecutive_nonfinite),
+      manager.directory,
+  )
   last_val = dict(meta.get('metrics') or {})
   checkpoint_every = int(config.get('checkpoint_every_steps') or 0)
   timer, bar = _StepTimer(), _ProgressBar(config, total, step, lead)
@@ -605,8 +761,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           read()
           if manager.latest_step() != step:
             _save(manager, step, step // spe, state, meta, window, train_iter, config)
-          logging.info('stopping at step %d (%s) with a checkpoint; rerun to resume', step,
-                       reason)
+          logging.info('stopping at step %d (%s) with a checkpoint; rerun to resume', step, reason)
           break
       read()
   finally:
@@ -616,21 +771,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   return _summary(state, step, spe, last_val, manager, compile_s, timer)
 
 
-def run_evaluation(config, checkpoint: str, workdir: Optional[str] = None,
-                   model_index=None) -> Dict[str, float]:
+def run_evaluation(
+    config, checkpoint: str, workdir: Optional[str] = None, model_index=None
+) -> Dict[str, float]:
   """`--mode=eval`: validation PCK of a checkpoint (a workdir, step directory or export).
 
   The model comes from the checkpoint's config, data and protocol from `config`. Writes
   `<workdir>/eval_<benchmark>_<split>.{json,txt}` (the full report of `evaluation`) and returns
   the flat `val/pck@alpha` scalars.
   """
-  result = evaluation.evaluate_checkpoint(config, checkpoint, workdir, model_index=model_index,
-                                          max_batches=config.eval.get('max_batches'),
-                                          progress=bool(config.get('progress_bar', True)),
-                                          split=config.eval.split)
+  result = evaluation.evaluate_checkpoint(
+      config,
+      checkpoint,
+      workdir,
+      model_index=model_index,
+      max_batches=config.eval.get('max_batches'),
+      progress=bool(config.get('progress_bar', True)),
+      split=config.eval.split,
+  )
   kind = result.protocol.standard_threshold
   if config.eval.threshold not in ('standard', None) and (
-      config.eval.threshold in result.protocol.thresholds):
+      config.eval.threshold in result.protocol.thresholds
+  ):
     kind = config.eval.threshold
   out = {metric_key(a, scope=config.eval.split): result.pck(kind, a) for a in config.eval.alphas}
   logging.info('%s', result.table())

@@ -75,15 +75,14 @@ class TrainState(flax.struct.PyTreeNode):
     nonfinite_streak: () int32, consecutive steps with a non-finite loss or gradient.
     nonfinite_total: () int32, all such steps.
   """
+
   step: jax.Array
   params: Any
   batch_stats: Any
   opt_state: Any
   teacher: Any = None
-  nonfinite_streak: jax.Array = dataclasses.field(
-      default_factory=lambda: jnp.zeros((), jnp.int32))
-  nonfinite_total: jax.Array = dataclasses.field(
-      default_factory=lambda: jnp.zeros((), jnp.int32))
+  nonfinite_streak: jax.Array = dataclasses.field(default_factory=lambda: jnp.zeros((), jnp.int32))
+  nonfinite_total: jax.Array = dataclasses.field(default_factory=lambda: jnp.zeros((), jnp.int32))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +98,7 @@ class StepConfig:
     pseudo_label: the region, gate and target options (`losses.PseudoLabelOptions`; default
       the paper's: the dilated square, the small-loss selection, the teacher's flow).
   """
+
   model: Any
   tx: optax.GradientTransformation
   batch_norm: str = 'batch'
@@ -110,14 +110,19 @@ class StepConfig:
       raise ValueError(f"batch_norm must be 'batch' or 'frozen', got {self.batch_norm!r}")
 
   @classmethod
-  def from_config(cls, config, model, tx: optax.GradientTransformation, **overrides
-                  ) -> 'StepConfig':
+  def from_config(
+      cls, config, model, tx: optax.GradientTransformation, **overrides
+  ) -> 'StepConfig':
     """The step config of an experiment config (`model.batch_norm`, `teacher.dilation_kernel`;
     a kernel of 0 or None means no mask: every position is a candidate; the pseudo-label
     options of `pseudo_label_options`)."""
-    kwargs = dict(model=model, tx=tx, batch_norm=config.model.batch_norm,
-                  dilation_kernel=config.teacher.dilation_kernel or None,
-                  pseudo_label=pseudo_label_options(config.teacher))
+    kwargs = dict(
+        model=model,
+        tx=tx,
+        batch_norm=config.model.batch_norm,
+        dilation_kernel=config.teacher.dilation_kernel or None,
+        pseudo_label=pseudo_label_options(config.teacher),
+    )
     kwargs.update(overrides)
     return cls(**kwargs)
 
@@ -131,17 +136,21 @@ def pseudo_label_options(teacher_config) -> losses.PseudoLabelOptions:
     ValueError: an unknown value or a parameter out of range, naming the key.
   """
   defaults = losses.PseudoLabelOptions()
-  return losses.PseudoLabelOptions(**{
-      f.name: teacher_config.get(f.name, getattr(defaults, f.name))
-      for f in dataclasses.fields(losses.PseudoLabelOptions)})
+  return losses.PseudoLabelOptions(
+      **{
+          f.name: teacher_config.get(f.name, getattr(defaults, f.name))
+          for f in dataclasses.fields(losses.PseudoLabelOptions)
+      }
+  )
 
 
 # ------------------------------------------------------------------------------------------------
 # Pieces shared by the steps.
 
 
-def forward(cfg: StepConfig, params, batch_stats, batch, train: bool = True,
-            return_aux: bool = False):
+def forward(
+    cfg: StepConfig, params, batch_stats, batch, train: bool = True, return_aux: bool = False
+):
   """One model's flow on a batch, and its BatchNorm statistics after the call.
 
   Args:
@@ -159,8 +168,9 @@ def forward(cfg: StepConfig, params, batch_stats, batch, train: bool = True,
   variables = {'params': params, 'batch_stats': batch_stats}
   kwargs = {'return_aux': True} if return_aux else {}  # The default call stays the same.
   if train and cfg.batch_norm == 'batch':
-    out, updates = cfg.model.apply(variables, batch['src_img'], batch['trg_img'], train=True,
-                                   mutable=['batch_stats'], **kwargs)
+    out, updates = cfg.model.apply(
+        variables, batch['src_img'], batch['trg_img'], train=True, mutable=['batch_stats'], **kwargs
+    )
     batch_stats = updates.get('batch_stats', batch_stats)
   else:
     out = cfg.model.apply(variables, batch['src_img'], batch['trg_img'], train=False, **kwargs)
@@ -174,8 +184,9 @@ def candidate_mask(cfg: StepConfig, gt):
   return losses.square_region(gt, cfg.dilation_kernel)
 
 
-def teacher_signals(cfg: StepConfig, params, batch_stats, batch, teacher_flow, aux,
-                    train: bool) -> Optional[losses.TeacherSignals]:
+def teacher_signals(
+    cfg: StepConfig, params, batch_stats, batch, teacher_flow, aux, train: bool
+) -> Optional[losses.TeacherSignals]:
   """What the pseudo-label options read from a teacher besides its flow (constants).
 
   Computed only for the options that need them (`cfg.pseudo_label`); None for the paper's.
@@ -209,8 +220,11 @@ def teacher_signals(cfg: StepConfig, params, batch_stats, batch, teacher_flow, a
     signals['object_score'] = losses.object_score(aux['corr'], size_hw)
   if opts.needs_confidence:
     signals['confidence'] = cfg.model.apply(
-        {'params': params, 'batch_stats': batch_stats}, aux['corr'], opts.confidence_radius,
-        method='peak_mass')
+        {'params': params, 'batch_stats': batch_stats},
+        aux['corr'],
+        opts.confidence_radius,
+        method='peak_mass',
+    )
   if opts.needs_cycle:
     swapped = dict(batch, src_img=batch['trg_img'], trg_img=batch['src_img'])
     signals['back_flow'] = forward(cfg, params, batch_stats, swapped, train=train)[0]
@@ -224,14 +238,23 @@ def _all_finite(tree) -> jax.Array:
 
 def _select(ok, new, old):
   """`new` where `ok` else `old`, leaf by leaf; `ok` is () or [m] (leading model axis)."""
+
   def pick(n, o):
     k = jnp.reshape(ok, ok.shape + (1,) * (jnp.ndim(n) - ok.ndim))
     return jnp.where(k, n, o)
+
   return jax.tree.map(pick, new, old)
 
 
-def apply_if_finite(cfg: StepConfig, state: TrainState, loss, grads, batch_stats,
-                    stacked: bool = False, labelled=True) -> Tuple[TrainState, jax.Array]:
+def apply_if_finite(
+    cfg: StepConfig,
+    state: TrainState,
+    loss,
+    grads,
+    batch_stats,
+    stacked: bool = False,
+    labelled=True,
+) -> Tuple[TrainState, jax.Array]:
   """The optimiser update, kept only for the models whose loss and gradients are finite.
 
   Args:
@@ -250,6 +273,7 @@ def apply_if_finite(cfg: StepConfig, state: TrainState, loss, grads, batch_stats
     and optimiser state; `step` advances and the non-finite counters are updated. `ok` is
     () bool, or [m].
   """
+
   def finite(l, g):
     return jnp.isfinite(l) & _all_finite(g)
 
@@ -272,15 +296,20 @@ def apply_if_finite(cfg: StepConfig, state: TrainState, loss, grads, batch_stats
   # One conditional rather than a per-leaf `where` fused into the optimiser update: XLA:CPU
   # compiled the latter for minutes (mt: 275 s -> 39 s, compile-time memory 11.3 -> 2.7 GiB).
   params, batch_stats, opt_state = jax.lax.cond(
-      jnp.all(apply), lambda new, old: new, keep_finite, (params, batch_stats, opt_state),
-      (state.params, state.batch_stats, state.opt_state))
+      jnp.all(apply),
+      lambda new, old: new,
+      keep_finite,
+      (params, batch_stats, opt_state),
+      (state.params, state.batch_stats, state.opt_state),
+  )
   state = state.replace(
       step=state.step + 1,
       params=params,
       batch_stats=batch_stats,
       opt_state=opt_state,
       nonfinite_streak=jnp.where(all_ok, 0, state.nonfinite_streak + 1).astype(jnp.int32),
-      nonfinite_total=(state.nonfinite_total + (~all_ok).astype(jnp.int32)))
+      nonfinite_total=(state.nonfinite_total + (~all_ok).astype(jnp.int32)),
+  )
   return state, ok
 
 
@@ -289,8 +318,11 @@ def _has_labels(batch) -> jax.Array:
 
 
 def _state_metrics(state: TrainState, ok) -> Metrics:
-  return {'nonfinite': ~jnp.all(ok), 'nonfinite_streak': state.nonfinite_streak,
-          'nonfinite_total': state.nonfinite_total}
+  return {
+      'nonfinite': ~jnp.all(ok),
+      'nonfinite_streak': state.nonfinite_streak,
+      'nonfinite_total': state.nonfinite_total,
+  }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -311,8 +343,11 @@ def _withheld_truth(batch, grid_hw: Tuple[int, int]):
   x = jnp.clip(xy[..., 0], 0, w - 1)
   y = jnp.where(valid, jnp.clip(xy[..., 1], 0, h - 1), h)  # Row h: dropped by the scatter.
   rows = jnp.arange(trg.shape[0])[:, None]
-  flow = jnp.zeros((trg.shape[0], h, w, 2), trg.dtype).at[rows, y, x].set(
-      (src - trg) / cell, mode='drop')
+  flow = (
+      jnp.zeros((trg.shape[0], h, w, 2), trg.dtype)
+      .at[rows, y, x]
+      .set((src - trg) / cell, mode='drop')
+  )
   mask = jnp.zeros((trg.shape[0], h, w), bool).at[rows, y, x].set(True, mode='drop')
   return flow, mask
 
@@ -370,9 +405,12 @@ def pseudo_label_metrics(terms: losses.PseudoLabelTerms, pseudo_label, batch) ->
   gt = batch['flow']
   labelled = ~geometry.unlabelled_mask(gt)
   close = losses.safe_norm(pseudo_label - gt, axis=-1) <= PSEUDO_ACC_CELLS
-  out = {'loss_sup': terms.loss_sup, 'loss_pseudo': terms.loss_pseudo,
-         'kept_fraction': terms.kept_fraction,
-         'pseudo_label_acc': jnp.sum(close & labelled) / jnp.maximum(jnp.sum(labelled), 1)}
+  out = {
+      'loss_sup': terms.loss_sup,
+      'loss_pseudo': terms.loss_pseudo,
+      'kept_fraction': terms.kept_fraction,
+      'pseudo_label_acc': jnp.sum(close & labelled) / jnp.maximum(jnp.sum(labelled), 1),
+  }
   truth = pseudo_label_truth(batch)
   if truth is not None:
     true_flow, valid = truth
@@ -380,11 +418,13 @@ def pseudo_label_metrics(terms: losses.PseudoLabelTerms, pseudo_label, batch) ->
     right = err <= PSEUDO_ACC_CELLS
     kept = terms.kept & valid
     rejected = terms.candidates & ~terms.kept & valid
-    out.update(pseudo_kept_epe=_masked_mean(err, kept),
-               pseudo_kept_acc=_masked_mean(right, kept),
-               pseudo_rejected_epe=_masked_mean(err, rejected),
-               pseudo_rejected_acc=_masked_mean(right, rejected),
-               pseudo_recall=_masked_mean(terms.kept, terms.candidates & valid & right))
+    out.update(
+        pseudo_kept_epe=_masked_mean(err, kept),
+        pseudo_kept_acc=_masked_mean(right, kept),
+        pseudo_rejected_epe=_masked_mean(err, rejected),
+        pseudo_rejected_acc=_masked_mean(right, rejected),
+        pseudo_recall=_masked_mean(terms.kept, terms.candidates & valid & right),
+    )
   return out
 
 
@@ -392,8 +432,9 @@ def pseudo_label_metrics(terms: losses.PseudoLabelTerms, pseudo_label, batch) ->
 # Baseline: sparse ground truth only.
 
 
-def _supervised_step(cfg: StepConfig, state: TrainState, batch, label_loss, labelled
-                     ) -> Tuple[TrainState, Metrics]:
+def _supervised_step(
+    cfg: StepConfig, state: TrainState, batch, label_loss, labelled
+) -> Tuple[TrainState, Metrics]:
   """One step on a supervised loss `label_loss(flow) -> ()` alone (baseline, dense)."""
 
   def loss_fn(params):
@@ -405,8 +446,9 @@ def _supervised_step(cfg: StepConfig, state: TrainState, batch, label_loss, labe
   return state, {'loss': loss, 'loss_sup': loss, **_state_metrics(state, ok)}
 
 
-def baseline_step(cfg: StepConfig, state: TrainState, batch, hparams: StepHparams
-                  ) -> Tuple[TrainState, Metrics]:
+def baseline_step(
+    cfg: StepConfig, state: TrainState, batch, hparams: StepHparams
+) -> Tuple[TrainState, Metrics]:
   """One supervised step: sparse EPE on the keypoint-derived flow labels.
 
   Args:
@@ -420,13 +462,18 @@ def baseline_step(cfg: StepConfig, state: TrainState, batch, hparams: StepHparam
     `nonfinite_total`.
   """
   del hparams
-  return _supervised_step(cfg, state, batch,
-                          lambda flow: losses.labelled_epe(flow, batch['flow']),
-                          labelled=_has_labels(batch))
+  return _supervised_step(
+      cfg,
+      state,
+      batch,
+      lambda flow: losses.labelled_epe(flow, batch['flow']),
+      labelled=_has_labels(batch),
+  )
 
 
-def dense_step(cfg: StepConfig, state: TrainState, batch, hparams: StepHparams
-               ) -> Tuple[TrainState, Metrics]:
+def dense_step(
+    cfg: StepConfig, state: TrainState, batch, hparams: StepHparams
+) -> Tuple[TrainState, Metrics]:
   """One step on the dense ground truth: EPE over every position where it is valid.
 
   The oracle of every pseudo-label scheme (perfect pseudo-labels everywhere the truth is
@@ -445,9 +492,13 @@ def dense_step(cfg: StepConfig, state: TrainState, batch, hparams: StepHparams
   """
   del hparams
   valid = jnp.asarray(batch['dense_valid'], bool)
-  return _supervised_step(cfg, state, batch,
-                          lambda flow: losses.masked_epe(flow, batch['dense_flow'], valid),
-                          labelled=jnp.any(valid))
+  return _supervised_step(
+      cfg,
+      state,
+      batch,
+      lambda flow: losses.masked_epe(flow, batch['dense_flow'], valid),
+      labelled=jnp.any(valid),
+  )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -455,17 +506,36 @@ def dense_step(cfg: StepConfig, state: TrainState, batch, hparams: StepHparams
 # mutual-teacher step).
 
 
-def _pseudo_objective(cfg: StepConfig, flow, teacher_flow, batch, hparams: StepHparams,
-                      signals: Optional[losses.TeacherSignals] = None, known=None):
+def _pseudo_objective(
+    cfg: StepConfig,
+    flow,
+    teacher_flow,
+    batch,
+    hparams: StepHparams,
+    signals: Optional[losses.TeacherSignals] = None,
+    known=None,
+):
   """`losses.pseudo_label_objective` on the region, gate and target of `cfg.pseudo_label`;
   `known` [b, S, S] bool (the truth teacher's `dense_valid`) bounds the candidates."""
   gt = batch['flow']
-  labels = losses.pseudo_labels(cfg.pseudo_label, teacher_flow, gt, signals,
-                                hparams.confidence_percentile, cfg.dilation_kernel)
+  labels = losses.pseudo_labels(
+      cfg.pseudo_label,
+      teacher_flow,
+      gt,
+      signals,
+      hparams.confidence_percentile,
+      cfg.dilation_kernel,
+  )
   candidates = labels.candidates if known is None else labels.candidates & known
-  return losses.pseudo_label_objective(flow, labels.target, gt, candidates,
-                                       hparams.remember_table, hparams.pseudo_weight,
-                                       gate=labels.gate)
+  return losses.pseudo_label_objective(
+      flow,
+      labels.target,
+      gt,
+      candidates,
+      hparams.remember_table,
+      hparams.pseudo_weight,
+      gate=labels.gate,
+  )
 
 
 def _has_signal(cfg: StepConfig, batch, kept, hparams: StepHparams) -> jax.Array:
@@ -478,9 +548,16 @@ def _has_signal(cfg: StepConfig, batch, kept, hparams: StepHparams) -> jax.Array
   return labelled
 
 
-def student_objective(cfg: StepConfig, params, batch_stats, batch, teacher_flow,
-                      hparams: StepHparams, signals: Optional[losses.TeacherSignals] = None,
-                      known=None):
+def student_objective(
+    cfg: StepConfig,
+    params,
+    batch_stats,
+    batch,
+    teacher_flow,
+    hparams: StepHparams,
+    signals: Optional[losses.TeacherSignals] = None,
+    known=None,
+):
   """Loss of one model against a constant pseudo-label flow (and the teacher's `signals`
   that `cfg.pseudo_label` reads; `teacher_signals`); `known`: where the teacher's flow is
   defined (None: everywhere).
@@ -493,21 +570,30 @@ def student_objective(cfg: StepConfig, params, batch_stats, batch, teacher_flow,
   return loss, (batch_stats, terms)
 
 
-def student_update(cfg: StepConfig, state: TrainState, batch, teacher_flow,
-                   hparams: StepHparams, signals: Optional[losses.TeacherSignals] = None,
-                   known=None) -> Tuple[TrainState, Metrics]:
+def student_update(
+    cfg: StepConfig,
+    state: TrainState,
+    batch,
+    teacher_flow,
+    hparams: StepHparams,
+    signals: Optional[losses.TeacherSignals] = None,
+    known=None,
+) -> Tuple[TrainState, Metrics]:
   """One optimiser step of a single model against a given pseudo-label flow."""
   grad_fn = jax.value_and_grad(student_objective, argnums=1, has_aux=True)
-  (loss, (batch_stats, terms)), grads = grad_fn(cfg, state.params, state.batch_stats, batch,
-                                                teacher_flow, hparams, signals, known)
-  state, ok = apply_if_finite(cfg, state, loss, grads, batch_stats,
-                              labelled=_has_signal(cfg, batch, terms.kept, hparams))
+  (loss, (batch_stats, terms)), grads = grad_fn(
+      cfg, state.params, state.batch_stats, batch, teacher_flow, hparams, signals, known
+  )
+  state, ok = apply_if_finite(
+      cfg, state, loss, grads, batch_stats, labelled=_has_signal(cfg, batch, terms.kept, hparams)
+  )
   metrics = pseudo_label_metrics(terms, teacher_flow, batch)
   return state, {'loss': loss, **metrics, **_state_metrics(state, ok)}
 
 
-def single_teacher_step(cfg: StepConfig, state: TrainState, batch, hparams: StepHparams
-                        ) -> Tuple[TrainState, Metrics]:
+def single_teacher_step(
+    cfg: StepConfig, state: TrainState, batch, hparams: StepHparams
+) -> Tuple[TrainState, Metrics]:
   """One step of a student taught by a fixed offline teacher (`state.teacher`).
 
   1. The teacher's flow on the batch (running BN statistics, `stop_gradient`): the pseudo-label;
@@ -521,13 +607,15 @@ def single_teacher_step(cfg: StepConfig, state: TrainState, batch, hparams: Step
   aux = cfg.pseudo_label.needs_teacher_aux
   out = forward(cfg, *teacher, batch, train=False, return_aux=aux)
   teacher_flow = jax.lax.stop_gradient(out[0])
-  signals = teacher_signals(cfg, *teacher, batch, teacher_flow, out[2] if aux else None,
-                            train=False)
+  signals = teacher_signals(
+      cfg, *teacher, batch, teacher_flow, out[2] if aux else None, train=False
+  )
   return student_update(cfg, state, batch, teacher_flow, hparams, signals)
 
 
-def truth_teacher_step(cfg: StepConfig, state: TrainState, batch, hparams: StepHparams
-                       ) -> Tuple[TrainState, Metrics]:
+def truth_teacher_step(
+    cfg: StepConfig, state: TrainState, batch, hparams: StepHparams
+) -> Tuple[TrainState, Metrics]:
   """The single-teacher step with the exact dense truth as its teacher: the ceiling of the
   paper's pseudo-labels (perfect pseudo-labels where the method lets them stand).
 
@@ -548,8 +636,7 @@ def truth_teacher_step(cfg: StepConfig, state: TrainState, batch, hparams: StepH
     `(state, metrics)` as `single_teacher_step`.
   """
   known = jnp.asarray(batch['dense_valid'], bool)
-  return student_update(cfg, state, batch, jnp.asarray(batch['dense_flow']), hparams,
-                        known=known)
+  return student_update(cfg, state, batch, jnp.asarray(batch['dense_flow']), hparams, known=known)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -569,16 +656,19 @@ def forward_pair(cfg: StepConfig, params_ab, batch_stats_ab, batch, return_aux: 
   every convolution into a batched-kernel convolution, which XLA:CPU runs several times slower
   than two plain ones (measured: 1.0 s vs 0.4 s per demo step). The numbers are the same.
   """
-  outs = [forward(cfg, _take(params_ab, i), _take(batch_stats_ab, i), batch,
-                  return_aux=return_aux) for i in range(2)]
+  outs = [
+      forward(cfg, _take(params_ab, i), _take(batch_stats_ab, i), batch, return_aux=return_aux)
+      for i in range(2)
+  ]
   stats = jax.tree.map(lambda a, b: jnp.stack([a, b]), outs[0][1], outs[1][1])
   if return_aux:
     return outs[0][0], outs[1][0], stats, (outs[0][2], outs[1][2])
   return outs[0][0], outs[1][0], stats
 
 
-def mutual_teacher_objective(cfg: StepConfig, params_ab, batch_stats_ab, batch,
-                             hparams: StepHparams):
+def mutual_teacher_objective(
+    cfg: StepConfig, params_ab, batch_stats_ab, batch, hparams: StepHparams
+):
   """The summed objective of the two mutual teachers, as differentiated by the step.
 
   1. Forward both networks on the same batch.
@@ -600,24 +690,38 @@ def mutual_teacher_objective(cfg: StepConfig, params_ab, batch_stats_ab, batch,
   """
   opts = cfg.pseudo_label
   if opts.needs_teacher_aux:
-    flow_a, flow_b, batch_stats, aux = forward_pair(cfg, params_ab, batch_stats_ab, batch,
-                                                    return_aux=True)
+    flow_a, flow_b, batch_stats, aux = forward_pair(
+        cfg, params_ab, batch_stats_ab, batch, return_aux=True
+    )
   else:
     flow_a, flow_b, batch_stats = forward_pair(cfg, params_ab, batch_stats_ab, batch)
     aux = (None, None)
   # What each network, as its peer's teacher, offers besides its flow (None by default).
   signals_a, signals_b = (
-      teacher_signals(cfg, _take(params_ab, i), _take(batch_stats_ab, i), batch,
-                      jax.lax.stop_gradient(flow), aux[i], train=True)
-      for i, flow in enumerate((flow_a, flow_b)))
+      teacher_signals(
+          cfg,
+          _take(params_ab, i),
+          _take(batch_stats_ab, i),
+          batch,
+          jax.lax.stop_gradient(flow),
+          aux[i],
+          train=True,
+      )
+      for i, flow in enumerate((flow_a, flow_b))
+  )
   loss_a, terms_a = _pseudo_objective(cfg, flow_a, flow_b, batch, hparams, signals_b)
   loss_b, terms_b = _pseudo_objective(cfg, flow_b, flow_a, batch, hparams, signals_a)
-  return loss_a + loss_b, (batch_stats, jnp.stack([loss_a, loss_b]), (terms_a, terms_b),
-                           (flow_a, flow_b))
+  return loss_a + loss_b, (
+      batch_stats,
+      jnp.stack([loss_a, loss_b]),
+      (terms_a, terms_b),
+      (flow_a, flow_b),
+  )
 
 
-def mutual_teacher_step(cfg: StepConfig, state: TrainState, batch, hparams: StepHparams
-                        ) -> Tuple[TrainState, Metrics]:
+def mutual_teacher_step(
+    cfg: StepConfig, state: TrainState, batch, hparams: StepHparams
+) -> Tuple[TrainState, Metrics]:
   """One step of two mutual online teachers, a and b (leading axis 2 of the state).
 
   Args:
@@ -636,13 +740,15 @@ def mutual_teacher_step(cfg: StepConfig, state: TrainState, batch, hparams: Step
   # 1-4: the objective (see `mutual_teacher_objective`).
   grad_fn = jax.value_and_grad(mutual_teacher_objective, argnums=1, has_aux=True)
   (_, (batch_stats, loss_ab, terms, flows)), grads = grad_fn(
-      cfg, state.params, state.batch_stats, batch, hparams)
+      cfg, state.params, state.batch_stats, batch, hparams
+  )
   # 5. Updates of each network by its own (vmapped) optimiser; a non-finite model is kept.
   labelled = _has_labels(batch)
   if cfg.pseudo_label.unlabelled_pairs == 'object_cycle':  # Per network (`_has_signal`).
     labelled = jnp.stack([_has_signal(cfg, batch, t.kept, hparams) for t in terms])
-  state, ok = apply_if_finite(cfg, state, loss_ab, grads, batch_stats, stacked=True,
-                              labelled=labelled)
+  state, ok = apply_if_finite(
+      cfg, state, loss_ab, grads, batch_stats, stacked=True, labelled=labelled
+  )
   metrics = _state_metrics(state, ok)
   for i, name in enumerate('ab'):
     metrics[f'{name}/loss'] = loss_ab[i]
@@ -653,8 +759,13 @@ def mutual_teacher_step(cfg: StepConfig, state: TrainState, batch, hparams: Step
   return state, metrics
 
 
-STEPS = {'baseline': baseline_step, 'dense': dense_step, 'st': single_teacher_step,
-         'mt': mutual_teacher_step, 'truth_teacher': truth_teacher_step}
+STEPS = {
+    'baseline': baseline_step,
+    'dense': dense_step,
+    'st': single_teacher_step,
+    'mt': mutual_teacher_step,
+    'truth_teacher': truth_teacher_step,
+}
 # The modes that read the batch's dense ground truth in their loss.
 DENSE_TRUTH_MODES = ('dense', 'truth_teacher')
 

@@ -29,8 +29,10 @@ to_uint8 = images.to_uint8
 
 def palette(n: int) -> list:
   """n distinct bright RGB colours (golden-ratio hues)."""
-  return [tuple(int(255 * c) for c in colorsys.hsv_to_rgb((0.13 + i * 0.618034) % 1.0, 0.85,
-                                                          1.0)) for i in range(n)]
+  return [
+      tuple(int(255 * c) for c in colorsys.hsv_to_rgb((0.13 + i * 0.618034) % 1.0, 0.85, 1.0))
+      for i in range(n)
+  ]
 
 
 def _resize(img: np.ndarray, height: int) -> Tuple[np.ndarray, float, float]:
@@ -42,8 +44,12 @@ def _resize(img: np.ndarray, height: int) -> Tuple[np.ndarray, float, float]:
   return out, new_w / w, height / h
 
 
-def side_by_side_layout(src_hw: Tuple[int, int], trg_hw: Tuple[int, int],
-                        height: Optional[int] = None, max_height: int = 768):
+def side_by_side_layout(
+    src_hw: Tuple[int, int],
+    trg_hw: Tuple[int, int],
+    height: Optional[int] = None,
+    max_height: int = 768,
+):
   """Geometry of `draw_matches`' picture.
 
   Returns:
@@ -62,10 +68,18 @@ def _dot(draw, xy, r, fill=None, outline=None, width=1):
   draw.ellipse([x - r, y - r, x + r, y + r], fill=fill, outline=outline, width=width)
 
 
-def draw_matches(src_img: np.ndarray, trg_img: np.ndarray, src_kps: np.ndarray,
-                 trg_kps: np.ndarray, *, confidence: Optional[np.ndarray] = None,
-                 gt_src_kps: Optional[np.ndarray] = None, height: Optional[int] = None,
-                 max_height: int = 768, line_width: int = 2) -> np.ndarray:
+def draw_matches(
+    src_img: np.ndarray,
+    trg_img: np.ndarray,
+    src_kps: np.ndarray,
+    trg_kps: np.ndarray,
+    *,
+    confidence: Optional[np.ndarray] = None,
+    gt_src_kps: Optional[np.ndarray] = None,
+    height: Optional[int] = None,
+    max_height: int = 768,
+    line_width: int = 2,
+) -> np.ndarray:
   """The source (left) and the target (right) with matched keypoints joined by lines.
 
   Args:
@@ -82,8 +96,9 @@ def draw_matches(src_img: np.ndarray, trg_img: np.ndarray, src_kps: np.ndarray,
   Returns:
     [height, total_width, 3] uint8.
   """
-  height, ws, wt, total = side_by_side_layout(src_img.shape[:2], trg_img.shape[:2], height,
-                                              max_height)
+  height, ws, wt, total = side_by_side_layout(
+      src_img.shape[:2], trg_img.shape[:2], height, max_height
+  )
   src_r, sxs, sys_ = _resize(src_img, height)
   trg_r, txs, tys = _resize(trg_img, height)
   canvas = Image.new("RGB", (total, height), (255, 255, 255))
@@ -124,19 +139,27 @@ def warp_source(src_img: np.ndarray, flow: np.ndarray, fill: int = 0) -> np.ndar
     [Ht, Wt, 3] uint8 (bilinear sampling).
   """
   ht, wt, _ = flow.shape
-  ys, xs = np.meshgrid(np.arange(ht, dtype=np.float64), np.arange(wt, dtype=np.float64),
-                       indexing="ij")
+  ys, xs = np.meshgrid(
+      np.arange(ht, dtype=np.float64), np.arange(wt, dtype=np.float64), indexing="ij"
+  )
   coords = [ys + flow[..., 1], xs + flow[..., 0]]
-  out = np.stack([scipy.ndimage.map_coordinates(src_img[..., ch].astype(np.float64), coords,
-                                                order=1, mode="constant", cval=fill)
-                  for ch in range(3)], -1)
+  out = np.stack(
+      [
+          scipy.ndimage.map_coordinates(
+              src_img[..., ch].astype(np.float64), coords, order=1, mode="constant", cval=fill
+          )
+          for ch in range(3)
+      ],
+      -1,
+  )
   return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
 def blend(a: np.ndarray, b: np.ndarray, t: float = 0.5) -> np.ndarray:
   """`(1 - t) * a + t * b` of two uint8 images of one shape."""
-  return np.clip(np.rint((1 - t) * a.astype(np.float32) + t * b.astype(np.float32)), 0,
-                 255).astype(np.uint8)
+  return np.clip(np.rint((1 - t) * a.astype(np.float32) + t * b.astype(np.float32)), 0, 255).astype(
+      np.uint8
+  )
 
 
 def hstack(images: Sequence[np.ndarray], gap: int = GAP) -> np.ndarray:
@@ -146,7 +169,7 @@ def hstack(images: Sequence[np.ndarray], gap: int = GAP) -> np.ndarray:
   out = np.full((h, w, 3), 255, np.uint8)
   x = 0
   for img in images:
-    out[:img.shape[0], x:x + img.shape[1]] = img
+    out[: img.shape[0], x : x + img.shape[1]] = img
     x += img.shape[1] + gap
   return out
 
@@ -157,10 +180,19 @@ def vstack(images: Sequence[np.ndarray], gap: int = GAP) -> np.ndarray:
   return np.ascontiguousarray(np.swapaxes(side_by_side, 0, 1))
 
 
-def draw_training_signals(src_img: np.ndarray, trg_img: np.ndarray, pred_flow: np.ndarray,
-                          peer_flow: np.ndarray, gt_flow: np.ndarray, dilated: np.ndarray,
-                          kept: np.ndarray, src_kps: np.ndarray, trg_kps: np.ndarray,
-                          kps_valid: np.ndarray, scale: int = 2) -> np.ndarray:
+def draw_training_signals(
+    src_img: np.ndarray,
+    trg_img: np.ndarray,
+    pred_flow: np.ndarray,
+    peer_flow: np.ndarray,
+    gt_flow: np.ndarray,
+    dilated: np.ndarray,
+    kept: np.ndarray,
+    src_kps: np.ndarray,
+    trg_kps: np.ndarray,
+    kps_valid: np.ndarray,
+    scale: int = 2,
+) -> np.ndarray:
   """One pair's training signals as a row of three panels.
 
   1. Source | target with the predicted matches of the labelled target keypoints (lines) and
@@ -190,16 +222,20 @@ def draw_training_signals(src_img: np.ndarray, trg_img: np.ndarray, pred_flow: n
   valid = np.asarray(kps_valid, bool)
   trg_v = np.asarray(trg_kps)[valid]
   src_v = np.asarray(src_kps)[valid]
-  est = np.asarray(evaluation.transfer_keypoints(pred_flow[None].astype(np.float32),
-                                                 trg_v[None].astype(np.float32), s))[0]
+  est = np.asarray(
+      evaluation.transfer_keypoints(
+          pred_flow[None].astype(np.float32), trg_v[None].astype(np.float32), s
+      )
+  )[0]
   big = s * scale
   matches = draw_matches(src_img, trg_img, est, trg_v, gt_src_kps=src_v, height=big)
 
   trg_big = np.asarray(Image.fromarray(trg_img).resize((big, big), Image.BILINEAR))
   tint = np.zeros_like(trg_big)
   tint[..., 2] = 255
-  mask_big = np.kron(np.asarray(dilated, np.uint8), np.ones((int(cell * scale),) * 2,
-                                                            np.uint8)).astype(bool)
+  mask_big = np.kron(
+      np.asarray(dilated, np.uint8), np.ones((int(cell * scale),) * 2, np.uint8)
+  ).astype(bool)
   mask_big = np.pad(mask_big, ((0, big - mask_big.shape[0]), (0, big - mask_big.shape[1])))
   panel = trg_big.copy()
   panel[mask_big] = blend(trg_big[mask_big], tint[mask_big], 0.35)
@@ -217,8 +253,11 @@ def draw_training_signals(src_img: np.ndarray, trg_img: np.ndarray, pred_flow: n
     _dot(draw, centre(iy, ix), max(1, k / 5), fill=(40, 220, 40, 230))
   for iy, ix in zip(*np.nonzero(labelled)):
     x, y = centre(iy, ix)
-    draw.rectangle([x - k / 2, y - k / 2, x + k / 2, y + k / 2], outline=(255, 220, 0, 255),
-                   width=max(1, scale))
+    draw.rectangle(
+        [x - k / 2, y - k / 2, x + k / 2, y + k / 2],
+        outline=(255, 220, 0, 255),
+        width=max(1, scale),
+    )
   masks = np.asarray(im)
 
   src_big = np.asarray(Image.fromarray(src_img).resize((big, big), Image.BILINEAR))

@@ -33,13 +33,16 @@ def assert_trees_close(actual, desired, rtol: float, what: str = "") -> None:
   """
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   pairs = zip(jax.tree_util.tree_flatten_with_path(actual)[0], jax.tree.leaves(desired))
   for (path, a), d in pairs:
     a, d = np.asarray(a, np.float64), np.asarray(d, np.float64)
     assert a.shape == d.shape, (what, jax.tree_util.keystr(path), a.shape, d.shape)
     err, scale = np.linalg.norm(a - d), np.linalg.norm(d)
-    assert err <= rtol * scale, (f"{what}{jax.tree_util.keystr(path)}: ||a - b|| = {err:.3g} > "
-                                 f"{rtol:g} * ||b|| = {rtol * scale:.3g}")
+    assert err <= rtol * scale, (
+        f"{what}{jax.tree_util.keystr(path)}: ||a - b|| = {err:.3g} > "
+        f"{rtol:g} * ||b|| = {rtol * scale:.3g}"
+    )
 
 
 def load_module(path, name: str):
@@ -58,12 +61,14 @@ def load_tool(name: str):
 
 # The reference fixtures (../shared/fixtures/reference) live in ../shared beside the checkout (CI clones with shared/ beside
 # it); SCCORR_FIXTURES points elsewhere.
-FIXTURES = pathlib.Path(os.environ.get(
-    "SCCORR_FIXTURES", ROOT.parent / "shared" / "fixtures" / "reference"))
+FIXTURES = pathlib.Path(
+    os.environ.get("SCCORR_FIXTURES", ROOT.parent / "shared" / "fixtures" / "reference")
+)
 # The DINOv2 fixtures (../shared/fixtures/dinov2, recorded from facebookresearch/dinov2);
 # SCCORR_DINOV2_FIXTURES points elsewhere.
-DINOV2_FIXTURES = pathlib.Path(os.environ.get(
-    "SCCORR_DINOV2_FIXTURES", ROOT.parent / "shared" / "fixtures" / "dinov2"))
+DINOV2_FIXTURES = pathlib.Path(
+    os.environ.get("SCCORR_DINOV2_FIXTURES", ROOT.parent / "shared" / "fixtures" / "dinov2")
+)
 
 
 def _fixtures(path: pathlib.Path, env: str, what: str) -> pathlib.Path:

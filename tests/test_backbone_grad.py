@@ -31,15 +31,18 @@ def _inputs(seed, shape=(4, 5, 6, 3)):
   rng = np.random.default_rng(seed)
   c = shape[-1]
   x = rng.normal(1.5, 2.0, shape)  # a non-zero mean, as after a convolution
-  return (jnp.asarray(x), jnp.asarray(rng.normal(1.0, 0.5, c)), jnp.asarray(rng.normal(0, 0.5, c)),
-          jnp.asarray(rng.normal(0, 1.0, shape)))
+  return (
+      jnp.asarray(x),
+      jnp.asarray(rng.normal(1.0, 0.5, c)),
+      jnp.asarray(rng.normal(0, 0.5, c)),
+      jnp.asarray(rng.normal(0, 1.0, shape)),
+  )
 
 
 def _close(a, b, name):
   a, b = np.asarray(a), np.asarray(b)
   assert a.shape == b.shape, name
-  np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12 * max(1.0, np.abs(b).max()),
-                             err_msg=name)
+  np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12 * max(1.0, np.abs(b).max()), err_msg=name)
 
 
 @pytest.mark.parametrize("relu", [False, True])
@@ -52,8 +55,9 @@ def test_batch_statistics_bn_matches_autodiff(relu, groups):
 
     def ours(x, scale, bias):
       v = {"params": {"scale": scale, "bias": bias}, "batch_stats": variables["batch_stats"]}
-      y, _ = module.apply(v, x, use_running_average=False, num_groups=groups,
-                          mutable=["batch_stats"])
+      y, _ = module.apply(
+          v, x, use_running_average=False, num_groups=groups, mutable=["batch_stats"]
+      )
       return y
 
     plain = functools.partial(_plain_bn, groups=groups, relu=relu)
@@ -99,16 +103,18 @@ def test_relu_saving_its_output_matches_autodiff():
     x = x.at[0, 0, :2].set(0.0)  # the kink: both give 0 there
     w = jnp.asarray(np.random.default_rng(1).normal(size=x.shape))
     _close(bn.relu(x), jax.nn.relu(x), "forward")
-    _close(jax.grad(lambda x: jnp.sum(bn.relu(x) * w))(x),
-           jax.grad(lambda x: jnp.sum(jax.nn.relu(x) * w))(x), "grad")
+    _close(
+        jax.grad(lambda x: jnp.sum(bn.relu(x) * w))(x),
+        jax.grad(lambda x: jnp.sum(jax.nn.relu(x) * w))(x),
+        "grad",
+    )
 
 
 def test_materialize_is_the_identity_with_the_identity_gradient():
   x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, 4, 5)), jnp.float32)
   w = jnp.asarray(np.random.default_rng(1).normal(size=x.shape), jnp.float32)
   np.testing.assert_array_equal(jax.jit(bb.materialize)(x), x)
-  np.testing.assert_array_equal(jax.jit(jax.grad(lambda x: jnp.sum(bb.materialize(x) * w)))(x),
-                                w)
+  np.testing.assert_array_equal(jax.jit(jax.grad(lambda x: jnp.sum(bb.materialize(x) * w)))(x), w)
 
 
 def test_bfloat16_bn_gradient_close_to_float32():
@@ -120,9 +126,15 @@ def test_bfloat16_bn_gradient_close_to_float32():
 
   def grads(m, x):
     def loss(x, params):
-      y, _ = m.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
-                     use_running_average=False, num_groups=2, mutable=["batch_stats"])
+      y, _ = m.apply(
+          {"params": params, "batch_stats": variables["batch_stats"]},
+          x,
+          use_running_average=False,
+          num_groups=2,
+          mutable=["batch_stats"],
+      )
       return jnp.sum(y.astype(jnp.float32) * w)
+
     return jax.grad(loss, argnums=(0, 1))(x, variables["params"])
 
   (gx32, gp32), (gx16, gp16) = grads(module, x), grads(bf16, x.astype(jnp.bfloat16))
@@ -136,13 +148,21 @@ def _trunk_grad(x, groups, train=True):
   model = bb.resnet(50, stage_sizes=(1, 1, 1, 1), width=8)
   variables = model.init(jax.random.PRNGKey(0), x[:groups])
   # Running statistics away from the initial (0, 1), so the frozen path is exercised.
-  variables = {"params": variables["params"], "batch_stats": jax.tree.map(
-      lambda a: a + 0.5, variables["batch_stats"])}
+  variables = {
+      "params": variables["params"],
+      "batch_stats": jax.tree.map(lambda a: a + 0.5, variables["batch_stats"]),
+  }
 
   def loss(params):
-    (f, _), _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
-                            train=train, num_groups=groups, mutable=["batch_stats"])
+    (f, _), _ = model.apply(
+        {"params": params, "batch_stats": variables["batch_stats"]},
+        x,
+        train=train,
+        num_groups=groups,
+        mutable=["batch_stats"],
+    )
     return jnp.sum(jnp.sin(f))
+
   return model, variables, jax.jit(jax.value_and_grad(loss))
 
 

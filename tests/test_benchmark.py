@@ -13,8 +13,17 @@ from conftest import ROOT, load_tool
 
 benchmark = load_tool("benchmark")
 
-KEYS = ("compile_s", "step_time_min_s", "step_time_median_s", "step_time_max_s", "pairs_per_s",
-        "flops_per_step", "mfu", "peak_memory_bytes", "compiled_memory_bytes")
+KEYS = (
+    "compile_s",
+    "step_time_min_s",
+    "step_time_median_s",
+    "step_time_max_s",
+    "pairs_per_s",
+    "flops_per_step",
+    "mfu",
+    "peak_memory_bytes",
+    "compiled_memory_bytes",
+)
 
 
 def test_training_step_report():
@@ -30,11 +39,26 @@ def test_training_step_report():
 
 def test_command_line_eval_json(tmp_path):
   out = tmp_path / "eval.json"
-  cmd = [sys.executable, str(ROOT / "tools" / "benchmark.py"),
-         f"--config={ROOT / 'configs' / 'spair.py'}:runlocal", "--mode=eval", "--batch_size=2",
-         "--dtype=bfloat16", "--steps=1", "--warmup=1", "--peak_flops=1e9", f"--json={out}"]
-  result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
-                          env={"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"})
+  cmd = [
+      sys.executable,
+      str(ROOT / "tools" / "benchmark.py"),
+      f"--config={ROOT / 'configs' / 'spair.py'}:runlocal",
+      "--mode=eval",
+      "--batch_size=2",
+      "--dtype=bfloat16",
+      "--steps=1",
+      "--warmup=1",
+      "--peak_flops=1e9",
+      f"--json={out}",
+  ]
+  result = subprocess.run(
+      cmd,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      cwd=ROOT,
+      env={"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"},
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads(out.read_text())
   assert report["mode"] == "eval" and report["dtype"] == "bfloat16"
@@ -54,12 +78,26 @@ def test_no_mask_ablation_benchmarks():
 
 def test_accelerator_suite_writes_one_table(tmp_path):
   """`--suite=accelerator` runs each row in its own process and writes one Markdown table."""
-  cmd = [sys.executable, str(ROOT / "tools" / "benchmark.py"), "--suite=accelerator",
-         "--suite_rows=eval:float32", f"--suite_out={tmp_path}",
-         f"--config={ROOT / 'configs' / 'spair.py'}:runlocal", "--batch_size=2", "--steps=1",
-         "--warmup=1", "--peak_flops=1e9"]
-  result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path,
-                          env={"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"})
+  cmd = [
+      sys.executable,
+      str(ROOT / "tools" / "benchmark.py"),
+      "--suite=accelerator",
+      "--suite_rows=eval:float32",
+      f"--suite_out={tmp_path}",
+      f"--config={ROOT / 'configs' / 'spair.py'}:runlocal",
+      "--batch_size=2",
+      "--steps=1",
+      "--warmup=1",
+      "--peak_flops=1e9",
+  ]
+  result = subprocess.run(
+      cmd,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      cwd=tmp_path,
+      env={"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"},
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   table = (tmp_path / "table.md").read_text()
   assert table.count("\n| eval | float32 | 2 |") == 1 and "Device: cpu" in table

@@ -18,7 +18,6 @@ from sccorr_jax import schedules  # noqa: E402
 from sccorr_jax import train  # noqa: E402
 from sccorr_jax.models import SCorrSAN  # noqa: E402
 
-
 pytestmark = pytest.mark.usefixtures('fast_compiles')
 
 
@@ -26,8 +25,9 @@ pytestmark = pytest.mark.usefixtures('fast_compiles')
 def tiny(fast_compiles):  # pylint: disable=redefined-outer-name,unused-argument
   config = config_lib.tiny_config('mt')
   model = models.build_model(config)
-  variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)),
-                                  jnp.zeros((1, 32, 32, 3)))
+  variables = jax.jit(model.init)(
+      jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), jnp.zeros((1, 32, 32, 3))
+  )
   return config, model, variables
 
 
@@ -54,19 +54,23 @@ def test_export_roundtrip_and_errors(tiny, tmp_path):
     ckpt_lib.load_model_variables(tmp_path)
   other = config_lib.tiny_config('mt')
   other.model.sce_features = 24
-  with pytest.raises(ckpt_lib.CheckpointError,
-                     match=r'export/variables does not fit .*sce/conv/kernel has shape '
-                           r'\(44, 16\), the model needs \(44, 24\).* another config '
-                           r'\(model.sce_features: 16 in the checkpoint, 24 here\)$'):
+  with pytest.raises(
+      ckpt_lib.CheckpointError,
+      match=r'export/variables does not fit .*sce/conv/kernel has shape '
+      r'\(44, 16\), the model needs \(44, 24\).* another config '
+      r'\(model.sce_features: 16 in the checkpoint, 24 here\)$',
+  ):
     ckpt_lib.load_model_variables(path, model_config=other)
   # The export is sealed with checksums; a changed byte is named, in one line.
   manifest = json.loads((tmp_path / 'export' / ckpt_lib.MANIFEST).read_text())['files']
   assert 'config/metadata' in manifest and 'variables/_METADATA' in manifest
   target = tmp_path / 'export' / 'config' / 'metadata'
   target.write_text(target.read_text().replace('"sce_features": 16', '"sce_features": 61'))
-  with pytest.raises(ckpt_lib.CheckpointError,
-                     match=r'^damaged checkpoint: .*export/config/metadata: contents changed '
-                           r'since the save \(CRC-32 mismatch\)$'):
+  with pytest.raises(
+      ckpt_lib.CheckpointError,
+      match=r'^damaged checkpoint: .*export/config/metadata: contents changed '
+      r'since the save \(CRC-32 mismatch\)$',
+  ):
     ckpt_lib.load_model_variables(path)
 
 
@@ -78,8 +82,13 @@ def test_manager_keeps_latest_and_best_and_restores_abstract(tiny, tmp_path):
   meta = {'config': config.to_json_best_effort(), 'best_model': 1}
   for step, pck in [(1, 50.0), (2, 70.0), (3, 40.0), (4, None), (5, 60.0)]:
     metrics = None if pck is None else {'val/pck@0.1': pck}
-    ckpt_lib.save(manager, step, state.replace(step=jnp.int32(step)),
-                  dict(meta, step=step, metrics=metrics or {}), metrics=metrics)
+    ckpt_lib.save(
+        manager,
+        step,
+        state.replace(step=jnp.int32(step)),
+        dict(meta, step=step, metrics=metrics or {}),
+        metrics=metrics,
+    )
   manager.wait_until_finished()
   assert manager.all_steps() == [2, 4, 5]  # the best (70) and the two latest
   assert manager.best_step() == 2
@@ -110,11 +119,14 @@ def test_manager_keeps_latest_and_best_and_restores_abstract(tiny, tmp_path):
   # Restoring into another configuration's state names the path and the arrays.
   other = config_lib.tiny_config('mt')
   other.model.sce_features = 24
-  other_state = train.create_train_state(other, models.build_model(other), tx,
-                                         jax.random.PRNGKey(1))
-  with pytest.raises(ckpt_lib.CheckpointError,
-                     match=r'checkpoints/5/state does not fit the training state .*sce.* '
-                           r'another config \(model.sce_features: 16 in the checkpoint, 24 '
-                           r'here\)$'):
+  other_state = train.create_train_state(
+      other, models.build_model(other), tx, jax.random.PRNGKey(1)
+  )
+  with pytest.raises(
+      ckpt_lib.CheckpointError,
+      match=r'checkpoints/5/state does not fit the training state .*sce.* '
+      r'another config \(model.sce_features: 16 in the checkpoint, 24 '
+      r'here\)$',
+  ):
     ckpt_lib.restore(manager, ckpt_lib.abstract_like(other_state), config=other)
   del variables

@@ -69,7 +69,7 @@ def _largest_array_file(step_dir: pathlib.Path) -> pathlib.Path:
 
 def _garble(path: pathlib.Path, n: int, offset: int = 64) -> None:
   data = bytearray(path.read_bytes())
-  data[offset:offset + n] = np.random.default_rng(0).integers(0, 256, n, np.uint8).tobytes()
+  data[offset : offset + n] = np.random.default_rng(0).integers(0, 256, n, np.uint8).tobytes()
   path.write_bytes(bytes(data))
 
 
@@ -77,8 +77,9 @@ def _restore(config, workdir):
   """The trainer's restore: (restored step, log records of the checkpoint module)."""
   model = models.build_model(config)
   tx = schedules.make_optimizer(config.optim, 2)
-  abstract = jax.eval_shape(lambda: train.create_train_state(config, model, tx,
-                                                             jax.random.PRNGKey(0)))
+  abstract = jax.eval_shape(
+      lambda: train.create_train_state(config, model, tx, jax.random.PRNGKey(0))
+  )
   it = data_lib.create_train_iterator(config.data, batch_size=4, seed=0)
   manager = ckpt_lib.make_manager(workdir, ckpt_lib.select_metric(config), async_saves=False)
   state, meta = ckpt_lib.restore(manager, ckpt_lib.abstract_like(abstract), it, config=config)
@@ -89,8 +90,12 @@ def _restore(config, workdir):
 def _warnings(caplog):
   """The warnings `sccorr_jax/checkpoint/` logged (not, say, asyncio reporting late an Orbax
   read error of an earlier test's damaged step, when its future is garbage-collected)."""
-  return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING
-          and pathlib.Path(r.pathname).parts[-3:-1] == ('sccorr_jax', 'checkpoint')]
+  return [
+      r.getMessage()
+      for r in caplog.records
+      if r.levelno >= logging.WARNING
+      and pathlib.Path(r.pathname).parts[-3:-1] == ('sccorr_jax', 'checkpoint')
+  ]
 
 
 def _one_line(e) -> str:
@@ -103,18 +108,22 @@ def _one_line(e) -> str:
 # Resuming from a damaged latest step: the previous step, one warning line.
 
 
-@pytest.mark.parametrize('damage, problem', [
-    ('truncate_array', r'\d+ bytes, \d+ when saved \(truncated'),
-    ('delete_array', 'missing'),
-    ('garble_array_4k', r'CRC-32 mismatch'),
-    ('garble_meta', r'meta/metadata: not valid JSON'),
-    ('garble_data', r'data/process_0-of-1\.json: not valid JSON'),
-    ('empty_state_metadata', r'state/_METADATA: empty \(0 bytes\)'),
-    ('delete_state_metadata', r'state/_METADATA: missing'),
-    ('delete_manifest', r'4/checksums\.json: missing'),
-])
-def test_damaged_latest_step_resumes_from_the_previous_one(trained, workdir, caplog, damage,
-                                                           problem):
+@pytest.mark.parametrize(
+    'damage, problem',
+    [
+        ('truncate_array', r'\d+ bytes, \d+ when saved \(truncated'),
+        ('delete_array', 'missing'),
+        ('garble_array_4k', r'CRC-32 mismatch'),
+        ('garble_meta', r'meta/metadata: not valid JSON'),
+        ('garble_data', r'data/process_0-of-1\.json: not valid JSON'),
+        ('empty_state_metadata', r'state/_METADATA: empty \(0 bytes\)'),
+        ('delete_state_metadata', r'state/_METADATA: missing'),
+        ('delete_manifest', r'4/checksums\.json: missing'),
+    ],
+)
+def test_damaged_latest_step_resumes_from_the_previous_one(
+    trained, workdir, caplog, damage, problem
+):
   config = trained[0]
   step4 = _step(workdir)
   array = _largest_array_file(step4)
@@ -177,7 +186,8 @@ def test_resume_after_fallback_logs_each_step_once_with_uninterrupted_means(trai
   def rows(run, kind):
     out = [json.loads(line) for line in (run / 'metrics.jsonl').read_text().splitlines()]
     return {r['step']: r for r in out if any(k.startswith(kind) for k in r)}, [
-        r['step'] for r in out if any(k.startswith(kind) for k in r)]
+        r['step'] for r in out if any(k.startswith(kind) for k in r)
+    ]
 
   (train_rows, train_steps), (first_train, _) = rows(workdir, 'train/a/'), rows(base, 'train/a/')
   (val_rows, val_steps), (first_val, _) = rows(workdir, 'val/'), rows(base, 'val/')
@@ -185,9 +195,12 @@ def test_resume_after_fallback_logs_each_step_once_with_uninterrupted_means(trai
   assert rows(workdir, 'compile/')[1] == [0, 2]  # The first run's and the resumed run's.
   assert train_rows[3] == pytest.approx(
       {k: v for k, v in first_train[3].items() if k != 'train/steps_per_s'}
-      | {'train/steps_per_s': train_rows[3]['train/steps_per_s']}, rel=1e-6)
+      | {'train/steps_per_s': train_rows[3]['train/steps_per_s']},
+      rel=1e-6,
+  )
   assert {k: v for k, v in val_rows[4].items() if 'pck' in k} == pytest.approx(
-      {k: v for k, v in first_val[4].items() if 'pck' in k})
+      {k: v for k, v in first_val[4].items() if 'pck' in k}
+  )
 
 
 def test_no_intact_step_to_resume_from_is_one_line_naming_the_directory(trained, workdir):
@@ -239,8 +252,10 @@ def test_select_alpha_picks_the_model_and_the_checkpoint(trained):
   for meta in metas.values():
     m = meta['metrics']
     assert m['val/pck@0.05'] == m[f"val/{'ab'[meta['best_model']]}/pck@0.05"]
-    assert m[f"val/{'ab'[meta['best_model']]}/pck@0.05"] >= m[
-        f"val/{'ab'[1 - meta['best_model']]}/pck@0.05"]
+    assert (
+        m[f"val/{'ab'[meta['best_model']]}/pck@0.05"]
+        >= m[f"val/{'ab'[1 - meta['best_model']]}/pck@0.05"]
+    )
     saved = json.loads((_step(workdir, meta['step']) / 'metrics' / 'metrics').read_text())
     assert saved['val/pck@0.05'] == m['val/pck@0.05']  # What the manager ranks by.
   values = {s: metas[s]['metrics']['val/pck@0.05'] for s in (2, 4)}
@@ -263,18 +278,42 @@ def test_eval_and_match_on_a_damaged_best_checkpoint_name_the_file(trained, work
   assert str(array) in text and 'CRC-32 mismatch' in text
   image = tmp_path / 'img.png'
   Image.fromarray(np.full((40, 50, 3), 128, np.uint8)).save(image)
-  r = subprocess.run([sys.executable, 'tools/match.py', f'--checkpoint={workdir}', str(image),
-                      str(image), f'--out={tmp_path / "out"}'], cwd=ROOT, capture_output=True,
-                     text=True, timeout=300, check=False)
+  r = subprocess.run(
+      [
+          sys.executable,
+          'tools/match.py',
+          f'--checkpoint={workdir}',
+          str(image),
+          str(image),
+          f'--out={tmp_path / "out"}',
+      ],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      check=False,
+  )
   errors = [line for line in r.stderr.splitlines() if line.startswith('error:')]
   assert r.returncode == 2 and 'Traceback' not in r.stderr, r.stderr[-3000:]
   assert len(errors) == 1 and str(array) in errors[0] and 'CRC-32 mismatch' in errors[0], errors
   assert not (tmp_path / 'out').exists()
-  r = subprocess.run([sys.executable, '-m', 'sccorr_jax.main', '--mode=eval',
-                      '--config=configs/demo.py:baseline,tiny', f'--checkpoint={workdir}',
-                      f'--config.data.data_dir={config.data.data_dir}',
-                      f'--workdir={tmp_path / "eval"}'], cwd=ROOT, capture_output=True,
-                     text=True, timeout=300, check=False)
+  r = subprocess.run(
+      [
+          sys.executable,
+          '-m',
+          'sccorr_jax.main',
+          '--mode=eval',
+          '--config=configs/demo.py:baseline,tiny',
+          f'--checkpoint={workdir}',
+          f'--config.data.data_dir={config.data.data_dir}',
+          f'--workdir={tmp_path / "eval"}',
+      ],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      check=False,
+  )
   errors = [line for line in r.stderr.splitlines() if line.startswith('error:')]
   assert r.returncode == 2 and 'Traceback' not in r.stderr, r.stderr[-3000:]
   assert len(errors) == 1 and str(array) in errors[0] and 'CRC-32 mismatch' in errors[0], errors

@@ -15,7 +15,8 @@ from sccorr_jax import config_lib
 CONFIGS = os.path.join(os.path.dirname(__file__), '..', 'configs')
 demo, demo_warp, pfpascal, pfwillow, spair = (
     config_lib.load_config_module(os.path.join(CONFIGS, f'{name}.py'))
-    for name in ('demo', 'demo_warp', 'pfpascal', 'pfwillow', 'spair'))
+    for name in ('demo', 'demo_warp', 'pfpascal', 'pfwillow', 'spair')
+)
 
 
 def test_load_config_file_errors(tmp_path):
@@ -24,26 +25,37 @@ def test_load_config_file_errors(tmp_path):
   (tmp_path / 'empty.py').write_text('x = 1\n')
   with pytest.raises(config_lib.ConfigFileError, match='defines no get_config'):
     config_lib.load_config(str(tmp_path / 'empty.py'))
-  assert config_lib.load_config(os.path.join(CONFIGS, 'demo.py') + ':baseline,tiny'
-                                ).learning_mode == 'baseline'
+  assert (
+      config_lib.load_config(os.path.join(CONFIGS, 'demo.py') + ':baseline,tiny').learning_mode
+      == 'baseline'
+  )
 
 
 def test_loading_a_config_imports_no_data_pipeline():
   """config_lib (the data defaults included) and the config files (those that load another's
   recipe too) pull in neither grain nor TFDS."""
   root = os.path.dirname(CONFIGS)
-  code = ('import glob, sys\n'
-          'from sccorr_jax import config_lib\n'
-          'config = config_lib.load_config("configs/demo.py")\n'
-          'assert config.data.name == "parts", config.data.name\n'
-          'for path in sorted(glob.glob("configs/*.py")):\n'
-          '  config_lib.load_config(path)\n'
-          'heavy = [m for m in ("grain", "tensorflow_datasets", "tensorflow", "jax")\n'
-          '         if m in sys.modules]\n'
-          'assert not heavy, heavy\n')
+  code = (
+      'import glob, sys\n'
+      'from sccorr_jax import config_lib\n'
+      'config = config_lib.load_config("configs/demo.py")\n'
+      'assert config.data.name == "parts", config.data.name\n'
+      'for path in sorted(glob.glob("configs/*.py")):\n'
+      '  config_lib.load_config(path)\n'
+      'heavy = [m for m in ("grain", "tensorflow_datasets", "tensorflow", "jax")\n'
+      '         if m in sys.modules]\n'
+      'assert not heavy, heavy\n'
+  )
   env = dict(os.environ, PYTHONPATH=root)
-  r = subprocess.run([sys.executable, '-c', code], cwd=root, env=env, capture_output=True,
-                     text=True, timeout=120, check=False)
+  r = subprocess.run(
+      [sys.executable, '-c', code],
+      cwd=root,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=120,
+      check=False,
+  )
   assert r.returncode == 0, r.stderr[-3000:]
 
 
@@ -51,6 +63,7 @@ def test_data_defaults_are_config_libs():
   """`sccorr_jax.data.default_data_config` is config_lib's (one home for the data defaults)."""
   from sccorr_jax import data  # pylint: disable=g-import-not-at-top
   from sccorr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+
   assert data.default_data_config is config_lib.default_data_config
   assert set(config_lib.DATASETS) == {*pipeline.EMBEDDED, *pipeline.BUILDERS}
 
@@ -60,8 +73,10 @@ def test_restored_config_completes_an_older_runs_data_section():
   pipeline reads every key without a default of its own."""
   import json  # pylint: disable=g-import-not-at-top
   from sccorr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  stored = json.loads(config_lib.load_config(os.path.join(CONFIGS, 'demo.py')
-                                             ).to_json_best_effort())
+
+  stored = json.loads(
+      config_lib.load_config(os.path.join(CONFIGS, 'demo.py')).to_json_best_effort()
+  )
   for key in ('parts_appearance', 'parts_novel_categories', 'flip_source_p'):
     del stored['data'][key]
   config = config_lib.restored_config(stored)
@@ -89,8 +104,11 @@ def test_spair_reference_values():
   assert c.learning_mode == 'mt'
   assert (c.model.sce_kernel_size, c.model.sce_features) == (7, 2048)
   assert c.teacher.pseudo_start_epoch == 4 and c.teacher.pseudo_weight == 10.0
-  assert (c.teacher.remember_rate_start, c.teacher.remember_rate_end,
-          c.teacher.remember_rate_epochs) == (0.2, 0.9, 10)
+  assert (
+      c.teacher.remember_rate_start,
+      c.teacher.remember_rate_end,
+      c.teacher.remember_rate_epochs,
+  ) == (0.2, 0.9, 10)
   assert c.teacher.dilation_kernel == 7
   assert c.optim.batch_size == 16 and c.optim.num_epochs == 150
   assert (c.optim.lr, c.optim.backbone_lr, c.optim.weight_decay) == (3e-5, 3e-6, 0.05)
@@ -155,8 +173,14 @@ def test_every_ablation_is_a_config_switch(entry):
 
 def test_ablation_sweep_covers_tables_4_and_6():
   keys = {k for entry in config_lib.ablation_sweep() for k in entry}
-  assert {'model.use_context', 'model.feature_size', 'optim.freeze_backbone', 'learning_mode',
-          'teacher.small_loss_selection', 'teacher.dilation_kernel'} <= keys
+  assert {
+      'model.use_context',
+      'model.feature_size',
+      'optim.freeze_backbone',
+      'learning_mode',
+      'teacher.small_loss_selection',
+      'teacher.dilation_kernel',
+  } <= keys
   kernels = {e.get('teacher.dilation_kernel', 7) for e in config_lib.ablation_sweep()}
   assert {0, 3, 7, 15} <= kernels
   lines = config_lib.sweep_to_flags(config_lib.ablation_sweep())
@@ -166,10 +190,17 @@ def test_ablation_sweep_covers_tables_4_and_6():
 def test_command_line_overrides(monkeypatch):
   """`--config.x.y=v` overrides of the optional fields (None-able ones take 0 for None)."""
   from absl import flags  # pylint: disable=g-import-not-at-top
-  argv = ['prog', f'--config={os.path.join(CONFIGS, "spair.py")}:baseline',
-          '--config.model.stage_sizes=(1,1,1,1)', '--config.model.feature_size=0',
-          '--config.teacher.dilation_kernel=0', '--config.optim.lr=1e-4',
-          '--config.model.pretrained=/x.pth', '--config.optim.steps_per_epoch=5']
+
+  argv = [
+      'prog',
+      f'--config={os.path.join(CONFIGS, "spair.py")}:baseline',
+      '--config.model.stage_sizes=(1,1,1,1)',
+      '--config.model.feature_size=0',
+      '--config.teacher.dilation_kernel=0',
+      '--config.optim.lr=1e-4',
+      '--config.model.pretrained=/x.pth',
+      '--config.optim.steps_per_epoch=5',
+  ]
   monkeypatch.setattr(sys, 'argv', argv)
   fv = flags.FlagValues()
   holder = config_flags.DEFINE_config_file('config', None, flag_values=fv, lock_config=True)
@@ -184,6 +215,7 @@ def test_command_line_overrides(monkeypatch):
 def _flags_config(monkeypatch, spec, *overrides):
   """The config of `--config=<spec> <overrides>` through absl, as `sccorr_jax.main` reads it."""
   from absl import flags  # pylint: disable=g-import-not-at-top
+
   argv = ['prog', f'--config={spec}', *overrides]
   monkeypatch.setattr(sys, 'argv', argv)
   fv = flags.FlagValues()
@@ -210,6 +242,7 @@ def test_the_stride_16_loss_ablation_detaches_data_feature_size(monkeypatch):
   """`model.feature_size=0` (no upsampling) takes the label grid of the correlation, set apart
   in either order (why the link is one way); the model does not follow `data.feature_size`."""
   from sccorr_jax import train  # pylint: disable=g-import-not-at-top
+
   entry = [e for e in config_lib.ablation_sweep() if e.get('model.feature_size') == 0][0]
   for order in (entry, dict(reversed(list(entry.items())))):
     c = spair.get_config()
@@ -217,8 +250,9 @@ def test_the_stride_16_loss_ablation_detaches_data_feature_size(monkeypatch):
     config_lib.apply_overrides(c, order)
     assert (c.model.feature_size, c.data.feature_size) == (0, 16)
     train.check_config(c)
-  c = _flags_config(monkeypatch, os.path.join(CONFIGS, 'spair.py'),
-                    *config_lib.sweep_to_flags([entry])[0].split())
+  c = _flags_config(
+      monkeypatch, os.path.join(CONFIGS, 'spair.py'), *config_lib.sweep_to_flags([entry])[0].split()
+  )
   assert (c.model.feature_size, c.data.feature_size) == (0, 16)
   c = spair.get_config()
   c.data.feature_size = 32  # On its own: the model keeps its grid, and the check says so.
@@ -230,6 +264,7 @@ def test_the_stride_16_loss_ablation_detaches_data_feature_size(monkeypatch):
 def test_the_feature_size_link_survives_pickling():
   """The experiment runner sends configs to spawned workers."""
   import pickle  # pylint: disable=g-import-not-at-top
+
   c = pickle.loads(pickle.dumps(demo.get_config()))
   c.model.feature_size = 12
   assert c.data.feature_size == 12

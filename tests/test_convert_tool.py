@@ -14,8 +14,13 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _run(*args):
-  return subprocess.run([sys.executable, str(ROOT / "tools" / "convert_torch.py"), *args],
-                        cwd=ROOT, capture_output=True, text=True, timeout=600)
+  return subprocess.run(
+      [sys.executable, str(ROOT / "tools" / "convert_torch.py"), *args],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
 
 
 def test_convert_tool_round_trips_the_reference_state_dict(tmp_path, reference_forward):

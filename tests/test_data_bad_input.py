@@ -39,8 +39,9 @@ def _ann_path(base, split, name):
 
 
 def _prepare(tmp_path, name='spair71k', **policy):
-  return prepare.prepare(name, str(tmp_path / 'tfds'), str(tmp_path / 'raw'),
-                         records.BadRecordPolicy(**policy))
+  return prepare.prepare(
+      name, str(tmp_path / 'tfds'), str(tmp_path / 'raw'), records.BadRecordPolicy(**policy)
+  )
 
 
 def _is_prepared(tmp_path, name='spair71k'):
@@ -62,10 +63,15 @@ def test_bad_records_are_skipped_and_listed(tmp_path):
   report = builder.report
   problems = {(b['split'], os.path.basename(b['file'])): b['problem'] for b in report.bad}
   assert 'missing' in problems[('trn', '2009_000002.jpg')]
-  assert 'malformed JSON' in problems[('trn', os.path.basename(
-      _ann_path(base, 'trn', trn[0]['name'])))]
-  assert report.counts == {'trn': {'written': 2, 'bad': 2}, 'val': {'written': 1, 'bad': 1},
-                           'test': {'written': 1, 'bad': 1}}
+  assert (
+      'malformed JSON'
+      in problems[('trn', os.path.basename(_ann_path(base, 'trn', trn[0]['name'])))]
+  )
+  assert report.counts == {
+      'trn': {'written': 2, 'bad': 2},
+      'val': {'written': 1, 'bad': 1},
+      'test': {'written': 1, 'bad': 1},
+  }
   assert len(report.dropped_kps) == 1 and 'outside' in report.dropped_kps[0]['problem']
   assert '500' in report.dropped_kps[0]['problem']
   # The report lands beside the data and the summary lists every skipped pair.
@@ -76,8 +82,9 @@ def test_bad_records_are_skipped_and_listed(tmp_path):
   cfg = data.default_data_config('spair71k')
   cfg.data_dir = str(tmp_path / 'tfds')
   val = data.data_source(cfg, 'val')
-  rec = next(val[i] for i in range(len(val))
-             if val[i]['pair_id'].decode() == written['val'][1]['name'])
+  rec = next(
+      val[i] for i in range(len(val)) if val[i]['pair_id'].decode() == written['val'][1]['name']
+  )
   assert rec['kps_valid'].sum() == len(written['val'][1]['src_kps']) - 1
 
 
@@ -146,11 +153,14 @@ def test_pfpascal_bad_mat_unreadable_image_and_cmyk_grey_images(tmp_path):
   img = Image.open(base / 'JPEGImages' / '2007_000002.jpg')
   img.convert('L').save(base / 'JPEGImages' / '2007_000002.jpg', 'JPEG')
   report = _prepare(tmp_path, 'pfpascal', max_bad_fraction=1.0).report
-  got = sorted((b['split'], os.path.basename(b['file']), b['problem'].split(' (')[0])
-               for b in report.bad)
-  assert got == [('test', '2008_000012.mat', 'malformed .mat file'),
-                 ('trn', '2008_000010.jpg', 'image cannot be decoded'),
-                 ('val', '2008_000012.mat', 'malformed .mat file')]
+  got = sorted(
+      (b['split'], os.path.basename(b['file']), b['problem'].split(' (')[0]) for b in report.bad
+  )
+  assert got == [
+      ('test', '2008_000012.mat', 'malformed .mat file'),
+      ('trn', '2008_000010.jpg', 'image cannot be decoded'),
+      ('val', '2008_000012.mat', 'malformed .mat file'),
+  ]
   cfg = data.default_data_config('pfpascal')
   cfg.data_dir = str(tmp_path / 'tfds')
   rec = data.data_source(cfg, 'trn')[0]
@@ -166,11 +176,13 @@ def test_clean_keypoints_rules():
   assert v.sum() == 1 and s.shape == (40, 2)
   np.testing.assert_array_equal(s[0], [1, 1])
   with pytest.raises(records.BadRecordError, match='more than the supported 40'):
-    records.clean_keypoints(np.ones((41, 2)), np.ones((41, 2)), (10, 10), (10, 10), file='f',
-                            record='r')
+    records.clean_keypoints(
+        np.ones((41, 2)), np.ones((41, 2)), (10, 10), (10, 10), file='f', record='r'
+    )
   with pytest.raises(records.BadRecordError, match='2 source keypoints but 1 target'):
-    records.clean_keypoints(np.ones((2, 2)), np.ones((1, 2)), (10, 10), (10, 10), file='f',
-                            record='r')
+    records.clean_keypoints(
+        np.ones((2, 2)), np.ones((1, 2)), (10, 10), (10, 10), file='f', record='r'
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,9 +194,11 @@ def test_clean_keypoints_rules():
 @pytest.fixture(scope='module')
 def templates(tmp_path_factory):
   raw = tmp_path_factory.mktemp('templates')
-  written = {'spair71k': testing.write_spair71k(str(raw)),
-             'pfpascal': testing.write_pfpascal(str(raw)),
-             'pfwillow': testing.write_pfwillow(str(raw))}
+  written = {
+      'spair71k': testing.write_spair71k(str(raw)),
+      'pfpascal': testing.write_pfpascal(str(raw)),
+      'pfwillow': testing.write_pfwillow(str(raw)),
+  }
   return raw, written
 
 
@@ -208,21 +222,26 @@ def _edit_json(path, fn, raw_replace=None):
 
 def _spair_ann(field, value, raw_replace=None):
   """A defect: field `field` of the first trn pair's annotation set to `value`."""
+
   def apply(base, written):
     def fn(ann):
       if callable(value):
         ann[field] = value(ann[field])
       else:
         ann[field] = value
+
     _edit_json(_ann_path(base, 'trn', written['trn'][0]['name']), fn, raw_replace)
+
   return apply
 
 
 def _spair_image(write):
   """A defect: the first trn pair's source image (2008_000001) rewritten by `write(path)`."""
+
   def apply(base, written):
     del written
     write(base / 'JPEGImages' / 'aeroplane' / '2008_000001.jpg')
+
   return apply
 
 
@@ -251,10 +270,11 @@ SPAIR_SKIPPED = {  # defect -> (apply, regex the problem must match)
     'kps_flat_list': (_spair_ann('src_kps', lambda k: [v for p in k for v in p]), 'flat list'),
     'kps_strings': (_spair_ann('src_kps', lambda k: [[str(x), y] for x, y in k]), 'str'),
     'kps_nan': (_spair_ann('src_kps', lambda k: [[float('nan'), 1]] + k[1:]), 'not finite'),
-    'kps_infinity': (_spair_ann('trg_kps', lambda k: k[:-1] + [[1, float('inf')]]),
-                     'not finite'),
-    'kps_1e400': (_spair_ann('src_kps', lambda k: [[123456789, 1]] + k[1:],
-                             {'123456789': '1e400'}), 'not finite'),
+    'kps_infinity': (_spair_ann('trg_kps', lambda k: k[:-1] + [[1, float('inf')]]), 'not finite'),
+    'kps_1e400': (
+        _spair_ann('src_kps', lambda k: [[123456789, 1]] + k[1:], {'123456789': '1e400'}),
+        'not finite',
+    ),
     'kps_null': (_spair_ann('src_kps', lambda k: [[None, 1]] + k[1:]), 'NoneType'),
     'bbox_x2_lt_x1': (_spair_ann('src_bndbox', [20, 2, 10, 20]), 'inverted'),
     'bbox_both_inverted': (_spair_ann('src_bndbox', [30, 25, 1, 2]), 'inverted'),
@@ -262,10 +282,12 @@ SPAIR_SKIPPED = {  # defect -> (apply, regex the problem must match)
     'bbox_far_outside': (_spair_ann('src_bndbox', [500, 600, 900, 800]), 'beyond the image'),
     'bbox_three_numbers': (_spair_ann('trg_bndbox', [1, 2, 3]), '4 finite numbers'),
     'bbox_booleans': (_spair_ann('trg_bndbox', [True, True, True, True]), 'booleans'),
-    'float32_tiff': (_spair_image(_save_float_tiff), "as floats .*range is unknown"),
+    'float32_tiff': (_spair_image(_save_float_tiff), 'as floats .*range is unknown'),
     'int32_tiff': (_spair_image(_save_int32_tiff), '32-bit integers'),
-    'truncated_image': (_spair_image(lambda p: p.write_bytes(p.read_bytes()[:200])),
-                        'cannot be decoded'),
+    'truncated_image': (
+        _spair_image(lambda p: p.write_bytes(p.read_bytes()[:200])),
+        'cannot be decoded',
+    ),
 }
 
 
@@ -312,8 +334,9 @@ def test_spair_16bit_png_is_scaled_to_8_bits(templates, tmp_path):
   cfg = data.default_data_config('spair71k')
   cfg.data_dir = str(tmp_path / 'tfds')
   trn = data.data_source(cfg, 'trn')
-  rec = next(trn[i] for i in range(len(trn))
-             if trn[i]['pair_id'].decode() == written['trn'][0]['name'])
+  rec = next(
+      trn[i] for i in range(len(trn)) if trn[i]['pair_id'].decode() == written['trn'][0]['name']
+  )
   want = np.round(grey16.astype(np.float64) * 255 / 65535).astype(np.uint8)
   np.testing.assert_array_equal(rec['src_img'], np.repeat(want[..., None], 3, -1))
   assert rec['src_img'][0, :3, 0].tolist() == [0, 255, 128]
@@ -382,10 +405,11 @@ PASCAL_SKIPPED = {
     'kps_triples': (lambda b: _savemat(b / _MAT, kps=np.ones((6, 3))), 'triples'),
     'kps_infinity': (lambda b: _savemat(b / _MAT, kps=np.full((6, 2), np.inf)), 'not finite'),
     'kps_complex': (lambda b: _savemat(b / _MAT, kps=np.ones((6, 2)) * 1j), 'real numbers'),
-    'bbox_inverted': (lambda b: _savemat(b / _MAT, bbox=np.array([[30., 20, 1, 1]])),
-                      'inverted'),
-    'bbox_far_outside': (lambda b: _savemat(b / _MAT, bbox=np.array([[1., 1, 400, 300]])),
-                         'beyond the image'),
+    'bbox_inverted': (lambda b: _savemat(b / _MAT, bbox=np.array([[30.0, 20, 1, 1]])), 'inverted'),
+    'bbox_far_outside': (
+        lambda b: _savemat(b / _MAT, bbox=np.array([[1.0, 1, 400, 300]])),
+        'beyond the image',
+    ),
 }
 
 
@@ -411,11 +435,12 @@ def test_pfpascal_defect_skips_and_names_the_pair(templates, tmp_path, defect):
 WILLOW_SKIPPED = {
     'coordinate_nan': (lambda b: _csv_cell(b, 'test_pairs.csv', 1, 2, 'nan'), 'not finite'),
     'coordinate_inf': (lambda b: _csv_cell(b, 'test_pairs.csv', 1, 13, 'inf'), 'not finite'),
-    'coordinate_1e400': (lambda b: _csv_cell(b, 'test_pairs.csv', 1, 40, '1e400'),
-                         'not finite'),
+    'coordinate_1e400': (lambda b: _csv_cell(b, 'test_pairs.csv', 1, 40, '1e400'), 'not finite'),
     'coordinate_text': (lambda b: _csv_cell(b, 'test_pairs.csv', 1, 5, 'x'), 'not a number'),
-    'one_point': (lambda b: [_csv_cell(b, 'test_pairs.csv', 1, c, '5') for c in range(2, 22)],
-                  'all lie on one point'),
+    'one_point': (
+        lambda b: [_csv_cell(b, 'test_pairs.csv', 1, c, '5') for c in range(2, 22)],
+        'all lie on one point',
+    ),
     'non_utf8_row': (lambda b: _non_utf8_row(b, 'test_pairs.csv', 1), 'not UTF-8'),
 }
 
@@ -431,9 +456,14 @@ def test_pfwillow_defect_skips_and_names_the_pair(templates, tmp_path, defect):
 
 
 def test_numeric_checks_refuse_what_numpy_would_accept():
-  for value, problem in (([[True, 1]], 'booleans'), ([['1', 2]], 'str'), ([[1, 2, 3]], 'triples'),
-                         ([1, 2, 3, 4], 'flat list'), ([[10**400, 1]], 'too large'),
-                         ([[1, 2], [3]], 'not a regular array')):
+  for value, problem in (
+      ([[True, 1]], 'booleans'),
+      ([['1', 2]], 'str'),
+      ([[1, 2, 3]], 'triples'),
+      ([1, 2, 3, 4], 'flat list'),
+      ([[10**400, 1]], 'too large'),
+      ([[1, 2], [3]], 'not a regular array'),
+  ):
     with pytest.raises(records.BadRecordError, match=problem):
       records.keypoint_array(value, 'kps', 'f')
   np.testing.assert_array_equal(records.keypoint_array([[1, 2.5]], 'kps', 'f'), [[1, 2.5]])
@@ -443,8 +473,9 @@ def test_numeric_checks_refuse_what_numpy_would_accept():
   assert np.isnan(records.keypoint_array([[np.nan, 1]], 'kps', 'f', nan_invisible=True)).any()
   with pytest.raises(records.BadRecordError, match='not finite'):
     records.keypoint_array([[np.inf, 1]], 'kps', 'f', nan_invisible=True)
-  np.testing.assert_array_equal(records.parse_bbox([[1, 2, 3, 4]], 'f', 'b', (10, 10)),
-                                [1, 2, 3, 4])
+  np.testing.assert_array_equal(
+      records.parse_bbox([[1, 2, 3, 4]], 'f', 'b', (10, 10)), [1, 2, 3, 4]
+  )
   assert records.parse_level(np.int64(2), 'f', 'l', 3) == 2
   with pytest.raises(records.BadRecordError) as e:  # a multi-line repr still makes one line
     records.parse_bbox(np.ones((3, 2)), 'f', 'b')
@@ -458,8 +489,15 @@ def test_numeric_checks_refuse_what_numpy_would_accept():
 
 def _cli(*args, cwd):
   env = dict(os.environ, SCCORR_DATA_DIR=str(cwd / 'default_tfds'))
-  proc = subprocess.run([sys.executable, '-m', 'sccorr_jax.data.prepare', *args], cwd=cwd,
-                        env=env, capture_output=True, text=True, timeout=300, check=False)
+  proc = subprocess.run(
+      [sys.executable, '-m', 'sccorr_jax.data.prepare', *args],
+      cwd=cwd,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      check=False,
+  )
   lines = proc.stderr.strip().splitlines()
   return proc.returncode, proc.stdout, proc.stderr, lines[-1] if lines else ''
 
@@ -479,28 +517,54 @@ def cli_dirs(templates, tmp_path_factory):
   return root, ann
 
 
-@pytest.mark.parametrize('case', ['unknown_dataset', 'no_dataset', 'missing_manual_dir',
-                                  'empty_manual_dir', 'wrong_layout', 'bad_record_raise',
-                                  'bad_flag', 'data_dir_is_a_file'])
+@pytest.mark.parametrize(
+    'case',
+    [
+        'unknown_dataset',
+        'no_dataset',
+        'missing_manual_dir',
+        'empty_manual_dir',
+        'wrong_layout',
+        'bad_record_raise',
+        'bad_flag',
+        'data_dir_is_a_file',
+    ],
+)
 def test_prepare_command_user_mistake_is_one_line(cli_dirs, case):
   root, bad_ann = cli_dirs
   tfds_dir = f'--data_dir={root / f"tfds_{case}"}'
   args, expect = {
       'unknown_dataset': (['--dataset=spair', tfds_dir], ['--dataset=spair', 'unknown dataset']),
       'no_dataset': ([tfds_dir], ['--dataset is required']),
-      'missing_manual_dir': (['--dataset=spair71k', f'--manual_dir={root / "nope"}', tfds_dir],
-                             [str(root / 'nope'), 'does not exist']),
-      'empty_manual_dir': (['--dataset=pfwillow', f'--manual_dir={root / "empty"}', tfds_dir],
-                           [str(root / 'empty'), 'is empty', 'PF-WILLOW/test_pairs.csv']),
-      'wrong_layout': (['--dataset=spair71k', f'--manual_dir={root / "pascal_only"}', tfds_dir],
-                       [str(root / 'pascal_only'), 'wrong layout', 'PF-PASCAL']),
-      'bad_record_raise': (['--dataset=spair71k', f'--manual_dir={root / "spair_bad"}',
-                            '--on_bad_record=raise', tfds_dir],
-                           [bad_ann.name, 'truncation', 'outside']),
-      'bad_flag': (['--dataset=spair71k', '--max_bad_fraction=lots', tfds_dir],
-                   ['--max_bad_fraction=lots']),
-      'data_dir_is_a_file': (['--dataset=spair71k', f'--manual_dir={root / "spair"}',
-                              f'--data_dir={bad_ann}'], [bad_ann.name, 'not a directory']),
+      'missing_manual_dir': (
+          ['--dataset=spair71k', f'--manual_dir={root / "nope"}', tfds_dir],
+          [str(root / 'nope'), 'does not exist'],
+      ),
+      'empty_manual_dir': (
+          ['--dataset=pfwillow', f'--manual_dir={root / "empty"}', tfds_dir],
+          [str(root / 'empty'), 'is empty', 'PF-WILLOW/test_pairs.csv'],
+      ),
+      'wrong_layout': (
+          ['--dataset=spair71k', f'--manual_dir={root / "pascal_only"}', tfds_dir],
+          [str(root / 'pascal_only'), 'wrong layout', 'PF-PASCAL'],
+      ),
+      'bad_record_raise': (
+          [
+              '--dataset=spair71k',
+              f'--manual_dir={root / "spair_bad"}',
+              '--on_bad_record=raise',
+              tfds_dir,
+          ],
+          [bad_ann.name, 'truncation', 'outside'],
+      ),
+      'bad_flag': (
+          ['--dataset=spair71k', '--max_bad_fraction=lots', tfds_dir],
+          ['--max_bad_fraction=lots'],
+      ),
+      'data_dir_is_a_file': (
+          ['--dataset=spair71k', f'--manual_dir={root / "spair"}', f'--data_dir={bad_ann}'],
+          [bad_ann.name, 'not a directory'],
+      ),
   }[case]
   rc, out, err, last = _cli(*args, cwd=root)
   assert rc == 2, (out, err)
@@ -513,22 +577,32 @@ def test_prepare_command_user_mistake_is_one_line(cli_dirs, case):
 
 def test_prepare_command_verbose_shows_the_traceback(cli_dirs):
   root, _ = cli_dirs
-  rc, _, err, last = _cli('--dataset=spair71k', f'--manual_dir={root / "nope"}', '--verbose',
-                          f'--data_dir={root / "tfds_verbose"}', cwd=root)
+  rc, _, err, last = _cli(
+      '--dataset=spair71k',
+      f'--manual_dir={root / "nope"}',
+      '--verbose',
+      f'--data_dir={root / "tfds_verbose"}',
+      cwd=root,
+  )
   assert rc != 0 and 'Traceback' in err and 'does not exist' in last
 
 
 def test_prepare_command_success_lists_notes(cli_dirs):
   root, _ = cli_dirs
-  rc, out, err, _ = _cli('--dataset=spair71k', f'--manual_dir={root / "spair"}',
-                         f'--data_dir={root / "tfds_ok"}', cwd=root)
+  rc, out, err, _ = _cli(
+      '--dataset=spair71k',
+      f'--manual_dir={root / "spair"}',
+      f'--data_dir={root / "tfds_ok"}',
+      cwd=root,
+  )
   assert rc == 0, err
   assert 'trn: 4 pairs' in out and 'repeats the pair of line 1; kept once' in out
   assert out.strip().splitlines()[-1].startswith('prepared in ')
 
 
-def test_manual_dir_given_never_downloads_and_none_given_downloads(templates, tmp_path,
-                                                                    monkeypatch):
+def test_manual_dir_given_never_downloads_and_none_given_downloads(
+    templates, tmp_path, monkeypatch
+):
   """A mistyped manual dir is an error (it used to start a download); no manual dir at all
   downloads (here: a stand-in returning the extracted archive)."""
   raw, _ = templates
@@ -539,15 +613,17 @@ def test_manual_dir_given_never_downloads_and_none_given_downloads(templates, tm
     calls.append(urls)
     return {k: raw for k in urls}
 
-  monkeypatch.setattr(tfds.download.DownloadManager, 'download_and_extract',
-                      fake_download_and_extract)
+  monkeypatch.setattr(
+      tfds.download.DownloadManager, 'download_and_extract', fake_download_and_extract
+  )
   builder = pipeline.BUILDERS['pfwillow'](data_dir=str(tmp_path / 'a'))
   for missing in (tmp_path / 'nope', tmp_path / 'empty'):
     if missing.name == 'empty':
       missing.mkdir()
     with pytest.raises(records.PreparationError, match=f'{missing}.*(does not exist|is empty)'):
       builder.download_and_prepare(
-          download_config=tfds.download.DownloadConfig(manual_dir=str(missing)))
+          download_config=tfds.download.DownloadConfig(manual_dir=str(missing))
+      )
   assert not calls and not builder.is_prepared()
   builder = prepare.prepare('pfwillow', str(tmp_path / 'b'))
   assert len(calls) == 1 and builder.info.splits['test'].num_examples == 3
@@ -561,8 +637,10 @@ def test_unforeseen_exception_in_a_record_stops_naming_it(templates, tmp_path, m
     raise ZeroDivisionError('something nobody foresaw')
 
   monkeypatch.setattr(records, 'parse_level', broken)
-  with pytest.raises(records.PreparationError, match=r'\[trn\] record .*unexpected '
-                     'ZeroDivisionError: something nobody foresaw') as e:
+  with pytest.raises(
+      records.PreparationError,
+      match=r'\[trn\] record .*unexpected ' 'ZeroDivisionError: something nobody foresaw',
+  ) as e:
     _prepare(tmp_path, max_bad_fraction=1.0)
   assert any(p['name'] in str(e.value) for p in written['trn'])
   assert not _is_prepared(tmp_path)

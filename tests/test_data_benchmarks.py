@@ -18,9 +18,11 @@ S = 256
 def prepared(tmp_path_factory):
   raw = tmp_path_factory.mktemp('raw')
   tfds_dir = tmp_path_factory.mktemp('tfds')
-  written = {'spair71k': testing.write_spair71k(str(raw)),
-             'pfpascal': testing.write_pfpascal(str(raw)),
-             'pfwillow': testing.write_pfwillow(str(raw))}
+  written = {
+      'spair71k': testing.write_spair71k(str(raw)),
+      'pfpascal': testing.write_pfpascal(str(raw)),
+      'pfwillow': testing.write_pfwillow(str(raw)),
+  }
   reports = {}
   for name in written:
     builder = prepare.prepare(name, str(tfds_dir), str(raw))
@@ -117,17 +119,21 @@ def test_pfpascal_nan_keypoints_and_img_threshold(prepared):
   assert len(data.category_names(cfg)) == 20
   recs, batch = _eval_rows(cfg, 'val')
   for i, rec in enumerate(recs):
-    p = next(q for q in written['pfpascal']['val']
-             if rec['pair_id'].decode() == f'{q["src"]}.jpg-{q["trg"]}.jpg')
+    p = next(
+        q
+        for q in written['pfpascal']['val']
+        if rec['pair_id'].decode() == f'{q["src"]}.jpg-{q["trg"]}.jpg'
+    )
     keep = np.isfinite(p['src_kps']).all(1) & np.isfinite(p['trg_kps']).all(1)
     assert rec['kps_valid'].sum() == keep.sum() > 0
-    np.testing.assert_allclose(rec['src_kps'][:keep.sum()], p['src_kps'][keep], rtol=1e-6)
+    np.testing.assert_allclose(rec['src_kps'][: keep.sum()], p['src_kps'][keep], rtol=1e-6)
     assert rec['category'] == p['category']
     _check_common_row(batch, i, p['src_kps'][keep], p['trg_kps'][keep], p['src_wh'], p['trg_wh'])
     np.testing.assert_allclose(batch['pckthres'][i], S)  # PF-PASCAL's standard: the image side
     box = p['src_bbox'].astype(np.float32) * np.tile(_scale(p['src_wh']), 2)
-    np.testing.assert_allclose(batch['pckthres_bbox'][i], max(box[2] - box[0], box[3] - box[1]),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        batch['pckthres_bbox'][i], max(box[2] - box[0], box[3] - box[1]), rtol=1e-6
+    )
 
 
 def test_pfpascal_training_flip(prepared):
@@ -154,15 +160,17 @@ def test_pfpascal_training_flip(prepared):
       np.testing.assert_allclose(row[f'{side}_kps'][0, :n], kps, rtol=1e-6, atol=1e-4)
       np.testing.assert_allclose(row[f'{side}_bbox'][0], box, rtol=1e-6, atol=1e-4)
       np.testing.assert_array_equal(row[f'{side}_img'][0], img)
-    flow = geometry.keypoints_to_flow(row['src_kps'][0], row['trg_kps'][0], row['kps_valid'][0],
-                                      64, 11, S)
+    flow = geometry.keypoints_to_flow(
+        row['src_kps'][0], row['trg_kps'][0], row['kps_valid'][0], 64, 11, S
+    )
     np.testing.assert_allclose(row['flow'][0], np.asarray(flow), atol=1e-5)
   # Evaluation never flips.
   for i, rec in enumerate(recs):
     n = int(rec['kps_valid'].sum())
     wh = rec['src_imsize'][::-1]
-    np.testing.assert_allclose(eval_batch['src_kps'][i, :n], rec['src_kps'][:n] * _scale(wh),
-                               rtol=1e-6, atol=1e-4)
+    np.testing.assert_allclose(
+        eval_batch['src_kps'][i, :n], rec['src_kps'][:n] * _scale(wh), rtol=1e-6, atol=1e-4
+    )
 
 
 def test_pfwillow_png_and_thresholds(prepared):

@@ -37,19 +37,31 @@ def _assert_same(a, b):
 def test_batch_contract_shapes(cfg):
   b = next(data.create_train_iterator(cfg, batch_size=4, seed=0))
   expect = {
-      'src_img': ((4, 64, 64, 3), np.float32), 'trg_img': ((4, 64, 64, 3), np.float32),
-      'src_kps': ((4, 40, 2), np.float32), 'trg_kps': ((4, 40, 2), np.float32),
-      'kps_valid': ((4, 40), np.bool_), 'flow': ((4, 16, 16, 2), np.float32),
-      'pckthres': ((4,), np.float32), 'pckthres_bbox': ((4,), np.float32),
-      'pckthres_img': ((4,), np.float32), 'pckthres_bbox_legacy': ((4,), np.float32),
-      'src_bbox': ((4, 4), np.float32), 'trg_bbox': ((4, 4), np.float32),
-      'src_imsize': ((4, 2), np.int32), 'trg_imsize': ((4, 2), np.int32),
-      'category': ((4,), np.int32), 'pair_valid': ((4,), np.bool_),
-      'viewpoint_variation': ((4,), np.int32), 'scale_variation': ((4,), np.int32),
-      'truncation': ((4,), np.int32), 'occlusion': ((4,), np.int32),
+      'src_img': ((4, 64, 64, 3), np.float32),
+      'trg_img': ((4, 64, 64, 3), np.float32),
+      'src_kps': ((4, 40, 2), np.float32),
+      'trg_kps': ((4, 40, 2), np.float32),
+      'kps_valid': ((4, 40), np.bool_),
+      'flow': ((4, 16, 16, 2), np.float32),
+      'pckthres': ((4,), np.float32),
+      'pckthres_bbox': ((4,), np.float32),
+      'pckthres_img': ((4,), np.float32),
+      'pckthres_bbox_legacy': ((4,), np.float32),
+      'src_bbox': ((4, 4), np.float32),
+      'trg_bbox': ((4, 4), np.float32),
+      'src_imsize': ((4, 2), np.int32),
+      'trg_imsize': ((4, 2), np.int32),
+      'category': ((4,), np.int32),
+      'pair_valid': ((4,), np.bool_),
+      'viewpoint_variation': ((4,), np.int32),
+      'scale_variation': ((4,), np.int32),
+      'truncation': ((4,), np.int32),
+      'occlusion': ((4,), np.int32),
       # Training only: what the loss never sees (label budget, dense ground truth).
-      'withheld_src_kps': ((4, 40, 2), np.float32), 'withheld_trg_kps': ((4, 40, 2), np.float32),
-      'withheld_kps_valid': ((4, 40), np.bool_), 'dense_flow': ((4, 16, 16, 2), np.float32),
+      'withheld_src_kps': ((4, 40, 2), np.float32),
+      'withheld_trg_kps': ((4, 40, 2), np.float32),
+      'withheld_kps_valid': ((4, 40), np.bool_),
+      'dense_flow': ((4, 16, 16, 2), np.float32),
       'dense_valid': ((4, 16, 16), np.bool_),
   }
   assert {k: (v.shape, v.dtype) for k, v in b.items()} == expect
@@ -126,17 +138,16 @@ def test_per_process_sharding(cfg):
   full_keys = {r.tobytes() for b in full for r, v in zip(b['src_kps'], b['pair_valid']) if v}
   keys, counts = [], []
   for p in range(2):
-    batches = list(data.create_eval_iterator(cfg, 'val', batch_size=4, process_index=p,
-                                             process_count=2))
+    batches = list(
+        data.create_eval_iterator(cfg, 'val', batch_size=4, process_index=p, process_count=2)
+    )
     counts.append(len(batches))
     assert all(b['src_img'].shape[0] == 2 for b in batches)
     keys += [r.tobytes() for b in batches for r, v in zip(b['src_kps'], b['pair_valid']) if v]
   assert counts[0] == counts[1]
   assert len(keys) == len(set(keys)) == len(full_keys) and set(keys) == full_keys
-  t0 = next(data.create_train_iterator(cfg, batch_size=4, seed=0, process_index=0,
-                                       process_count=2))
-  t1 = next(data.create_train_iterator(cfg, batch_size=4, seed=0, process_index=1,
-                                       process_count=2))
+  t0 = next(data.create_train_iterator(cfg, batch_size=4, seed=0, process_index=0, process_count=2))
+  t1 = next(data.create_train_iterator(cfg, batch_size=4, seed=0, process_index=1, process_count=2))
   assert t0['src_img'].shape[0] == 2
   assert not np.array_equal(t0['src_kps'], t1['src_kps'])
   with pytest.raises(ValueError, match='divisible'):
@@ -174,8 +185,9 @@ def test_the_data_section_is_resolved_once(cfg, monkeypatch):
   then use what it holds, and give what they give on the config itself (issue 19)."""
   resolved = data.resolve(cfg)
   assert data.resolve(resolved) is resolved
-  monkeypatch.setattr(pipeline, 'get_builder',
-                      lambda *args: pytest.fail('the data config was read again'))
+  monkeypatch.setattr(
+      pipeline, 'get_builder', lambda *args: pytest.fail('the data config was read again')
+  )
   assert resolved.split_sizes == {'trn': 39, 'val': 6, 'test': 6}
   assert data.num_examples(resolved, 'validation') == 6
   assert data.category_names(resolved)[0] == 'astronaut'

@@ -20,8 +20,11 @@ PHOTOS = synthetic.PHOTOS['trn']
 
 
 def _pairs(per_category=3, size=SIZE, seed=0):
-  return [(c, procedural.make_pair(c, np.random.default_rng([seed, c, k]), size, PHOTOS))
-          for c in range(len(procedural.CATEGORIES)) for k in range(per_category)]
+  return [
+      (c, procedural.make_pair(c, np.random.default_rng([seed, c, k]), size, PHOTOS))
+      for c in range(len(procedural.CATEGORIES))
+      for k in range(per_category)
+  ]
 
 
 @pytest.fixture(scope='module')
@@ -69,11 +72,15 @@ def test_templates_and_flip_tables():
   np.testing.assert_array_equal(procedural.flip_permutation('vehicle'), np.arange(17))
 
 
-@pytest.mark.parametrize('name, left, right', [
-    ('face', 'left_eye_outer', 'right_eye_outer'), ('face', 'left_mouth_corner',
-                                                    'right_mouth_corner'),
-    ('humanoid', 'left_shoulder', 'right_shoulder'), ('flower', 'left_leaf_tip',
-                                                      'right_leaf_tip')])
+@pytest.mark.parametrize(
+    'name, left, right',
+    [
+        ('face', 'left_eye_outer', 'right_eye_outer'),
+        ('face', 'left_mouth_corner', 'right_mouth_corner'),
+        ('humanoid', 'left_shoulder', 'right_shoulder'),
+        ('flower', 'left_leaf_tip', 'right_leaf_tip'),
+    ],
+)
 def test_flips_keep_left_and_right(name, left, right):
   # A frontal object's left side is on the viewer's right, flipped or not (rotations < 40 deg).
   cat_id = procedural.CATEGORY_NAMES.index(name)
@@ -147,7 +154,7 @@ def test_background_and_hidden_pixels_are_invalid(pairs):
     m = np.floor(match + 0.5).astype(int)
     inside = ((m >= 0) & (m < SIZE)).all(1)
     shown = np.zeros(len(ys), bool)
-    shown[inside] = (src['part'][m[inside, 1], m[inside, 0]] == trg['part'][ys, xs][inside])
+    shown[inside] = src['part'][m[inside, 1], m[inside, 0]] == trg['part'][ys, xs][inside]
     # Valid iff the match is in the source and not hidden there (by a part or an occluder).
     np.testing.assert_array_equal(valid[ys, xs], shown)
     hidden += int((inside & ~shown).sum())
@@ -183,7 +190,10 @@ def test_records_and_iterators(cfg):
   src = data.data_source(cfg, 'val')
   rec = src[0]
   assert set(rec) == set(records.pair_features(['a']).keys()) | {
-      'dense_flow', 'dense_valid', 'kps_ids'}
+      'dense_flow',
+      'dense_valid',
+      'kps_ids',
+  }
   assert rec['src_img'].shape == (SIZE, SIZE, 3) and rec['dense_flow'].shape == (SIZE, SIZE, 2)
   b = next(data.create_train_iterator(cfg, batch_size=4, seed=0))
   assert b['src_img'].shape == (4, SIZE, SIZE, 3) and b['dense_flow'].shape == (4, 12, 12, 2)
@@ -199,8 +209,9 @@ def test_dense_grid_matches_record(cfg):
   # pixels is valid with its match inside the image, and holds their mean displacement, in
   # cells; every cell holding a keypoint's pixel is valid (the keypoint is visible in both).
   src = data.data_source(cfg, 'trn')
-  opts = data.PreprocessOptions('parts', img_size=SIZE, feature_size=12, receptive_field=7,
-                                label_truth=True)
+  opts = data.PreprocessOptions(
+      'parts', img_size=SIZE, feature_size=12, receptive_field=7, label_truth=True
+  )
   jsz = SIZE // 12
   ys, xs = np.mgrid[0:SIZE, 0:SIZE]
   for i in range(len(src)):
@@ -210,11 +221,14 @@ def test_dense_grid_matches_record(cfg):
     counts = rec['dense_valid'] & (match >= -0.5).all(-1) & (match <= SIZE - 0.5).all(-1)
     for cy in range(12):
       for cx in range(12):
-        block = np.s_[cy * jsz:(cy + 1) * jsz, cx * jsz:(cx + 1) * jsz]
+        block = np.s_[cy * jsz : (cy + 1) * jsz, cx * jsz : (cx + 1) * jsz]
         assert out['dense_valid'][cy, cx] == counts[block].any()
         if counts[block].any():
-          np.testing.assert_allclose(out['dense_flow'][cy, cx] * jsz,
-                                     rec['dense_flow'][block][counts[block]].mean(0), atol=1e-4)
+          np.testing.assert_allclose(
+              out['dense_flow'][cy, cx] * jsz,
+              rec['dense_flow'][block][counts[block]].mean(0),
+              atol=1e-4,
+          )
     kps = np.floor(np.asarray(rec['trg_kps'])[rec['kps_valid']] + 0.5).astype(int) // jsz
     assert out['dense_valid'][kps[:, 1], kps[:, 0]].all()
 
@@ -228,8 +242,13 @@ def test_dense_grid_resizes_an_affine_map():
   pts = np.stack([xs, ys], -1)
   match = 1.1 * pts + np.array([2.0, -3.0])
   flow, valid = transforms.dense_flow_to_grid(
-      (match - pts).astype(np.float32), np.ones((h, w), bool), (np.zeros(2), np.full(2, 1.6)),
-      (np.zeros(2), np.full(2, 1.6)), 64, 16)
+      (match - pts).astype(np.float32),
+      np.ones((h, w), bool),
+      (np.zeros(2), np.full(2, 1.6)),
+      (np.zeros(2), np.full(2, 1.6)),
+      64,
+      16,
+  )
   c = (np.arange(16) + 0.5) * 4 - 0.5
   p_out = np.stack(np.meshgrid(c, c, indexing='xy'), -1)
   expect = ((1.1 * (p_out / 1.6) + [2.0, -3.0]) * 1.6 - p_out) / 4
@@ -279,13 +298,13 @@ def test_withheld_keypoints_never_reach_the_label(cfg):
         assert kept.sum() + withheld.sum() == n_rec and kept.sum() in (0, 2)
         unlabelled += int(kept.sum() == 0)
         # The label is made from the kept keypoints only.
-        label = transforms.keypoints_to_flow_np(b['src_kps'][r], b['trg_kps'][r], kept, 12, 7,
-                                                SIZE)
+        label = transforms.keypoints_to_flow_np(b['src_kps'][r], b['trg_kps'][r], kept, 12, 7, SIZE)
         np.testing.assert_array_equal(b['flow'][r], label)
         every = np.concatenate([b['trg_kps'][r][kept], b['withheld_trg_kps'][r][withheld]])
         np.testing.assert_allclose(np.sort(every, 0), np.sort(rec['trg_kps'][:n_rec], 0))
-        full = transforms.keypoints_to_flow_np(rec['src_kps'], rec['trg_kps'], rec['kps_valid'],
-                                               12, 7, SIZE)
+        full = transforms.keypoints_to_flow_np(
+            rec['src_kps'], rec['trg_kps'], rec['kps_valid'], 12, 7, SIZE
+        )
         changed += int(not np.array_equal(full, b['flow'][r]))
         # The same keypoints are kept in every epoch.
         if e == 1:
@@ -330,12 +349,20 @@ def test_mirrored_source_keeps_left_and_right():
   rec = _face_record_with_both_eyes()
   names = procedural.keypoint_names('face')
   left, right = names.index('left_eye_outer'), names.index('right_eye_outer')
-  opts = transforms.PreprocessOptions('parts', img_size=96, feature_size=24, receptive_field=11,
-                                      train=True, augment=False, label_truth=True,
-                                      flip_source_p=1.0)
+  opts = transforms.PreprocessOptions(
+      'parts',
+      img_size=96,
+      feature_size=24,
+      receptive_field=11,
+      train=True,
+      augment=False,
+      label_truth=True,
+      flip_source_p=1.0,
+  )
   out = transforms.preprocess_pair(rec, opts, np.random.default_rng(0))
-  plain = transforms.preprocess_pair(rec, dataclasses.replace(opts, flip_source_p=0.0),
-                                     np.random.default_rng(0))
+  plain = transforms.preprocess_pair(
+      rec, dataclasses.replace(opts, flip_source_p=0.0), np.random.default_rng(0)
+  )
   np.testing.assert_array_equal(out['src_img'], plain['src_img'][:, ::-1])
   np.testing.assert_array_equal(out['trg_img'], plain['trg_img'])
   assert not out['dense_valid'].any() and plain['dense_valid'].any()
@@ -351,8 +378,9 @@ def test_mirrored_source_keeps_left_and_right():
   assert src_of(left)[0] > src_of(right)[0]
   perm = procedural.flip_permutation('face')
   slot = int(np.nonzero(ids == perm[left])[0][0])
-  np.testing.assert_allclose(src_of(left), [95 - rec['src_kps'][slot][0],
-                                            rec['src_kps'][slot][1]])
+  np.testing.assert_allclose(src_of(left), [95 - rec['src_kps'][slot][0], rec['src_kps'][slot][1]])
   # The label is built from the re-paired keypoints.
-  np.testing.assert_array_equal(out['flow'], transforms.keypoints_to_flow_np(
-      out['src_kps'], out['trg_kps'], out['kps_valid'], 24, 11, 96))
+  np.testing.assert_array_equal(
+      out['flow'],
+      transforms.keypoints_to_flow_np(out['src_kps'], out['trg_kps'], out['kps_valid'], 24, 11, 96),
+  )

@@ -57,8 +57,9 @@ def test_target_image_is_the_warped_source(cfg):
     s = flow.shape[0]
     ys, xs = np.mgrid[0:s, 0:s].astype(np.float64)
     src_grey = rec['src_img'].astype(np.float64).mean(-1)
-    warped = scipy.ndimage.map_coordinates(src_grey, [ys + flow[..., 1], xs + flow[..., 0]],
-                                           order=1)
+    warped = scipy.ndimage.map_coordinates(
+        src_grey, [ys + flow[..., 1], xs + flow[..., 0]], order=1
+    )
     trg_grey = rec['trg_img'].astype(np.float64).mean(-1)
     r = np.corrcoef(warped[valid], trg_grey[valid])[0, 1]
     assert r > 0.85, r  # appearance change (gain, gamma, noise) is monotone per channel
@@ -69,8 +70,9 @@ def test_target_image_is_the_warped_source(cfg):
 def test_splits_by_photograph_and_record_format(cfg):
   names = data.category_names(cfg)
   assert names == list(synthetic.CATEGORIES)
-  cats = {split: {int(r['category']) for r in _records(cfg, split)}
-          for split in ('trn', 'val', 'test')}
+  cats = {
+      split: {int(r['category']) for r in _records(cfg, split)} for split in ('trn', 'val', 'test')
+  }
   assert cats['trn'].isdisjoint(cats['val']) and cats['trn'].isdisjoint(cats['test'])
   assert cats['val'].isdisjoint(cats['test'])
   assert {names[c] for c in cats['test']} == set(synthetic.PHOTOS['test'])

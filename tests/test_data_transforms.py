@@ -39,8 +39,7 @@ def test_numpy_flow_matches_reference_fixture(fixtures_dir):
       flow = transforms.keypoints_to_flow_np(src, trg, np.arange(40) < n, fs, rf, 256)
       want = ref[f'{setting}/flow'][i].transpose(1, 2, 0)
       np.testing.assert_allclose(flow, want, atol=1e-5)  # fixture README tolerance
-      np.testing.assert_array_equal(geometry.unlabelled_mask(flow),
-                                    geometry.unlabelled_mask(want))
+      np.testing.assert_array_equal(geometry.unlabelled_mask(flow), geometry.unlabelled_mask(want))
 
 
 def _img(seed=0, h=12, w=10):
@@ -66,13 +65,16 @@ def test_colour_transforms_follow_opencv_semantics():
   # Sharpen = 3x3 correlation with reflect-101 borders ('mirror' in scipy), rounded, clipped.
   a, lt = 0.3, 0.7
   k = (1 - a) * np.pad([[1.0]], 1) + a * np.array([[-1, -1, -1], [-1, 8 + lt, -1], [-1, -1, -1]])
-  want = np.stack([scipy.ndimage.correlate(img[..., c].astype(np.float64), k, mode='mirror')
-                   for c in range(3)], -1)
+  want = np.stack(
+      [scipy.ndimage.correlate(img[..., c].astype(np.float64), k, mode='mirror') for c in range(3)],
+      -1,
+  )
   got = augment.sharpen(img, a, lt).astype(np.float64)
   assert np.abs(got - np.clip(np.rint(want), 0, 255)).max() <= 1
   bc = augment.brightness_contrast(img, 1.1, -0.1)
-  np.testing.assert_array_equal(bc, np.clip(img * np.float32(1.1) - np.float32(25.5), 0,
-                                            255).astype(np.uint8))
+  np.testing.assert_array_equal(
+      bc, np.clip(img * np.float32(1.1) - np.float32(25.5), 0, 255).astype(np.uint8)
+  )
 
 
 def test_hue_rotation():
@@ -92,10 +94,12 @@ def test_reference_augment_is_seeded_and_p_controls_it():
   a = augment.reference_color_augment(img, np.random.default_rng(5))
   b = augment.reference_color_augment(img, np.random.default_rng(5))
   np.testing.assert_array_equal(a, b)
-  np.testing.assert_array_equal(augment.reference_color_augment(img, np.random.default_rng(5),
-                                                                p=0.0), img)
-  assert not np.array_equal(augment.reference_color_augment(img, np.random.default_rng(5),
-                                                            p=1.0), img)
+  np.testing.assert_array_equal(
+      augment.reference_color_augment(img, np.random.default_rng(5), p=0.0), img
+  )
+  assert not np.array_equal(
+      augment.reference_color_augment(img, np.random.default_rng(5), p=1.0), img
+  )
 
 
 def _record(flip=0, n=3, w=40, h=30):
@@ -103,28 +107,41 @@ def _record(flip=0, n=3, w=40, h=30):
   trg = np.zeros((40, 2), np.float32)
   src[:n] = [[4, 3], [20, 15], [36, 27]][:n]
   trg[:n] = [[10, 5], [30, 20], [5, 25]][:n]
-  return dict(src_img=_img(3, h, w), trg_img=_img(4, h, w), src_kps=src, trg_kps=trg,
-              kps_valid=np.arange(40) < n, src_bbox=np.array([2, 3, 30, 24], np.float32),
-              trg_bbox=np.array([1, 1, 39, 29], np.float32), src_imsize=np.array([h, w]),
-              trg_imsize=np.array([h, w]), category=5, flip=flip, viewpoint_variation=2,
-              scale_variation=0, truncation=1, occlusion=0)
+  return dict(
+      src_img=_img(3, h, w),
+      trg_img=_img(4, h, w),
+      src_kps=src,
+      trg_kps=trg,
+      kps_valid=np.arange(40) < n,
+      src_bbox=np.array([2, 3, 30, 24], np.float32),
+      trg_bbox=np.array([1, 1, 39, 29], np.float32),
+      src_imsize=np.array([h, w]),
+      trg_imsize=np.array([h, w]),
+      category=5,
+      flip=flip,
+      viewpoint_variation=2,
+      scale_variation=0,
+      truncation=1,
+      occlusion=0,
+  )
 
 
 def test_preprocess_by_hand():
   rec = _record()
   out = transforms.preprocess_pair(rec, transforms.PreprocessOptions('spair71k'))
   sx, sy = 256 / 40, 256 / 30
-  np.testing.assert_allclose(out['src_kps'][:3], [[4 * sx, 3 * sy], [20 * sx, 15 * sy],
-                                                  [36 * sx, 27 * sy]], rtol=1e-6)
+  np.testing.assert_allclose(
+      out['src_kps'][:3], [[4 * sx, 3 * sy], [20 * sx, 15 * sy], [36 * sx, 27 * sy]], rtol=1e-6
+  )
   np.testing.assert_allclose(out['src_bbox'], [2 * sx, 3 * sy, 30 * sx, 24 * sy], rtol=1e-6)
   np.testing.assert_allclose(out['pckthres'], max(28 * sx, 21 * sy), rtol=1e-6)
   assert out['viewpoint_variation'] == 2 and out['category'] == 5
   # ImageNet normalisation of the bilinear-resized image.
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   resized = np.asarray(Image.fromarray(rec['src_img']).resize((256, 256), Image.BILINEAR))
   mean, std = np.float32(constants.IMAGENET_MEAN), np.float32(constants.IMAGENET_STD)
-  np.testing.assert_allclose(out['src_img'] * std + mean,
-                             resized / 255.0, atol=1e-6)
+  np.testing.assert_allclose(out['src_img'] * std + mean, resized / 255.0, atol=1e-6)
   # PF-WILLOW thresholds: keypoint extent (corrected) and the reference's padded one (legacy).
   w = transforms.preprocess_pair(rec, transforms.PreprocessOptions('pfwillow'))
   np.testing.assert_allclose(w['pckthres'], max(32 * sx, 24 * sy), rtol=1e-6)
@@ -149,16 +166,20 @@ def test_flip_only_in_training_and_only_when_flagged():
 
 def test_random_crop_option_keeps_the_box():
   rec = _record(n=3)
-  opts = transforms.PreprocessOptions('spair71k', train=True, augment=False, random_crop=True,
-                                      random_crop_p=1.0)
+  opts = transforms.PreprocessOptions(
+      'spair71k', train=True, augment=False, random_crop=True, random_crop_p=1.0
+  )
   cropped = 0
   for seed in range(10):
     out = transforms.preprocess_pair(rec, opts, np.random.default_rng(seed))
     assert (out['src_kps'][:3] >= 0).all() and (out['src_kps'][:3] <= 255).all()
     assert (out['src_bbox'] >= -1e-3).all() and (out['src_bbox'] <= 256 + 1e-3).all()
-    cropped += not np.allclose(out['src_bbox'], transforms.preprocess_pair(
-        rec, transforms.PreprocessOptions('spair71k'))['src_bbox'])
+    cropped += not np.allclose(
+        out['src_bbox'],
+        transforms.preprocess_pair(rec, transforms.PreprocessOptions('spair71k'))['src_bbox'],
+    )
   assert cropped > 0
-  left, top, cw, ch = augment.random_crop_params(np.random.default_rng(0), rec['src_bbox'],
-                                                 (30, 40))
+  left, top, cw, ch = augment.random_crop_params(
+      np.random.default_rng(0), rec['src_bbox'], (30, 40)
+  )
   assert left <= 2 and top <= 3 and left + cw >= 30 and top + ch >= 24

@@ -28,8 +28,17 @@ from conftest import load_module
 from sccorr_jax import convert
 from sccorr_jax.models import dinov2
 
-POS_CASES = ('g16', 'g32', 'g16x32', 'g48x20', 'g37x24', 'native37', 'aa_g16x32', 'aa_g40x20',
-             'aaoff_g37x24')
+POS_CASES = (
+    'g16',
+    'g32',
+    'g16x32',
+    'g48x20',
+    'g37x24',
+    'native37',
+    'aa_g16x32',
+    'aa_g40x20',
+    'aaoff_g37x24',
+)
 TINY_CASES = ('mlp_224', 'reg4_196x308', 'swiglu_native', 'reg4_aa_168x252')
 # (file, preset) of the full-size fixtures.
 VITS_FILES = (('vits14_forward.npz', 'vits14'), ('vits14_reg_forward.npz', 'vits14_reg'))
@@ -40,7 +49,7 @@ F32_STORED_RTOL = 1e-6
 
 def _case(npz, case):
   prefix = f'{case}/'
-  return {k[len(prefix):]: npz[k] for k in npz.files if k.startswith(prefix)}
+  return {k[len(prefix) :]: npz[k] for k in npz.files if k.startswith(prefix)}
 
 
 @pytest.fixture(scope='module')
@@ -66,18 +75,28 @@ def _vits_fixture(dinov2_fixtures_dir, recipe, filename):
   weights = recipe.make_weights(list(zip(names, shapes)), seed=int(fx['weights_seed']))
   assert recipe.weights_digest(weights, names) == str(fx['weights_sha256'])
   # Summation order differs between NumPy builds: rounding-level agreement only.
-  np.testing.assert_allclose([np.sum(weights[n], dtype=np.float64) for n in names],
-                             fx['param_sums'], rtol=1e-12, atol=1e-12)
+  np.testing.assert_allclose(
+      [np.sum(weights[n], dtype=np.float64) for n in names],
+      fx['param_sums'],
+      rtol=1e-12,
+      atol=1e-12,
+  )
   return fx, weights
 
 
 def _model_of(fx) -> dinov2.DINOv2:
-  return dinov2.DINOv2(int(fx['embed_dim']), int(fx['depth']), int(fx['num_heads']),
-                       patch_size=int(fx['patch_size']), mlp_ratio=float(fx['mlp_ratio']),
-                       num_register_tokens=int(fx['num_register_tokens']), ffn=str(fx['ffn']),
-                       img_size=int(fx['img_size']),
-                       interpolate_offset=float(fx['interpolate_offset']),
-                       interpolate_antialias=bool(fx['interpolate_antialias']))
+  return dinov2.DINOv2(
+      int(fx['embed_dim']),
+      int(fx['depth']),
+      int(fx['num_heads']),
+      patch_size=int(fx['patch_size']),
+      mlp_ratio=float(fx['mlp_ratio']),
+      num_register_tokens=int(fx['num_register_tokens']),
+      ffn=str(fx['ffn']),
+      img_size=int(fx['img_size']),
+      interpolate_offset=float(fx['interpolate_offset']),
+      interpolate_antialias=bool(fx['interpolate_antialias']),
+  )
 
 
 def _forward(model, variables, images_nchw, layers, dtype):
@@ -94,8 +113,9 @@ def _check_forward(out, fx, atol, f32_stored_keys=()):
   np.testing.assert_allclose(out['cls_token'], fx['x_norm_clstoken'], rtol=0, atol=atol)
   assert out['register_tokens'].shape == fx['x_norm_regtokens'].shape
   np.testing.assert_allclose(out['register_tokens'], fx['x_norm_regtokens'], rtol=0, atol=atol)
-  np.testing.assert_allclose(out['patch_tokens'], fx['x_norm_patchtokens'].reshape(b, h, w, c),
-                             rtol=0, atol=atol)
+  np.testing.assert_allclose(
+      out['patch_tokens'], fx['x_norm_patchtokens'].reshape(b, h, w, c), rtol=0, atol=atol
+  )
   layers = tuple(int(i) for i in fx['intermediate_layers'])
   assert len(out['intermediate']) == len(out['intermediate_cls']) == len(layers)
   for j in range(len(layers)):
@@ -104,8 +124,9 @@ def _check_forward(out, fx, atol, f32_stored_keys=()):
     if 'intermediate_patch' in f32_stored_keys:
       tol = max(atol, F32_STORED_RTOL * np.abs(fx['intermediate_patch']).max())
     np.testing.assert_allclose(out['intermediate'][j], ref, rtol=0, atol=tol)
-    np.testing.assert_allclose(out['intermediate_cls'][j], fx['intermediate_cls'][j], rtol=0,
-                               atol=atol)
+    np.testing.assert_allclose(
+        out['intermediate_cls'][j], fx['intermediate_cls'][j], rtol=0, atol=atol
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -113,16 +134,28 @@ def _check_forward(out, fx, atol, f32_stored_keys=()):
 
 
 def test_presets_are_the_torch_hub_models():
-  expected = {'vits14': (384, 12, 6), 'vitb14': (768, 12, 12), 'vitl14': (1024, 24, 16),
-              'vitg14': (1536, 40, 24)}
+  expected = {
+      'vits14': (384, 12, 6),
+      'vitb14': (768, 12, 12),
+      'vitl14': (1024, 24, 16),
+      'vitg14': (1536, 40, 24),
+  }
   assert set(dinov2.PRESETS) == set(expected) | {f'{k}_reg' for k in expected}
   for name, (c, depth, heads) in expected.items():
     for reg in (False, True):
       kw = dinov2.PRESETS[name + ('_reg' if reg else '')]
-      assert kw == dict(embed_dim=c, depth=depth, num_heads=heads, patch_size=14, mlp_ratio=4.0,
-                        num_register_tokens=4 if reg else 0,
-                        ffn='swiglu' if name == 'vitg14' else 'mlp', img_size=518,
-                        interpolate_offset=0.0 if reg else 0.1, interpolate_antialias=reg)
+      assert kw == dict(
+          embed_dim=c,
+          depth=depth,
+          num_heads=heads,
+          patch_size=14,
+          mlp_ratio=4.0,
+          num_register_tokens=4 if reg else 0,
+          ffn='swiglu' if name == 'vitg14' else 'mlp',
+          img_size=518,
+          interpolate_offset=0.0 if reg else 0.1,
+          interpolate_antialias=reg,
+      )
       dinov2.DINOv2(**kw)  # Valid constructor kwargs.
   assert dinov2.swiglu_hidden(1536, 4.0) == 4096  # ViT-g/14.
   assert dinov2.swiglu_hidden(52, 4.0) == 144  # int(208 * 2/3) = 138, rounded up to 8.
@@ -133,24 +166,50 @@ def test_official_state_dict_shapes_of_every_preset():
   for name, kw in dinov2.PRESETS.items():
     c, depth, r = kw['embed_dim'], kw['depth'], kw['num_register_tokens']
     hidden = 4 * c if kw['ffn'] == 'mlp' else dinov2.swiglu_hidden(c, 4.0)
-    want = {'cls_token': (1, 1, c), 'pos_embed': (1, 1 + 37 * 37, c),
-            'patch_embed.proj.weight': (c, 3, 14, 14), 'patch_embed.proj.bias': (c,),
-            'norm.weight': (c,), 'norm.bias': (c,)}
+    want = {
+        'cls_token': (1, 1, c),
+        'pos_embed': (1, 1 + 37 * 37, c),
+        'patch_embed.proj.weight': (c, 3, 14, 14),
+        'patch_embed.proj.bias': (c,),
+        'norm.weight': (c,),
+        'norm.bias': (c,),
+    }
     if r:
       want['register_tokens'] = (1, r, c)
     for i in range(depth):
       p = f'blocks.{i}.'
-      want.update({p + 'norm1.weight': (c,), p + 'norm1.bias': (c,),
-                   p + 'attn.qkv.weight': (3 * c, c), p + 'attn.qkv.bias': (3 * c,),
-                   p + 'attn.proj.weight': (c, c), p + 'attn.proj.bias': (c,),
-                   p + 'ls1.gamma': (c,), p + 'norm2.weight': (c,), p + 'norm2.bias': (c,),
-                   p + 'ls2.gamma': (c,)})
+      want.update(
+          {
+              p + 'norm1.weight': (c,),
+              p + 'norm1.bias': (c,),
+              p + 'attn.qkv.weight': (3 * c, c),
+              p + 'attn.qkv.bias': (3 * c,),
+              p + 'attn.proj.weight': (c, c),
+              p + 'attn.proj.bias': (c,),
+              p + 'ls1.gamma': (c,),
+              p + 'norm2.weight': (c,),
+              p + 'norm2.bias': (c,),
+              p + 'ls2.gamma': (c,),
+          }
+      )
       if kw['ffn'] == 'mlp':
-        want.update({p + 'mlp.fc1.weight': (hidden, c), p + 'mlp.fc1.bias': (hidden,),
-                     p + 'mlp.fc2.weight': (c, hidden), p + 'mlp.fc2.bias': (c,)})
+        want.update(
+            {
+                p + 'mlp.fc1.weight': (hidden, c),
+                p + 'mlp.fc1.bias': (hidden,),
+                p + 'mlp.fc2.weight': (c, hidden),
+                p + 'mlp.fc2.bias': (c,),
+            }
+        )
       else:
-        want.update({p + 'mlp.w12.weight': (2 * hidden, c), p + 'mlp.w12.bias': (2 * hidden,),
-                     p + 'mlp.w3.weight': (c, hidden), p + 'mlp.w3.bias': (c,)})
+        want.update(
+            {
+                p + 'mlp.w12.weight': (2 * hidden, c),
+                p + 'mlp.w12.bias': (2 * hidden,),
+                p + 'mlp.w3.weight': (c, hidden),
+                p + 'mlp.w3.bias': (c,),
+            }
+        )
     assert convert.dinov2_state_dict_shapes(dinov2.DINOv2(**kw)) == want, name
 
 
@@ -193,8 +252,10 @@ def test_pos_embed_offset_and_antialias_change_the_result(pos_npz):
 
 def test_resampling_matrices_reproduce_constants_and_the_identity():
   for n in (9, 16, 37, 48):
-    for mat in (dinov2.bicubic_matrix(37, n, 37 / (n + 0.1)),
-                dinov2.antialiased_bicubic_matrix(37, n, 37 / n)):
+    for mat in (
+        dinov2.bicubic_matrix(37, n, 37 / (n + 0.1)),
+        dinov2.antialiased_bicubic_matrix(37, n, 37 / n),
+    ):
       np.testing.assert_allclose(mat.sum(axis=1), 1.0, atol=1e-13)  # Constants stay constant.
   np.testing.assert_allclose(dinov2.bicubic_matrix(37, 37, 1.0), np.eye(37), atol=1e-15)
   np.testing.assert_array_equal(dinov2.antialiased_bicubic_matrix(37, 37, 37 / 37.1), np.eye(37))
@@ -229,8 +290,9 @@ def test_tiny_models_match_the_official_code(tiny_npz, case):
 
 
 @pytest.mark.parametrize('filename,preset', VITS_FILES)
-def test_vits14_as_released_matches_the_official_code(dinov2_fixtures_dir, recipe, filename,
-                                                      preset):
+def test_vits14_as_released_matches_the_official_code(
+    dinov2_fixtures_dir, recipe, filename, preset
+):
   fx, weights = _vits_fixture(dinov2_fixtures_dir, recipe, filename)
   assert str(fx['arch']) == preset and str(fx['hub_entry']) == f'dinov2_{preset}'
   model = dinov2.DINOv2(**dinov2.PRESETS[preset])
@@ -251,8 +313,9 @@ def test_intermediate_layers_order_and_validation(tiny_npz):
   images = np.moveaxis(fx['images'], 1, -1)
   a = model.apply(variables, images, layers=(2, 0))
   b = model.apply(variables, images, layers=(0, 2))
-  for x, y in zip(a['intermediate'] + a['intermediate_cls'],
-                  b['intermediate'] + b['intermediate_cls']):
+  for x, y in zip(
+      a['intermediate'] + a['intermediate_cls'], b['intermediate'] + b['intermediate_cls']
+  ):
     np.testing.assert_array_equal(x, y)
   # The last block's intermediate output is the final output (same norm).
   np.testing.assert_array_equal(b['intermediate'][1], b['patch_tokens'])
@@ -291,8 +354,9 @@ def test_frozen_blocks_stop_gradients_exactly_where_the_optimiser_partition_free
     frozen = None if trained >= 3 else 3 - trained
 
     def loss(params):
-      out = model.apply({'params': params}, images, layers=(1, 2), final=False,
-                        frozen_blocks=frozen)
+      out = model.apply(
+          {'params': params}, images, layers=(1, 2), final=False, frozen_blocks=frozen
+      )
       return sum(jnp.sum(jnp.sin(t)) for t in out['intermediate'])
 
     grads = jax.jit(jax.grad(loss))(variables['params'])
@@ -309,8 +373,9 @@ def test_frozen_blocks_stop_gradients_exactly_where_the_optimiser_partition_free
 
 
 @pytest.mark.parametrize('filename,preset', VITS_FILES)
-def test_conversion_round_trips_official_names_and_shapes(dinov2_fixtures_dir, recipe, filename,
-                                                          preset):
+def test_conversion_round_trips_official_names_and_shapes(
+    dinov2_fixtures_dir, recipe, filename, preset
+):
   fx, weights = _vits_fixture(dinov2_fixtures_dir, recipe, filename)
   model = dinov2.DINOv2(**dinov2.PRESETS[preset])
   variables = convert.from_dinov2_state_dict(weights, model)
@@ -342,8 +407,9 @@ def test_conversion_lists_every_problem(tiny_npz):
   with pytest.raises(convert.ConversionError, match=r'unexpected keys \(\d+\): blocks\.2\.'):
     convert.from_dinov2_state_dict(sd, model.clone(depth=2))
   # Training checkpoints with block chunks (`blocks.<chunk>.<i>.`) read the same.
-  chunked = {(f'blocks.0.{k[len("blocks."):]}' if k.startswith('blocks.') else k): v
-             for k, v in sd.items()}
+  chunked = {
+      (f'blocks.0.{k[len("blocks."):]}' if k.startswith('blocks.') else k): v for k, v in sd.items()
+  }
   a = convert.from_dinov2_state_dict(chunked, model)
   b = convert.from_dinov2_state_dict(sd, model)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):

@@ -30,7 +30,6 @@ from sccorr_jax.data import transforms
 pytestmark = pytest.mark.usefixtures('fast_compiles')
 
 
-
 def _config(data_dir, layers=(0, 1)):
   c = config_lib.tiny_config('baseline', data_dir)
   config_lib.apply_dinov2(c, 'vits14', layers, 0)
@@ -59,12 +58,21 @@ def setup(tmp_path_factory):
 def built(setup):
   """A float32 cache of 'val' built in two sessions (the first one interrupted)."""
   config, model, variables = setup
-  first = cf.build_cache(model, variables, config.data, ['val'], dtype='float32', batch_size=4,
-                         progress=False, max_batches=1)
+  first = cf.build_cache(
+      model,
+      variables,
+      config.data,
+      ['val'],
+      dtype='float32',
+      batch_size=4,
+      progress=False,
+      max_batches=1,
+  )
   with pytest.raises(cf.CacheError, match='incomplete'):
     cf.FeatureCache.open(model, variables, config.data, 'val', dtype='float32')
-  second = cf.build_cache(model, variables, config.data, ['val'], dtype='float32',
-                          batch_size=4, progress=False)
+  second = cf.build_cache(
+      model, variables, config.data, ['val'], dtype='float32', batch_size=4, progress=False
+  )
   return first, second
 
 
@@ -109,8 +117,9 @@ def test_a_name_given_to_several_images_is_keyed_by_its_pixels(setup, built):
   with pytest.raises(cf.CacheError, match='names several images'):
     cache.lookup([names[0]])
   images = np.stack([cf.preprocess_image(r['src_img'], 42) for r in recs])
-  np.testing.assert_allclose(_cached(cache, recs, 'src'), _live(model, variables, images),
-                             rtol=0, atol=1e-5)
+  np.testing.assert_allclose(
+      _cached(cache, recs, 'src'), _live(model, variables, images), rtol=0, atol=1e-5
+  )
 
 
 def test_head_on_cached_features_gives_the_live_flow(setup, built):
@@ -123,8 +132,9 @@ def test_head_on_cached_features_gives_the_live_flow(setup, built):
   src = np.stack([r['src_img'] for r in rows])
   trg = np.stack([r['trg_img'] for r in rows])
   live = np.asarray(model.apply(variables, src, trg))
-  cached = np.asarray(cf.head_flow(model, variables, _cached(cache, recs, 'src'),
-                                   _cached(cache, recs, 'trg')))
+  cached = np.asarray(
+      cf.head_flow(model, variables, _cached(cache, recs, 'src'), _cached(cache, recs, 'trg'))
+  )
   assert live.shape == cached.shape == (3, 6, 6, 2)
   # float32 storage: only the two compilations' rounding (soft-argmax, beta 0.02).
   np.testing.assert_allclose(cached, live, rtol=0, atol=1e-3)
@@ -134,12 +144,18 @@ def test_head_on_cached_features_gives_the_live_flow(setup, built):
   head = models.build_model(config)
   config.model.inputs = 'images'
   head_vars = {'params': {k: v for k, v in variables['params'].items() if k != 'backbone'}}
-  shapes = jax.eval_shape(head.init, jax.random.PRNGKey(0), _cached(cache, recs[:1], 'src'),
-                          _cached(cache, recs[:1], 'trg'))
+  shapes = jax.eval_shape(
+      head.init,
+      jax.random.PRNGKey(0),
+      _cached(cache, recs[:1], 'src'),
+      _cached(cache, recs[:1], 'trg'),
+  )
   assert jax.tree.map(lambda a: a.shape, shapes['params']) == jax.tree.map(
-      np.shape, head_vars['params'])
-  only_head = np.asarray(head.apply(head_vars, _cached(cache, recs, 'src'),
-                                    _cached(cache, recs, 'trg')))
+      np.shape, head_vars['params']
+  )
+  only_head = np.asarray(
+      head.apply(head_vars, _cached(cache, recs, 'src'), _cached(cache, recs, 'trg'))
+  )
   np.testing.assert_allclose(only_head, cached, rtol=0, atol=1e-6)
 
 
@@ -152,7 +168,7 @@ def test_bfloat16_cache_is_the_rounded_features(setup, built):
   a, b = cache.lookup(cache.names), f32.lookup(cache.names)
   # bfloat16 keeps 8 significant bits: relative rounding error <= 2^-8 (plus the two
   # compilations' float32 differences, far smaller).
-  assert np.all(np.abs(a - b) <= 2.0 ** -8 * np.abs(b) + 1e-5)
+  assert np.all(np.abs(a - b) <= 2.0**-8 * np.abs(b) + 1e-5)
   assert np.mean(a == b.astype(ml_dtypes.bfloat16).astype(np.float32)) > 0.95
 
 
@@ -168,8 +184,10 @@ def test_stale_mismatched_and_missing_caches_are_refused(setup, built):
     cf.build_cache(model, other, config.data, ['val'], dtype='float32', progress=False)
   # Other blocks or resolution: no such cache.
   m1 = models.build_model(_config(config.data.data_dir, layers=(1,)))
-  with pytest.raises(cf.CacheError, match=r'no feature cache vits14_L1_42px_float32 .*present: .*'
-                     r'vits14_L0-1_42px_float32'):
+  with pytest.raises(
+      cf.CacheError,
+      match=r'no feature cache vits14_L1_42px_float32 .*present: .*' r'vits14_L0-1_42px_float32',
+  ):
     cf.FeatureCache.open(m1, variables, config.data, 'val', dtype='float32')
   c56 = _config(config.data.data_dir)
   c56.data.img_size = 56
@@ -191,8 +209,11 @@ def test_the_compute_dtype_is_part_of_the_key(setup, built):
   assert cf.FeatureCache.open(model, variables, config.data, 'val', 'float32').key == key
   bf16 = model.clone(dtype=jnp.bfloat16)
   assert cf.cache_key(bf16, variables, config.data, 'float32')['compute_dtype'] == 'bfloat16'
-  with pytest.raises(cf.CacheError, match=r'no feature cache vits14_L0-1_42px_float32_compute-'
-                     r'bfloat16 .*present: .*vits14_L0-1_42px_float32'):
+  with pytest.raises(
+      cf.CacheError,
+      match=r'no feature cache vits14_L0-1_42px_float32_compute-'
+      r'bfloat16 .*present: .*vits14_L0-1_42px_float32',
+  ):
     cf.FeatureCache.open(bf16, variables, config.data, 'val', dtype='float32')
 
 
@@ -228,11 +249,16 @@ def test_cached_pipeline_gives_the_live_frozen_flow(cached_run):
   """Both pipelines over the same pairs: the head of the trained model `a` on cached features,
   and the full model (that head on the live backbone) on the images."""
   config, variables, result, _ = cached_run
-  head = jax.tree.map(lambda x: np.asarray(x)[0], jax.device_get(
-      {'params': result['state'].params, 'batch_stats': result['state'].batch_stats}))
+  head = jax.tree.map(
+      lambda x: np.asarray(x)[0],
+      jax.device_get(
+          {'params': result['state'].params, 'batch_stats': result['state'].batch_stats}
+      ),
+  )
   cache = cf.open_for_config(config, ['val'])['val']
-  feats = next(iter(pipeline.create_eval_iterator(config.data, 'val', batch_size=4,
-                                                  features=cache)))
+  feats = next(
+      iter(pipeline.create_eval_iterator(config.data, 'val', batch_size=4, features=cache))
+  )
   imgs = next(iter(pipeline.create_eval_iterator(config.data, 'val', batch_size=4)))
   assert feats['src_img'].shape == (4, 3, 3, 64) and imgs['src_img'].shape == (4, 42, 42, 3)
   np.testing.assert_array_equal(feats['flow'], imgs['flow'])
@@ -240,8 +266,10 @@ def test_cached_pipeline_gives_the_live_frozen_flow(cached_run):
   full = dict(head, params=dict(head['params'], backbone=variables['params']['backbone']))
   model = models.build_model(config).clone(inputs='images')
   live = np.asarray(model.apply(full, imgs['src_img'], imgs['trg_img']))
-  rounded = [_live(model, full, imgs[k]).astype(ml_dtypes.bfloat16).astype(np.float32)
-             for k in ('src_img', 'trg_img')]
+  rounded = [
+      _live(model, full, imgs[k]).astype(ml_dtypes.bfloat16).astype(np.float32)
+      for k in ('src_img', 'trg_img')
+  ]
   live_rounded = np.asarray(cf.head_flow(model, full, *rounded))
   assert cached.shape == live.shape == (4, 6, 6, 2)
   # The live features rounded to bfloat16 give the same flow (equal here; 1e-2 leaves room for
@@ -281,8 +309,9 @@ def test_cached_training_mirrors_a_source_as_its_image(setup):
   rec = dict(pipeline.data_source(config.data, 'trn')[0])
   n = len(rec['kps_valid'])
   rec.update(kps_ids=np.arange(n) % len(transforms.FLIP_TABLES['parts'](0)), category=0)
-  opts = dataclasses.replace(pipeline.preprocess_options(config.data, train=True),
-                             dataset='parts', flip_source_p=1.0)
+  opts = dataclasses.replace(
+      pipeline.preprocess_options(config.data, train=True), dataset='parts', flip_source_p=1.0
+  )
   features = _FakeFeatures()
   a = transforms.preprocess_pair(rec, opts, np.random.default_rng(0), features=features)
   b = transforms.preprocess_pair(rec, opts, np.random.default_rng(0))
@@ -307,8 +336,9 @@ def test_a_stale_cache_is_refused_when_training_starts(cached_run, tmp_path):
 def test_colour_augmentation_with_the_cache_is_refused(tmp_path):
   config = _cached_config(str(tmp_path))
   config.data.augment = True
-  with pytest.raises(ValueError, match=r'cannot take colour augmentation .*: set '
-                     r'data.augment=False$'):
+  with pytest.raises(
+      ValueError, match=r'cannot take colour augmentation .*: set ' r'data.augment=False$'
+  ):
     train.check_config(config)
   config.data.augment, config.data.random_crop = False, True
   with pytest.raises(ValueError, match='set data.random_crop=False'):

@@ -50,8 +50,9 @@ def _tiny_state_dict(seed=0):
   """A full tiny DINOv2 (both blocks) under the official torch-hub names, plus a mask_token."""
   model = dinov2.DINOv2(**SPAIR.TINY_DINOV2)
   v = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 28, 28, 3)))
-  v = jax.tree.map(lambda a: a + 0.01 * jax.random.normal(jax.random.PRNGKey(seed + 1), a.shape),
-                   v)  # Non-trivial LayerNorm/LayerScale values.
+  v = jax.tree.map(
+      lambda a: a + 0.01 * jax.random.normal(jax.random.PRNGKey(seed + 1), a.shape), v
+  )  # Non-trivial LayerNorm/LayerScale values.
   sd = convert.to_dinov2_state_dict(jax.tree.map(np.asarray, v))
   sd['mask_token'] = np.zeros((1, 32), np.float32)
   return sd
@@ -77,11 +78,13 @@ def test_dinov2_configs_build_the_documented_model(name):
   x = jax.ShapeDtypeStruct((1, 448, 448, 3), jnp.float32)
   shapes = jax.eval_shape(lambda a, b: model.init(jax.random.PRNGKey(0), a, b), x, x)
   assert shapes['params']['backbone']['pos_embed'].shape == (1, 1 + 37 * 37, 768)
-  feat = jax.eval_shape(lambda v, a: model.apply(v, a, a, return_aux=True)[1]['src_feat'],
-                        shapes, x)
+  feat = jax.eval_shape(
+      lambda v, a: model.apply(v, a, a, return_aux=True)[1]['src_feat'], shapes, x
+  )
   assert feat.shape == (1, 32, 32, 768)  # Image / 14.
-  small = config_lib.load_config(f'{ROOT}/configs/{name}.py:baseline,runlocal,preset=vits14_reg,'
-                                 'trained_blocks=0')
+  small = config_lib.load_config(
+      f'{ROOT}/configs/{name}.py:baseline,runlocal,preset=vits14_reg,' 'trained_blocks=0'
+  )
   m = models.build_model(small)
   assert m.dinov2_preset == 'vits14_reg' and m.dinov2_kwargs()['embed_dim'] == 32
   assert small.optim.backbone_trained_blocks == 0 and small.learning_mode == 'baseline'
@@ -90,7 +93,7 @@ def test_dinov2_configs_build_the_documented_model(name):
 def test_resnet_stays_the_default():
   model = models.build_model(config_lib.tiny_config('mt'))
   assert model.backbone_type == 'resnet'
-  with pytest.raises(ValueError, match="model.backbone must be"):
+  with pytest.raises(ValueError, match='model.backbone must be'):
     c = config_lib.tiny_config('mt')
     c.model.backbone = 'vit'
     models.build_model(c)
@@ -106,8 +109,9 @@ def test_features_are_the_concatenated_blocks_after_the_final_norm():
     vit = dinov2.DINOv2(**model.dinov2_kwargs())
     out = vit.apply({'params': v['params']['backbone']}, x, layers=(0, 1))
     assert aux['src_feat'].dtype == jnp.float64
-    np.testing.assert_allclose(aux['src_feat'], jnp.concatenate(out['intermediate'], -1),
-                               rtol=0, atol=1e-12)
+    np.testing.assert_allclose(
+        aux['src_feat'], jnp.concatenate(out['intermediate'], -1), rtol=0, atol=1e-12
+    )
   assert aux['src_feat'].shape == (2, 3, 3, 64)
   # Negative indices count from the end; one block index is accepted as an int.
   assert model.clone(dinov2_layers=-1).dinov2_blocks() == (1,)
@@ -122,7 +126,8 @@ def test_frozen_parameters_get_no_gradient_and_no_update(layers, trained):
   params = flax.core.unfreeze(model.init(jax.random.PRNGKey(1), x, x))['params']
   run = max(layers) + 1
   assert sorted(k for k in params['backbone'] if k.startswith('blocks_')) == [
-      f'blocks_{i}' for i in range(run)]  # Blocks after the last used one are not built.
+      f'blocks_{i}' for i in range(run)
+  ]  # Blocks after the last used one are not built.
 
   def loss(p):
     return jnp.sum(jnp.square(model.apply({'params': p}, x, x[::-1])))
@@ -163,15 +168,18 @@ def test_pretrained_official_weights_fill_the_backbone(tmp_path):
   config.model.pretrained = str(tmp_path / 'dinov2_tiny.npz')
   model = models.build_model(config)
   v = models.init_variables(config, model, jax.random.PRNGKey(0), 2)
-  back = convert.to_dinov2_state_dict(jax.tree.map(lambda a: np.asarray(a)[1],
-                                                   v['params']['backbone']))
-  assert sorted(back) == sorted(k for k in sd if not k.startswith('blocks.1.') and
-                                k != 'mask_token')
+  back = convert.to_dinov2_state_dict(
+      jax.tree.map(lambda a: np.asarray(a)[1], v['params']['backbone'])
+  )
+  assert sorted(back) == sorted(
+      k for k in sd if not k.startswith('blocks.1.') and k != 'mask_token'
+  )
   for k, a in back.items():
     np.testing.assert_array_equal(a, sd[k], err_msg=k)
   # Both mutual teachers start from the checkpoint and differ in their heads.
-  assert not np.array_equal(v['params']['sce']['conv']['kernel'][0],
-                            v['params']['sce']['conv']['kernel'][1])
+  assert not np.array_equal(
+      v['params']['sce']['conv']['kernel'][0], v['params']['sce']['conv']['kernel'][1]
+  )
   bad = dict(sd)
   del bad['blocks.0.ls2.gamma']
   with pytest.raises(convert.ConversionError, match=r'missing keys \(1\): blocks.0.ls2.gamma'):
@@ -183,9 +191,13 @@ def test_convert_tool_writes_a_dinov2_scorrsan_export(tmp_path):
   src = tmp_path / 'dinov2_tiny.npz'
   np.savez(src, **sd)
   tool = [sys.executable, str(ROOT / 'tools' / 'convert_torch.py'), f'--input={src}']
-  res = subprocess.run(tool + ['--config=configs/spair_dinov2.py:runlocal',
-                               f'--output={tmp_path / "out"}'],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+  res = subprocess.run(
+      tool + ['--config=configs/spair_dinov2.py:runlocal', f'--output={tmp_path / "out"}'],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
   assert res.returncode == 0, res.stderr[-3000:]
   variables, config = ckpt_lib.load_model_variables(tmp_path / 'out')
   assert config.model.backbone == 'dinov2'
@@ -193,8 +205,13 @@ def test_convert_tool_writes_a_dinov2_scorrsan_export(tmp_path):
   for k, a in back.items():
     np.testing.assert_array_equal(a, sd[k], err_msg=k)
   # DINOv2 weights with a ResNet config: a clear error, nothing written.
-  res = subprocess.run(tool + ['--config=configs/spair.py', f'--output={tmp_path / "x"}'],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+  res = subprocess.run(
+      tool + ['--config=configs/spair.py', f'--output={tmp_path / "x"}'],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
   assert res.returncode != 0 and 'DINOv2' in res.stderr and not (tmp_path / 'x').exists()
 
 
@@ -233,8 +250,7 @@ def _assert_only_trained_blocks_moved(backbone, sd, model_index=None):
 @pytest.fixture(scope='module')
 def baseline_run(data_dir, pretrained, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('dinov2_baseline'))
-  return workdir, train.train_and_evaluate(_train_config('baseline', data_dir, pretrained),
-                                           workdir)
+  return workdir, train.train_and_evaluate(_train_config('baseline', data_dir, pretrained), workdir)
 
 
 def test_baseline_trains_only_the_last_blocks(baseline_run, pretrained):
@@ -244,8 +260,9 @@ def test_baseline_trains_only_the_last_blocks(baseline_run, pretrained):
   _assert_only_trained_blocks_moved(summary['state'].params['backbone'], pretrained[1])
 
 
-def test_st_trains_with_the_dinov2_baseline_as_teacher(baseline_run, data_dir, pretrained,
-                                                       tmp_path):
+def test_st_trains_with_the_dinov2_baseline_as_teacher(
+    baseline_run, data_dir, pretrained, tmp_path
+):
   base_dir, _ = baseline_run
   config = _train_config('st', data_dir, pretrained)
   config.teacher.checkpoint = base_dir

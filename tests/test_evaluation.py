@@ -45,8 +45,9 @@ def _upsample_numpy(flow, img_h, img_w):
     y0, y1, ly = taps(h, img_h, y)
     for x in range(img_w):
       x0, x1, lx = taps(w, img_w, x)
-      out[:, y, x] = ((1 - ly) * ((1 - lx) * flow[:, y0, x0] + lx * flow[:, y0, x1])
-                      + ly * ((1 - lx) * flow[:, y1, x0] + lx * flow[:, y1, x1]))
+      out[:, y, x] = (1 - ly) * ((1 - lx) * flow[:, y0, x0] + lx * flow[:, y0, x1]) + ly * (
+          (1 - lx) * flow[:, y1, x0] + lx * flow[:, y1, x1]
+      )
   return out * np.array([img_w / w, img_h / h])
 
 
@@ -55,8 +56,9 @@ def test_upsample_flow_matches_reference(ref, x64):
   flow, _, _, _ = _inputs(ref, x64)
   with jax.enable_x64(x64):
     up = jax.jit(evaluation.upsample_flow, static_argnums=1)(flow[:1], 256)
-  np.testing.assert_allclose(np.asarray(up)[0], ref["flow_up_pair0"].transpose(1, 2, 0),
-                             atol=ATOL_PX, rtol=0)
+  np.testing.assert_allclose(
+      np.asarray(up)[0], ref["flow_up_pair0"].transpose(1, 2, 0), atol=ATOL_PX, rtol=0
+  )
 
 
 def test_upsample_flow_rectangular_matches_loop_version():
@@ -120,8 +122,7 @@ def test_pck_matches_reference(ref, x64):
       np.testing.assert_array_equal(np.asarray(correct), ref["correct"][i])
       pck = np.asarray(evaluation.pck(est, src, valid, ref["pckthres"], float(alpha)))
       np.testing.assert_allclose(pck, ref["pck"][i], rtol=1e-12 if x64 else 1e-6, atol=0)
-      np.testing.assert_array_equal(np.round(pck * ref["n_pts"] / 100),
-                                    ref["correct"][i].sum(-1))
+      np.testing.assert_array_equal(np.round(pck * ref["n_pts"] / 100), ref["correct"][i].sum(-1))
 
 
 def test_pck_ignores_padding(ref):
@@ -145,18 +146,21 @@ def test_pck_threshold_is_inclusive_and_formed_in_float32():
   est = np.array([[[2.0, 0.0], [0.0, 6.0], [0.0, np.nextafter(np.float32(6), 7)]]], np.float32)
   valid = np.ones((1, 3), bool)
   thr = np.array([40.0], np.float32)
-  np.testing.assert_array_equal(np.asarray(evaluation.pck_correct(est, src, valid, thr, 0.05)),
-                                [[True, False, False]])
-  np.testing.assert_array_equal(np.asarray(evaluation.pck_correct(est, src, valid, thr, 0.15)),
-                                [[True, True, False]])
+  np.testing.assert_array_equal(
+      np.asarray(evaluation.pck_correct(est, src, valid, thr, 0.05)), [[True, False, False]]
+  )
+  np.testing.assert_array_equal(
+      np.asarray(evaluation.pck_correct(est, src, valid, thr, 0.15)), [[True, True, False]]
+  )
   with jax.enable_x64(True):
     got = evaluation.pck_correct(est.astype(np.float64), src.astype(np.float64), valid, thr, 0.15)
     np.testing.assert_array_equal(np.asarray(got), [[True, True, False]])
     # 256 * 0.1 is 25.6 in float64 but 25.600000381... in float32: a float64 distance between
     # the two counts as correct, as in the reference's float32 threshold.
     d = 25.6000002
-    got = evaluation.pck_correct(np.array([[[d, 0.0]]]), np.zeros((1, 1, 2)), valid[:, :1],
-                                 np.array([256.0]), 0.1)
+    got = evaluation.pck_correct(
+        np.array([[[d, 0.0]]]), np.zeros((1, 1, 2)), valid[:, :1], np.array([256.0]), 0.1
+    )
     np.testing.assert_array_equal(np.asarray(got), [[True]])
 
 

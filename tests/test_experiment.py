@@ -85,8 +85,9 @@ def test_runner_resumes_a_killed_run_then_skips_it(data_dir, tmp_path):
 
   # Other settings in the same directory are refused rather than mixed into one table.
   with pytest.raises(ValueError, match='optim.num_epochs'):
-    experiments.run_sweep(CONFIG, 'test', cells, [0], out, {**common, 'optim.num_epochs': 2},
-                         train_fn=_no_training)
+    experiments.run_sweep(
+        CONFIG, 'test', cells, [0], out, {**common, 'optim.num_epochs': 2}, train_fn=_no_training
+    )
 
 
 def test_st_cells_follow_and_use_the_same_seeds_baseline(tmp_path):
@@ -99,8 +100,7 @@ def test_st_cells_follow_and_use_the_same_seeds_baseline(tmp_path):
   for seed in (0, 2):
     config = experiments.make_config(CONFIG, st, seed, out)
     assert config.learning_mode == 'st' and config.seed == seed
-    assert config.teacher.checkpoint == os.path.abspath(
-        experiments.run_dir(out, 'baseline', seed))
+    assert config.teacher.checkpoint == os.path.abspath(experiments.run_dir(out, 'baseline', seed))
   text = experiments.describe(CONFIG, experiments.plan_cells(sweep, ['st']), [0, 1], out, {})
   assert 'st after baseline' in text and 'seed1: to run' in text
   with pytest.raises(ValueError, match='unknown cell'):
@@ -122,12 +122,16 @@ def test_cells_with_identical_configs_are_found(tmp_path):
 def test_sweeps_and_overrides():
   budget = config_lib.get_sweep('budget')
   assert {(o['learning_mode'], o['data.keypoints_per_pair']) for o in budget.values()} == {
-      (m, k) for m in ('baseline', 'mt') for k in (1, 2, 4, 8, 0)}
+      (m, k) for m in ('baseline', 'mt') for k in (1, 2, 4, 8, 0)
+  }
   ablation = config_lib.get_sweep('ablation')
   assert len(ablation) == len(config_lib.ablation_sweep())
   assert ablation['st']['teacher.checkpoint'] == 'cell:baseline'
   assert config_lib.parse_overrides(['optim.lr=1e-3', 'data.data_dir=/tmp/x', 'a.b=true']) == {
-      'optim.lr': 1e-3, 'data.data_dir': '/tmp/x', 'a.b': True}
+      'optim.lr': 1e-3,
+      'data.data_dir': '/tmp/x',
+      'a.b': True,
+  }
   c = config_lib.load_config(CONFIG)
   c.lock()
   with pytest.raises(KeyError, match='optim.typo'):
@@ -137,26 +141,46 @@ def test_sweeps_and_overrides():
 
 
 def _entry(cell, seed, pck, overrides=None, pseudo=None):
-  return {'cell': cell, 'seed': seed, 'overrides': overrides or {'learning_mode': cell},
-          'select_metric': 'val/pck@0.1',
-          'final': {'val/pck@0.05': pck / 2, 'val/pck@0.1': pck},
-          'best': {'value': pck + 1.0, 'epoch': 3}, 'pseudo': pseudo or {},
-          'wall_s': 10.0, 'compile_s': 2.0}
+  return {
+      'cell': cell,
+      'seed': seed,
+      'overrides': overrides or {'learning_mode': cell},
+      'select_metric': 'val/pck@0.1',
+      'final': {'val/pck@0.05': pck / 2, 'val/pck@0.1': pck},
+      'best': {'value': pck + 1.0, 'epoch': 3},
+      'pseudo': pseudo or {},
+      'wall_s': 10.0,
+      'compile_s': 2.0,
+  }
 
 
 def test_markdown_mean_and_std_over_seeds():
   entries = [_entry('baseline', s, v) for s, v in enumerate((10.0, 20.0, 30.0))]
-  entries.append(_entry('mt', 0, 40.0, pseudo={'train/a/pseudo_kept_epe': 0.5,
-                                               'train/b/pseudo_kept_epe': 0.7,
-                                               'train/pseudo_weight': 1.0}))
+  entries.append(
+      _entry(
+          'mt',
+          0,
+          40.0,
+          pseudo={
+              'train/a/pseudo_kept_epe': 0.5,
+              'train/b/pseudo_kept_epe': 0.7,
+              'train/pseudo_weight': 1.0,
+          },
+      )
+  )
   entries.append(_entry('st', 0, 30.0, pseudo={'train/pseudo_kept_epe': 0.25}))
   text = experiments.markdown_table(entries, ['mt', 'baseline'])
   main, pseudo = text.split('## Pseudo-labels')
-  rows = {line.split(' | ')[0].strip('| '): line for line in main.splitlines()
-          if line.startswith('| ') and '---' not in line}
+  rows = {
+      line.split(' | ')[0].strip('| '): line
+      for line in main.splitlines()
+      if line.startswith('| ') and '---' not in line
+  }
   # Sample std (ddof 1) of 10, 20, 30 is 10; one seed has no std.
-  assert ('| baseline | learning_mode=baseline | 3 | 10.00 ± 5.00 | 20.00 ± 10.00 '
-          '| 21.00 ± 10.00 | 3.0 ± 0.0 |') in rows['baseline']
+  assert (
+      '| baseline | learning_mode=baseline | 3 | 10.00 ± 5.00 | 20.00 ± 10.00 '
+      '| 21.00 ± 10.00 | 3.0 ± 0.0 |'
+  ) in rows['baseline']
   assert '| mt | learning_mode=mt | 1 | 20.00 | 40.00 | 41.00 |' in rows['mt']
   lines = main.splitlines()
   assert lines.index(rows['mt']) < lines.index(rows['baseline'])  # The given order.
@@ -172,12 +196,18 @@ def test_budget_curve_and_plots(tmp_path):
   for mode, shift in (('baseline', 0.0), ('mt', 5.0)):
     for k in (0, 1, 4):
       for seed, noise in enumerate((-1.0, 1.0)):
-        entries.append(_entry(f'{mode}_k{k}', seed, 10.0 * (k or 8) + shift + noise,
-                              {'learning_mode': mode, 'data.keypoints_per_pair': k}))
+        entries.append(
+            _entry(
+                f'{mode}_k{k}',
+                seed,
+                10.0 * (k or 8) + shift + noise,
+                {'learning_mode': mode, 'data.keypoints_per_pair': k},
+            )
+        )
   series = experiments.budget_series(entries, 'val/pck@0.1')
   assert [p[0] for p in series['mt']] == [1, 4, 0]  # 'all' last.
   k, mean, std, n = series['mt'][1]
-  assert (k, n) == (4, 2) and mean == pytest.approx(45.0) and std == pytest.approx(2 ** 0.5)
+  assert (k, n) == (4, 2) and mean == pytest.approx(45.0) and std == pytest.approx(2**0.5)
   paths = experiments.write_reports(str(tmp_path), entries, settings={'sweep': 'budget'})
   assert [os.path.basename(p) for p in paths] == ['results.md', 'budget.png']
   bars = str(tmp_path / 'modes.png')
@@ -197,8 +227,13 @@ def _fake_train(config, workdir):
   print('trained', workdir)  # Into the run's train.log.
   with open(os.path.join(workdir, 'times.json'), 'w') as f:
     json.dump([start, time.time(), os.getpid()], f)
-  return {'step': 1, 'epoch': int(config.optim.num_epochs), 'val': {'val/pck@0.1': 1.0},
-          'best': {}, 'state': object()}
+  return {
+      'step': 1,
+      'epoch': int(config.optim.num_epochs),
+      'val': {'val/pck@0.1': 1.0},
+      'best': {},
+      'state': object(),
+  }
 
 
 def test_workers_run_cells_in_parallel_after_the_cells_they_need(tmp_path):
@@ -233,11 +268,13 @@ def test_cpu_groups_split_the_cpus_evenly():
 
 
 def test_pseudo_metrics_are_the_last_epochs_windows_mean():
-  rows = [{'step': 10, 'train/loss': 1.0},
-          {'step': 20, 'train/a/pseudo_kept_epe': 9.0},  # Epoch 1 (steps 1..24): left out.
-          {'step': 30, 'train/a/pseudo_kept_epe': 3.0, 'train/pseudo_agreement': 0.5},
-          {'step': 40, 'train/a/pseudo_kept_epe': 5.0},  # No agreement logged in this window.
-          {'step': 48, 'val/pck@0.1': 10.0}]
+  rows = [
+      {'step': 10, 'train/loss': 1.0},
+      {'step': 20, 'train/a/pseudo_kept_epe': 9.0},  # Epoch 1 (steps 1..24): left out.
+      {'step': 30, 'train/a/pseudo_kept_epe': 3.0, 'train/pseudo_agreement': 0.5},
+      {'step': 40, 'train/a/pseudo_kept_epe': 5.0},  # No agreement logged in this window.
+      {'step': 48, 'val/pck@0.1': 10.0},
+  ]
   pseudo, steps = experiments.last_epoch_pseudo_metrics(rows, steps_per_epoch=24)
   assert pseudo == {'train/a/pseudo_kept_epe': 4.0, 'train/pseudo_agreement': 0.5}
   assert steps == [30, 40]
@@ -256,7 +293,8 @@ def test_mt_cells_also_report_the_mean_of_their_two_networks(tmp_path):
   for e, k in zip(runs, (2, 2)):
     e['overrides'] = {'learning_mode': e['cell'], experiments.BUDGET_KEY: k}
   assert experiments.budget_series(runs, 'val/pck@0.1', networks=True) == {
-      'mt': [(2, 10.5, pytest.approx(float('nan'), nan_ok=True), 1)]}
+      'mt': [(2, 10.5, pytest.approx(float('nan'), nan_ok=True), 1)]
+  }
 
 
 def test_workers_stop_when_the_runner_dies():

@@ -41,8 +41,15 @@ RTOL = 1e-5
 
 def _run(*args, cwd):
   env = dict(os.environ, JAX_PLATFORMS='cpu')
-  return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=env,
-                        capture_output=True, text=True, timeout=300, check=False)
+  return subprocess.run(
+      [sys.executable, *map(str, args)],
+      cwd=cwd,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      check=False,
+  )
 
 
 def _model_export(config, directory):
@@ -60,7 +67,8 @@ def _pairs(b, s, seed=0):
 def _apply(predictor, src, trg):
   """`predictor.model.apply(predictor.variables, src, trg, return_aux=True)`, jitted."""
   return jax.jit(lambda v, s, t: predictor.model.apply(v, s, t, return_aux=True))(
-      predictor.variables, src, trg)
+      predictor.variables, src, trg
+  )
 
 
 @pytest.fixture(scope='module')
@@ -79,8 +87,14 @@ def dinov2_model(tmp_path_factory):
   config_lib.apply_dinov2(c, 'vits14', (0, 1), trained_blocks=1)
   config_lib.apply_dinov2_tiny(c, img_size=42, feature_size=6)
   ckpt = _model_export(c, root / 'ckpt')
-  r = _run('-m', 'sccorr_jax.export', f'--checkpoint={ckpt}', f'--out={root / "model.zip"}',
-           '--platforms=cpu', cwd=root)
+  r = _run(
+      '-m',
+      'sccorr_jax.export',
+      f'--checkpoint={ckpt}',
+      f'--out={root / "model.zip"}',
+      '--platforms=cpu',
+      cwd=root,
+  )
   assert r.returncode == 0, r.stderr[-3000:]
   return dict(root=root, ckpt=ckpt, file=root / 'model.zip', stdout=r.stdout, stderr=r.stderr)
 
@@ -119,18 +133,21 @@ def test_the_header_records_the_input_and_its_preprocessing(resnet):
     assert sorted(z.namelist()) == sorted([export.HEADER, export.FUNCTION])
     assert json.loads(z.read(export.HEADER)) == header
   image = np.random.default_rng(0).integers(0, 256, (40, 60, 3), np.uint8)
-  np.testing.assert_array_equal(export.load(resnet['file']).preprocess(image),
-                                predict.preprocess_image(image, 32))
+  np.testing.assert_array_equal(
+      export.load(resnet['file']).preprocess(image), predict.preprocess_image(image, 32)
+  )
 
 
 def test_load_imports_neither_flax_nor_the_models(resnet):
-  code = ('import sys, numpy as np\n'
-          'import sccorr_jax.export\n'
-          f'model = sccorr_jax.export.load({str(resnet["file"])!r})\n'
-          'x = np.zeros((2, 32, 32, 3), np.float32)\n'
-          'assert model(x, x).shape == (2, 8, 8, 2)\n'
-          'print(sorted(m for m in sys.modules if m == "flax" or m.startswith("flax.")\n'
-          '             or m.startswith("sccorr_jax.models")))\n')
+  code = (
+      'import sys, numpy as np\n'
+      'import sccorr_jax.export\n'
+      f'model = sccorr_jax.export.load({str(resnet["file"])!r})\n'
+      'x = np.zeros((2, 32, 32, 3), np.float32)\n'
+      'assert model(x, x).shape == (2, 8, 8, 2)\n'
+      'print(sorted(m for m in sys.modules if m == "flax" or m.startswith("flax.")\n'
+      '             or m.startswith("sccorr_jax.models")))\n'
+  )
   r = _run('-c', code, cwd=resnet['root'])
   assert r.returncode == 0, r.stderr[-3000:]
   assert r.stdout.strip() == '[]', r.stdout
@@ -141,13 +158,17 @@ def test_files_that_are_not_serialized_models_are_named_in_one_line(resnet, tmp_
   notes.write_text('hello')
   np.savez(tmp_path / 'arrays.npz', a=np.zeros(3))
   truncated = tmp_path / 'truncated.zip'
-  truncated.write_bytes(resnet['file'].read_bytes()[:resnet['size'] // 2])
+  truncated.write_bytes(resnet['file'].read_bytes()[: resnet['size'] // 2])
   flipped = bytearray(resnet['file'].read_bytes())
   flipped[len(flipped) // 2] ^= 0xFF
   (tmp_path / 'flipped.zip').write_bytes(flipped)
-  cases = [(notes, 'not a serialized model'), (tmp_path / 'arrays.npz', 'not a serialized model'),
-           (truncated, 'not a serialized model'), (tmp_path, 'is a directory'),
-           (tmp_path / 'flipped.zip', 'damaged serialized model .BadZipFile: Bad CRC-32')]
+  cases = [
+      (notes, 'not a serialized model'),
+      (tmp_path / 'arrays.npz', 'not a serialized model'),
+      (truncated, 'not a serialized model'),
+      (tmp_path, 'is a directory'),
+      (tmp_path / 'flipped.zip', 'damaged serialized model .BadZipFile: Bad CRC-32'),
+  ]
   for path, problem in cases:
     with pytest.raises(export.SerializedModelError, match=f'^{path}: {problem}'):
       export.load(path)
@@ -158,12 +179,19 @@ def test_files_that_are_not_serialized_models_are_named_in_one_line(resnet, tmp_
   # Through the command line that reads serialized models: one line, exit status 2.
   image = tmp_path / 'a.png'
   Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(image)
-  r = _run(ROOT / 'tools' / 'match.py', '--checkpoint=notes.txt', 'a.png', 'a.png', '--out=o',
-           cwd=tmp_path)
+  r = _run(
+      ROOT / 'tools' / 'match.py',
+      '--checkpoint=notes.txt',
+      'a.png',
+      'a.png',
+      '--out=o',
+      cwd=tmp_path,
+  )
   assert r.returncode == 2 and 'Traceback' not in r.stderr, r.stderr[-3000:]
   assert r.stderr.strip().splitlines()[-1] == (
       'error: notes.txt: not a serialized model (expected a zip archive of header.json and '
-      'function.jaxexport, written by python -m sccorr_jax.export)'), r.stderr
+      'function.jaxexport, written by python -m sccorr_jax.export)'
+  ), r.stderr
 
 
 def test_command_line_serializes_a_dinov2_model(dinov2_model):
@@ -186,7 +214,8 @@ def test_an_existing_out_is_refused_before_anything_loads(resnet, capsys):
   assert e.value.code == 2
   assert capsys.readouterr().err == (
       f'error: --out={resnet["file"]}: exists; a serialized model is never overwritten (remove '
-      'it or choose another name)\n')
+      'it or choose another name)\n'
+  )
 
 
 def test_match_on_a_dinov2_checkpoint_and_its_serialized_model(dinov2_model):
@@ -198,13 +227,18 @@ def test_match_on_a_dinov2_checkpoint_and_its_serialized_model(dinov2_model):
   Image.fromarray(rng.integers(0, 256, (60, 45, 3), np.uint8)).save(root / 'trg.png')
   out = {}
   for kind in ('ckpt', 'file'):
-    line = match.match(str(root / 'src.png'), str(root / 'trg.png'), str(dinov2_model[kind]),
-                       str(root / f'out_{kind}'), grid=3)
+    line = match.match(
+        str(root / 'src.png'),
+        str(root / 'trg.png'),
+        str(dinov2_model[kind]),
+        str(root / f'out_{kind}'),
+        grid=3,
+    )
     assert 'matched 9 keypoints' in line, line
     out[kind] = json.loads((root / f'out_{kind}' / 'keypoints.json').read_text())
   a, b = out['ckpt']['matches'], out['file']['matches']
   np.testing.assert_allclose([m['src'] for m in b], [m['src'] for m in a], atol=1e-3)
-  np.testing.assert_allclose([m['confidence'] for m in b], [m['confidence'] for m in a],
-                             atol=1e-4)
-  np.testing.assert_allclose(np.load(root / 'out_file' / 'flow.npy'),
-                             np.load(root / 'out_ckpt' / 'flow.npy'), atol=1e-3)
+  np.testing.assert_allclose([m['confidence'] for m in b], [m['confidence'] for m in a], atol=1e-4)
+  np.testing.assert_allclose(
+      np.load(root / 'out_file' / 'flow.npy'), np.load(root / 'out_ckpt' / 'flow.npy'), atol=1e-3
+  )

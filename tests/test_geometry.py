@@ -19,8 +19,9 @@ def test_keypoints_to_flow_matches_reference(fixtures_dir, setting):
     assert flow.dtype == np.float32
     ref = g("flow")[i].transpose(1, 2, 0)
     # The set of labelled cells must match exactly; values to float32 summation order.
-    np.testing.assert_array_equal(geometry.unlabelled_mask(flow), geometry.unlabelled_mask(ref),
-                                  err_msg=label)
+    np.testing.assert_array_equal(
+        geometry.unlabelled_mask(flow), geometry.unlabelled_mask(ref), err_msg=label
+    )
     np.testing.assert_allclose(flow, ref, atol=1e-5, rtol=0, err_msg=label)
 
 

@@ -85,7 +85,7 @@ def test_dilated_mask_matches_a_brute_force_window(k):
   want = np.zeros_like(labelled)
   for dy in range(k):
     for dx in range(k):
-      want |= padded[:, dy:dy + 9, dx:dx + 13]
+      want |= padded[:, dy : dy + 9, dx : dx + 13]
   got = jax.jit(losses.dilated_label_mask, static_argnums=1)(gt, k)
   np.testing.assert_array_equal(np.asarray(got), want)
 
@@ -117,8 +117,9 @@ def test_selection_of_dilated_vectors_matches_reference(ref, x64):
       sel = losses.small_loss_selection_with_masks(vec_a, vec_b, ref["dilated_mask"], float(rate))
       assert int(sel.num_remember) == ref["selection_num_remember"][i]
       assert int(sel.num_candidates) == ref["pseudo_vec_a"].shape[0]
-      np.testing.assert_allclose([float(sel.loss_a), float(sel.loss_b)],
-                                 ref["selection_losses"][i], rtol=RTOL[x64], atol=0)
+      np.testing.assert_allclose(
+          [float(sel.loss_a), float(sel.loss_b)], ref["selection_losses"][i], rtol=RTOL[x64], atol=0
+      )
       # Equal vectors choose the same positions: the exchange is a no-op in training.
       np.testing.assert_array_equal(np.asarray(sel.kept_a), np.asarray(sel.kept_b))
 
@@ -144,8 +145,9 @@ def test_selection_exchange_matches_reference(ref, x64):
       k = int(ref["vec_num_remember"][i])
       assert int(sel.num_remember) == k
       got = losses.small_loss_selection(l1, l2, mask, rate)
-      np.testing.assert_allclose([float(got[0]), float(got[1])], ref["vec_selection_losses"][i],
-                                 rtol=RTOL[x64], atol=0)
+      np.testing.assert_allclose(
+          [float(got[0]), float(got[1])], ref["vec_selection_losses"][i], rtol=RTOL[x64], atol=0
+      )
       # The exchange is visible: loss_1 is averaged where loss_2 is smallest, and vice versa.
       n = int(ref["vec_lengths"][i])
       v1, v2 = l1[0, 0, :n].astype(np.float64), l2[0, 0, :n].astype(np.float64)
@@ -208,12 +210,14 @@ def test_selection_gradient_reaches_only_the_peer_chosen_positions(ref):
   l1, l2, mask = _vec_case(ref, 0, np.float32)
   sel = losses.small_loss_selection_with_masks(l1, l2, mask, 0.29)
   k = int(sel.num_remember)
-  ga, gb = jax.grad(lambda a, b: losses.small_loss_selection(a, b, mask, 0.29)[0],
-                    argnums=(0, 1))(jnp.asarray(l1), jnp.asarray(l2))
+  ga, gb = jax.grad(lambda a, b: losses.small_loss_selection(a, b, mask, 0.29)[0], argnums=(0, 1))(
+      jnp.asarray(l1), jnp.asarray(l2)
+  )
   # d sel_a / d loss_a = 1/k on the positions loss_b chose; nothing through the sort, nothing
   # from the NaN garbage outside the mask.
-  np.testing.assert_allclose(np.asarray(ga), np.where(np.asarray(sel.kept_b), 1.0 / k, 0.0),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+      np.asarray(ga), np.where(np.asarray(sel.kept_b), 1.0 / k, 0.0), rtol=1e-6
+  )
   np.testing.assert_array_equal(np.asarray(gb), 0.0)
 
 
@@ -240,8 +244,11 @@ def _objective(mt, x64, own="a"):
   gt = _nhwc(mt["gt_flow"], x64)
   peer = "b" if own == "a" else "a"
   mask = losses.dilated_label_mask(gt, int(mt["pseudo_ksize"]))
-  fn = jax.jit(lambda f, p, g, m: losses.pseudo_label_objective(
-      f, p, g, m, losses.num_remember_table(rate, m.size), float(mt["lambda_pseudo"])))
+  fn = jax.jit(
+      lambda f, p, g, m: losses.pseudo_label_objective(
+          f, p, g, m, losses.num_remember_table(rate, m.size), float(mt["lambda_pseudo"])
+      )
+  )
   return fn(flows[own], flows[peer], gt, mask)
 
 
@@ -251,15 +258,19 @@ def test_pseudo_label_objective_matches_mt_step(mt, x64):
   with jax.enable_x64(x64):
     for own in "ab":
       loss, terms = _objective(mt, x64, own)
-      for got, key in ((loss, f"loss_{own}"), (terms.loss_sup, f"epe_gt_{own}"),
-                       (terms.loss_pseudo, f"pseudo_loss_{own}")):
+      for got, key in (
+          (loss, f"loss_{own}"),
+          (terms.loss_sup, f"epe_gt_{own}"),
+          (terms.loss_pseudo, f"pseudo_loss_{own}"),
+      ):
         np.testing.assert_allclose(float(got), mt[key], rtol=rtol, atol=0, err_msg=key)
       assert int(terms.num_candidates) == mt["n_dilated"]
       assert int(terms.num_remember) == mt["num_remember"]
       kept = np.asarray(terms.kept)
       assert not (kept & ~np.asarray(terms.candidates)).any()
-      np.testing.assert_array_equal(np.flatnonzero(kept[np.asarray(terms.candidates)]),
-                                    mt["selected_index"])
+      np.testing.assert_array_equal(
+          np.flatnonzero(kept[np.asarray(terms.candidates)]), mt["selected_index"]
+      )
       np.testing.assert_allclose(float(terms.kept_fraction), mt["num_remember"] / mt["n_dilated"])
 
 

@@ -13,8 +13,15 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def _main(*args, timeout=600):
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_DISABLE_MOST_OPTIMIZATIONS='1')
-  return subprocess.run([sys.executable, '-m', 'sccorr_jax.main', *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=timeout, check=False)
+  return subprocess.run(
+      [sys.executable, '-m', 'sccorr_jax.main', *args],
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+      check=False,
+  )
 
 
 def test_mistyped_config_key_fails_clearly(tmp_path):
@@ -30,10 +37,16 @@ def test_workdir_is_required():
 
 
 # Library lines a normal run must not print (repeated, or untrue for this project).
-CHATTER = ("Using custom data configuration", "Unable to initialize backend",
-           "Downloading and preparing dataset", "downloaded and prepared",
-           "Requested `tracked_metric`", "Metadata file does not exist", "OpenCV is not installed",
-           "Load dataset info from")
+CHATTER = (
+    'Using custom data configuration',
+    'Unable to initialize backend',
+    'Downloading and preparing dataset',
+    'downloaded and prepared',
+    'Requested `tracked_metric`',
+    'Metadata file does not exist',
+    'OpenCV is not installed',
+    'Load dataset info from',
+)
 
 
 def _assert_quiet(stderr):
@@ -50,8 +63,11 @@ def test_help_exits_0():
 
 def test_train_then_eval_from_the_command_line(tmp_path):
   workdir, data = tmp_path / 'run', tmp_path / 'data'
-  common = ['--config=configs/demo.py:baseline,tiny', f'--config.data.data_dir={data}',
-            '--config.optim.num_epochs=1']
+  common = [
+      '--config=configs/demo.py:baseline,tiny',
+      f'--config.data.data_dir={data}',
+      '--config.optim.num_epochs=1',
+  ]
   r = _main(*common, f'--workdir={workdir}')
   assert r.returncode == 0, r.stderr[-3000:]
   _assert_quiet(r.stderr)  # the first run also generates the dataset
@@ -66,8 +82,7 @@ def test_train_then_eval_from_the_command_line(tmp_path):
   r = _main(*common, f'--workdir={workdir}')
   assert r.returncode == 0, r.stderr[-3000:]
   assert 'resumed from' in r.stderr
-  r = _main(*common, '--mode=eval', f'--checkpoint={workdir}',
-            f'--workdir={tmp_path / "eval"}')
+  r = _main(*common, '--mode=eval', f'--checkpoint={workdir}', f'--workdir={tmp_path / "eval"}')
   assert r.returncode == 0, r.stderr[-3000:]
   _assert_quiet(r.stderr)
   out = json.loads(r.stdout.strip().splitlines()[-1])

@@ -21,24 +21,34 @@ from sccorr_jax import visualize
 checkpoint = pytest.importorskip("sccorr_jax.checkpoint")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-TINY = dict(stage_sizes=(1, 1, 1, 1), backbone_width=8, sce_kernel_size=3, sce_features=16,
-            feature_size=8)
+TINY = dict(
+    stage_sizes=(1, 1, 1, 1), backbone_width=8, sce_kernel_size=3, sce_features=16, feature_size=8
+)
 
 
 def _match(*args):
   """tools/match.py through the command line, from a directory other than the checkout."""
-  return subprocess.run([sys.executable, str(ROOT / "tools" / "match.py"), *map(str, args)],
-                        cwd=ROOT.parent, capture_output=True, text=True, timeout=600,
-                        check=False)
+  return subprocess.run(
+      [sys.executable, str(ROOT / "tools" / "match.py"), *map(str, args)],
+      cwd=ROOT.parent,
+      capture_output=True,
+      text=True,
+      timeout=600,
+      check=False,
+  )
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
   skimage_data = pytest.importorskip("skimage.data")
   root = tmp_path_factory.mktemp("match")
-  config = ml_collections.ConfigDict({
-      "learning_mode": "baseline", "model": dict(TINY, backbone_depth=101),
-      "data": {"name": "synthetic", "img_size": 64}})
+  config = ml_collections.ConfigDict(
+      {
+          "learning_mode": "baseline",
+          "model": dict(TINY, backbone_depth=101),
+          "data": {"name": "synthetic", "img_size": 64},
+      }
+  )
   model = models.build_model(config)
   x = jnp.zeros((1, 64, 64, 3))
   variables = model.init(jax.random.PRNGKey(0), x, x)
@@ -54,8 +64,13 @@ def test_match_writes_flow_keypoints_and_pictures(setup):
   out = setup["root"] / "out"
   kps = setup["root"] / "kps.json"
   kps.write_text(json.dumps({"keypoints": [[10, 20], [599, 399], [300.5, 200.25]]}))
-  r = _match(f"--checkpoint={setup['export']}", setup["src"], setup["trg"], f"--keypoints={kps}",
-             f"--out={out}")
+  r = _match(
+      f"--checkpoint={setup['export']}",
+      setup["src"],
+      setup["trg"],
+      f"--keypoints={kps}",
+      f"--out={out}",
+  )
   assert r.returncode == 0, r.stderr[-3000:]
   assert "matched 3 keypoints" in r.stdout and "shrunk" not in r.stdout
   assert r.stderr.strip() == "", r.stderr  # no library chatter in a normal run
@@ -69,8 +84,7 @@ def test_match_writes_flow_keypoints_and_pictures(setup):
     assert 0 <= m["confidence"] <= 1 + 1e-6
     assert m["confidence"] == pytest.approx(m["mass"] * m["consistency"], rel=1e-5)
   # The keypoints agree with the dense flow at an integer keypoint.
-  np.testing.assert_allclose(rec["matches"][0]["src"], np.array([10, 20]) + flow[20, 10],
-                             atol=1e-3)
+  np.testing.assert_allclose(rec["matches"][0]["src"], np.array([10, 20]) + flow[20, 10], atol=1e-3)
   with Image.open(out / "matches.png") as im:
     im.verify()
   with Image.open(out / "matches.png") as im:
@@ -85,8 +99,14 @@ def test_a_large_target_gives_a_bounded_flow_and_says_so(setup):
   big = setup["root"] / "big.png"  # 1200 x 1800 (h x w)
   Image.open(setup["trg"]).convert("RGB").resize((1800, 1200)).save(big)
   out = setup["root"] / "out_big"
-  r = _match(f"--checkpoint={setup['export']}", setup["src"], big, f"--out={out}", "--grid=3",
-             "--max_side=300")
+  r = _match(
+      f"--checkpoint={setup['export']}",
+      setup["src"],
+      big,
+      f"--out={out}",
+      "--grid=3",
+      "--max_side=300",
+  )
   assert r.returncode == 0, r.stderr[-3000:]
   assert "flow.npy is 300x200, the 1800x1200 target shrunk 6.00x" in r.stdout, r.stdout
   flow = np.load(out / "flow.npy")
@@ -99,7 +119,7 @@ def test_a_large_target_gives_a_bounded_flow_and_says_so(setup):
   centre = rec["matches"][4]
   np.testing.assert_allclose(centre["trg"], [899.5, 599.5])
   i, j = 99.5 - 0.5, 149.5 - 0.5  # flow-pixel coordinates of (899.5, 599.5)
-  f = flow[int(i):int(i) + 2, int(j):int(j) + 2].mean(axis=(0, 1))
+  f = flow[int(i) : int(i) + 2, int(j) : int(j) + 2].mean(axis=(0, 1))
   np.testing.assert_allclose(centre["src"], np.array(centre["trg"]) + f, atol=0.5)
   with Image.open(out / "warped.png") as im:
     assert im.size == (300, 200)
@@ -107,9 +127,14 @@ def test_a_large_target_gives_a_bounded_flow_and_says_so(setup):
 
 def test_checkpoint_of_another_configuration_is_named(setup):
   from sccorr_jax import predict  # pylint: disable=g-import-not-at-top
-  other = ml_collections.ConfigDict({
-      "learning_mode": "baseline", "model": dict(TINY, sce_kernel_size=5),
-      "data": {"name": "synthetic", "img_size": 64}})
+
+  other = ml_collections.ConfigDict(
+      {
+          "learning_mode": "baseline",
+          "model": dict(TINY, sce_kernel_size=5),
+          "data": {"name": "synthetic", "img_size": 64},
+      }
+  )
   with pytest.raises(Exception, match=r"sce.*(140|148)"):
     checkpoint.load_model_variables(setup["export"], model_config=other)
   model, variables, _ = predict.load_model(setup["export"])
@@ -119,6 +144,7 @@ def test_checkpoint_of_another_configuration_is_named(setup):
 
 def test_measure_confidence_statistics():
   from conftest import load_tool  # pylint: disable=g-import-not-at-top
+
   tool = load_tool("measure_confidence")
   assert tool.auc([2.0, 3.0], [1.0]) == 1.0 and tool.auc([1.0], [2.0, 3.0]) == 0.0
   assert tool.auc([1.0, 2.0], [1.0, 2.0]) == 0.5  # ties count half

@@ -40,10 +40,20 @@ def test_sce(fixtures_dir, case, mode, dtype):
 
 def test_context_offsets_order():
   off = context.context_offsets(3)
-  expected = [(-1, -1), (0, 0), (1, 1),      # diagonal
-              (-1, 0), (0, 0), (1, 0),       # vertical
-              (-1, 1), (0, 0), (1, -1),      # anti-diagonal
-              (0, -1), (0, 0), (0, 1)]       # horizontal
+  expected = [
+      (-1, -1),
+      (0, 0),
+      (1, 1),  # diagonal
+      (-1, 0),
+      (0, 0),
+      (1, 0),  # vertical
+      (-1, 1),
+      (0, 0),
+      (1, -1),  # anti-diagonal
+      (0, -1),
+      (0, 0),
+      (0, 1),
+  ]  # horizontal
   np.testing.assert_array_equal(off, np.array(expected))
   with pytest.raises(ValueError, match="odd"):
     context.context_offsets(4)
@@ -97,8 +107,11 @@ def test_upsample_16_to_64(fixtures_dir, mode, dtype):
   g = lambda k: fx[f"sq16_to64/{k}"]
   fs = int(g("feature_size"))
   with jax.enable_x64(mode == "x64"):
-    out = np.asarray(jax.jit(flow.upsample_correlation, static_argnums=1)(
-        jnp.asarray(g("corr").astype(dtype)), fs))
+    out = np.asarray(
+        jax.jit(flow.upsample_correlation, static_argnums=1)(
+            jnp.asarray(g("corr").astype(dtype)), fs
+        )
+    )
   b = out.shape[0]
   out = out.reshape(b, fs * fs, fs, fs)
   x64 = mode == "x64"
@@ -109,8 +122,9 @@ def test_upsample_16_to_64(fixtures_dir, mode, dtype):
   np.testing.assert_allclose(out[:, int(g("source_slice_index"))], g("source_slice"), **tol)
   sum_tol = dict(rtol=1e-10 if x64 else 1e-5)
   np.testing.assert_allclose(out.sum(axis=1, dtype=np.float64), g("sum_over_source"), **sum_tol)
-  np.testing.assert_allclose(out.sum(axis=(2, 3), dtype=np.float64), g("sum_over_target"),
-                             **sum_tol)
+  np.testing.assert_allclose(
+      out.sum(axis=(2, 3), dtype=np.float64), g("sum_over_target"), **sum_tol
+  )
 
 
 @pytest.mark.parametrize("case", ["fs16_peaky", "fs20_soft"])
@@ -155,10 +169,14 @@ def test_fused_chunked_path_equals_full_volume(sigma):
     for chunks in (1, 4):
       fused = flow.upsampled_soft_argmax_flow(corr, 16, coords, coords, 0.02, sigma, chunks)
       np.testing.assert_allclose(np.asarray(fused), np.asarray(full), atol=1e-12)
-      g_full = jax.grad(lambda c: flow.soft_argmax_flow(
-          flow.upsample_correlation(c, 16), coords, coords).sum())(corr)
-      g_fused = jax.grad(lambda c: flow.upsampled_soft_argmax_flow(
-          c, 16, coords, coords, target_chunks=chunks).sum())(corr)
+      g_full = jax.grad(
+          lambda c: flow.soft_argmax_flow(flow.upsample_correlation(c, 16), coords, coords).sum()
+      )(corr)
+      g_fused = jax.grad(
+          lambda c: flow.upsampled_soft_argmax_flow(
+              c, 16, coords, coords, target_chunks=chunks
+          ).sum()
+      )(corr)
       np.testing.assert_allclose(np.asarray(g_fused), np.asarray(g_full), atol=1e-9)
 
 
@@ -171,8 +189,9 @@ def test_kernel_soft_argmax_prefers_the_argmax_peak():
   coords = jnp.linspace(-1.0, 1.0, fs)
   peak = float(coords[2])
   plain = np.asarray(flow.soft_argmax(jnp.asarray(corr), coords, coords, beta=0.05))
-  kern = np.asarray(flow.soft_argmax(jnp.asarray(corr), coords, coords, beta=0.05,
-                                     kernel_sigma=2.0))
+  kern = np.asarray(
+      flow.soft_argmax(jnp.asarray(corr), coords, coords, beta=0.05, kernel_sigma=2.0)
+  )
   # The plain soft-argmax is pulled half-way towards the second peak; the kernel one is not.
   assert np.abs(plain[0, 0, 0] - peak).max() > 0.5
   np.testing.assert_allclose(kern[0, 0, 0], [peak, peak], atol=1e-3)

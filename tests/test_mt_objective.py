@@ -39,14 +39,21 @@ def _gradient_recorder() -> optax.GradientTransformation:
   """A 'optimiser' that leaves the parameters alone and keeps the last gradient as its state."""
   return optax.GradientTransformation(
       init=lambda params: jax.tree.map(jnp.zeros_like, params),
-      update=lambda grads, state, params=None: (jax.tree.map(jnp.zeros_like, grads), grads))
+      update=lambda grads, state, params=None: (jax.tree.map(jnp.zeros_like, grads), grads),
+  )
 
 
 def _params(fx, m, dtype):
-  return {"sce": {"conv": {"kernel": fx[f"{m}_sce_weight"][:, :, 0, 0].T.astype(dtype),
-                           "bias": fx[f"{m}_sce_bias"].astype(dtype)}},
-          "x_normal": fx[f"{m}_x_normal"].astype(dtype),
-          "y_normal": fx[f"{m}_y_normal"].astype(dtype)}
+  return {
+      "sce": {
+          "conv": {
+              "kernel": fx[f"{m}_sce_weight"][:, :, 0, 0].T.astype(dtype),
+              "bias": fx[f"{m}_sce_bias"].astype(dtype),
+          }
+      },
+      "x_normal": fx[f"{m}_x_normal"].astype(dtype),
+      "y_normal": fx[f"{m}_y_normal"].astype(dtype),
+  }
 
 
 @pytest.mark.parametrize("mode", ["x64", "f32"])
@@ -54,22 +61,35 @@ def test_mt_step_matches_reference(fixtures_dir, mode):
   fx = dict(np.load(fixtures_dir / "mt_step.npz"))
   x64 = mode == "x64"
   dtype = np.float64 if x64 else np.float32
-  model = _Head(sce_kernel_size=int(fx["sce_ksize"]), sce_features=fx["a_sce_bias"].shape[0],
-                feature_size=int(fx["feature_size"]))
-  cfg = train_step.StepConfig(model=model, tx=_gradient_recorder(),
-                              dilation_kernel=int(fx["pseudo_ksize"]))
+  model = _Head(
+      sce_kernel_size=int(fx["sce_ksize"]),
+      sce_features=fx["a_sce_bias"].shape[0],
+      feature_size=int(fx["feature_size"]),
+  )
+  cfg = train_step.StepConfig(
+      model=model, tx=_gradient_recorder(), dilation_kernel=int(fx["pseudo_ksize"])
+  )
 
   with jax.enable_x64(x64):
-    params = jax.tree.map(lambda a, b: jnp.stack([a, b]), _params(fx, "a", dtype),
-                          _params(fx, "b", dtype))
-    state = train_step.TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats={},
-                                  opt_state=jax.vmap(cfg.tx.init)(params))
-    batch = {"src_img": jnp.asarray(nhwc(fx["src_feat"]).astype(dtype)),
-             "trg_img": jnp.asarray(nhwc(fx["trg_feat"]).astype(dtype)),
-             "flow": jnp.asarray(nhwc(fx["gt_flow"]).astype(dtype))}
+    params = jax.tree.map(
+        lambda a, b: jnp.stack([a, b]), _params(fx, "a", dtype), _params(fx, "b", dtype)
+    )
+    state = train_step.TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats={},
+        opt_state=jax.vmap(cfg.tx.init)(params),
+    )
+    batch = {
+        "src_img": jnp.asarray(nhwc(fx["src_feat"]).astype(dtype)),
+        "trg_img": jnp.asarray(nhwc(fx["trg_feat"]).astype(dtype)),
+        "flow": jnp.asarray(nhwc(fx["gt_flow"]).astype(dtype)),
+    }
     n = int(np.prod(batch["flow"].shape[:-1]))
-    hp = StepHparams(pseudo_weight=jnp.asarray(float(fx["lambda_pseudo"]), dtype),
-                     remember_table=losses.num_remember_table(float(fx["remember_rate"]), n))
+    hp = StepHparams(
+        pseudo_weight=jnp.asarray(float(fx["lambda_pseudo"]), dtype),
+        remember_table=losses.num_remember_table(float(fx["remember_rate"]), n),
+    )
     step = jax.jit(functools.partial(train_step.mutual_teacher_step, cfg))
     new_state, metrics = step(state, batch, hp)
     # What the step differentiates, for the flows, the selection and the feature gradients.
@@ -78,19 +98,29 @@ def test_mt_step_matches_reference(fixtures_dir, mode):
 
     def own_loss(i, src, trg):
       return train_step.mutual_teacher_objective(
-          cfg, params, {}, dict(batch, src_img=src, trg_img=trg), hp)[1][1][i]
+          cfg, params, {}, dict(batch, src_img=src, trg_img=trg), hp
+      )[1][1][i]
 
-    feat_grads = [jax.jit(jax.grad(functools.partial(own_loss, i), argnums=(0, 1)))(
-        batch["src_img"], batch["trg_img"]) for i in range(2)]
+    feat_grads = [
+        jax.jit(jax.grad(functools.partial(own_loss, i), argnums=(0, 1)))(
+            batch["src_img"], batch["trg_img"]
+        )
+        for i in range(2)
+    ]
 
   metrics = jax.device_get(metrics)
   assert not metrics["nonfinite"] and int(new_state.step) == 1
   np.testing.assert_allclose(fa, nhwc(fx["flow_a"]), atol=1e-9 if x64 else 1e-4, rtol=0)
   np.testing.assert_allclose(fb, nhwc(fx["flow_b"]), atol=1e-9 if x64 else 1e-4, rtol=0)
   ltol = 1e-10 if x64 else 1e-5
-  for key, ref in (("a/loss", "loss_a"), ("b/loss", "loss_b"), ("a/loss_sup", "epe_gt_a"),
-                   ("b/loss_sup", "epe_gt_b"), ("a/loss_pseudo", "pseudo_loss_a"),
-                   ("b/loss_pseudo", "pseudo_loss_b")):
+  for key, ref in (
+      ("a/loss", "loss_a"),
+      ("b/loss", "loss_b"),
+      ("a/loss_sup", "epe_gt_a"),
+      ("b/loss_sup", "epe_gt_b"),
+      ("a/loss_pseudo", "pseudo_loss_a"),
+      ("b/loss_pseudo", "pseudo_loss_b"),
+  ):
     np.testing.assert_allclose(metrics[key], fx[ref], rtol=ltol, err_msg=key)
   for terms in (terms_a, terms_b):
     assert int(terms.num_candidates) == int(fx["n_dilated"])

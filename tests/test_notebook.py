@@ -43,10 +43,21 @@ def test_notebook_runs_on_cpu(tmp_path):
     (tmp_path / name).symlink_to(ROOT / name)
   script = tmp_path / "notebook_as_script.py"
   script.write_text("\n\n".join(_code_cells()))
-  env = dict(os.environ, SCCORR_DATA_DIR=str(tmp_path / "tfds_data"), JAX_PLATFORMS="cpu",
-             TF_CPP_MIN_LOG_LEVEL="3", XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env,
-                        capture_output=True, text=True, timeout=600)
+  env = dict(
+      os.environ,
+      SCCORR_DATA_DIR=str(tmp_path / "tfds_data"),
+      JAX_PLATFORMS="cpu",
+      TF_CPP_MIN_LOG_LEVEL="3",
+      XLA_FLAGS="--xla_force_host_platform_device_count=2",
+  )
+  proc = subprocess.run(
+      [sys.executable, str(script)],
+      cwd=tmp_path,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
   assert "pck@" in proc.stdout or "a=0.1" in proc.stdout
   report = tmp_path / "runs" / "colab_spair_mt" / "eval"

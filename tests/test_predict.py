@@ -17,6 +17,7 @@ from sccorr_jax.models import flow as flow_lib
 
 class _ConstantFlow(nn.Module):
   """Stand-in network: a constant flow of `shift` cells on an 8x8 grid, a given correlation."""
+
   shift: tuple = (1.0, -0.5)
   peak: bool = True
   feature_size: int = 8
@@ -129,8 +130,9 @@ def test_keypoint_confidence_equals_the_full_upsampled_softmax():
   y_c = np.linspace(-1, 1, 12)
   cells = np.array([[[0, 0], [11, 7], [4, 9]]], np.int32)
   with jax.enable_x64(True):
-    conf, expected = predict.keypoint_confidence(jnp.asarray(corr), jnp.asarray(cells), x_c, y_c,
-                                                 12, beta=0.02, radius=2.0)
+    conf, expected = predict.keypoint_confidence(
+        jnp.asarray(corr), jnp.asarray(cells), x_c, y_c, 12, beta=0.02, radius=2.0
+    )
     up = np.asarray(flow_lib.upsample_correlation(jnp.asarray(corr), 12))  # [1, 12, 12, 12, 12]
     grid = np.asarray(flow_lib.soft_argmax(jnp.asarray(up), x_c, y_c, 0.02))
   for n, (cx, cy) in enumerate(cells[0]):
@@ -182,29 +184,31 @@ def test_bad_input_messages(tmp_path):
   np.testing.assert_array_equal(predict.load_keypoints(str(kp_file)), [[1, 2], [3.5, 4]])
   p = _predictor()
   with pytest.raises(predict.KeypointError, match="outside the 64x32"):
-    p.predict(np.zeros((16, 16, 3), np.uint8), np.zeros((32, 64, 3), np.uint8),
-              trg_kps=[[70, 3]])
+    p.predict(np.zeros((16, 16, 3), np.uint8), np.zeros((32, 64, 3), np.uint8), trg_kps=[[70, 3]])
   with pytest.raises(FileNotFoundError, match="no checkpoint there"):
     predict.load_model(str(tmp_path / "missing_run"))
 
 
 def test_variables_of_another_configuration_are_named():
-  small = SCorrSAN(stage_sizes=(1, 1, 1, 1), backbone_width=8, sce_kernel_size=3,
-                   sce_features=16, feature_size=8)
+  small = SCorrSAN(
+      stage_sizes=(1, 1, 1, 1), backbone_width=8, sce_kernel_size=3, sce_features=16, feature_size=8
+  )
   other = small.clone(sce_kernel_size=5, sce_features=12)
   x = jnp.zeros((1, 32, 32, 3))
   variables = jax.eval_shape(lambda: small.init(jax.random.PRNGKey(0), x, x))
-  with pytest.raises(predict.CheckpointError,
-                     match=r"params/sce/conv/kernel has shape \(140, 16\), the model needs "
-                           r"\(148, 12\)"):
+  with pytest.raises(
+      predict.CheckpointError,
+      match=r"params/sce/conv/kernel has shape \(140, 16\), the model needs " r"\(148, 12\)",
+  ):
     predict.check_variables(other, variables, 32, source="ckpt_dir")
   predict.check_variables(small, variables, 32)
 
 
 def test_tiny_scorrsan_on_photographs():
   skimage_data = pytest.importorskip("skimage.data")
-  model = SCorrSAN(stage_sizes=(1, 1, 1, 1), backbone_width=8, sce_kernel_size=3,
-                   sce_features=16, feature_size=8)
+  model = SCorrSAN(
+      stage_sizes=(1, 1, 1, 1), backbone_width=8, sce_kernel_size=3, sce_features=16, feature_size=8
+  )
   x = jnp.zeros((1, 64, 64, 3))
   p = predict.Predictor(model, model.init(jax.random.PRNGKey(0), x, x), img_size=64)
   src = skimage_data.chelsea()  # 300 x 451 RGB

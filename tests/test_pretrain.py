@@ -54,12 +54,17 @@ def test_pretraining_records_hold_no_benchmark_category_and_no_eval_photograph(m
   backgrounds from the training photographs alone."""
   config = config_lib.load_config(PRETRAIN + ':runlocal')
   assert config.learning_mode == 'dense' and config.data.name == 'parts'
-  cfg = parts.make_config(img_size=48, train_pairs_per_category=2, eval_pairs_per_category=1,
-                          novel_categories=int(config.data.parts_novel_categories))
+  cfg = parts.make_config(
+      img_size=48,
+      train_pairs_per_category=2,
+      eval_pairs_per_category=1,
+      novel_categories=int(config.data.parts_novel_categories),
+  )
   used = []
   real = procedural.texture_photo
-  monkeypatch.setattr(procedural, 'texture_photo',
-                      lambda name, *a, **k: used.append(name) or real(name, *a, **k))
+  monkeypatch.setattr(
+      procedural, 'texture_photo', lambda name, *a, **k: used.append(name) or real(name, *a, **k)
+  )
   names = parts.category_names(cfg)
   assert not set(names) & set(procedural.CATEGORY_NAMES)
   for split in ('trn', 'val', 'test'):
@@ -80,6 +85,7 @@ def test_pretraining_records_hold_no_benchmark_category_and_no_eval_photograph(m
 
 def test_flip_source_is_refused_with_novel_categories(tmp_path):
   from sccorr_jax import data  # pylint: disable=g-import-not-at-top
+
   cfg = data.default_data_config('parts')
   cfg.update(data_dir=str(tmp_path), parts_novel_categories=3, flip_source_p=0.5)
   with pytest.raises(ValueError, match='data.flip_source_p=0'):
@@ -96,9 +102,17 @@ def test_runlocal_pretraining_exports_a_trunk_the_demo_loads(tmp_path):
   assert summary['step'] == 3 and summary['nonfinite_total'] == 0
   assert np.isfinite(summary['val']['val/pck@0.1'])
   out = tmp_path / 'trunk.safetensors'
-  r = subprocess.run([sys.executable, str(ROOT / 'tools' / 'export_trunk.py'),
-                      f'--checkpoint={tmp_path / "pretrain"}', f'--out={out}'],
-                     capture_output=True, text=True, check=False)
+  r = subprocess.run(
+      [
+          sys.executable,
+          str(ROOT / 'tools' / 'export_trunk.py'),
+          f'--checkpoint={tmp_path / "pretrain"}',
+          f'--out={out}',
+      ],
+      capture_output=True,
+      text=True,
+      check=False,
+  )
   assert r.returncode == 0, r.stderr
   digest = hashlib.sha256(out.read_bytes()).hexdigest()
   assert f'sha256 {digest}' in r.stdout and '(step 3)' in r.stdout
@@ -126,9 +140,15 @@ def test_a_trunk_of_another_model_is_one_clear_error(tmp_path):
   small = models.build_model(other)
   variables = models.init_variables(other, small, jax.random.PRNGKey(0), 1)
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+
   path = tmp_path / 'other.safetensors'
-  save_file({k: np.ascontiguousarray(v) for k, v in
-             convert.backbone_state_dict(jax.device_get(variables), small).items()}, str(path))
+  save_file(
+      {
+          k: np.ascontiguousarray(v)
+          for k, v in convert.backbone_state_dict(jax.device_get(variables), small).items()
+      },
+      str(path),
+  )
   demo.model.pretrained = str(path)
   with pytest.raises(convert.ConversionError, match=r'shape|mismatch') as e:
     models.init_variables(demo, models.build_model(demo), jax.random.PRNGKey(0), 1)
@@ -137,6 +157,7 @@ def test_a_trunk_of_another_model_is_one_clear_error(tmp_path):
 
 def test_pretrained_path_resolves_against_the_repository_root(tmp_path, monkeypatch):
   from sccorr_jax.models import build  # pylint: disable=g-import-not-at-top
+
   monkeypatch.chdir(tmp_path)
   assert build.pretrained_path('configs/demo.py') == ROOT / 'configs' / 'demo.py'
   (tmp_path / 'configs').mkdir()
@@ -150,12 +171,20 @@ def test_the_shipped_trunk_matches_its_hash_and_loads_into_the_demo_model():
   demo = config_lib.load_config(str(ROOT / 'configs' / 'demo.py'))
   rel = demo.model.pretrained
   path = ROOT / rel
-  sums = dict(reversed(line.split()) for line in
-              (ROOT / 'weights' / 'SHA256SUMS').read_text().splitlines() if line.strip())
+  sums = dict(
+      reversed(line.split())
+      for line in (ROOT / 'weights' / 'SHA256SUMS').read_text().splitlines()
+      if line.strip()
+  )
   assert hashlib.sha256(path.read_bytes()).hexdigest() == sums[pathlib.Path(rel).name]
   assert path.stat().st_size < 25e6
-  tracked = subprocess.run(['git', 'ls-files', '--error-unmatch', rel], cwd=ROOT,
-                           capture_output=True, text=True, check=False)
+  tracked = subprocess.run(
+      ['git', 'ls-files', '--error-unmatch', rel],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      check=False,
+  )
   assert tracked.returncode == 0 or not (ROOT / '.git').exists(), tracked.stderr
   model = models.build_model(demo)
   stacked = models.init_variables(demo, model, jax.random.PRNGKey(0), 2)

@@ -66,8 +66,7 @@ def _run(fn, *args, **static):
   return jax.jit(functools.partial(fn, **static))(*args)
 
 
-def _pseudo_labels(teacher_flow, gt, signals=None, percentile=0.0, *, options,
-                   dilation_kernel=7):
+def _pseudo_labels(teacher_flow, gt, signals=None, percentile=0.0, *, options, dilation_kernel=7):
   """`losses.pseudo_labels` with the static arguments last (for `_run`)."""
   return losses.pseudo_labels(options, teacher_flow, gt, signals, percentile, dilation_kernel)
 
@@ -108,8 +107,7 @@ def test_affinity_region_threshold_top_k_and_radius(x64):
 
   def regions(feats, labelled, threshold, top_k):
     affinity = losses.affinity_windows(jnp.repeat(feats, 4, axis=0), (3, 3), 1)
-    return losses.affinity_region(affinity, labelled, threshold[:, None, None, None, None],
-                                  top_k)
+    return losses.affinity_region(affinity, labelled, threshold[:, None, None, None, None], top_k)
 
   region = _run(regions, feats, labelled, threshold, top_k=0)
   assert _cells(region[0]) == [(0, 0), (1, 0), (1, 1), (2, 0)]
@@ -140,8 +138,9 @@ def test_object_region_is_the_normalised_best_match_resized(x64):
     return score, losses.pseudo_labels(options, jnp.zeros_like(gt), gt, signals).candidates
 
   score, candidates = _run(region, corr, _gt(dt, {(2, 2): (1, 1)}, {(2, 2): (1, 1)}))
-  np.testing.assert_allclose(score[0], [[1, 0.5, 0], [0.875, 0.5, 0.125], [0.75, 0.5, 0.25]],
-                             **_tol(x64))
+  np.testing.assert_allclose(
+      score[0], [[1, 0.5, 0], [0.875, 0.5, 0.125], [0.75, 0.5, 0.25]], **_tol(x64)
+  )
   assert _cells(candidates[0]) == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]
   assert not np.any(candidates[1])
 
@@ -150,13 +149,15 @@ def test_pairs_without_keypoints_get_nothing_or_object_and_cycle(x64):
   dt = _dtype(x64)
   gt = _gt(dt, {(1, 1): (2.0, -1.0)}, {})  # Pair 1 carries no keypoint.
   teacher = np.zeros((2, 3, 3, 2), dt)
-  default = _run(_pseudo_labels, teacher, gt, options=losses.PseudoLabelOptions(),
-                 dilation_kernel=3)
+  default = _run(
+      _pseudo_labels, teacher, gt, options=losses.PseudoLabelOptions(), dilation_kernel=3
+  )
   np.testing.assert_array_equal(default.candidates[0], True)  # The 3 x 3 square.
   assert default.gate is None and not np.any(default.candidates[1])
   # No mask at all: every position of the labelled pair, still nothing on the other.
-  everywhere = _run(_pseudo_labels, teacher, gt, options=losses.PseudoLabelOptions(),
-                    dilation_kernel=None)
+  everywhere = _run(
+      _pseudo_labels, teacher, gt, options=losses.PseudoLabelOptions(), dilation_kernel=None
+  )
   assert np.all(everywhere.candidates[0]) and not np.any(everywhere.candidates[1])
   # 'object_cycle': the unlabelled pair's region is its object region, its gate the cycle
   # check (here the back flow returns every cell but (2, 1)); the labelled pair keeps its
@@ -166,9 +167,14 @@ def test_pairs_without_keypoints_get_nothing_or_object_and_cycle(x64):
   back = np.zeros((2, 3, 3, 2), dt)
   back[1, 2, 1] = (3.0, 0.0)
   options = losses.PseudoLabelOptions(unlabelled_pairs='object_cycle', cycle_delta=1.0)
-  labels = _run(_pseudo_labels, teacher, gt,
-                losses.TeacherSignals(object_score=score, back_flow=back), options=options,
-                dilation_kernel=3)
+  labels = _run(
+      _pseudo_labels,
+      teacher,
+      gt,
+      losses.TeacherSignals(object_score=score, back_flow=back),
+      options=options,
+      dilation_kernel=3,
+  )
   np.testing.assert_array_equal(labels.candidates[0], True)
   assert _cells(labels.candidates[1]) == [(2, 0), (2, 1), (2, 2)]
   np.testing.assert_array_equal(labels.gate[0], True)
@@ -187,10 +193,12 @@ def test_cycle_gate_follows_the_flow_there_and_back(x64):
   back[0, 0, :, 0] = [2.5, 0.0, -2.0, -1.0]
   # x=0 -> 2 -> 0 (miss 0); x=1 -> 2.5, back is (-2 - 1) / 2 there -> 1 (0); x=2 -> 2 -> 0
   # (2); x=3 -> 0 -> 2.5 (0.5).
-  np.testing.assert_array_equal(_run(losses.cycle_consistent, flow, back, delta=1.0)[0, 0],
-                                [True, True, False, True])
-  np.testing.assert_array_equal(_run(losses.cycle_consistent, flow, back, delta=0.25)[0, 0],
-                                [True, True, False, False])
+  np.testing.assert_array_equal(
+      _run(losses.cycle_consistent, flow, back, delta=1.0)[0, 0], [True, True, False, True]
+  )
+  np.testing.assert_array_equal(
+      _run(losses.cycle_consistent, flow, back, delta=0.25)[0, 0], [True, True, False, False]
+  )
   # Bilinear sampling between cells, clamped at the border.
   grid = np.arange(6, dtype=dt).reshape(1, 2, 3, 1)
   got = _run(geometry.sample_cells, grid, np.array([[[0.5, 0], [1.5, 0.5], [5, -3]]], dt))
@@ -232,9 +240,15 @@ def test_gates_compose_and_the_selection_ranks_what_passed(x64):
   back[0, 0, :] = (2.0, 0.0)  # The top row fails the cycle check.
   conf = np.arange(9, dtype=dt).reshape(1, 3, 3)  # Row-major rising confidence.
   options = losses.PseudoLabelOptions(gate='cycle+confidence', cycle_delta=0.5)
-  labels = _run(_pseudo_labels, teacher, gt,
-                losses.TeacherSignals(back_flow=back, confidence=conf), 50.0, options=options,
-                dilation_kernel=3)
+  labels = _run(
+      _pseudo_labels,
+      teacher,
+      gt,
+      losses.TeacherSignals(back_flow=back, confidence=conf),
+      50.0,
+      options=options,
+      dilation_kernel=3,
+  )
   # Confidence drops floor(4.5) = 4 of the 9 candidates (the lowest: cells 0-3); the cycle
   # drops the top row.
   assert _cells(labels.gate[0]) == [(1, 1), (1, 2), (2, 0), (2, 1), (2, 2)]
@@ -243,9 +257,16 @@ def test_gates_compose_and_the_selection_ranks_what_passed(x64):
   student = np.full((1, 3, 3, 2), 3.0, dt)
   student[0, 2, 1] = (0.6, 0.8)
   student[0, 2, 2] = (0.0, 2.0)
-  loss, terms = _run(losses.pseudo_label_objective, student, labels.target, gt,
-                     labels.candidates, losses.num_remember_table(0.5, 9), 1.0,
-                     labels.gate)
+  loss, terms = _run(
+      losses.pseudo_label_objective,
+      student,
+      labels.target,
+      gt,
+      labels.candidates,
+      losses.num_remember_table(0.5, 9),
+      1.0,
+      labels.gate,
+  )
   assert _cells(terms.kept[0]) == [(2, 1), (2, 2)]
   assert int(terms.num_candidates) == 9 and int(terms.num_remember) == 2
   np.testing.assert_allclose(float(terms.loss_pseudo), (1.0 + 2.0) / 2, **_tol(x64))
@@ -263,23 +284,26 @@ def test_propagated_target_spreads_labelled_displacements_by_affinity(x64):
   feats = np.array([[[[1, 0], [1, 0], [0, 1]]]], dt)
   gt = np.zeros((2, 1, 3, 2), dt)
   gt[0, 0, 0], gt[0, 0, 2] = (1, 0), (3, 0)
-  affinity = _run(losses.affinity_windows, np.concatenate([feats, feats]), size_hw=(1, 3),
-                  radius=1)
+  affinity = _run(losses.affinity_windows, np.concatenate([feats, feats]), size_hw=(1, 3), radius=1)
   flow, exists = _run(losses.propagate_labels, affinity, gt, temperature=1.0)
   cos = 1 / (1 + 1e-6)
   e = math.exp(cos)  # softmax weights exp(cos / T) vs exp(0 / T) at T = 1
-  np.testing.assert_allclose(np.asarray(flow)[0, 0, :, 0], [1, (e * 1 + 3) / (e + 1), 3],
-                             **_tol(x64))
+  np.testing.assert_allclose(
+      np.asarray(flow)[0, 0, :, 0], [1, (e * 1 + 3) / (e + 1), 3], **_tol(x64)
+  )
   np.testing.assert_array_equal(np.asarray(flow)[..., 1], 0)
   assert np.all(exists[0]) and not np.any(exists[1])
   # Mixed with the teacher's flow where both exist; the teacher's alone on the other pair.
   teacher = np.full((2, 1, 3, 2), 5.0, dt)
-  options = losses.PseudoLabelOptions(target='propagated', affinity_radius=1,
-                                      propagation_mix=0.5, propagation_temperature=1.0)
-  labels = _run(_pseudo_labels, teacher, gt, losses.TeacherSignals(affinity=affinity),
-                options=options)
-  np.testing.assert_allclose(np.asarray(labels.target)[0, 0, :, 0],
-                             [3, (5 + (e + 3) / (e + 1)) / 2, 4], **_tol(x64))
+  options = losses.PseudoLabelOptions(
+      target='propagated', affinity_radius=1, propagation_mix=0.5, propagation_temperature=1.0
+  )
+  labels = _run(
+      _pseudo_labels, teacher, gt, losses.TeacherSignals(affinity=affinity), options=options
+  )
+  np.testing.assert_allclose(
+      np.asarray(labels.target)[0, 0, :, 0], [3, (5 + (e + 3) / (e + 1)) / 2, 4], **_tol(x64)
+  )
   np.testing.assert_allclose(np.asarray(labels.target)[1], 5.0, **_tol(x64))
 
 
@@ -296,8 +320,9 @@ def test_recall_counts_the_right_candidates_that_were_kept():
   kept = np.array([[[1, 1, 0], [0, 1, 0]]], bool)
   valid = np.ones((1, 2, 3), bool)
   valid[0, 1, 1] = False  # no truth here
-  terms = losses.PseudoLabelTerms(jnp.float32(0), jnp.float32(0), candidates, kept,
-                                  jnp.int32(3), jnp.int32(5), target=pseudo)
+  terms = losses.PseudoLabelTerms(
+      jnp.float32(0), jnp.float32(0), candidates, kept, jnp.int32(3), jnp.int32(5), target=pseudo
+  )
   batch = {'flow': np.zeros_like(truth), 'dense_flow': truth, 'dense_valid': valid}
   m = jax.device_get(train_step.pseudo_label_metrics(terms, None, batch))
   # Right candidates with a truth: (0, 0), (0, 2), (1, 0); kept of them: (0, 0) only.
@@ -350,24 +375,36 @@ def _head_setup(dtype, mt=True, **teacher):
   if mt:
     params = jax.tree.map(lambda x: jnp.stack([x, x]), params)
   tx = optax.sgd(1e-3)
-  cfg = train_step.StepConfig(model=model, tx=tx, dilation_kernel=3,
-                              pseudo_label=losses.PseudoLabelOptions(**teacher))
-  state = train_step.TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats={},
-                                opt_state=(jax.vmap(tx.init) if mt else tx.init)(params))
+  cfg = train_step.StepConfig(
+      model=model, tx=tx, dilation_kernel=3, pseudo_label=losses.PseudoLabelOptions(**teacher)
+  )
+  state = train_step.TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      batch_stats={},
+      opt_state=(jax.vmap(tx.init) if mt else tx.init)(params),
+  )
   src, trg = _features(dtype)
   label = (2.0, -1.0)
   truth = np.zeros((2, 3, 3, 2), dtype)
   truth[0] = label  # what the propagated target says on pair 0
   truth[0, 0, 0], truth[0, 0, 2] = (1, 0), (-1, 0)  # the teacher's flow there
-  batch = {'src_img': src, 'trg_img': trg, 'flow': _gt(dtype, {(1, 1): label}, {}),
-           'dense_flow': truth, 'dense_valid': np.ones((2, 3, 3), bool)}
+  batch = {
+      'src_img': src,
+      'trg_img': trg,
+      'flow': _gt(dtype, {(1, 1): label}, {}),
+      'dense_flow': truth,
+      'dense_valid': np.ones((2, 3, 3), bool),
+  }
   return cfg, state, batch
 
 
 def _hparams(dtype, percentile=0.0):
-  return schedules.StepHparams(pseudo_weight=jnp.asarray(1.0, dtype),
-                               remember_table=losses.num_remember_table(1.0, 2 * 9),
-                               confidence_percentile=jnp.asarray(percentile, jnp.float32))
+  return schedules.StepHparams(
+      pseudo_weight=jnp.asarray(1.0, dtype),
+      remember_table=losses.num_remember_table(1.0, 2 * 9),
+      confidence_percentile=jnp.asarray(percentile, jnp.float32),
+  )
 
 
 def test_mt_step_affinity_cycle_propagated_and_unlabelled_pairs(x64):
@@ -376,14 +413,22 @@ def test_mt_step_affinity_cycle_propagated_and_unlabelled_pairs(x64):
   target is the centre's displacement; on pair 1 (no keypoint) the region is the object the
   correlation shows (rows 0-1), every cell of it returns, the target is the teacher's flow."""
   dt = _dtype(x64)
-  cfg, state, batch = _head_setup(dt, region='affinity', gate='cycle', target='propagated',
-                                  unlabelled_pairs='object_cycle', affinity_radius=1,
-                                  cycle_delta=0.5)
+  cfg, state, batch = _head_setup(
+      dt,
+      region='affinity',
+      gate='cycle',
+      target='propagated',
+      unlabelled_pairs='object_cycle',
+      affinity_radius=1,
+      cycle_delta=0.5,
+  )
   hp = _hparams(dt)
   new_state, metrics = jax.jit(functools.partial(train_step.mutual_teacher_step, cfg))(
-      state, batch, hp)
+      state, batch, hp
+  )
   _, (_, _, (terms_a, _), (flow_a, _)) = jax.jit(
-      functools.partial(train_step.mutual_teacher_objective, cfg))(state.params, {}, batch, hp)
+      functools.partial(train_step.mutual_teacher_objective, cfg)
+  )(state.params, {}, batch, hp)
   tol = _tol(x64)
   np.testing.assert_allclose(np.asarray(flow_a)[0, 0, [0, 2]], [[1, 0], [-1, 0]], **tol)
   object_rows = [(y, x) for y in range(2) for x in range(3)]
@@ -391,8 +436,9 @@ def test_mt_step_affinity_cycle_propagated_and_unlabelled_pairs(x64):
   assert _cells(terms_a.candidates[1]) == object_rows
   assert _cells(terms_a.kept[0]) == [(0, 1), (1, 0), (1, 1), (1, 2)]
   assert _cells(terms_a.kept[1]) == object_rows
-  np.testing.assert_allclose(np.asarray(terms_a.target)[0],
-                             np.broadcast_to((2.0, -1.0), (3, 3, 2)), **tol)
+  np.testing.assert_allclose(
+      np.asarray(terms_a.target)[0], np.broadcast_to((2.0, -1.0), (3, 3, 2)), **tol
+  )
   np.testing.assert_allclose(np.asarray(terms_a.target)[1], np.asarray(flow_a)[1], **tol)
   m = jax.device_get(metrics)
   assert not m['nonfinite'] and int(new_state.step) == 1
@@ -405,8 +451,9 @@ def test_mt_step_affinity_cycle_propagated_and_unlabelled_pairs(x64):
     # flow there): all right ones were kept.
     assert m[f'{net}/pseudo_recall'] == pytest.approx(1.0)
     assert m[f'{net}/pseudo_rejected_acc'] == pytest.approx(0.0)
-  assert not np.array_equal(np.asarray(new_state.params['x_normal']),
-                            np.asarray(state.params['x_normal']))
+  assert not np.array_equal(
+      np.asarray(new_state.params['x_normal']), np.asarray(state.params['x_normal'])
+  )
 
 
 def test_st_step_object_region_and_confidence_gate(x64):
@@ -415,8 +462,9 @@ def test_st_step_object_region_and_confidence_gate(x64):
   whose soft-argmax mass sits between two source cells; a new percentile does not
   recompile."""
   dt = _dtype(x64)
-  cfg, state, batch = _head_setup(dt, mt=False, region='object', gate='confidence',
-                                  confidence_radius=0.5)
+  cfg, state, batch = _head_setup(
+      dt, mt=False, region='object', gate='confidence', confidence_radius=0.5
+  )
   state = state.replace(teacher={'params': state.params, 'batch_stats': {}})
   step = jax.jit(functools.partial(train_step.single_teacher_step, cfg))
   new_state, metrics = step(state, batch, _hparams(dt, 34.0))
@@ -451,10 +499,17 @@ def test_st_step_object_region_and_confidence_gate(x64):
 
 def test_tiny_model_mt_step_with_every_option():
   config = config_lib.tiny_config('mt')
-  for key, value in dict(region='affinity', gate='cycle+confidence', target='propagated',
-                         unlabelled_pairs='object_cycle', propagation_mix=0.5,
-                         affinity_threshold=-1.0, object_threshold=0.0, cycle_delta=100.0,
-                         confidence_percentile_start=50.0).items():
+  for key, value in dict(
+      region='affinity',
+      gate='cycle+confidence',
+      target='propagated',
+      unlabelled_pairs='object_cycle',
+      propagation_mix=0.5,
+      affinity_threshold=-1.0,
+      object_threshold=0.0,
+      cycle_delta=100.0,
+      confidence_percentile_start=50.0,
+  ).items():
     config.teacher[key] = value
   train.check_config(config)
   model = models.build_model(config)
@@ -465,10 +520,13 @@ def test_tiny_model_mt_step_with_every_option():
   b, fs = 4, 8
   flow = np.zeros((b, fs, fs, 2), np.float32)
   flow[:2, 3, 4] = (1.0, -2.0)  # pairs 2, 3 carry no keypoint
-  batch = {'src_img': rng.normal(size=(b, 32, 32, 3)).astype(np.float32),
-           'trg_img': rng.normal(size=(b, 32, 32, 3)).astype(np.float32), 'flow': flow,
-           'dense_flow': rng.normal(size=(b, fs, fs, 2)).astype(np.float32),
-           'dense_valid': np.ones((b, fs, fs), bool)}
+  batch = {
+      'src_img': rng.normal(size=(b, 32, 32, 3)).astype(np.float32),
+      'trg_img': rng.normal(size=(b, 32, 32, 3)).astype(np.float32),
+      'flow': flow,
+      'dense_flow': rng.normal(size=(b, fs, fs, 2)).astype(np.float32),
+      'dense_valid': np.ones((b, fs, fs), bool),
+  }
   hp = schedules.step_hparams(config.teacher, 0, b * fs * fs)
   assert float(hp.confidence_percentile) == 50.0
   step = jax.jit(functools.partial(train_step.mutual_teacher_step, cfg))
@@ -478,15 +536,18 @@ def test_tiny_model_mt_step_with_every_option():
   # Candidates: the labelled pairs' 7 x 7 windows (threshold -1 passes all) and every cell of
   # the unlabelled ones (threshold 0); the gate passes half, the selection 0.2 of those.
   assert 0 < m['a/kept_fraction'] < 0.6 and 0 <= m['a/pseudo_recall'] <= 1
-  moved = [not np.array_equal(np.asarray(x), np.asarray(y))
-           for x, y in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(state.params))]
+  moved = [
+      not np.array_equal(np.asarray(x), np.asarray(y))
+      for x, y in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(state.params))
+  ]
   assert all(moved)
   # A batch of unlabelled pairs only still teaches through the object region and the cycle.
   unlabelled = dict(batch, flow=np.zeros_like(flow))
   new_state, metrics = step(state, unlabelled, hp)
   assert float(metrics['a/loss_sup']) == 0.0 and float(metrics['a/loss_pseudo']) > 0
-  assert not np.array_equal(np.asarray(new_state.params['x_normal']),
-                            np.asarray(state.params['x_normal']))
+  assert not np.array_equal(
+      np.asarray(new_state.params['x_normal']), np.asarray(state.params['x_normal'])
+  )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -498,7 +559,11 @@ def test_defaults_are_the_papers_in_one_place():
   options = train_step.pseudo_label_options(teacher)
   assert options == losses.PseudoLabelOptions()
   assert (options.region, options.gate, options.target, options.unlabelled_pairs) == (
-      'square', 'small_loss', 'teacher_flow', 'none')
+      'square',
+      'small_loss',
+      'teacher_flow',
+      'none',
+  )
   assert not options.needs_signals
   for key, value in schedules.CONFIDENCE_PERCENTILE.items():
     assert teacher[key] == value, key
@@ -509,21 +574,24 @@ def test_defaults_are_the_papers_in_one_place():
   assert train_step.pseudo_label_options(old) == options
 
 
-@pytest.mark.parametrize('key, value, message', [
-    ('region', 'circle', "teacher.region must be one of 'square', 'affinity', 'object'"),
-    ('gate', 'small_loss+cycle', "teacher.gate must be 'small_loss' or a '\\+'-join"),
-    ('gate', 'cycle+cycle', "teacher.gate must be 'small_loss' or a '\\+'-join"),
-    ('target', 'teacher', "teacher.target must be one of 'teacher_flow', 'propagated'"),
-    ('unlabelled_pairs', 'square', "teacher.unlabelled_pairs must be one of 'none'"),
-    ('affinity_radius', -1, 'teacher.affinity_radius must be an int >= 0'),
-    ('affinity_threshold', 1.5, r'teacher.affinity_threshold must be in \[-1, 1\]'),
-    ('object_threshold', -0.1, r'teacher.object_threshold must be in \[0, 1\]'),
-    ('cycle_delta', 0.0, r'teacher.cycle_delta must be in \(0, inf\]'),
-    ('propagation_mix', 2.0, r'teacher.propagation_mix must be in \[0, 1\]'),
-    ('propagation_temperature', 0.0, r'teacher.propagation_temperature must be in \(0'),
-    ('confidence_percentile_end', 101.0, r'teacher.confidence_percentile_end must be in'),
-    ('confidence_percentile_epochs', 0, 'teacher.confidence_percentile_epochs must be'),
-])
+@pytest.mark.parametrize(
+    'key, value, message',
+    [
+        ('region', 'circle', "teacher.region must be one of 'square', 'affinity', 'object'"),
+        ('gate', 'small_loss+cycle', "teacher.gate must be 'small_loss' or a '\\+'-join"),
+        ('gate', 'cycle+cycle', "teacher.gate must be 'small_loss' or a '\\+'-join"),
+        ('target', 'teacher', "teacher.target must be one of 'teacher_flow', 'propagated'"),
+        ('unlabelled_pairs', 'square', "teacher.unlabelled_pairs must be one of 'none'"),
+        ('affinity_radius', -1, 'teacher.affinity_radius must be an int >= 0'),
+        ('affinity_threshold', 1.5, r'teacher.affinity_threshold must be in \[-1, 1\]'),
+        ('object_threshold', -0.1, r'teacher.object_threshold must be in \[0, 1\]'),
+        ('cycle_delta', 0.0, r'teacher.cycle_delta must be in \(0, inf\]'),
+        ('propagation_mix', 2.0, r'teacher.propagation_mix must be in \[0, 1\]'),
+        ('propagation_temperature', 0.0, r'teacher.propagation_temperature must be in \(0'),
+        ('confidence_percentile_end', 101.0, r'teacher.confidence_percentile_end must be in'),
+        ('confidence_percentile_epochs', 0, 'teacher.confidence_percentile_epochs must be'),
+    ],
+)
 def test_unknown_values_are_one_config_error(key, value, message):
   config = config_lib.tiny_config('mt')
   config.teacher[key] = value
@@ -534,8 +602,14 @@ def test_unknown_values_are_one_config_error(key, value, message):
 def test_strategies_sweep_reaches_every_option_and_compiles_apart():
   sweep = config_lib.get_sweep('strategies')
   assert list(sweep)[:2] == ['baseline', 'mt'] and sweep['mt'] == {'learning_mode': 'mt'}
-  expected = {'mt_region_affinity', 'mt_region_object', 'mt_gate_cycle', 'mt_gate_confidence',
-              'mt_target_propagated', 'mt_unlabelled_pairs_object_cycle'}
+  expected = {
+      'mt_region_affinity',
+      'mt_region_object',
+      'mt_gate_cycle',
+      'mt_gate_confidence',
+      'mt_target_propagated',
+      'mt_unlabelled_pairs_object_cycle',
+  }
   assert set(sweep) == {'baseline', 'mt'} | expected
   keys = set()
   for name, overrides in sweep.items():
@@ -544,11 +618,14 @@ def test_strategies_sweep_reaches_every_option_and_compiles_apart():
     options = train_step.pseudo_label_options(config.teacher)
     for key, value in overrides.items():
       if key.startswith('teacher.'):
-        assert getattr(options, key[len('teacher.'):]) == value, name
+        assert getattr(options, key[len('teacher.') :]) == value, name
     setup = types.SimpleNamespace(
-        config=config, steps_per_epoch=2, abstract_batch={},
+        config=config,
+        steps_per_epoch=2,
+        abstract_batch={},
         mesh=types.SimpleNamespace(devices=np.array([])),
-        step_config=types.SimpleNamespace(pseudo_label=options))
+        step_config=types.SimpleNamespace(pseudo_label=options),
+    )
     keys.add(train._compile_key(setup))  # pylint: disable=protected-access
   assert len(keys) == len(sweep)  # No cell reuses another's compiled step.
   # A named combination is one more cell; the others stay as they were.
@@ -558,8 +635,7 @@ def test_strategies_sweep_reaches_every_option_and_compiles_apart():
     with_combination = config_lib.get_sweep('strategies')
   finally:
     del config_lib.STRATEGY_COMBINATIONS['affinity_cycle']
-  assert with_combination == {**sweep, 'mt_affinity_cycle': {'learning_mode': 'mt',
-                                                             **combination}}
+  assert with_combination == {**sweep, 'mt_affinity_cycle': {'learning_mode': 'mt', **combination}}
 
 
 def test_confidence_percentile_schedule():
@@ -576,10 +652,21 @@ def test_unknown_value_on_the_command_line_is_one_error_line(tmp_path):
   """What a check outside the repository sees: exit 2 and one last `error:` line."""
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   r = subprocess.run(
-      [sys.executable, '-m', 'sccorr_jax.main', f'--config={root}/configs/demo.py:tiny',
-       f'--workdir={tmp_path / "w"}', '--config.teacher.gate=cycles'],
-      cwd=tmp_path, env=dict(os.environ, JAX_PLATFORMS='cpu'), capture_output=True, text=True,
-      timeout=300, check=False)
+      [
+          sys.executable,
+          '-m',
+          'sccorr_jax.main',
+          f'--config={root}/configs/demo.py:tiny',
+          f'--workdir={tmp_path / "w"}',
+          '--config.teacher.gate=cycles',
+      ],
+      cwd=tmp_path,
+      env=dict(os.environ, JAX_PLATFORMS='cpu'),
+      capture_output=True,
+      text=True,
+      timeout=300,
+      check=False,
+  )
   assert r.returncode == 2, r.stderr[-3000:]
   lines = r.stderr.strip().splitlines()
   assert [x for x in lines if x.startswith('error:')] == lines[-1:], r.stderr[-3000:]

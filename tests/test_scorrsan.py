@@ -13,15 +13,19 @@ from sccorr_jax import convert
 from sccorr_jax.models import SCorrSAN
 
 nhwc = lambda a: np.transpose(a, (0, 2, 3, 1))
-TINY = dict(stage_sizes=(1, 1, 1, 1), backbone_width=8, sce_kernel_size=3, sce_features=16,
-            feature_size=8)
+TINY = dict(
+    stage_sizes=(1, 1, 1, 1), backbone_width=8, sce_kernel_size=3, sce_features=16, feature_size=8
+)
 
 
 @pytest.fixture(scope="module")
 def reference(reference_forward):
   fx, weights = reference_forward
-  model = SCorrSAN(sce_kernel_size=int(fx["sce_ksize"]), sce_features=int(fx["sce_outdim"]),
-                   feature_size=int(fx["feature_size"]))
+  model = SCorrSAN(
+      sce_kernel_size=int(fx["sce_ksize"]),
+      sce_features=int(fx["sce_outdim"]),
+      feature_size=int(fx["feature_size"]),
+  )
   return fx, weights, model
 
 
@@ -35,7 +39,7 @@ def _forward(model, variables, fx, dtype):
 
 def _stats(x):
   x = x.reshape(x.shape[0], -1).astype(np.float64)
-  return np.stack([x.mean(1), np.abs(x).mean(1), np.sqrt((x ** 2).mean(1))], axis=1)
+  return np.stack([x.mean(1), np.abs(x).mean(1), np.sqrt((x**2).mean(1))], axis=1)
 
 
 def test_full_forward_float64(reference):
@@ -47,12 +51,21 @@ def test_full_forward_float64(reference):
   # The README's x64 tolerances: flow 1e-6 grid cells (expect ~1e-10); float32-rounded
   # intermediates within 2e-6 of their max; block statistics rtol 1e-6.
   np.testing.assert_allclose(flow, nhwc(fx["flow"]), atol=1e-6, rtol=0)
-  grid = np.stack([(flow[..., 0] + np.arange(64)[None, None, :]) * 2 / 63 - 1,
-                   (flow[..., 1] + np.arange(64)[None, :, None]) * 2 / 63 - 1], -1)
+  grid = np.stack(
+      [
+          (flow[..., 0] + np.arange(64)[None, None, :]) * 2 / 63 - 1,
+          (flow[..., 1] + np.arange(64)[None, :, None]) * 2 / 63 - 1,
+      ],
+      -1,
+  )
   np.testing.assert_allclose(grid[..., 0], fx["grid_x"][:, 0], atol=1e-8, rtol=0)
   np.testing.assert_allclose(grid[..., 1], fx["grid_y"][:, 0], atol=1e-8, rtol=0)
-  for ours, key in [(aux["src_feat"], "src_feat"), (aux["trg_feat"], "trg_feat"),
-                    (aux["src_ctx"], "src_sce"), (aux["trg_ctx"], "trg_sce")]:
+  for ours, key in [
+      (aux["src_feat"], "src_feat"),
+      (aux["trg_feat"], "trg_feat"),
+      (aux["src_ctx"], "src_sce"),
+      (aux["trg_ctx"], "trg_sce"),
+  ]:
     ref = nhwc(fx[key])
     assert np.abs(ours - ref).max() <= 2e-6 * np.abs(ref).max(), key
   corr = aux["corr"].reshape(2, 256, 256)
@@ -60,8 +73,7 @@ def test_full_forward_float64(reference):
   for side in ("src", "trg"):
     bb = aux[f"{side}_backbone"]
     np.testing.assert_allclose(_stats(bb["stem"]), fx[f"{side}_stem_stats"], rtol=1e-6)
-    blocks = [bb[f"layer{s}_{i}_pre_relu"] for s, n in zip((1, 2, 3), (3, 4, 23))
-              for i in range(n)]
+    blocks = [bb[f"layer{s}_{i}_pre_relu"] for s, n in zip((1, 2, 3), (3, 4, 23)) for i in range(n)]
     ours = np.stack([_stats(b) for b in blocks])
     np.testing.assert_allclose(ours, fx[f"{side}_block_stats"][:30], rtol=1e-6)
 
@@ -88,15 +100,20 @@ def test_convert_round_trip_and_errors(reference):
   for k, v in back.items():
     np.testing.assert_array_equal(v, weights[k], err_msg=k)
   # Torchvision-style names fill the backbone; the head comes from init_variables.
-  tv = {k[len(convert.BACKBONE_PREFIX):]: v for k, v in weights.items()
-        if k.startswith(convert.BACKBONE_PREFIX)}
+  tv = {
+      k[len(convert.BACKBONE_PREFIX) :]: v
+      for k, v in weights.items()
+      if k.startswith(convert.BACKBONE_PREFIX)
+  }
   head_init = {"params": {"x_normal": np.zeros(64, np.float32)}}
   init = flax.core.unfreeze(jax.tree.map(np.asarray, variables))
   init["params"]["x_normal"] = np.full(64, 7.0, np.float32)
   tv_vars = convert.from_torch_state_dict(tv, model, init_variables=init)
   np.testing.assert_array_equal(tv_vars["params"]["x_normal"], 7.0)
-  np.testing.assert_array_equal(tv_vars["params"]["backbone"]["layer3_22"]["conv2"]["kernel"],
-                                variables["params"]["backbone"]["layer3_22"]["conv2"]["kernel"])
+  np.testing.assert_array_equal(
+      tv_vars["params"]["backbone"]["layer3_22"]["conv2"]["kernel"],
+      variables["params"]["backbone"]["layer3_22"]["conv2"]["kernel"],
+  )
   del head_init
   # Errors list every problem.
   bad = dict(weights)
@@ -114,8 +131,10 @@ def test_convert_round_trip_and_errors(reference):
 
 def _tiny_inputs(b=2, size=32, seed=0):
   rng = np.random.default_rng(seed)
-  return (jnp.asarray(rng.normal(size=(b, size, size, 3)), jnp.float32),
-          jnp.asarray(rng.normal(size=(b, size, size, 3)), jnp.float32))
+  return (
+      jnp.asarray(rng.normal(size=(b, size, size, 3)), jnp.float32),
+      jnp.asarray(rng.normal(size=(b, size, size, 3)), jnp.float32),
+  )
 
 
 def test_tiny_model_jits_and_vmaps_over_two_parameter_sets():
@@ -139,23 +158,28 @@ def test_train_mode_keeps_source_and_target_statistics_separate():
   src, trg = _tiny_inputs()
   trg = trg * 3.0 + 1.0  # different statistics from the source
   variables = jax.jit(model.init)(jax.random.PRNGKey(1), src, trg)
-  (flow, aux), updates = jax.jit(functools.partial(
-      model.apply, train=True, mutable=["batch_stats"], return_aux=True))(variables, src, trg)
+  (flow, aux), updates = jax.jit(
+      functools.partial(model.apply, train=True, mutable=["batch_stats"], return_aux=True)
+  )(variables, src, trg)
   # Reference: backbone(src) then backbone(trg), each call with its own batch statistics and
   # each updating the running statistics (momentum 0.1, unbiased variance).
   trunk = model.bind(variables).backbone.clone(parent=None)
   run = jax.jit(functools.partial(trunk.apply, train=True, mutable=["batch_stats"]))
-  bb_vars = {"params": variables["params"]["backbone"],
-             "batch_stats": variables["batch_stats"]["backbone"]}
+  bb_vars = {
+      "params": variables["params"]["backbone"],
+      "batch_stats": variables["batch_stats"]["backbone"],
+  }
   (ref_src, _), after_src = run(bb_vars, src)
   (ref_trg, _), after_trg = run({"params": bb_vars["params"], **after_src}, trg)
   np.testing.assert_allclose(aux["src_feat"], ref_src, atol=1e-5)
   np.testing.assert_allclose(aux["trg_feat"], ref_trg, atol=1e-5)
   ours = jax.tree.map(np.asarray, updates["batch_stats"]["backbone"])
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), ours,
-               jax.tree.map(np.asarray, after_trg["batch_stats"]))
-  assert not np.allclose(variables["batch_stats"]["backbone"]["bn1"]["mean"],
-                         ours["bn1"]["mean"])
+  jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+      ours,
+      jax.tree.map(np.asarray, after_trg["batch_stats"]),
+  )
+  assert not np.allclose(variables["batch_stats"]["backbone"]["bn1"]["mean"], ours["bn1"]["mean"])
 
 
 def test_dtype_follows_inputs_and_compute_dtype():
@@ -171,13 +195,16 @@ def test_dtype_follows_inputs_and_compute_dtype():
 
 @pytest.mark.parametrize("suffix", [".npz", ".safetensors"])
 def test_read_state_dict_formats(tmp_path, suffix):
-  sd = {"conv1.weight": np.arange(6, dtype=np.float32).reshape(1, 1, 2, 3),
-        "bn1.running_var": np.ones(3, np.float32)}
+  sd = {
+      "conv1.weight": np.arange(6, dtype=np.float32).reshape(1, 1, 2, 3),
+      "bn1.running_var": np.ones(3, np.float32),
+  }
   path = tmp_path / f"weights{suffix}"
   if suffix == ".npz":
     np.savez(path, **sd)
   else:
     from safetensors.numpy import save_file
+
     save_file(sd, str(path))
   back = convert.read_state_dict(path)
   assert set(back) == set(sd)

@@ -24,7 +24,6 @@ from sccorr_jax import data as data_lib  # noqa: E402
 from sccorr_jax import train  # noqa: E402
 from sccorr_jax.data import pipeline as data_pipeline  # noqa: E402
 
-
 pytestmark = pytest.mark.usefixtures('fast_compiles')
 
 
@@ -89,8 +88,9 @@ def test_st_run_loads_the_baseline_as_fixed_teacher(baseline_run, data_dir, tmp_
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   records = [r for r in _read_metrics(str(tmp_path)) if 'train/loss_pseudo' in r]
   assert len(records) == 2
-  assert all(np.isfinite(r['train/loss_pseudo']) and r['train/pseudo_weight'] == 10.0
-             for r in records)
+  assert all(
+      np.isfinite(r['train/loss_pseudo']) and r['train/pseudo_weight'] == 10.0 for r in records
+  )
   del base_config
 
 
@@ -129,8 +129,9 @@ def test_mt_stop_and_resume_is_bitwise_identical(data_dir, tmp_path):
   # Both mutual teachers are validated; the best one is recorded and kept with the latest.
   records = [r for r in _read_metrics(str(tmp_path / 'resumed')) if 'val/pck@0.1' in r]
   assert {'val/a/pck@0.1', 'val/b/pck@0.1', 'val/best_model'} <= set(records[-1])
-  resumed_steps = [r['step'] for r in _read_metrics(str(tmp_path / 'resumed'))
-                   if 'train/a/loss_sup' in r]
+  resumed_steps = [
+      r['step'] for r in _read_metrics(str(tmp_path / 'resumed')) if 'train/a/loss_sup' in r
+  ]
   assert resumed_steps == [1, 2, 3, 4]
   best = second['best']
   assert best['model'] in (0, 1) and best['step'] == 4
@@ -142,8 +143,9 @@ def test_mt_stop_and_resume_is_bitwise_identical(data_dir, tmp_path):
 
 
 def test_too_many_nonfinite_steps_stop_the_run(data_dir, tmp_path):
-  config = _config('baseline', data_dir, **{'optim.lr': float('nan'),
-                                            'optim.backbone_lr': float('nan')})
+  config = _config(
+      'baseline', data_dir, **{'optim.lr': float('nan'), 'optim.backbone_lr': float('nan')}
+  )
   config.max_consecutive_nonfinite = 1
   config.optim.num_epochs = 1
   with pytest.raises(FloatingPointError, match='consecutive training steps'):
@@ -152,14 +154,16 @@ def test_too_many_nonfinite_steps_stop_the_run(data_dir, tmp_path):
 
 def test_mt_models_share_the_pretrained_backbone_and_differ_in_the_head(tmp_path):
   from sccorr_jax import convert  # pylint: disable=g-import-not-at-top
+
   config = _config('mt', None)
   model = models.build_model(config)
   source = models.init_variables(config, model, jax.random.PRNGKey(42), 1)
   np.savez(tmp_path / 'resnet.npz', **convert.backbone_state_dict(source, model))
   config.model.pretrained = str(tmp_path / 'resnet.npz')
   stacked = models.init_variables(config, model, jax.random.PRNGKey(0), 2)
-  for x, y in zip(jax.tree.leaves(stacked['params']['backbone']),
-                  jax.tree.leaves(source['params']['backbone'])):
+  for x, y in zip(
+      jax.tree.leaves(stacked['params']['backbone']), jax.tree.leaves(source['params']['backbone'])
+  ):
     np.testing.assert_array_equal(np.asarray(x)[0], np.asarray(y))
     np.testing.assert_array_equal(np.asarray(x)[1], np.asarray(y))
   kernel = np.asarray(stacked['params']['sce']['conv']['kernel'])

@@ -29,11 +29,17 @@ def make_batch(b=4, img=32, fs=8, rf=7, seed=0):
   trg = np.clip(src + rng.normal(0, 3, src.shape), 0, img - 1).astype(np.float32)
   valid = np.zeros((b, 40), bool)
   valid[:, :8] = True
-  flow = np.stack([np.asarray(geometry.keypoints_to_flow(src[i], trg[i], valid[i], fs, rf, img))
-                   for i in range(b)])
-  return {'src_img': rng.normal(size=(b, img, img, 3)).astype(np.float32),
-          'trg_img': rng.normal(size=(b, img, img, 3)).astype(np.float32),
-          'flow': flow}
+  flow = np.stack(
+      [
+          np.asarray(geometry.keypoints_to_flow(src[i], trg[i], valid[i], fs, rf, img))
+          for i in range(b)
+      ]
+  )
+  return {
+      'src_img': rng.normal(size=(b, img, img, 3)).astype(np.float32),
+      'trg_img': rng.normal(size=(b, img, img, 3)).astype(np.float32),
+      'flow': flow,
+  }
 
 
 pytestmark = pytest.mark.usefixtures('fast_compiles')
@@ -50,8 +56,18 @@ def setup(fast_compiles):  # pylint: disable=redefined-outer-name,unused-argumen
   hp = schedules.step_hparams(config.teacher, 1, 4 * 8 * 8)
   mt = jax.jit(functools.partial(train_step.mutual_teacher_step, cfg))
   new_state, metrics = mt(state, batch, hp)
-  return dict(config=config, model=model, tx=tx, cfg=cfg, state=state, batch=batch, hp=hp,
-              mt=mt, new_state=new_state, metrics=metrics)
+  return dict(
+      config=config,
+      model=model,
+      tx=tx,
+      cfg=cfg,
+      state=state,
+      batch=batch,
+      hp=hp,
+      mt=mt,
+      new_state=new_state,
+      metrics=metrics,
+  )
 
 
 def _equal(a, b):
@@ -74,8 +90,16 @@ MOMENTS_RTOL = 1e-3
 
 def test_mt_step_updates_both_models_and_reports_metrics(setup):
   m = jax.device_get(setup['metrics'])
-  for key in ('a/loss_sup', 'b/loss_sup', 'a/loss_pseudo', 'b/loss_pseudo', 'a/kept_fraction',
-              'a/pseudo_label_acc', 'a/loss', 'b/loss'):
+  for key in (
+      'a/loss_sup',
+      'b/loss_sup',
+      'a/loss_pseudo',
+      'b/loss_pseudo',
+      'a/kept_fraction',
+      'a/pseudo_label_acc',
+      'a/loss',
+      'b/loss',
+  ):
     assert np.isfinite(m[key]), key
   assert not m['nonfinite']
   # Remember rate of epoch 1 with a 2-epoch schedule 0.2 -> 0.9: 0.9 of the candidates.
@@ -83,11 +107,15 @@ def test_mt_step_updates_both_models_and_reports_metrics(setup):
   s0, s1 = setup['state'], setup['new_state']
   assert int(s1.step) == 1
   for i in range(2):
-    moved = [not np.array_equal(np.asarray(x)[i], np.asarray(y)[i])
-             for x, y in zip(jax.tree.leaves(s0.params), jax.tree.leaves(s1.params))]
+    moved = [
+        not np.array_equal(np.asarray(x)[i], np.asarray(y)[i])
+        for x, y in zip(jax.tree.leaves(s0.params), jax.tree.leaves(s1.params))
+    ]
     assert all(moved), f'model {i}: every parameter (weight decay included) must move'
-  assert not np.array_equal(np.asarray(jax.tree.leaves(s1.batch_stats)[0])[0],
-                            np.asarray(jax.tree.leaves(s0.batch_stats)[0])[0])
+  assert not np.array_equal(
+      np.asarray(jax.tree.leaves(s1.batch_stats)[0])[0],
+      np.asarray(jax.tree.leaves(s0.batch_stats)[0])[0],
+  )
 
 
 def test_mt_step_equals_two_single_model_steps(setup):
@@ -96,9 +124,14 @@ def test_mt_step_equals_two_single_model_steps(setup):
   one = lambda tree, i: jax.tree.map(lambda x: x[i], tree)  # noqa: E731
   singles = []
   for i in range(2):
-    singles.append(train_step.TrainState(step=state.step, params=one(state.params, i),
-                                         batch_stats=one(state.batch_stats, i),
-                                         opt_state=one(state.opt_state, i)))
+    singles.append(
+        train_step.TrainState(
+            step=state.step,
+            params=one(state.params, i),
+            batch_stats=one(state.batch_stats, i),
+            opt_state=one(state.opt_state, i),
+        )
+    )
   fwd = jax.jit(lambda p, s: train_step.forward(cfg, p, s, batch)[0])
   flows = [fwd(s.params, s.batch_stats) for s in singles]
   update = jax.jit(functools.partial(train_step.student_update, cfg))
@@ -106,8 +139,12 @@ def test_mt_step_equals_two_single_model_steps(setup):
     new, metrics = update(singles[i], batch, flows[1 - i], hp)
     mt_metrics = jax.device_get(setup['metrics'])
     for key in ('loss', 'loss_sup', 'loss_pseudo', 'kept_fraction', 'pseudo_label_acc'):
-      np.testing.assert_allclose(float(metrics[key]), float(mt_metrics[f'{name}/{key}']),
-                                 rtol=1e-5, err_msg=f'{name}/{key}')
+      np.testing.assert_allclose(
+          float(metrics[key]),
+          float(mt_metrics[f'{name}/{key}']),
+          rtol=1e-5,
+          err_msg=f'{name}/{key}',
+      )
     # Same math, different XLA fusions (see PARAMS_RTOL).
     assert_trees_close(new.params, one(setup['new_state'].params, i), PARAMS_RTOL, 'params')
     assert_trees_close(new.batch_stats, one(setup['new_state'].batch_stats, i), STATS_RTOL)
@@ -117,11 +154,15 @@ def test_mt_step_equals_two_single_model_steps(setup):
 def test_sharded_step_equals_single_device(setup):
   """The same mt step with the batch sharded over 4 devices gives the single-device result."""
   assert jax.device_count() >= 4, 'tests/conftest.py simulates 4 CPU devices'
-  mesh = jax.make_mesh((4,), ('data',), axis_types=(jax.sharding.AxisType.Auto,),
-                       devices=jax.devices()[:4])
+  mesh = jax.make_mesh(
+      (4,), ('data',), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:4]
+  )
   repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
-  step = jax.jit(functools.partial(train_step.mutual_teacher_step, setup['cfg']),
-                 in_shardings=(repl, data, repl), out_shardings=(repl, repl))
+  step = jax.jit(
+      functools.partial(train_step.mutual_teacher_step, setup['cfg']),
+      in_shardings=(repl, data, repl),
+      out_shardings=(repl, repl),
+  )
   state = jax.device_put(setup['state'], repl)
   batch = jax.device_put(setup['batch'], data)
   new_state, metrics = step(state, batch, jax.device_put(setup['hp'], repl))
@@ -148,18 +189,23 @@ def test_dense_step_counts_every_valid_position_once_and_no_other(setup):
   sparse labels and the invalid positions (set to absurd values here) never reach it."""
   config, model, tx = setup['config'], setup['model'], setup['tx']
   cfg = train_step.StepConfig(model=model, tx=tx)
-  state = train.create_train_state(config_lib.tiny_config('baseline'), model, tx,
-                                   jax.random.PRNGKey(1))
+  state = train.create_train_state(
+      config_lib.tiny_config('baseline'), model, tx, jax.random.PRNGKey(1)
+  )
   rng = np.random.default_rng(3)
   fs = setup['batch']['flow'].shape[1]
   truth = rng.normal(0, 2, (4, fs, fs, 2)).astype(np.float32)
   valid = rng.random((4, fs, fs)) < 0.3
   valid[2] = False  # a pair without any valid position adds nothing
-  batch = dict(setup['batch'], flow=np.full_like(setup['batch']['flow'], 1e4),
-               dense_flow=np.where(valid[..., None], truth, 1e6).astype(np.float32),
-               dense_valid=valid)
-  flow, _ = jax.jit(functools.partial(train_step.forward, cfg))(state.params, state.batch_stats,
-                                                                  batch)
+  batch = dict(
+      setup['batch'],
+      flow=np.full_like(setup['batch']['flow'], 1e4),
+      dense_flow=np.where(valid[..., None], truth, 1e6).astype(np.float32),
+      dense_valid=valid,
+  )
+  flow, _ = jax.jit(functools.partial(train_step.forward, cfg))(
+      state.params, state.batch_stats, batch
+  )
   err = np.linalg.norm(np.asarray(flow, np.float64) - truth, axis=-1)
   expected = err[valid].sum() / valid.sum()
   step = jax.jit(functools.partial(train_step.dense_step, cfg))  # one compile, both batches
@@ -181,21 +227,26 @@ def test_truth_teacher_step_is_the_student_objective_against_the_known_truth(set
   reach it."""
   config, model, tx = setup['config'], setup['model'], setup['tx']
   cfg = train_step.StepConfig(model=model, tx=tx, dilation_kernel=3)
-  state = train.create_train_state(config_lib.tiny_config('baseline'), model, tx,
-                                   jax.random.PRNGKey(1))
+  state = train.create_train_state(
+      config_lib.tiny_config('baseline'), model, tx, jax.random.PRNGKey(1)
+  )
   rng = np.random.default_rng(4)
   gt = np.asarray(setup['batch']['flow'])
   fs = gt.shape[1]
   truth = rng.normal(0, 2, (4, fs, fs, 2)).astype(np.float32)
   valid = rng.random((4, fs, fs)) < 0.6
-  batch = dict(setup['batch'], dense_flow=np.where(valid[..., None], truth, 1e6).astype(
-      np.float32), dense_valid=valid)
+  batch = dict(
+      setup['batch'],
+      dense_flow=np.where(valid[..., None], truth, 1e6).astype(np.float32),
+      dense_valid=valid,
+  )
   teacher = config.teacher.copy_and_resolve_references()
   teacher.pseudo_start_epoch, teacher.pseudo_weight = 0, 0.5
   teacher.remember_rate_start = teacher.remember_rate_end = 1.0
   hp = schedules.step_hparams(teacher, 0, 4 * fs * fs)
-  flow, _ = jax.jit(functools.partial(train_step.forward, cfg))(state.params, state.batch_stats,
-                                                                  batch)
+  flow, _ = jax.jit(functools.partial(train_step.forward, cfg))(
+      state.params, state.batch_stats, batch
+  )
   flow = np.asarray(flow, np.float64)
   labelled = (gt != 0).any(-1)
   square = scipy.ndimage.maximum_filter(labelled, size=(1, 3, 3), mode='constant')
@@ -204,7 +255,8 @@ def test_truth_teacher_step_is_the_student_objective_against_the_known_truth(set
   sparse = np.linalg.norm(flow - gt, axis=-1)[labelled].mean()
   pseudo = np.linalg.norm(flow - truth, axis=-1)[candidates].mean()
   new_state, metrics = jax.jit(functools.partial(train_step.truth_teacher_step, cfg))(
-      state, batch, hp)
+      state, batch, hp
+  )
   np.testing.assert_allclose(float(metrics['loss']), sparse + 0.5 * pseudo, rtol=1e-5)
   assert int(new_state.step) == 1 and not bool(metrics['nonfinite'])
   truth_config = config_lib.tiny_config('truth_teacher')
@@ -218,8 +270,11 @@ def test_dense_mode_refuses_a_dataset_without_dense_truth():
   config = config_lib.tiny_config('dense')
   train.check_config(config)  # the tiny config's synthetic warps have a dense truth
   config.data.name = 'pfpascal'
-  with pytest.raises(config_lib.ConfigError, match="learning_mode 'dense' needs a dataset with a "
-                     r"dense ground truth \(synthetic, parts\); data.name is 'pfpascal'"):
+  with pytest.raises(
+      config_lib.ConfigError,
+      match="learning_mode 'dense' needs a dataset with a "
+      r"dense ground truth \(synthetic, parts\); data.name is 'pfpascal'",
+  ):
     train.check_config(config)
 
 
@@ -259,11 +314,19 @@ def test_pseudo_weight_and_remember_rate_schedules():
 
 def test_optimizer_groups_and_frozen_backbone():
   optim = config_lib.base_config('synthetic').optim  # lr 3e-5 head, 3e-6 backbone, wd 0.05.
-  params = {'backbone': {'w': jnp.ones(3)}, 'sce': {'b': jnp.ones(3)},
-            'x_normal': jnp.ones(3), 'y_normal': jnp.ones(3)}
+  params = {
+      'backbone': {'w': jnp.ones(3)},
+      'sce': {'b': jnp.ones(3)},
+      'x_normal': jnp.ones(3),
+      'y_normal': jnp.ones(3),
+  }
   labels = schedules.param_groups(params)
-  assert labels == {'backbone': {'w': 'backbone'}, 'sce': {'b': 'head'}, 'x_normal': 'head',
-                    'y_normal': 'head'}
+  assert labels == {
+      'backbone': {'w': 'backbone'},
+      'sce': {'b': 'head'},
+      'x_normal': 'head',
+      'y_normal': 'head',
+  }
   tx = schedules.make_optimizer(optim, 10)
   grads = jax.tree.map(jnp.ones_like, params)
   updates, _ = tx.update(grads, tx.init(params), params)
@@ -285,10 +348,15 @@ def test_frozen_batch_norm_keeps_running_statistics(setup):
   cfg = train_step.StepConfig(model=setup['model'], tx=setup['tx'], batch_norm='frozen')
   s0 = setup['state']
   first = lambda tree: jax.tree.map(lambda x: x[0], tree)  # noqa: E731
-  state = train_step.TrainState(step=s0.step, params=first(s0.params),
-                                batch_stats=first(s0.batch_stats), opt_state=first(s0.opt_state))
+  state = train_step.TrainState(
+      step=s0.step,
+      params=first(s0.params),
+      batch_stats=first(s0.batch_stats),
+      opt_state=first(s0.opt_state),
+  )
   new, metrics = jax.jit(functools.partial(train_step.baseline_step, cfg))(
-      state, setup['batch'], setup['hp'])
+      state, setup['batch'], setup['hp']
+  )
   assert np.isfinite(float(metrics['loss']))
   _equal(new.batch_stats, state.batch_stats)
   with pytest.raises(ValueError, match='batch_norm'):
@@ -320,8 +388,13 @@ def test_pseudo_label_metrics_on_a_hand_made_case():
   candidates = np.array([[[1, 1, 1], [0, 1, 1]]], bool)
   kept = np.array([[[1, 0, 0], [0, 1, 1]]], bool)
   terms = losses.PseudoLabelTerms(
-      loss_sup=jnp.float32(0.5), loss_pseudo=jnp.float32(0.25), candidates=candidates, kept=kept,
-      num_remember=jnp.int32(3), num_candidates=jnp.int32(5))
+      loss_sup=jnp.float32(0.5),
+      loss_pseudo=jnp.float32(0.25),
+      candidates=candidates,
+      kept=kept,
+      num_remember=jnp.int32(3),
+      num_candidates=jnp.int32(5),
+  )
   batch = {'flow': gt, 'dense_flow': truth, 'dense_valid': valid}
   m = jax.device_get(train_step.pseudo_label_metrics(terms, pseudo, batch))
   assert m['kept_fraction'] == pytest.approx(0.6) and m['pseudo_label_acc'] == 1.0
@@ -331,9 +404,12 @@ def test_pseudo_label_metrics_on_a_hand_made_case():
   assert m['pseudo_rejected_epe'] == pytest.approx(2.5) and m['pseudo_rejected_acc'] == 0.5
   # A pair without dense truth falls back to its withheld keypoints (cells of 4 pixels here).
   img = np.zeros((1, 8, 12, 3), np.float32)
-  withheld = {'src_img': img, 'withheld_trg_kps': np.array([[[5.0, 1.0], [9.0, 6.0]]], np.float32),
-              'withheld_src_kps': np.array([[[17.0, 17.0], [0.0, 0.0]]], np.float32),
-              'withheld_kps_valid': np.array([[True, False]])}
+  withheld = {
+      'src_img': img,
+      'withheld_trg_kps': np.array([[[5.0, 1.0], [9.0, 6.0]]], np.float32),
+      'withheld_src_kps': np.array([[[17.0, 17.0], [0.0, 0.0]]], np.float32),
+      'withheld_kps_valid': np.array([[True, False]]),
+  }
   batch = dict(batch, dense_valid=np.zeros_like(valid), **withheld)
   m = jax.device_get(train_step.pseudo_label_metrics(terms, pseudo, batch))
   # The withheld keypoint (5, 1) -> (17, 17) is cell (0, 1), truth (3, 4): the rejected

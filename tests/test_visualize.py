@@ -13,17 +13,24 @@ from sccorr_jax import visualize
 from sccorr_jax.data import transforms
 from sccorr_jax.models import SCorrSAN
 
+
 def test_draw_matches_layout_and_lines():
   rng = np.random.default_rng(0)
   src = np.full((30, 60, 3), 100, np.uint8)
   trg = np.full((40, 20, 3), 100, np.uint8)
   height, ws, wt, total = visualize.side_by_side_layout((30, 60), (40, 20))
   assert (height, ws, wt, total) == (40, 80, 20, 80 + visualize.GAP + 20)
-  pic = visualize.draw_matches(src, trg, np.array([[10.0, 10.0]]), np.array([[5.0, 30.0]]),
-                               confidence=np.array([0.7]), gt_src_kps=np.array([[12.0, 11.0]]))
+  pic = visualize.draw_matches(
+      src,
+      trg,
+      np.array([[10.0, 10.0]]),
+      np.array([[5.0, 30.0]]),
+      confidence=np.array([0.7]),
+      gt_src_kps=np.array([[12.0, 11.0]]),
+  )
   assert pic.shape == (40, total, 3) and pic.dtype == np.uint8
   # Something was drawn in the gap between the images (the line crosses it).
-  gap = pic[:, ws:ws + visualize.GAP]
+  gap = pic[:, ws : ws + visualize.GAP]
   assert (gap != 255).any()
   del rng
 
@@ -42,8 +49,9 @@ def test_warp_source_identity_and_shift():
 
 def test_training_signals_panels():
   tool = load_tool("visualize_training")
-  model = SCorrSAN(stage_sizes=(1, 1, 1, 1), backbone_width=8, sce_kernel_size=3,
-                   sce_features=16, feature_size=8)
+  model = SCorrSAN(
+      stage_sizes=(1, 1, 1, 1), backbone_width=8, sce_kernel_size=3, sce_features=16, feature_size=8
+  )
   x = jnp.zeros((1, 64, 64, 3))
   va = model.init(jax.random.PRNGKey(0), x, x)
   vb = model.init(jax.random.PRNGKey(1), x, x)
@@ -55,12 +63,21 @@ def test_training_signals_panels():
   src_kps[:, :5] = rng.uniform(4, 60, (b, 5, 2))
   trg_kps[:, :5] = rng.uniform(4, 60, (b, 5, 2))
   valid[:, :5] = True
-  flow = np.stack([transforms.keypoints_to_flow_np(src_kps[i], trg_kps[i], valid[i], 8, 11, 64)
-                   for i in range(b)])
-  batch = dict(src_img=rng.normal(size=(b, 64, 64, 3)).astype(np.float32),
-               trg_img=rng.normal(size=(b, 64, 64, 3)).astype(np.float32),
-               src_kps=src_kps, trg_kps=trg_kps, kps_valid=valid, flow=flow,
-               pair_valid=np.array([True, True]))
+  flow = np.stack(
+      [
+          transforms.keypoints_to_flow_np(src_kps[i], trg_kps[i], valid[i], 8, 11, 64)
+          for i in range(b)
+      ]
+  )
+  batch = dict(
+      src_img=rng.normal(size=(b, 64, 64, 3)).astype(np.float32),
+      trg_img=rng.normal(size=(b, 64, 64, 3)).astype(np.float32),
+      src_kps=src_kps,
+      trg_kps=trg_kps,
+      kps_valid=valid,
+      flow=flow,
+      pair_valid=np.array([True, True]),
+  )
   config = config_lib.tiny_config("mt")
   config.teacher.dilation_kernel = 3
   config.teacher.remember_rate_start, config.teacher.remember_rate_end = 0.5, 0.5

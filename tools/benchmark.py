@@ -41,7 +41,6 @@ import resource
 import time
 from typing import Any, Dict, Optional
 
-
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags
 import jax
@@ -55,17 +54,19 @@ from sccorr_jax import sharding
 from sccorr_jax import train
 
 MODES = ('baseline', 'st', 'mt', 'eval')
-GIB = 2 ** 30
+GIB = 2**30
 
 
 # ------------------------------------------------------------------------------------------------
 # Configuration.
 
 
-
-
-def prepare_config(config, mode: Optional[str] = None, batch_size: Optional[int] = None,
-                   dtype: Optional[str] = None):
+def prepare_config(
+    config,
+    mode: Optional[str] = None,
+    batch_size: Optional[int] = None,
+    dtype: Optional[str] = None,
+):
   """A copy of `config` with the benchmark's mode, batch size and compute dtype."""
   config = config.copy_and_resolve_references()
   with config.unlocked():
@@ -116,7 +117,7 @@ def matmul_peak_flops(dtype: str = 'float32', n: Optional[int] = None) -> float:
   b = jax.random.normal(k2, (n, n), jnp.float32).astype(dtype)
   f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=a.dtype))
   times = _timed(f, a, b, runs=5, warmup=2)
-  return 2.0 * n ** 3 / min(times)
+  return 2.0 * n**3 / min(times)
 
 
 def _cost_flops(compiled) -> Optional[float]:
@@ -138,8 +139,12 @@ def _compiled_memory(compiled) -> Optional[int]:
     return None
   if m is None:
     return None
-  return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-             - m.alias_size_in_bytes)
+  return int(
+      m.argument_size_in_bytes
+      + m.output_size_in_bytes
+      + m.temp_size_in_bytes
+      - m.alias_size_in_bytes
+  )
 
 
 def peak_memory() -> Dict[str, Any]:
@@ -150,8 +155,10 @@ def peak_memory() -> Dict[str, Any]:
     if 'peak_bytes_in_use' in stats:
       return {'bytes': int(stats['peak_bytes_in_use']), 'kind': 'device_peak_bytes_in_use'}
   # ru_maxrss is in KiB on Linux.
-  return {'bytes': int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024,
-          'kind': 'process_peak_rss'}
+  return {
+      'bytes': int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024,
+      'kind': 'process_peak_rss',
+  }
 
 
 def device_memory_limit() -> int:
@@ -171,6 +178,7 @@ def device_memory_limit() -> int:
 @dataclasses.dataclass
 class Built:
   """A compiled function with its arguments; `run(args) -> new args` feeds donated state back."""
+
   compiled: Any
   args: tuple
   run: Any
@@ -208,7 +216,8 @@ def build(config, mode: str) -> Built:
     replicated, data_sharding = sharding.replicated(mesh), sharding.batch_sharded(mesh)
     model = models.build_model(config)
     variables = jax.device_put(
-        models.init_variables(config, model, jax.random.PRNGKey(int(config.seed)), 1), replicated)
+        models.init_variables(config, model, jax.random.PRNGKey(int(config.seed)), 1), replicated
+    )
     imgs = [jax.device_put(batch[k], data_sharding) for k in ('src_img', 'trg_img')]
     fn = jax.jit(lambda v, s, t: model.apply(v, s, t), out_shardings=data_sharding)
     t0 = time.perf_counter()
@@ -276,14 +285,24 @@ def fit_batch(config, mode: str, limit: Optional[int] = None, probe: int = 0) ->
       checked = m
       break
     est -= ndev
-  return {'max_batch_estimate': est if checked else None, 'memory_limit_bytes': limit,
-          'memory_per_pair_bytes': per_pair, 'memory_fixed_bytes': fixed,
-          'compiled_memory_at_max_bytes': checked}
+  return {
+      'max_batch_estimate': est if checked else None,
+      'memory_limit_bytes': limit,
+      'memory_per_pair_bytes': per_pair,
+      'memory_fixed_bytes': fixed,
+      'compiled_memory_at_max_bytes': checked,
+  }
 
 
-def benchmark(config, mode: Optional[str] = None, *, steps: int = 5, warmup: int = 2,
-              peak_flops: Optional[float] = None, with_fit_batch: bool = False
-              ) -> Dict[str, Any]:
+def benchmark(
+    config,
+    mode: Optional[str] = None,
+    *,
+    steps: int = 5,
+    warmup: int = 2,
+    peak_flops: Optional[float] = None,
+    with_fit_batch: bool = False,
+) -> Dict[str, Any]:
   """Compiles and times one mode of `config` (see the module docstring); returns the report."""
   mode = mode or config.learning_mode
   t_start = time.perf_counter()
@@ -297,23 +316,32 @@ def benchmark(config, mode: Optional[str] = None, *, steps: int = 5, warmup: int
   median = float(np.median(times))
   b = int(config.optim.batch_size)
   out = {
-      'mode': mode, 'dtype': str(dtype), 'batch_size': b,
-      'img_size': int(config.data.img_size), 'feature_size': int(config.data.feature_size),
-      'backbone_depth': int(config.model.backbone_depth), 'backbone': backbone_name(config),
+      'mode': mode,
+      'dtype': str(dtype),
+      'batch_size': b,
+      'img_size': int(config.data.img_size),
+      'feature_size': int(config.data.feature_size),
+      'backbone_depth': int(config.model.backbone_depth),
+      'backbone': backbone_name(config),
       'target_chunks': int(config.model.get('target_chunks', 1)),
       'remat_backbone': bool(config.model.get('remat_backbone', False)),
-      'device': device_kind(), 'platform': jax.devices()[0].platform,
+      'device': device_kind(),
+      'platform': jax.devices()[0].platform,
       'jax_version': jax.__version__,
       'compile_s': built.compile_s,
-      'steps': steps, 'warmup': warmup, 'step_times_s': times,
-      'step_time_min_s': float(min(times)), 'step_time_median_s': median,
+      'steps': steps,
+      'warmup': warmup,
+      'step_times_s': times,
+      'step_time_min_s': float(min(times)),
+      'step_time_median_s': median,
       'step_time_max_s': float(max(times)),
       'pairs_per_s': b / median,
       'flops_per_step': flops,
       'achieved_flops_per_s': flops / median if flops else None,
       'peak_flops_per_s': peak_flops,
       'mfu': flops / median / peak_flops if flops and peak_flops else None,
-      'peak_memory_bytes': mem['bytes'], 'peak_memory_kind': mem['kind'],
+      'peak_memory_bytes': mem['bytes'],
+      'peak_memory_kind': mem['kind'],
       'compiled_memory_bytes': _compiled_memory(built.compiled),
       'load_average': list(os.getloadavg()),
   }
@@ -336,23 +364,29 @@ def backbone_name(config) -> str:
 
 def summary_line(r: Dict[str, Any]) -> str:
   """One readable line of a report."""
+
   def fmt(x, spec):
     return 'n/a' if x is None else format(x, spec)
+
   backbone = r.get('backbone') or f"ResNet-{r['backbone_depth']}"
-  line = (f"{r['mode']} {r['dtype']} b={r['batch_size']} {r['img_size']}px "
-          f"{backbone} on {r['device']}: compile {r['compile_s']:.1f} s, "
-          f"step {r['step_time_min_s']:.3f}/{r['step_time_median_s']:.3f}/"
-          f"{r['step_time_max_s']:.3f} s (min/median/max of {r['steps']}), "
-          f"{r['pairs_per_s']:.2f} pairs/s, "
-          f"{fmt(r['flops_per_step'] and r['flops_per_step'] / 1e9, '.1f')} GFLOP/step, "
-          f"{fmt(r['achieved_flops_per_s'] and r['achieved_flops_per_s'] / 1e9, '.1f')} GFLOP/s"
-          f" = {fmt(r['mfu'] and 100 * r['mfu'], '.1f')}% of "
-          f"{r['peak_flops_per_s'] / 1e9:.1f} GFLOP/s matmul peak, "
-          f"peak memory {r['peak_memory_bytes'] / GIB:.2f} GiB ({r['peak_memory_kind']}), "
-          f"load {r['load_average'][0]:.1f}")
+  line = (
+      f"{r['mode']} {r['dtype']} b={r['batch_size']} {r['img_size']}px "
+      f"{backbone} on {r['device']}: compile {r['compile_s']:.1f} s, "
+      f"step {r['step_time_min_s']:.3f}/{r['step_time_median_s']:.3f}/"
+      f"{r['step_time_max_s']:.3f} s (min/median/max of {r['steps']}), "
+      f"{r['pairs_per_s']:.2f} pairs/s, "
+      f"{fmt(r['flops_per_step'] and r['flops_per_step'] / 1e9, '.1f')} GFLOP/step, "
+      f"{fmt(r['achieved_flops_per_s'] and r['achieved_flops_per_s'] / 1e9, '.1f')} GFLOP/s"
+      f" = {fmt(r['mfu'] and 100 * r['mfu'], '.1f')}% of "
+      f"{r['peak_flops_per_s'] / 1e9:.1f} GFLOP/s matmul peak, "
+      f"peak memory {r['peak_memory_bytes'] / GIB:.2f} GiB ({r['peak_memory_kind']}), "
+      f"load {r['load_average'][0]:.1f}"
+  )
   if 'max_batch_estimate' in r:
-    line += (f"; largest batch that fits {r['max_batch_estimate']} "
-             f"(limit {r['memory_limit_bytes'] / GIB:.1f} GiB)")
+    line += (
+        f"; largest batch that fits {r['max_batch_estimate']} "
+        f"(limit {r['memory_limit_bytes'] / GIB:.1f} GiB)"
+    )
   return line
 
 
@@ -364,16 +398,21 @@ SUITE_ROWS = tuple(f'{m}:{d}' for m in MODES for d in ('float32', 'bfloat16'))
 
 def suite_table(reports) -> str:
   """A Markdown table of benchmark reports, one row each, the device named above it."""
-  lines = [f"Device: {reports[0]['device']} (jax {reports[0]['jax_version']}).", '',
-           '| mode | dtype | batch | step median s | pairs/s | MFU | peak memory GiB | '
-           'XLA memory GiB | compile s |', '|---|---|---|---|---|---|---|---|---|']
+  lines = [
+      f"Device: {reports[0]['device']} (jax {reports[0]['jax_version']}).",
+      '',
+      '| mode | dtype | batch | step median s | pairs/s | MFU | peak memory GiB | '
+      'XLA memory GiB | compile s |',
+      '|---|---|---|---|---|---|---|---|---|',
+  ]
   for r in reports:
     mfu = 'n/a' if r['mfu'] is None else f"{100 * r['mfu']:.0f}%"
     xla = r['compiled_memory_bytes']
     lines.append(
         f"| {r['mode']} | {r['dtype']} | {r['batch_size']} | {r['step_time_median_s']:.4f} | "
         f"{r['pairs_per_s']:.1f} | {mfu} | {r['peak_memory_bytes'] / GIB:.2f} | "
-        f"{'n/a' if xla is None else format(xla / GIB, '.2f')} | {r['compile_s']:.1f} |")
+        f"{'n/a' if xla is None else format(xla / GIB, '.2f')} | {r['compile_s']:.1f} |"
+    )
   return '\n'.join(lines) + '\n'
 
 
@@ -389,13 +428,20 @@ def run_suite(rows, out_dir: str, passthrough, timeout_s: int = 300) -> str:
   """
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
+
   os.makedirs(out_dir, exist_ok=True)
   reports = []
   for row in rows:
     mode, _, dtype = row.partition(':')
     path = os.path.join(out_dir, f'{mode}_{dtype}.json')
-    cmd = [sys.executable, os.path.abspath(__file__), *passthrough, f'--mode={mode}',
-           f'--dtype={dtype or "float32"}', f'--json={path}']
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        *passthrough,
+        f'--mode={mode}',
+        f'--dtype={dtype or "float32"}',
+        f'--json={path}',
+    ]
     try:
       done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
       ok = done.returncode == 0
@@ -419,37 +465,56 @@ def run_suite(rows, out_dir: str, passthrough, timeout_s: int = 300) -> str:
 # ------------------------------------------------------------------------------------------------
 # Command line.
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file '
-                                          '(configs/spair.py[:variant,...]).', lock_config=True)
-_MODE = flags.DEFINE_enum('mode', None, list(MODES), 'What to time (default: the config\'s '
-                          'learning_mode).')
-_BATCH = flags.DEFINE_integer('batch_size', None, 'Pairs per step (default: the config\'s).')
-_DTYPE = flags.DEFINE_enum('dtype', None, ['float32', 'bfloat16'], 'Compute dtype (parameters, '
-                           'optimiser state, correlation softmax and losses stay float32).')
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Experiment config file ' '(configs/spair.py[:variant,...]).', lock_config=True
+)
+_MODE = flags.DEFINE_enum(
+    'mode', None, list(MODES), "What to time (default: the config's " 'learning_mode).'
+)
+_BATCH = flags.DEFINE_integer('batch_size', None, "Pairs per step (default: the config's).")
+_DTYPE = flags.DEFINE_enum(
+    'dtype',
+    None,
+    ['float32', 'bfloat16'],
+    'Compute dtype (parameters, ' 'optimiser state, correlation softmax and losses stay float32).',
+)
 _STEPS = flags.DEFINE_integer('steps', 5, 'Timed runs.')
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'Discarded runs before timing.')
 _PEAK = flags.DEFINE_float('peak_flops', None, 'Device peak FLOP/s (default: measured).')
 _FIT = flags.DEFINE_bool('fit_batch', False, 'Also find the largest batch that fits.')
 _JSON = flags.DEFINE_string('json', None, 'Write the report here as JSON.')
-_SUITE = flags.DEFINE_enum('suite', None, ['accelerator'], 'accelerator: every mode in float32 '
-                           'and bfloat16, one process each, then one Markdown table '
-                           '(docs/performance.md); --batch_size and --config.* apply to all.')
+_SUITE = flags.DEFINE_enum(
+    'suite',
+    None,
+    ['accelerator'],
+    'accelerator: every mode in float32 '
+    'and bfloat16, one process each, then one Markdown table '
+    '(docs/performance.md); --batch_size and --config.* apply to all.',
+)
 _SUITE_ROWS = flags.DEFINE_list('suite_rows', list(SUITE_ROWS), 'mode:dtype rows of the suite.')
-_SUITE_OUT = flags.DEFINE_string('suite_out', 'runs/benchmark_suite', 'Where the suite writes '
-                                 'each row\'s JSON and table.md.')
+_SUITE_OUT = flags.DEFINE_string(
+    'suite_out', 'runs/benchmark_suite', 'Where the suite writes ' "each row's JSON and table.md."
+)
 
 
 def main(argv):
   del argv
   if _SUITE.value:
     import sys  # pylint: disable=g-import-not-at-top
+
     keep = ('--config', '--batch_size', '--steps', '--warmup', '--peak_flops')
     passthrough = [a for a in sys.argv[1:] if a.startswith(keep)]
     print(run_suite(_SUITE_ROWS.value, _SUITE_OUT.value, passthrough), flush=True)
     return
   config = prepare_config(_CONFIG.value, _MODE.value, _BATCH.value, _DTYPE.value)
-  report = benchmark(config, _MODE.value, steps=_STEPS.value, warmup=_WARMUP.value,
-                     peak_flops=_PEAK.value, with_fit_batch=_FIT.value)
+  report = benchmark(
+      config,
+      _MODE.value,
+      steps=_STEPS.value,
+      warmup=_WARMUP.value,
+      peak_flops=_PEAK.value,
+      with_fit_batch=_FIT.value,
+  )
   print(summary_line(report), flush=True)
   if _JSON.value:
     pathlib.Path(_JSON.value).parent.mkdir(parents=True, exist_ok=True)

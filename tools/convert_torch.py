@@ -36,11 +36,17 @@ _INPUT = flags.DEFINE_string("input", None, "state dict: .pth, .npz or .safetens
 _OUTPUT = flags.DEFINE_string("output", None, "output checkpoint directory", required=True)
 # The default is the repository's configs/spair.py wherever the tool is run from.
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "spair.py"),
-    "config whose `model` section describes the network")
-_KIND = flags.DEFINE_enum("kind", "auto", ["auto", "scorrsan", "dinov2"],
-                          "checkpoint kind: auto (by its keys), scorrsan (reference SCorrSAN or "
-                          "torchvision ResNet), dinov2 (official DINOv2 torch-hub weights)")
+    "config",
+    str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "spair.py"),
+    "config whose `model` section describes the network",
+)
+_KIND = flags.DEFINE_enum(
+    "kind",
+    "auto",
+    ["auto", "scorrsan", "dinov2"],
+    "checkpoint kind: auto (by its keys), scorrsan (reference SCorrSAN or "
+    "torchvision ResNet), dinov2 (official DINOv2 torch-hub weights)",
+)
 
 
 def main(argv):
@@ -56,7 +62,8 @@ def main(argv):
       raise ValueError(
           f"{_INPUT.value} is a {'DINOv2' if kind == 'dinov2' else 'SCorrSAN/ResNet'} checkpoint "
           f"but the config's model.backbone is {config.model.get('backbone', 'resnet')!r} (DINOv2 "
-          "weights go with a DINOv2 config such as configs/spair_dinov2.py)")
+          "weights go with a DINOv2 config such as configs/spair_dinov2.py)"
+      )
     variables = convert.from_torch_state_dict(sd, models.build_model(config))
     checkpoint.save_model_variables(_OUTPUT.value, variables, config)
   except (FileNotFoundError, ImportError, ValueError) as e:  # ConversionError, CheckpointError

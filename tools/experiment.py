@@ -33,25 +33,45 @@ from sccorr_jax.experiments import workers as workers_lib
 def define_flags() -> None:
   """The command line's flags (defined when run as a script, not on import: tests load this file
   beside other tools that define `--config` and `--out` too)."""
-  flags.DEFINE_string('config', None, 'Config file and argument, e.g. configs/demo.py or '
-                      'configs/demo.py:runlocal (required).')
-  flags.DEFINE_string('sweep', None, 'Sweep name: modes, regime, budget, ablation, '
-                      'strategies (required).')
+  flags.DEFINE_string(
+      'config',
+      None,
+      'Config file and argument, e.g. configs/demo.py or ' 'configs/demo.py:runlocal (required).',
+  )
+  flags.DEFINE_string(
+      'sweep', None, 'Sweep name: modes, regime, budget, ablation, ' 'strategies (required).'
+  )
   flags.DEFINE_integer('seeds', 3, 'Seeds 0 .. N-1 per cell (config.seed).', lower_bound=1)
   flags.DEFINE_string('out', None, 'Output directory (required); rerun to resume.')
-  flags.DEFINE_bool('dry_run', False, 'List the cells in run order, with their overrides and '
-                    'the state of each seed, and exit.')
+  flags.DEFINE_bool(
+      'dry_run',
+      False,
+      'List the cells in run order, with their overrides and ' 'the state of each seed, and exit.',
+  )
   flags.DEFINE_list('cells', None, 'Run only these cells (and the cells they need).')
-  flags.DEFINE_multi_string('set', [], 'key=value override for every cell, e.g. '
-                            'optim.num_epochs=4 (repeatable; values as Python literals).')
-  flags.DEFINE_string('compilation_cache_dir', None, 'Persistent XLA compilation cache, so '
-                      'that runs of one shape (seeds, budgets, resumed runs) compile once '
-                      '(default: <out>/jax_cache; "" = none). Sweeps may share one.')
-  flags.DEFINE_integer('workers', 1, 'Runs at once. 1: in this process, one after another '
-                       '(its log on the terminal). N > 1: in N worker processes, each pinned to '
-                       'its share of the CPUs, each run\'s log in <workdir>/train.log. On a '
-                       'CPU, N = the number of cores trains the demo ~1.4x faster in all (2 '
-                       'cores; docs/experiments.md).', lower_bound=1)
+  flags.DEFINE_multi_string(
+      'set',
+      [],
+      'key=value override for every cell, e.g. '
+      'optim.num_epochs=4 (repeatable; values as Python literals).',
+  )
+  flags.DEFINE_string(
+      'compilation_cache_dir',
+      None,
+      'Persistent XLA compilation cache, so '
+      'that runs of one shape (seeds, budgets, resumed runs) compile once '
+      '(default: <out>/jax_cache; "" = none). Sweeps may share one.',
+  )
+  flags.DEFINE_integer(
+      'workers',
+      1,
+      'Runs at once. 1: in this process, one after another '
+      '(its log on the terminal). N > 1: in N worker processes, each pinned to '
+      "its share of the CPUs, each run's log in <workdir>/train.log. On a "
+      'CPU, N = the number of cores trains the demo ~1.4x faster in all (2 '
+      'cores; docs/experiments.md).',
+      lower_bound=1,
+  )
   flags.mark_flags_as_required(['config', 'sweep', 'out'])
 
 
@@ -85,13 +105,23 @@ def main(argv):
     cli.fail(str(e), e)
   t0 = time.time()
   try:
-    runs = experiments.run_sweep(config_spec, sweep, cells, seeds, out, common,
-                                 workers=f['workers'].value, cache_dir=cache or None)
+    runs = experiments.run_sweep(
+        config_spec,
+        sweep,
+        cells,
+        seeds,
+        out,
+        common,
+        workers=f['workers'].value,
+        cache_dir=cache or None,
+    )
   except RuntimeError as e:
     cli.fail(str(e), e)
-  print(f'{len(runs)} runs in {os.path.join(out, experiments.RESULTS_JSON)} '
-        f'({time.time() - t0:.0f} s this invocation); table in '
-        f'{os.path.join(out, experiments.RESULTS_MD)}')
+  print(
+      f'{len(runs)} runs in {os.path.join(out, experiments.RESULTS_JSON)} '
+      f'({time.time() - t0:.0f} s this invocation); table in '
+      f'{os.path.join(out, experiments.RESULTS_MD)}'
+  )
 
 
 if __name__ == '__main__':

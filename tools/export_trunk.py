@@ -21,13 +21,16 @@ import numpy as np
 
 from sccorr_jax import cli
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "trainer workdir or checkpoint step "
-                                  "directory", required=True)
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", None, "trainer workdir or checkpoint step " "directory", required=True
+)
 _OUT = flags.DEFINE_string("out", None, "output .safetensors file", required=True)
-_STEP = flags.DEFINE_integer("step", None, "with a workdir: the step to export (default: the "
-                             "latest)")
-_MODEL_INDEX = flags.DEFINE_integer("model_index", None, "mutual-teacher checkpoints: 0 or 1 "
-                                    "(default: the recorded best)")
+_STEP = flags.DEFINE_integer(
+    "step", None, "with a workdir: the step to export (default: the " "latest)"
+)
+_MODEL_INDEX = flags.DEFINE_integer(
+    "model_index", None, "mutual-teacher checkpoints: 0 or 1 " "(default: the recorded best)"
+)
 
 
 def sha256(path) -> str:
@@ -44,6 +47,7 @@ def main(argv):
   # pylint: disable=g-import-not-at-top  # after flag parsing: `--help` stays fast
   from safetensors.numpy import save_file
   from sccorr_jax import checkpoint, convert, models
+
   out = pathlib.Path(_OUT.value)
   if out.suffix != ".safetensors":
     cli.fail(f"--out={out}: must end in .safetensors")
@@ -57,8 +61,10 @@ def main(argv):
     variables, config = checkpoint.load_model_variables(path, _MODEL_INDEX.value, step=step)
     model = models.build_model(config)
     if getattr(model, "backbone_type", "resnet") != "resnet":
-      raise ValueError(f"{path}: holds a {model.backbone_type} model; only ResNet backbones "
-                       "are exported as torchvision state dicts")
+      raise ValueError(
+          f"{path}: holds a {model.backbone_type} model; only ResNet backbones "
+          "are exported as torchvision state dicts"
+      )
     sd = convert.backbone_state_dict(__import__("jax").device_get(variables), model)
   except (FileNotFoundError, ValueError) as e:  # CheckpointError is a ValueError
     cli.fail(str(e), e)
@@ -67,8 +73,10 @@ def main(argv):
   save_file({k: np.ascontiguousarray(v, np.float32) for k, v in sorted(sd.items())}, str(tmp))
   tmp.replace(out)  # atomic: a crash never leaves a half-written file under the name
   n = sum(v.size for v in sd.values())
-  print(f"wrote {out}: {len(sd)} arrays, {n:,} values from {path}"
-        f"{'' if step is None else f' (step {step})'}; sha256 {sha256(out)}")
+  print(
+      f"wrote {out}: {len(sd)} arrays, {n:,} values from {path}"
+      f"{'' if step is None else f' (step {step})'}; sha256 {sha256(out)}"
+  )
 
 
 if __name__ == "__main__":

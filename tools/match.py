@@ -37,33 +37,57 @@ from ml_collections import config_flags
 
 from sccorr_jax import cli
 
+
 def define_flags() -> None:
   """The command line's flags (defined when run as a script, not on import, so that tests can
   load several tools that each have a --checkpoint or --out)."""
-  flags.DEFINE_string('checkpoint', None, 'Training workdir (uses its best model), checkpoint '
-                      'step directory, model export directory or serialized model file '
-                      '(python -m sccorr_jax.export) (required).')
+  flags.DEFINE_string(
+      'checkpoint',
+      None,
+      'Training workdir (uses its best model), checkpoint '
+      'step directory, model export directory or serialized model file '
+      '(python -m sccorr_jax.export) (required).',
+  )
   flags.DEFINE_string('out', None, 'Output directory (required).')
-  flags.DEFINE_string('keypoints', None, 'JSON keypoints on the target image, its pixels: '
-                      '[[x, y], ...] or {"keypoints": [[x, y], ...]}.')
-  flags.DEFINE_enum('model_index', 'best', ['0', '1', 'best'], 'Mutual-teacher checkpoints: '
-                    'network 0 (a), 1 (b) or the recorded best.')
-  config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py[:variant]) for '
-                                  'checkpoints that carry no config.', lock_config=True)
-  flags.DEFINE_integer('grid', 6, 'n x n target points when --keypoints is not given.',
-                       lower_bound=1)
+  flags.DEFINE_string(
+      'keypoints',
+      None,
+      'JSON keypoints on the target image, its pixels: '
+      '[[x, y], ...] or {"keypoints": [[x, y], ...]}.',
+  )
+  flags.DEFINE_enum(
+      'model_index',
+      'best',
+      ['0', '1', 'best'],
+      'Mutual-teacher checkpoints: ' 'network 0 (a), 1 (b) or the recorded best.',
+  )
+  config_flags.DEFINE_config_file(
+      'config',
+      None,
+      'Config file (configs/*.py[:variant]) for ' 'checkpoints that carry no config.',
+      lock_config=True,
+  )
+  flags.DEFINE_integer(
+      'grid', 6, 'n x n target points when --keypoints is not given.', lower_bound=1
+  )
   flags.DEFINE_integer('height', None, 'Height of matches.png (pixels).', lower_bound=16)
-  flags.DEFINE_integer('max_side', 1024, 'Images are shrunk to this longer side when read; '
-                       'flow.npy and warped.png are at most this size. 0 = the full target size '
-                       '(large images take a lot of memory).', lower_bound=0)
+  flags.DEFINE_integer(
+      'max_side',
+      1024,
+      'Images are shrunk to this longer side when read; '
+      'flow.npy and warped.png are at most this size. 0 = the full target size '
+      '(large images take a lot of memory).',
+      lower_bound=0,
+  )
   flags.mark_flags_as_required(['checkpoint', 'out'])
 
 
 OUTPUTS = ('flow.npy', 'keypoints.json', 'matches.png', 'warped.png')
 
 
-def check_inputs(src: str, trg: str, checkpoint: str, out: str,
-                 keypoints: str | None = None) -> None:
+def check_inputs(
+    src: str, trg: str, checkpoint: str, out: str, keypoints: str | None = None
+) -> None:
   """The checks that need no model (one line and exit 2 on the first problem)."""
   cli.existing_path('checkpoint', checkpoint, 'any')
   for name, path in (('SRC', src), ('TRG', trg)):
@@ -78,9 +102,18 @@ def check_inputs(src: str, trg: str, checkpoint: str, out: str,
       cli.fail(f'--out={out}: {os.path.join(out, name)} is a directory; cannot write {name}')
 
 
-def match(src: str, trg: str, checkpoint: str, out: str, keypoints: str | None = None,
-          model_index='best', config=None, grid: int = 6, height: int | None = None,
-          max_side: int | None = 1024) -> str:
+def match(
+    src: str,
+    trg: str,
+    checkpoint: str,
+    out: str,
+    keypoints: str | None = None,
+    model_index='best',
+    config=None,
+    grid: int = 6,
+    height: int | None = None,
+    max_side: int | None = 1024,
+) -> str:
   """Matches SRC and TRG and writes `OUTPUTS` into `out`; returns the summary line.
 
   Raises:
@@ -97,8 +130,9 @@ def match(src: str, trg: str, checkpoint: str, out: str, keypoints: str | None =
   src_img, src_hw = predict.read_image(src, f'SRC {src}', max_side)
   trg_img, trg_hw = predict.read_image(trg, f'TRG {trg}', max_side)
   if keypoints:
-    trg_kps = predict.check_keypoints(predict.load_keypoints(keypoints), trg_hw,
-                                      name=f'--keypoints={keypoints}')
+    trg_kps = predict.check_keypoints(
+        predict.load_keypoints(keypoints), trg_hw, name=f'--keypoints={keypoints}'
+    )
   else:
     trg_kps = predict.grid_keypoints(trg_hw, grid)
   del src_img, trg_img
@@ -108,31 +142,53 @@ def match(src: str, trg: str, checkpoint: str, out: str, keypoints: str | None =
   os.makedirs(out, exist_ok=True)
   np.save(os.path.join(out, 'flow.npy'), result.flow)
   with open(os.path.join(out, 'keypoints.json'), 'w') as f:
-    json.dump(result.to_json(src_image=os.path.abspath(src), trg_image=os.path.abspath(trg),
-                             checkpoint=os.path.abspath(checkpoint), flow_file='flow.npy'),
-              f, indent=1)
+    json.dump(
+        result.to_json(
+            src_image=os.path.abspath(src),
+            trg_image=os.path.abspath(trg),
+            checkpoint=os.path.abspath(checkpoint),
+            flow_file='flow.npy',
+        ),
+        f,
+        indent=1,
+    )
   # The pictures use the (possibly shrunk) images: points scaled to them.
   src_scale = np.array(result.src_image.shape[1::-1]) / np.array(src_hw[::-1])
   trg_scale = np.array(result.trg_image.shape[1::-1]) / np.array(trg_hw[::-1])
-  visualize.save_png(os.path.join(out, 'matches.png'), visualize.draw_matches(
-      result.src_image, result.trg_image, (result.src_kps + 0.5) * src_scale - 0.5,
-      (result.trg_kps + 0.5) * trg_scale - 0.5, confidence=result.confidence, height=height))
-  visualize.save_png(os.path.join(out, 'warped.png'),
-                     visualize.warp_source(result.src_image, _flow_in_picture(result, src_hw)))
+  visualize.save_png(
+      os.path.join(out, 'matches.png'),
+      visualize.draw_matches(
+          result.src_image,
+          result.trg_image,
+          (result.src_kps + 0.5) * src_scale - 0.5,
+          (result.trg_kps + 0.5) * trg_scale - 0.5,
+          confidence=result.confidence,
+          height=height,
+      ),
+  )
+  visualize.save_png(
+      os.path.join(out, 'warped.png'),
+      visualize.warp_source(result.src_image, _flow_in_picture(result, src_hw)),
+  )
   n = len(result.trg_kps)
   mean = float(np.mean(result.confidence)) if n else float('nan')
-  line = (f'matched {n} keypoints in {time.time() - start:.1f}s; mean confidence {mean:.3f}; '
-          f'wrote {", ".join(OUTPUTS)} to {out}')
+  line = (
+      f'matched {n} keypoints in {time.time() - start:.1f}s; mean confidence {mean:.3f}; '
+      f'wrote {", ".join(OUTPUTS)} to {out}'
+  )
   hf, wf = result.flow.shape[:2]
   if (hf, wf) != tuple(trg_hw):
-    line += (f'; flow.npy is {wf}x{hf}, the {trg_hw[1]}x{trg_hw[0]} target shrunk '
-             f'{trg_hw[1] / wf:.2f}x (--max_side=0 for full size)')
+    line += (
+        f'; flow.npy is {wf}x{hf}, the {trg_hw[1]}x{trg_hw[0]} target shrunk '
+        f'{trg_hw[1] / wf:.2f}x (--max_side=0 for full size)'
+    )
   return line
 
 
 def _flow_in_picture(result, src_hw):
   """The flow as displacements between the pictures' pixels (`warp_source` of the pictures)."""
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   hf, wf = result.flow.shape[:2]
   ht, wt = result.trg_size_hw
   xt = (np.arange(wf) + 0.5) * (wt / wf) - 0.5
@@ -145,14 +201,29 @@ def _flow_in_picture(result, src_hw):
 
 def main(argv):
   if len(argv) != 3:
-    cli.fail(f'expected two images, SRC and TRG, got {len(argv) - 1} argument(s): '
-             f'{" ".join(argv[1:]) or "none"} (see --help)')
+    cli.fail(
+        f'expected two images, SRC and TRG, got {len(argv) - 1} argument(s): '
+        f'{" ".join(argv[1:]) or "none"} (see --help)'
+    )
   src, trg = argv[1], argv[2]
   f = flags.FLAGS
   check_inputs(src, trg, f.checkpoint, f.out, f.keypoints)
   config = f.config if f['config'].present else None
-  print(match(src, trg, f.checkpoint, f.out, keypoints=f.keypoints, model_index=f.model_index,
-              config=config, grid=f.grid, height=f.height, max_side=f.max_side), flush=True)
+  print(
+      match(
+          src,
+          trg,
+          f.checkpoint,
+          f.out,
+          keypoints=f.keypoints,
+          model_index=f.model_index,
+          config=config,
+          grid=f.grid,
+          height=f.height,
+          max_side=f.max_side,
+      ),
+      flush=True,
+  )
   return 0
 
 

@@ -26,8 +26,9 @@ from absl import flags
 import numpy as np
 from PIL import Image
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "model to match with (as tools/match.py)",
-                                  required=True)
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", None, "model to match with (as tools/match.py)", required=True
+)
 _OUT = flags.DEFINE_string("out", None, "output directory", required=True)
 MATCH = pathlib.Path(__file__).resolve().parent / "match.py"
 
@@ -36,6 +37,7 @@ def chelsea_pair(angle: float = 20.0, crop: float = 0.8):
   """(src, trg, A): trg(x, y) = src(A @ (x, y, 1)); src the photograph, trg mirrored, rotated
   by `angle` degrees about the centre and cropped to `crop` of each side."""
   from skimage import data  # pylint: disable=g-import-not-at-top
+
   src = Image.fromarray(data.chelsea())
   w, h = src.size
   tw, th = round(crop * w), round(crop * h)
@@ -45,8 +47,12 @@ def chelsea_pair(angle: float = 20.0, crop: float = 0.8):
   flip = np.diag([-1.0, 1.0])
   lin = flip @ rot  # target offset from its centre -> source offset from its centre
   a = np.concatenate([lin, (centre_src - lin @ centre_trg)[:, None]], 1)
-  trg = src.transform((tw, th), Image.Transform.AFFINE, data=tuple(a.reshape(-1)),
-                      resample=Image.Resampling.BILINEAR)
+  trg = src.transform(
+      (tw, th),
+      Image.Transform.AFFINE,
+      data=tuple(a.reshape(-1)),
+      resample=Image.Resampling.BILINEAR,
+  )
   return src, trg, a
 
 
@@ -55,8 +61,17 @@ def _match(name: str, src: Image.Image, trg: Image.Image) -> dict:
   out.mkdir(parents=True, exist_ok=True)
   src.save(out / "src.png")
   trg.save(out / "trg.png")
-  subprocess.run([sys.executable, str(MATCH), f"--checkpoint={_CHECKPOINT.value}",
-                  str(out / "src.png"), str(out / "trg.png"), f"--out={out}"], check=True)
+  subprocess.run(
+      [
+          sys.executable,
+          str(MATCH),
+          f"--checkpoint={_CHECKPOINT.value}",
+          str(out / "src.png"),
+          str(out / "trg.png"),
+          f"--out={out}",
+      ],
+      check=True,
+  )
   return json.loads((out / "keypoints.json").read_text())
 
 
@@ -68,18 +83,26 @@ def main(argv):
   pred = np.array([k["src"] for k in kps])
   truth = np.array([a @ [*k["trg"], 1.0] for k in kps])
   err = np.linalg.norm(pred - truth, axis=1) / max(src.size)
-  report = {"points": len(kps), "within_5%": int((err <= 0.05).sum()),
-            "within_10%": int((err <= 0.10).sum()), "median_error_px": float(
-                np.median(err) * max(src.size)), "mean_confidence": result["mean_confidence"]}
+  report = {
+      "points": len(kps),
+      "within_5%": int((err <= 0.05).sum()),
+      "within_10%": int((err <= 0.10).sum()),
+      "median_error_px": float(np.median(err) * max(src.size)),
+      "mean_confidence": result["mean_confidence"],
+  }
   (pathlib.Path(_OUT.value) / "chelsea" / "truth.json").write_text(json.dumps(report, indent=1))
   print("chelsea:", report)
   from skimage import data  # pylint: disable=g-import-not-at-top
+
   left, right = data.stereo_motorcycle()[:2]
   result = _match("motorcycle", Image.fromarray(left), Image.fromarray(right))
   dy = np.array([k["src"][1] - k["trg"][1] for k in result["matches"]])
-  report = {"points": len(dy), "median_abs_row_error_px": float(np.median(np.abs(dy))),
-            "within_10px_of_the_row": int((np.abs(dy) <= 10).sum()),
-            "mean_confidence": result["mean_confidence"]}
+  report = {
+      "points": len(dy),
+      "median_abs_row_error_px": float(np.median(np.abs(dy))),
+      "within_10px_of_the_row": int((np.abs(dy) <= 10).sum()),
+      "mean_confidence": result["mean_confidence"],
+  }
   (pathlib.Path(_OUT.value) / "motorcycle" / "truth.json").write_text(json.dumps(report, indent=1))
   print("motorcycle:", report)
 

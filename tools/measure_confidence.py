@@ -25,6 +25,7 @@ import numpy as np
 
 from sccorr_jax import cli
 
+
 def define_flags() -> None:
   """The command line's flags (defined when run as a script, not on import)."""
   flags.DEFINE_string('checkpoint', None, 'Training workdir or checkpoint (required).')
@@ -64,6 +65,7 @@ def measure(checkpoint: str, split=None) -> dict:
   from sccorr_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   from sccorr_jax import predict  # pylint: disable=g-import-not-at-top
   from sccorr_jax import visualize  # pylint: disable=g-import-not-at-top
+
   cli.quiet_libraries()
   predictor = predict.Predictor.from_checkpoint(checkpoint)
   config = predictor.config
@@ -83,18 +85,27 @@ def measure(checkpoint: str, split=None) -> dict:
       if kind == 'matched':
         err = np.linalg.norm(out.src_kps - b['src_kps'][i][b['kps_valid'][i]], axis=-1)
         correct.append(err <= 0.1 * b['pckthres'][i])
-  report = {'checkpoint': checkpoint, 'split': split, 'pairs': len(partner),
-            'keypoints': int(sum(len(c) for c in correct)),
-            'pck@0.1': float(np.mean(np.concatenate(correct))) * 100,
-            'machine': f'{platform.processor() or platform.machine()}, {platform.node()}'}
+  report = {
+      'checkpoint': checkpoint,
+      'split': split,
+      'pairs': len(partner),
+      'keypoints': int(sum(len(c) for c in correct)),
+      'pck@0.1': float(np.mean(np.concatenate(correct))) * 100,
+      'machine': f'{platform.processor() or platform.machine()}, {platform.node()}',
+  }
   for s in SCORES:
     m = np.array([p[s].mean() for p in pairs['matched']])
     w = np.array([p[s].mean() for p in pairs['mismatched']])
     kp = np.concatenate([p[s] for p in pairs['matched']])
     ok = np.concatenate(correct)
-    report[s] = {'matched_mean': float(m.mean()), 'matched_std': float(m.std()),
-                 'mismatched_mean': float(w.mean()), 'mismatched_std': float(w.std()),
-                 'pair_auc': auc(m, w), 'keypoint_auc_correct_vs_wrong': auc(kp[ok], kp[~ok])}
+    report[s] = {
+        'matched_mean': float(m.mean()),
+        'matched_std': float(m.std()),
+        'mismatched_mean': float(w.mean()),
+        'mismatched_std': float(w.std()),
+        'pair_auc': auc(m, w),
+        'keypoint_auc_correct_vs_wrong': auc(kp[ok], kp[~ok]),
+    }
   return report
 
 
@@ -104,15 +115,21 @@ def main(argv):
   f = flags.FLAGS
   cli.existing_path('checkpoint', f.checkpoint, 'any')
   report = measure(f.checkpoint, f.split)
-  print(f"{report['pairs']} pairs, {report['keypoints']} keypoints, PCK@0.1 "
-        f"{report['pck@0.1']:.1f}")
-  print(f"{'score':12s} {'matched pairs':>16s} {'mismatched pairs':>17s} {'pair AUC':>9s} "
-        f"{'kp AUC (correct vs wrong)':>26s}")
+  print(
+      f"{report['pairs']} pairs, {report['keypoints']} keypoints, PCK@0.1 "
+      f"{report['pck@0.1']:.1f}"
+  )
+  print(
+      f"{'score':12s} {'matched pairs':>16s} {'mismatched pairs':>17s} {'pair AUC':>9s} "
+      f"{'kp AUC (correct vs wrong)':>26s}"
+  )
   for s in SCORES:
     r = report[s]
-    print(f"{s:12s} {r['matched_mean']:8.3f} ± {r['matched_std']:.3f} "
-          f"{r['mismatched_mean']:9.3f} ± {r['mismatched_std']:.3f} {r['pair_auc']:9.3f} "
-          f"{r['keypoint_auc_correct_vs_wrong']:26.3f}")
+    print(
+        f"{s:12s} {r['matched_mean']:8.3f} ± {r['matched_std']:.3f} "
+        f"{r['mismatched_mean']:9.3f} ± {r['mismatched_std']:.3f} {r['pair_auc']:9.3f} "
+        f"{r['keypoint_auc_correct_vs_wrong']:26.3f}"
+    )
   if f.json:
     with open(f.json, 'w') as out:
       json.dump(report, out, indent=1)

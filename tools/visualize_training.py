@@ -36,9 +36,11 @@ from sccorr_jax import schedules
 from sccorr_jax import train_step
 from sccorr_jax import visualize
 
-LEGEND = ("panels: predictions (lines) vs ground truth (rings) | target: labels (yellow), "
-          "dilated mask (blue), kept (green) / dropped (red) pseudo-labels | source: kept "
-          "pseudo-label matches")
+LEGEND = (
+    "panels: predictions (lines) vs ground truth (rings) | target: labels (yellow), "
+    "dilated mask (blue), kept (green) / dropped (red) pseudo-labels | source: kept "
+    "pseudo-label matches"
+)
 
 
 def compute_signals(config, model, variables_a, variables_b, batch, epoch=None):
@@ -72,13 +74,18 @@ def compute_signals(config, model, variables_a, variables_b, batch, epoch=None):
   step_batch = {k: batch[k] for k in ("src_img", "trg_img", "flow")}
   objective = jax.jit(functools.partial(train_step.mutual_teacher_objective, cfg))
   _, (_, _, (terms_a, _), (flow_a, flow_b)) = objective(
-      variables["params"], variables.get("batch_stats", {}), step_batch, hp)
-  return {"flow_a": np.asarray(flow_a), "flow_b": np.asarray(flow_b),
-          "dilated": np.asarray(terms_a.candidates), "kept": np.asarray(terms_a.kept),
-          "pseudo_epe": np.asarray(losses.pseudo_label_epe(flow_a, flow_b)),
-          "num_remember": int(terms_a.num_remember),
-          "num_candidates": int(terms_a.num_candidates),
-          "remember_rate": schedules.remember_rate(teacher, epoch)}
+      variables["params"], variables.get("batch_stats", {}), step_batch, hp
+  )
+  return {
+      "flow_a": np.asarray(flow_a),
+      "flow_b": np.asarray(flow_b),
+      "dilated": np.asarray(terms_a.candidates),
+      "kept": np.asarray(terms_a.kept),
+      "pseudo_epe": np.asarray(losses.pseudo_label_epe(flow_a, flow_b)),
+      "num_remember": int(terms_a.num_remember),
+      "num_candidates": int(terms_a.num_candidates),
+      "remember_rate": schedules.remember_rate(teacher, epoch),
+  }
 
 
 def render(batch, signals, scale: int = 2, legend: bool = True) -> np.ndarray:
@@ -87,15 +94,24 @@ def render(batch, signals, scale: int = 2, legend: bool = True) -> np.ndarray:
   for i in range(np.asarray(batch["src_img"]).shape[0]):
     if "pair_valid" in batch and not bool(np.asarray(batch["pair_valid"])[i]):
       continue
-    rows.append(visualize.draw_training_signals(
-        visualize.to_uint8(batch["src_img"][i]), visualize.to_uint8(batch["trg_img"][i]),
-        signals["flow_a"][i], signals["flow_b"][i], np.asarray(batch["flow"][i]),
-        signals["dilated"][i], signals["kept"][i], batch["src_kps"][i], batch["trg_kps"][i],
-        batch["kps_valid"][i], scale=scale))
+    rows.append(
+        visualize.draw_training_signals(
+            visualize.to_uint8(batch["src_img"][i]),
+            visualize.to_uint8(batch["trg_img"][i]),
+            signals["flow_a"][i],
+            signals["flow_b"][i],
+            np.asarray(batch["flow"][i]),
+            signals["dilated"][i],
+            signals["kept"][i],
+            batch["src_kps"][i],
+            batch["trg_kps"][i],
+            batch["kps_valid"][i],
+            scale=scale,
+        )
+    )
   out = visualize.vstack(rows)
   if legend:
-    text = (f"{LEGEND}; kept {signals['num_remember']} of {signals['num_candidates']} "
-            f"candidates")
+    text = f"{LEGEND}; kept {signals['num_remember']} of {signals['num_candidates']} " f"candidates"
     bar = Image.new("RGB", (out.shape[1], 16), (255, 255, 255))
     ImageDraw.Draw(bar).text((2, 2), text, fill=(0, 0, 0))
     out = visualize.vstack([np.asarray(bar), out], gap=0)
@@ -109,8 +125,12 @@ def define_flags() -> None:
   flags.DEFINE_string("out", None, "Output PNG (required).")
   flags.DEFINE_integer("num_pairs", 4, "Validation pairs to draw.", lower_bound=1)
   flags.DEFINE_string("split", None, "Split to draw (default: the config's eval split).")
-  flags.DEFINE_integer("epoch", None, "Whose remember rate to use (default: the end of the "
-                       "run's schedule).", lower_bound=0)
+  flags.DEFINE_integer(
+      "epoch",
+      None,
+      "Whose remember rate to use (default: the end of the " "run's schedule).",
+      lower_bound=0,
+  )
   flags.DEFINE_integer("scale", 2, "Magnification of the panels.", lower_bound=1)
   flags.mark_flags_as_required(["checkpoint", "out"])
 
@@ -127,6 +147,7 @@ def main(argv) -> int:
   from sccorr_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   from sccorr_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   from sccorr_jax import predict  # pylint: disable=g-import-not-at-top
+
   cli.quiet_libraries()  # again, for what the imports above brought in
 
   model, variables_a, config = predict.load_model(f.checkpoint, model_index=0)
@@ -141,9 +162,11 @@ def main(argv) -> int:
   img = render(batch, signals, scale=f.scale)
   os.makedirs(os.path.dirname(os.path.abspath(f.out)), exist_ok=True)
   visualize.save_png(f.out, img)
-  print(f"wrote {f.out} ({img.shape[1]}x{img.shape[0]}): kept {signals['num_remember']} of "
-        f"{signals['num_candidates']} pseudo-label candidates at remember rate "
-        f"{signals['remember_rate']:g}")
+  print(
+      f"wrote {f.out} ({img.shape[1]}x{img.shape[0]}): kept {signals['num_remember']} of "
+      f"{signals['num_candidates']} pseudo-label candidates at remember rate "
+      f"{signals['remember_rate']:g}"
+  )
   return 0
 
 

@@ -114,8 +114,11 @@ def _damage(directory: pathlib.Path, items: Sequence[str]) -> Optional[str]:
   for item in items:
     if not (directory / item).is_dir():
       return f'{directory / item}: missing'
-  json_files = [(directory / '_CHECKPOINT_METADATA', False)] if (
-      directory / '_CHECKPOINT_METADATA').exists() else []
+  json_files = (
+      [(directory / '_CHECKPOINT_METADATA', False)]
+      if (directory / '_CHECKPOINT_METADATA').exists()
+      else []
+  )
   for item in items:
     if item in (STATE, VARIABLES):
       json_files.append((directory / item / '_METADATA', True))
@@ -191,8 +194,7 @@ def _shapes(tree) -> Dict[str, Tuple[int, ...]]:
   if tree is None:
     return {}
   flat = jax.tree_util.tree_flatten_with_path(flax.core.unfreeze(tree))[0]
-  return {_plain(jax.tree_util.keystr(k)): tuple(getattr(v, 'shape', np.shape(v)))
-          for k, v in flat}
+  return {_plain(jax.tree_util.keystr(k)): tuple(getattr(v, 'shape', np.shape(v))) for k, v in flat}
 
 
 def _flat_config(config, prefix: str = '') -> Dict[str, Any]:
@@ -209,13 +211,17 @@ def config_differences(stored, current) -> List[str]:
   """'model.sce_features: 16 in the checkpoint, 24 here' for each differing model key (and the
   learning mode); `stored` and `current` are configs (ConfigDict, dict or JSON)."""
   a, b = _flat_config(_config_dict(stored)), _flat_config(_config_dict(current))
-  keys = sorted(k for k in set(a) | set(b)
-                if (k == 'learning_mode' or k.startswith('model.')) and a.get(k) != b.get(k))
+  keys = sorted(
+      k
+      for k in set(a) | set(b)
+      if (k == 'learning_mode' or k.startswith('model.')) and a.get(k) != b.get(k)
+  )
   return [f'{k}: {a.get(k)!r} in the checkpoint, {b.get(k)!r} here' for k in keys]
 
 
-def _check_tree(found, expected, source: str, what: str, *, allow_extra: bool,
-                stored_config=None, config=None) -> None:
+def _check_tree(
+    found, expected, source: str, what: str, *, allow_extra: bool, stored_config=None, config=None
+) -> None:
   """Raises a one-line `CheckpointError` for every leaf of `expected` missing from `found` or
   shaped differently (and, unless `allow_extra`, every leaf of `found` not expected).
 
@@ -226,29 +232,38 @@ def _check_tree(found, expected, source: str, what: str, *, allow_extra: bool,
   if not allow_extra:
     problems += [f'{k} unexpected' for k in sorted(set(got) - set(want))]
   needs = 'the model needs' if what.startswith('the model') else 'this config needs'
-  problems += [f'{k} has shape {got[k]}, {needs} {want[k]}'
-               for k in sorted(set(want) & set(got)) if got[k] != want[k]]
+  problems += [
+      f'{k} has shape {got[k]}, {needs} {want[k]}'
+      for k in sorted(set(want) & set(got))
+      if got[k] != want[k]
+  ]
   if not problems:
     return
   note = ''
   if stored_config is not None and config is not None:
     diffs = config_differences(stored_config, config)
-    note = (f'; it was written with another config ({"; ".join(diffs[:6])}'
-            f'{" ..." if len(diffs) > 6 else ""})' if diffs else
-            '; its config has the same learning mode and model keys as this one (a checkpoint '
-            'of another code version?)')
-  shown = '; '.join(problems[:8]) + (f' ... ({len(problems) - 8} more)' if len(problems) > 8
-                                     else '')
-  raise CheckpointError(f'{source} does not fit {what} ({len(problems)} problem(s): {shown})'
-                        f'{note}')
+    note = (
+        f'; it was written with another config ({"; ".join(diffs[:6])}'
+        f'{" ..." if len(diffs) > 6 else ""})'
+        if diffs
+        else '; its config has the same learning mode and model keys as this one (a checkpoint '
+        'of another code version?)'
+    )
+  shown = '; '.join(problems[:8]) + (
+      f' ... ({len(problems) - 8} more)' if len(problems) > 8 else ''
+  )
+  raise CheckpointError(
+      f'{source} does not fit {what} ({len(problems)} problem(s): {shown})' f'{note}'
+  )
 
 
 def _tree_metadata(path: pathlib.Path):
   try:
     md = ocp.PyTreeCheckpointHandler().metadata(path)
   except Exception as e:  # pylint: disable=broad-except  # Orbax/TensorStore raise many kinds.
-    raise CheckpointError(f'damaged checkpoint: {path}: cannot read its tree metadata '
-                          f'({_first_line(e)})') from e
+    raise CheckpointError(
+        f'damaged checkpoint: {path}: cannot read its tree metadata ' f'({_first_line(e)})'
+    ) from e
   md = getattr(md, 'item_metadata', md)
   return getattr(md, 'tree', md)
 

@@ -72,8 +72,9 @@ def abstract_like(tree, sharding=None):
 def check_variables(model, variables, img_size: int = 256, source: str = 'checkpoint') -> None:
   """Checks that `{'params', 'batch_stats'}` fit `model` (names and shapes); raises a one-line
   `CheckpointError` naming every missing, unexpected or mis-shaped variable."""
-  _check_tree(variables, abstract_model_variables(model, img_size), source, 'the model',
-              allow_extra=False)
+  _check_tree(
+      variables, abstract_model_variables(model, img_size), source, 'the model', allow_extra=False
+  )
 
 
 def save_model_variables(directory: PathLike, variables: Mapping[str, Any], config) -> str:
@@ -93,12 +94,19 @@ def save_model_variables(directory: PathLike, variables: Mapping[str, Any], conf
     raise CheckpointError(f'{directory} already exists; exports are never overwritten')
   variables = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
   variables = jax.tree.map(np.asarray, flax.core.unfreeze(variables))
-  checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler(),
-                                  temporary_path_class=_temporary_path_class(directory))
-  checkpointer.save(directory, args=ocp.args.Composite(**{
-      VARIABLES: ocp.args.StandardSave(variables),
-      CONFIG: ocp.args.JsonSave(_config_dict(config))}),
-      custom_metadata={_SEALED_KEY: MANIFEST})
+  checkpointer = ocp.Checkpointer(
+      ocp.CompositeCheckpointHandler(), temporary_path_class=_temporary_path_class(directory)
+  )
+  checkpointer.save(
+      directory,
+      args=ocp.args.Composite(
+          **{
+              VARIABLES: ocp.args.StandardSave(variables),
+              CONFIG: ocp.args.JsonSave(_config_dict(config)),
+          }
+      ),
+      custom_metadata={_SEALED_KEY: MANIFEST},
+  )
   if hasattr(checkpointer, 'wait_until_finished'):
     checkpointer.wait_until_finished()
   return str(directory)
@@ -108,8 +116,10 @@ def _resolve(path: pathlib.Path, step: Optional[int]) -> Tuple[str, pathlib.Path
   """('export' | 'step', directory) of an export, a step directory or a workdir (its best step,
   asked from the manager, by the metric of the checkpoint's own config)."""
   if not path.exists():
-    raise FileNotFoundError(f'{path}: no checkpoint there (expected a training workdir, a '
-                            'checkpoint step directory or an exported model)')
+    raise FileNotFoundError(
+        f'{path}: no checkpoint there (expected a training workdir, a '
+        'checkpoint step directory or an exported model)'
+    )
   if (path / VARIABLES).is_dir() or (path / CONFIG).is_dir():
     return 'export', path
   if (path / STATE).is_dir() or (path / META).is_dir():
@@ -117,9 +127,11 @@ def _resolve(path: pathlib.Path, step: Optional[int]) -> Tuple[str, pathlib.Path
   ckpt_dir = path / CHECKPOINT_DIR if (path / CHECKPOINT_DIR).is_dir() else path
   steps = sorted(_step_dirs(ckpt_dir))
   if not steps:
-    raise CheckpointError(f'{path} is neither a model export ({VARIABLES}/ + {CONFIG}/), a '
-                          f'checkpoint step directory ({STATE}/ + {META}/) nor a workdir with '
-                          f'checkpoints in {CHECKPOINT_DIR}/')
+    raise CheckpointError(
+        f'{path} is neither a model export ({VARIABLES}/ + {CONFIG}/), a '
+        f'checkpoint step directory ({STATE}/ + {META}/) nor a workdir with '
+        f'checkpoints in {CHECKPOINT_DIR}/'
+    )
   if step is not None:
     if step not in steps:
       raise CheckpointError(f'{ckpt_dir} has no step {step}; it has {steps}')
@@ -138,19 +150,27 @@ def _resolve(path: pathlib.Path, step: Optional[int]) -> Tuple[str, pathlib.Path
   if metric is None:
     verify(ckpt_dir / str(steps[-1]))  # Names the damage.
     raise CheckpointError(f'{ckpt_dir}: no step has a readable config')
-  manager = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
-      best_fn=_best_fn(metric), best_mode='max', create=False))
+  manager = ocp.CheckpointManager(
+      ckpt_dir,
+      options=ocp.CheckpointManagerOptions(best_fn=_best_fn(metric), best_mode='max', create=False),
+  )
   best = manager.best_step()
   best = manager.latest_step() if best is None else best
   if best is None:
-    raise CheckpointError(f'{ckpt_dir}: Orbax finds no finished checkpoint step in it '
-                          f'(directories: {steps})')
+    raise CheckpointError(
+        f'{ckpt_dir}: Orbax finds no finished checkpoint step in it ' f'(directories: {steps})'
+    )
   return 'step', ckpt_dir / str(best)
 
 
-def load_model_variables(path: PathLike, model_index: ModelIndex = None, *,
-                         step: Optional[int] = None, sharding=None,
-                         model_config=None) -> Tuple[Dict[str, Any], ml_collections.ConfigDict]:
+def load_model_variables(
+    path: PathLike,
+    model_index: ModelIndex = None,
+    *,
+    step: Optional[int] = None,
+    sharding=None,
+    model_config=None,
+) -> Tuple[Dict[str, Any], ml_collections.ConfigDict]:
   """Loads one model's `{'params', 'batch_stats'}` and the config it was trained with.
 
   Args:
@@ -193,29 +213,46 @@ def load_model_variables(path: PathLike, model_index: ModelIndex = None, *,
     elif model_index in (0, 1):
       index = int(model_index)
     else:
-      raise CheckpointError(f'{directory}: model_index must be 0, 1, "best" or None for a '
-                            f'mutual-teacher checkpoint, got {model_index!r}')
+      raise CheckpointError(
+          f'{directory}: model_index must be 0, 1, "best" or None for a '
+          f'mutual-teacher checkpoint, got {model_index!r}'
+      )
     abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct((2,) + x.shape, x.dtype, sharding=x.sharding), one)
+        lambda x: jax.ShapeDtypeStruct((2,) + x.shape, x.dtype, sharding=x.sharding), one
+    )
   elif model_index not in (None, 0, 'best'):
-    raise CheckpointError(f'{directory} holds a single model '
-                          f'({config.get("learning_mode", "export")}); model_index '
-                          f'{model_index!r} is only for mutual-teacher checkpoints')
-  what = f'the model of {_describe(target_config)}' + (' (stacked x2)' if index is not None
-                                                        else '')
+    raise CheckpointError(
+        f'{directory} holds a single model '
+        f'({config.get("learning_mode", "export")}); model_index '
+        f'{model_index!r} is only for mutual-teacher checkpoints'
+    )
+  what = f'the model of {_describe(target_config)}' + (' (stacked x2)' if index is not None else '')
   stored = _tree_metadata(directory / item)
   if kind == 'step':  # A training state holds more (optimiser, teacher): keep the model's part.
     stored = {k: stored[k] for k in ('params', 'batch_stats') if k in stored}
-  _check_tree(stored, abstract, f'checkpoint {directory / item}', what, allow_extra=False,
-              stored_config=config, config=target_config)
+  _check_tree(
+      stored,
+      abstract,
+      f'checkpoint {directory / item}',
+      what,
+      allow_extra=False,
+      stored_config=config,
+      config=target_config,
+  )
   try:
     # The item's handler directly: a Checkpointer would look for step metadata in the item.
-    restored = ocp.PyTreeCheckpointHandler().restore(directory / item, args=ocp.args.PyTreeRestore(
-        item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
-        partial_restore=True))
+    restored = ocp.PyTreeCheckpointHandler().restore(
+        directory / item,
+        args=ocp.args.PyTreeRestore(
+            item=abstract,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+            partial_restore=True,
+        ),
+    )
   except Exception as e:  # pylint: disable=broad-except  # Orbax's own checks failed.
-    raise CheckpointError(f'damaged checkpoint: {directory / item}: Orbax cannot read it '
-                          f'({_first_line(e)})') from e
+    raise CheckpointError(
+        f'damaged checkpoint: {directory / item}: Orbax cannot read it ' f'({_first_line(e)})'
+    ) from e
   variables = {'params': restored['params'], 'batch_stats': restored.get('batch_stats', {})}
   if index is not None:
     variables = jax.tree.map(lambda x: x[index], variables)
@@ -249,6 +286,8 @@ def _img_size(config) -> int:
 
 def _describe(config) -> str:
   m = config.get('model', config)
-  return (f"config model (depth {m.get('backbone_depth')}, stages {m.get('stage_sizes')}, "
-          f"width {m.get('backbone_width')}, sce {m.get('sce_kernel_size')}/"
-          f"{m.get('sce_features')}, feature_size {m.get('feature_size')})")
+  return (
+      f"config model (depth {m.get('backbone_depth')}, stages {m.get('stage_sizes')}, "
+      f"width {m.get('backbone_width')}, sce {m.get('sce_kernel_size')}/"
+      f"{m.get('sce_features')}, feature_size {m.get('feature_size')})"
+  )

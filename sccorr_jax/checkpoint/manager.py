@@ -73,8 +73,9 @@ def _best_fn(metric: str):
   return lambda m: float(m.get(metric, -np.inf)) if isinstance(m, Mapping) else -np.inf
 
 
-def make_manager(workdir: PathLike, best_metric: str, *,
-                 async_saves: bool = True) -> ocp.CheckpointManager:
+def make_manager(
+    workdir: PathLike, best_metric: str, *, async_saves: bool = True
+) -> ocp.CheckpointManager:
   """The checkpoint manager of a trainer workdir: keeps the two latest steps and the best one.
 
   A step whose metrics file is garbled (the manager could not open the directory) is moved to
@@ -93,22 +94,41 @@ def make_manager(workdir: PathLike, best_metric: str, *,
     multihost_utils.sync_global_devices('sccorr_jax: checkpoint metrics checked')
   if damaged:
     moved = _set_aside(directory, sorted(damaged))
-    logging.warning('damaged checkpoint step(s) moved to %s: %s', moved,
-                    '; '.join(f'step {s}: {p}' for s, p in damaged.items()))
-  policy = ocp.checkpoint_managers.AnyPreservationPolicy([
-      ocp.checkpoint_managers.LatestN(n=KEEP_LATEST),
-      ocp.checkpoint_managers.BestN(get_metric_fn=_best_fn(best_metric), reverse=False, n=1,
-                                    keep_checkpoints_without_metrics=False),
-  ])
+    logging.warning(
+        'damaged checkpoint step(s) moved to %s: %s',
+        moved,
+        '; '.join(f'step {s}: {p}' for s, p in damaged.items()),
+    )
+  policy = ocp.checkpoint_managers.AnyPreservationPolicy(
+      [
+          ocp.checkpoint_managers.LatestN(n=KEEP_LATEST),
+          ocp.checkpoint_managers.BestN(
+              get_metric_fn=_best_fn(best_metric),
+              reverse=False,
+              n=1,
+              keep_checkpoints_without_metrics=False,
+          ),
+      ]
+  )
   options = ocp.CheckpointManagerOptions(
-      preservation_policy=policy, best_fn=_best_fn(best_metric), best_mode='max',
-      enable_async_checkpointing=async_saves, create=True,
-      temporary_path_class=_temporary_path_class(directory))
+      preservation_policy=policy,
+      best_fn=_best_fn(best_metric),
+      best_mode='max',
+      enable_async_checkpointing=async_saves,
+      create=True,
+      temporary_path_class=_temporary_path_class(directory),
+  )
   return ocp.CheckpointManager(directory, item_names=(STATE, META, DATA), options=options)
 
 
-def save(manager: ocp.CheckpointManager, step: int, state, meta: Mapping[str, Any],
-         data_iter=None, metrics: Optional[Mapping[str, Any]] = None) -> None:
+def save(
+    manager: ocp.CheckpointManager,
+    step: int,
+    state,
+    meta: Mapping[str, Any],
+    data_iter=None,
+    metrics: Optional[Mapping[str, Any]] = None,
+) -> None:
   """Saves a training checkpoint (asynchronously if the manager is), sealed with checksums.
 
   Args:
@@ -121,18 +141,28 @@ def save(manager: ocp.CheckpointManager, step: int, state, meta: Mapping[str, An
       non-finite values count as missing, i.e. worst), or None (a mid-epoch save).
   """
   import grain  # pylint: disable=g-import-not-at-top  # Only the trainer needs grain.
+
   items = {STATE: ocp.args.StandardSave(state), META: ocp.args.JsonSave(dict(meta))}
   if data_iter is not None:
     items[DATA] = grain.checkpoint.CheckpointSave(data_iter)
   if metrics is not None:
-    metrics = {k: float(v) for k, v in metrics.items()
-               if isinstance(v, (int, float, np.number)) and np.isfinite(float(v))}
-  manager.save(int(step), args=ocp.args.Composite(**items), metrics=metrics, force=True,
-               custom_metadata={_SEALED_KEY: MANIFEST})
+    metrics = {
+        k: float(v)
+        for k, v in metrics.items()
+        if isinstance(v, (int, float, np.number)) and np.isfinite(float(v))
+    }
+  manager.save(
+      int(step),
+      args=ocp.args.Composite(**items),
+      metrics=metrics,
+      force=True,
+      custom_metadata={_SEALED_KEY: MANIFEST},
+  )
 
 
-def restore(manager: ocp.CheckpointManager, abstract_state, data_iter=None, *,
-            config=None) -> Optional[Tuple[Any, Dict[str, Any]]]:
+def restore(
+    manager: ocp.CheckpointManager, abstract_state, data_iter=None, *, config=None
+) -> Optional[Tuple[Any, Dict[str, Any]]]:
   """Restores the newest intact of the latest steps against an abstract state.
 
   Each candidate (the `KEEP_LATEST` latest steps, newest first; the best step is not one) is
@@ -168,17 +198,26 @@ def restore(manager: ocp.CheckpointManager, abstract_state, data_iter=None, *,
       if damaged:
         moved = _set_aside(ckpt_dir, [s for s, _ in damaged])
         manager.reload()
-        logging.warning('damaged checkpoint %s; resuming from step %d, the newest intact one '
-                        '(damaged steps moved to %s)', '; '.join(
-                            f'step {s} ({p})' for s, p in damaged), step, moved)
+        logging.warning(
+            'damaged checkpoint %s; resuming from step %d, the newest intact one '
+            '(damaged steps moved to %s)',
+            '; '.join(f'step {s} ({p})' for s, p in damaged),
+            step,
+            moved,
+        )
       return restored
     damaged.append((step, problem))
   others = sorted(set(steps) - set(steps[:KEEP_LATEST]))
   raise CheckpointError(
-      f'{ckpt_dir}: no intact checkpoint to resume from: ' + '; '.join(
-          f'step {s}: {p}' for s, p in damaged)
-      + (f' (step(s) {others} are kept as the best, not as resume points; move the damaged '
-         'steps away to resume from one)' if others else ''))
+      f'{ckpt_dir}: no intact checkpoint to resume from: '
+      + '; '.join(f'step {s}: {p}' for s, p in damaged)
+      + (
+          f' (step(s) {others} are kept as the best, not as resume points; move the damaged '
+          'steps away to resume from one)'
+          if others
+          else ''
+      )
+  )
 
 
 def _restore_step(manager: ocp.CheckpointManager, step: int, abstract_state, data_iter, config):
@@ -188,14 +227,21 @@ def _restore_step(manager: ocp.CheckpointManager, step: int, abstract_state, dat
     CheckpointError: the step does not fit `abstract_state` (another config).
   """
   import grain  # pylint: disable=g-import-not-at-top  # Only the trainer needs grain.
+
   path = pathlib.Path(manager.directory) / str(step)
   try:
     stored = _tree_metadata(path / STATE)
   except CheckpointError as e:
     return str(e).removeprefix('damaged checkpoint: '), None
-  _check_tree(stored, abstract_state, f'checkpoint {path / STATE}',
-              'the training state of this config', allow_extra=True,
-              stored_config=_read_json(path / META).get('config'), config=config)
+  _check_tree(
+      stored,
+      abstract_state,
+      f'checkpoint {path / STATE}',
+      'the training state of this config',
+      allow_extra=True,
+      stored_config=_read_json(path / META).get('config'),
+      config=config,
+  )
   args = {STATE: ocp.args.StandardRestore(abstract_state), META: ocp.args.JsonRestore()}
   if data_iter is not None:
     args[DATA] = grain.checkpoint.CheckpointRestore(data_iter)
@@ -216,10 +262,18 @@ def best_checkpoint(manager: ocp.CheckpointManager) -> Optional[Dict[str, Any]]:
   except CheckpointError as e:
     logging.warning('best checkpoint step %d: %s', step, e)
     return {'step': int(step)}
-  metric = select_metric(ml_collections.ConfigDict(_config_dict(meta.get('config') or {}))) if (
-      meta.get('config')) else None
+  metric = (
+      select_metric(ml_collections.ConfigDict(_config_dict(meta.get('config') or {})))
+      if (meta.get('config'))
+      else None
+  )
   value = (meta.get('metrics') or {}).get(metric)
   if value is None:
     return None  # No step has validation metrics yet.
-  return {'step': int(step), 'epoch': meta.get('epoch'), 'metric': metric, 'value': value,
-          'model': meta.get('best_model')}
+  return {
+      'step': int(step),
+      'epoch': meta.get('epoch'),
+      'metric': metric,
+      'value': value,
+      'model': meta.get('best_model'),
+  }

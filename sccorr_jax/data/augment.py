@@ -67,8 +67,8 @@ def _equalize_channel(ch: np.ndarray) -> np.ndarray:
     return np.full_like(ch, i0)
   scale = np.float32(255.0 / (total - hist[i0]))
   lut = np.zeros(256, np.uint8)
-  cum = np.cumsum(hist[i0 + 1:])
-  lut[i0 + 1:] = np.clip(np.rint(cum.astype(np.float32) * scale), 0, 255).astype(np.uint8)
+  cum = np.cumsum(hist[i0 + 1 :])
+  lut[i0 + 1 :] = np.clip(np.rint(cum.astype(np.float32) * scale), 0, 255).astype(np.uint8)
   return lut[ch]
 
 
@@ -88,7 +88,7 @@ def sharpen(img: np.ndarray, alpha: float, lightness: float) -> np.ndarray:
   out = np.zeros(img.shape, np.float32)
   for dy in range(3):
     for dx in range(3):
-      out += kernel[dy, dx] * x[dy:dy + h, dx:dx + w]
+      out += kernel[dy, dx] * x[dy : dy + h, dx : dx + w]
   return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
@@ -147,30 +147,37 @@ def adjust_hue(img: np.ndarray, factor: float) -> np.ndarray:
   q = v * (1 - s * f)
   t = v * (1 - s * (1 - f))
   i = i.astype(np.int32) % 6
-  choices = [np.stack(c, -1) for c in ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v),
-                                       (v, p, q))]
+  choices = [
+      np.stack(c, -1) for c in ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q))
+  ]
   out = np.zeros_like(x)
   for k, c in enumerate(choices):
     out = np.where((i == k)[..., None], c, out)
   return np.clip(np.rint(out * 255.0), 0, 255).astype(np.uint8)
 
 
-def color_jitter(img: np.ndarray, rng: np.random.Generator, brightness=0.2, contrast=0.2,
-                 saturation=0.2, hue=0.2) -> np.ndarray:
+def color_jitter(
+    img: np.ndarray, rng: np.random.Generator, brightness=0.2, contrast=0.2, saturation=0.2, hue=0.2
+) -> np.ndarray:
   """albumentations 1.x `ColorJitter` with its defaults: four adjustments in a random order."""
   b = rng.uniform(1 - brightness, 1 + brightness)
   c = rng.uniform(1 - contrast, 1 + contrast)
   s = rng.uniform(1 - saturation, 1 + saturation)
   h = rng.uniform(-hue, hue)
-  ops = [lambda x: adjust_brightness(x, b), lambda x: adjust_contrast(x, c),
-         lambda x: adjust_saturation(x, s), lambda x: adjust_hue(x, h)]
+  ops = [
+      lambda x: adjust_brightness(x, b),
+      lambda x: adjust_contrast(x, c),
+      lambda x: adjust_saturation(x, s),
+      lambda x: adjust_hue(x, h),
+  ]
   for k in rng.permutation(4):
     img = ops[k](img)
   return img
 
 
-def reference_color_augment(img: np.ndarray, rng: np.random.Generator,
-                            p: float = REFERENCE_P) -> np.ndarray:
+def reference_color_augment(
+    img: np.ndarray, rng: np.random.Generator, p: float = REFERENCE_P
+) -> np.ndarray:
   """The reference's seven colour transforms, each applied with probability `p`.
 
   Args:
@@ -198,8 +205,9 @@ def reference_color_augment(img: np.ndarray, rng: np.random.Generator,
   return img
 
 
-def random_crop_params(rng: np.random.Generator, bbox: np.ndarray,
-                       hw: Tuple[int, int]) -> Tuple[int, int, int, int]:
+def random_crop_params(
+    rng: np.random.Generator, bbox: np.ndarray, hw: Tuple[int, int]
+) -> Tuple[int, int, int, int]:
   """The reference's crop around the box: `(left, top, width, height)` in original pixels.
 
   `left ~ U{0..x1}`, `top ~ U{0..y1}`, right edge `~ U{x2..w}`, bottom `~ U{y2..h}` (integer box

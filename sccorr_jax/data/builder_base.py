@@ -28,6 +28,7 @@ class PairDatasetBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
   Construction: `Builder(data_dir=D, policy=records.BadRecordPolicy(...))`; the file format
   defaults to ArrayRecord. After `download_and_prepare`, `builder.report` holds the bad records.
   """
+
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'Initial release.'}
   FOLDER: str = ''
@@ -47,9 +48,12 @@ class PairDatasetBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self, description=self.DESCRIPTION,
-        features=records.pair_features(self.CATEGORIES), homepage=self.HOMEPAGE,
-        citation=self.CITATION)
+        builder=self,
+        description=self.DESCRIPTION,
+        features=records.pair_features(self.CATEGORIES),
+        homepage=self.HOMEPAGE,
+        citation=self.CITATION,
+    )
 
   def _find_root(self, dl_manager) -> str:
     # A manual dir that was given but is missing or empty must not fall back to a download:
@@ -65,15 +69,17 @@ class PairDatasetBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
       manual = None
     if manual is None and configured:
       raise records.PreparationError(
-          manual_dir_problem(os.fspath(configured), type(self)) or
-          f'{self.name}: manual dir {os.fspath(configured)} cannot be used')
+          manual_dir_problem(os.fspath(configured), type(self))
+          or f'{self.name}: manual dir {os.fspath(configured)} cannot be used'
+      )
     if manual:
       root = records.find_root(manual, self.FOLDER, self.MARKER)
       if root:
         logging.info('%s: reading %s', self.name, root)
         return root
       raise records.PreparationError(
-          manual_dir_problem(manual, type(self)) or f'{self.name}: {manual} has the wrong layout')
+          manual_dir_problem(manual, type(self)) or f'{self.name}: {manual} has the wrong layout'
+      )
     logging.info('%s: no manual dir, downloading %s', self.name, self.URLS)
     paths = dl_manager.download_and_extract(dict(self.URLS))
     for path in paths.values():
@@ -82,7 +88,8 @@ class PairDatasetBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
         return root
     raise records.PreparationError(
         f'{self.name}: the downloaded archives {list(paths.values())} do not contain '
-        f'{self.FOLDER}/{self.MARKER}')
+        f'{self.FOLDER}/{self.MARKER}'
+    )
 
   def _split_generators(self, dl_manager):
     root = self._find_root(dl_manager)
@@ -113,14 +120,18 @@ def manual_dir_problem(manual: str, builder_cls, name: Optional[str] = None) -> 
   except OSError as e:
     return f'{name}: manual dir {manual} cannot be read ({e.strerror})'
   if not entries:
-    return (f'{name}: manual dir {manual} is empty; extract the archive there (expected '
-            f'{expected}; see docs/data.md)')
+    return (
+        f'{name}: manual dir {manual} is empty; extract the archive there (expected '
+        f'{expected}; see docs/data.md)'
+    )
   if records.find_root(manual, builder_cls.FOLDER, builder_cls.MARKER):
     return None
   shown = ', '.join(entries[:6]) + (', ...' if len(entries) > 6 else '')
-  return (f'{name}: manual dir {manual} has the wrong layout: it contains neither '
-          f'{builder_cls.FOLDER}/{builder_cls.MARKER} nor {builder_cls.MARKER} (found: {shown}); '
-          'see docs/data.md for the expected layout')
+  return (
+      f'{name}: manual dir {manual} has the wrong layout: it contains neither '
+      f'{builder_cls.FOLDER}/{builder_cls.MARKER} nor {builder_cls.MARKER} (found: {shown}); '
+      'see docs/data.md for the expected layout'
+  )
 
 
 # The splits of an embedded dataset and their ids in its records' seeds (`record_rng`).
@@ -137,13 +148,13 @@ class EmbeddedConfig(tfds.core.BuilderConfig):
     min_kps: the fewest keypoints a pair has (how they are drawn: the dataset's docstring).
     seed: generation seed.
   """
+
   img_size: int
   min_kps: int
   seed: int
 
 
-def record_rng(cfg: EmbeddedConfig, split: str, category: int, index: int
-               ) -> np.random.Generator:
+def record_rng(cfg: EmbeddedConfig, split: str, category: int, index: int) -> np.random.Generator:
   """The random stream of record `index` of `category` in `split`: `default_rng([seed, split
   id, category, index])`, so every record, and so every split, is drawn independently."""
   return np.random.default_rng([cfg.seed, EMBEDDED_SPLIT_IDS[split], category, index])
@@ -157,6 +168,7 @@ class EmbeddedBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   ground truth) and implement `_generate_examples(split)`. Bad records go through
   `self.policy` / `self.report`. Build one with `for_config`.
   """
+
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'Initial release.'}
   CATEGORIES: Sequence[str] = ()
@@ -196,9 +208,11 @@ class EmbeddedBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self, description=self.DESCRIPTION,
+        builder=self,
+        description=self.DESCRIPTION,
         features=records.pair_features(self.CATEGORIES, self.extra_features()),
-        homepage=self.HOMEPAGE)
+        homepage=self.HOMEPAGE,
+    )
 
   def _split_generators(self, dl_manager):
     del dl_manager

@@ -61,7 +61,6 @@ from sccorr_jax import models
 from sccorr_jax import sharding
 from sccorr_jax.data import pipeline
 
-
 CACHE_DIRNAME = 'dinov2_features'
 DTYPES = {'bfloat16': ml_dtypes.bfloat16, 'float32': np.float32}
 _STORED = {'bfloat16': np.uint16, 'float32': np.float32}
@@ -92,8 +91,10 @@ def _check_model(model) -> None:
   if getattr(model, 'backbone_type', 'resnet') != 'dinov2':
     raise CacheError("feature caches are for the DINOv2 backbone (model.backbone='dinov2')")
   if int(model.dinov2_trained_blocks) != 0:
-    raise CacheError(f'only a frozen backbone can be cached; model.dinov2_trained_blocks is '
-                     f'{model.dinov2_trained_blocks} (set it to 0)')
+    raise CacheError(
+        f'only a frozen backbone can be cached; model.dinov2_trained_blocks is '
+        f'{model.dinov2_trained_blocks} (set it to 0)'
+    )
 
 
 def compute_dtype(model, variables) -> str:
@@ -124,8 +125,11 @@ def cache_key(model, variables, data, dtype: str = 'bfloat16') -> Dict[str, Any]
       'dtype': dtype,
       'compute_dtype': compute_dtype(model, variables),
       'weights_sha256': backbone_digest(variables),
-      'dataset': {'name': data.name, 'builder': data.builder.info.full_name,
-                  'splits': dict(sorted(data.split_sizes.items()))},
+      'dataset': {
+          'name': data.name,
+          'builder': data.builder.info.full_name,
+          'splits': dict(sorted(data.split_sizes.items())),
+      },
   }
 
 
@@ -228,8 +232,9 @@ def _progress(total: int, desc: str, enabled: bool):
   return tqdm.tqdm(total=total, desc=desc, unit='img', file=sys.stderr)
 
 
-def _claim_directory(directory: pathlib.Path, key: Dict[str, Any], overwrite: bool,
-                     pid: int) -> None:
+def _claim_directory(
+    directory: pathlib.Path, key: Dict[str, Any], overwrite: bool, pid: int
+) -> None:
   """Makes `directory` the cache of `key`: one of another key is refused, or with `overwrite`
   emptied; then process `pid` 0 writes `key.json`.
 
@@ -241,9 +246,12 @@ def _claim_directory(directory: pathlib.Path, key: Dict[str, Any], overwrite: bo
     stored = json.loads(key_file.read_text())
     if stored != key:
       if not overwrite:
-        raise CacheError(f'{directory} holds a cache of another key ('
-                         + '; '.join(_diff(stored, key)) + '); pass overwrite=True '
-                         '(--overwrite) to replace it')
+        raise CacheError(
+            f'{directory} holds a cache of another key ('
+            + '; '.join(_diff(stored, key))
+            + '); pass overwrite=True '
+            '(--overwrite) to replace it'
+        )
       if pid == 0:
         for f in directory.iterdir():
           f.unlink()
@@ -252,8 +260,15 @@ def _claim_directory(directory: pathlib.Path, key: Dict[str, Any], overwrite: bo
     key_file.write_text(json.dumps(key, indent=1, sort_keys=True))
 
 
-def _split_store(directory: pathlib.Path, split: str, names: List[str], shape: Tuple[int, ...],
-                 dtype: str, pid: int, nproc: int) -> Tuple[np.ndarray, np.ndarray]:
+def _split_store(
+    directory: pathlib.Path,
+    split: str,
+    names: List[str],
+    shape: Tuple[int, ...],
+    dtype: str,
+    pid: int,
+    nproc: int,
+) -> Tuple[np.ndarray, np.ndarray]:
   """A split's stored features `shape` = [n, h, w, c] and its done flags [n], memory-mapped
   for writing. Process 0 writes the row ids and creates both files when absent (a rerun
   resumes into them); the others wait for that.
@@ -276,9 +291,18 @@ def _split_store(directory: pathlib.Path, split: str, names: List[str], shape: T
   return store, done
 
 
-def build_cache(model, variables, data, splits: Sequence[str], *,
-                dtype: str = 'bfloat16', batch_size: int = 32, overwrite: bool = False,
-                progress: bool = True, max_batches: Optional[int] = None) -> Dict[str, Any]:
+def build_cache(
+    model,
+    variables,
+    data,
+    splits: Sequence[str],
+    *,
+    dtype: str = 'bfloat16',
+    batch_size: int = 32,
+    overwrite: bool = False,
+    progress: bool = True,
+    max_batches: Optional[int] = None,
+) -> Dict[str, Any]:
   """Computes (or completes) the feature cache of `splits`.
 
   Args:
@@ -307,16 +331,18 @@ def build_cache(model, variables, data, splits: Sequence[str], *,
   devices = jax.local_devices()
   mesh = sharding.make_mesh(devices)
   features = make_features_fn(model, mesh)
-  variables = jax.device_put(jax.device_get({'params': variables['params']}),
-                             sharding.replicated(mesh))
+  variables = jax.device_put(
+      jax.device_get({'params': variables['params']}), sharding.replicated(mesh)
+  )
   step = -(-int(batch_size) // len(devices)) * len(devices)
   out = {'dir': str(directory), 'computed': {}, 'rows': {}}
   for split in splits:
     names, where = split_image_names(data, split)
     n = len(names)
     size = data.img_size
-    probe = jax.eval_shape(features, variables, jax.ShapeDtypeStruct((step, size, size, 3),
-                                                                     jnp.float32))
+    probe = jax.eval_shape(
+        features, variables, jax.ShapeDtypeStruct((step, size, size, 3), jnp.float32)
+    )
     shape = (n,) + tuple(probe.shape[1:])
     store, done = _split_store(directory, split, names, shape, dtype, pid, nproc)
     todo = [r for r in range(pid, n, nproc) if not done[r]]
@@ -326,12 +352,12 @@ def build_cache(model, variables, data, splits: Sequence[str], *,
     for b, start in enumerate(range(0, len(todo), step)):
       if max_batches is not None and b >= max_batches:
         break
-      rows = todo[start:start + step]
+      rows = todo[start : start + step]
       batch = np.zeros((step, size, size, 3), np.float32)
       for j, r in enumerate(rows):
         i, side = where[names[r]]
         batch[j] = preprocess_image(source[i][f'{side}_img'], size)
-      feats = np.asarray(jax.device_get(features(variables, batch)))[:len(rows)]
+      feats = np.asarray(jax.device_get(features(variables, batch)))[: len(rows)]
       feats = feats.astype(DTYPES[dtype])
       store[rows] = feats.view(np.uint16) if dtype == 'bfloat16' else feats
       store.flush()  # Features on disk before they are marked done.
@@ -356,6 +382,7 @@ def build_cache(model, variables, data, splits: Sequence[str], *,
 @dataclasses.dataclass
 class FeatureCache:
   """A verified, complete cache of one split (`FeatureCache.open`)."""
+
   directory: pathlib.Path
   split: str
   key: Dict[str, Any]
@@ -365,8 +392,7 @@ class FeatureCache:
   ambiguous: Set[str] = dataclasses.field(default_factory=set)  # Names of several images.
 
   @classmethod
-  def open(cls, model, variables, data, split: str,
-           dtype: str = 'bfloat16') -> 'FeatureCache':
+  def open(cls, model, variables, data, split: str, dtype: str = 'bfloat16') -> 'FeatureCache':
     """Opens the cache of `split` for this model, weights and data (`pipeline.ResolvedData`,
     or a data config).
 
@@ -377,29 +403,41 @@ class FeatureCache:
     data = pipeline.resolve(data)
     key = cache_key(model, variables, data, dtype)
     directory = cache_dir(data, key)
-    command = ('python -m sccorr_jax.data.cache_features --config=<the config> '
-               f'--splits={split}')
+    command = 'python -m sccorr_jax.data.cache_features --config=<the config> ' f'--splits={split}'
     if not (directory / 'key.json').exists():
       root = directory.parent
       others = sorted(p.name for p in root.iterdir()) if root.is_dir() else []
-      raise CacheError(f'no feature cache {directory.name} in {root} (present: '
-                       f'{", ".join(others) or "none"}); build it with: {command}')
+      raise CacheError(
+          f'no feature cache {directory.name} in {root} (present: '
+          f'{", ".join(others) or "none"}); build it with: {command}'
+      )
     stored = json.loads((directory / 'key.json').read_text())
     if stored != key:
-      raise CacheError(f'the feature cache {directory} is stale or mismatched: '
-                       + '; '.join(_diff(stored, key)) + f'. Rebuild it with: {command} '
-                       '--overwrite')
+      raise CacheError(
+          f'the feature cache {directory} is stale or mismatched: '
+          + '; '.join(_diff(stored, key))
+          + f'. Rebuild it with: {command} '
+          '--overwrite'
+      )
     feat_path = directory / f'{split}.npy'
     if not feat_path.exists():
       raise CacheError(f'{directory} has no {split} features; build them with: {command}')
     done = np.load(directory / f'{split}.done.npy')
     if not done.all():
-      raise CacheError(f'the {split} cache in {directory} is incomplete ({int(done.sum())} of '
-                       f'{done.size} images); resume it with: {command}')
+      raise CacheError(
+          f'the {split} cache in {directory} is incomplete ({int(done.sum())} of '
+          f'{done.size} images); resume it with: {command}'
+      )
     names = json.loads((directory / f'{split}.names.json').read_text())
-    return cls(directory, split, stored, names, {n: i for i, n in enumerate(names)},
-               np.load(feat_path, mmap_mode='r'),
-               {n.split(AMBIGUOUS)[0] for n in names if AMBIGUOUS in n})
+    return cls(
+        directory,
+        split,
+        stored,
+        names,
+        {n: i for i, n in enumerate(names)},
+        np.load(feat_path, mmap_mode='r'),
+        {n.split(AMBIGUOUS)[0] for n in names if AMBIGUOUS in n},
+    )
 
   def __getstate__(self):  # grain workers: reopen the memmap instead of pickling its rows.
     return {k: v for k, v in self.__dict__.items() if k != 'store'}
@@ -416,8 +454,9 @@ class FeatureCache:
       img: its decoded pixels (hashed only when the split gives `name` to several images).
     """
     name = _name(name)
-    return self.lookup([f'{name}{AMBIGUOUS}{image_digest(img)}' if name in self.ambiguous
-                        else name])[0]
+    return self.lookup(
+        [f'{name}{AMBIGUOUS}{image_digest(img)}' if name in self.ambiguous else name]
+    )[0]
 
   def lookup(self, names: Iterable[Any], flip: Optional[Sequence[bool]] = None) -> np.ndarray:
     """Features of images by row id (`split_image_names`; the name unless the split gives it to
@@ -426,14 +465,17 @@ class FeatureCache:
     for name in names:
       name = _name(name)
       if name in self.ambiguous:
-        raise CacheError(f'{name!r} names several images of the {self.split} split; look its '
-                         'features up with FeatureCache.feature(name, pixels)')
+        raise CacheError(
+            f'{name!r} names several images of the {self.split} split; look its '
+            'features up with FeatureCache.feature(name, pixels)'
+        )
       if name not in self.rows:
         raise CacheError(f'image {name!r} is not in the {self.split} cache {self.directory}')
       idx.append(self.rows[name])
     raw = np.asarray(self.store[np.asarray(idx, np.int64)])
-    feats = (raw.view(ml_dtypes.bfloat16) if self.key['dtype'] == 'bfloat16' else raw
-             ).astype(np.float32)
+    feats = (raw.view(ml_dtypes.bfloat16) if self.key['dtype'] == 'bfloat16' else raw).astype(
+        np.float32
+    )
     if flip is not None:
       flip = np.asarray(flip, bool)
       feats[flip] = feats[flip][:, :, ::-1]
@@ -464,8 +506,10 @@ def open_for_config(config, splits: Sequence[str], data=None) -> Dict[str, Featu
   """
   model, variables = full_model_variables(config)
   data = pipeline.resolve(config.data if data is None else data)
-  return {s: FeatureCache.open(model, variables, data, s, data.feature_cache_dtype)
-          for s in dict.fromkeys(splits)}
+  return {
+      s: FeatureCache.open(model, variables, data, s, data.feature_cache_dtype)
+      for s in dict.fromkeys(splits)
+  }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -480,23 +524,36 @@ def main(argv):
   try:
     model, variables = full_model_variables(cfg)
     data = pipeline.resolve(cfg.data)
-    result = build_cache(model, variables, data, flags.FLAGS.splits,
-                         dtype=flags.FLAGS.dtype or data.feature_cache_dtype,
-                         batch_size=flags.FLAGS.batch_size,
-                         overwrite=flags.FLAGS.overwrite)
+    result = build_cache(
+        model,
+        variables,
+        data,
+        flags.FLAGS.splits,
+        dtype=flags.FLAGS.dtype or data.feature_cache_dtype,
+        batch_size=flags.FLAGS.batch_size,
+        overwrite=flags.FLAGS.overwrite,
+    )
   except (CacheError, FileNotFoundError, ValueError) as e:  # ConversionError is a ValueError.
     cli.fail(str(e), e)
-  print(f"feature cache {result['dir']}: " + ', '.join(
-      f"{s} {result['rows'][s]} images ({result['computed'][s]} computed now)"
-      for s in result['rows']))
+  print(
+      f"feature cache {result['dir']}: "
+      + ', '.join(
+          f"{s} {result['rows'][s]} images ({result['computed'][s]} computed now)"
+          for s in result['rows']
+      )
+  )
 
 
 if __name__ == '__main__':
   config_flags.DEFINE_config_file('config', None, 'a DINOv2 config with trained_blocks=0')
   flags.DEFINE_list('splits', ['trn', 'val', 'test'], 'splits to cache')
   flags.DEFINE_string('data_dir', None, 'overrides config.data.data_dir')
-  flags.DEFINE_enum('dtype', None, sorted(DTYPES),
-                     "storage dtype (default: the config's data.feature_cache_dtype)")
+  flags.DEFINE_enum(
+      'dtype',
+      None,
+      sorted(DTYPES),
+      "storage dtype (default: the config's data.feature_cache_dtype)",
+  )
   flags.DEFINE_integer('batch_size', 32, 'images per step and process')
   flags.DEFINE_bool('overwrite', False, 'replace a cache of the same name but another key')
   cli.run(main)

@@ -62,6 +62,7 @@ class PartsConfig(builder_base.EmbeddedConfig):
       novel categories and training photographs only.
     appearance: the parts' appearance model (`procedural.APPEARANCES`).
   """
+
   train_pairs_per_category: int
   eval_pairs_per_category: int
   novel_categories: int
@@ -77,18 +78,21 @@ def make_config(**knobs) -> PartsConfig:
   """
   k = {**config_lib.PARTS_KNOBS, **knobs}
   if k['appearance'] not in procedural.APPEARANCES:
-    raise ValueError(f'appearance must be one of {procedural.APPEARANCES}, '
-                     f'got {k["appearance"]!r}')
+    raise ValueError(
+        f'appearance must be one of {procedural.APPEARANCES}, ' f'got {k["appearance"]!r}'
+    )
   if not 1 <= k['min_kps'] <= records.MAX_KPS:
     raise ValueError(f'need 1 <= min_kps <= {records.MAX_KPS}')
   if k['img_size'] < 16:
     raise ValueError(f'img_size must be at least 16, got {k["img_size"]}')
   if k['novel_categories'] < 0:
     raise ValueError(f'novel_categories must be >= 0, got {k["novel_categories"]}')
-  name = (f'img{k["img_size"]}-trn{k["train_pairs_per_category"]}-'
-          f'eval{k["eval_pairs_per_category"]}-kps{k["min_kps"]}-seed{k["seed"]}'
-          + (f'-novel{k["novel_categories"]}' if k['novel_categories'] else '')
-          + ('' if k['appearance'] == 'random' else f'-{k["appearance"]}'))
+  name = (
+      f'img{k["img_size"]}-trn{k["train_pairs_per_category"]}-'
+      f'eval{k["eval_pairs_per_category"]}-kps{k["min_kps"]}-seed{k["seed"]}'
+      + (f'-novel{k["novel_categories"]}' if k['novel_categories'] else '')
+      + ('' if k['appearance'] == 'random' else f'-{k["appearance"]}')
+  )
   return PartsConfig(name=name, description='procedural articulated objects', **k)
 
 
@@ -111,20 +115,34 @@ def make_example(split: str, cat: int, k: int, cfg: PartsConfig) -> dict:
   key = f'{category_names(cfg)[cat]}-{k:05d}'
   rng = builder_base.record_rng(cfg, split, cat, k)
   cat_id = procedural.NOVEL_BASE + cat if cfg.novel_categories else cat
-  pair = procedural.make_pair(cat_id, rng, cfg.img_size, photos(cfg, split), min_kps=cfg.min_kps,
-                              name=f'parts/{split}/{key}', appearance=cfg.appearance)
+  pair = procedural.make_pair(
+      cat_id,
+      rng,
+      cfg.img_size,
+      photos(cfg, split),
+      min_kps=cfg.min_kps,
+      name=f'parts/{split}/{key}',
+      appearance=cfg.appearance,
+  )
   pair.pop('src')
   pair.pop('trg')
   size = np.array([cfg.img_size, cfg.img_size], np.int32)
   return records.base_example(
-      pair_id=key, src_imname=f'parts/{split}/{key}/src', trg_imname=f'parts/{split}/{key}/trg',
+      pair_id=key,
+      src_imname=f'parts/{split}/{key}/src',
+      trg_imname=f'parts/{split}/{key}/trg',
       src_img=records.encode_png(pair.pop('src_img')),
       trg_img=records.encode_png(pair.pop('trg_img')),
-      src_imsize=size, trg_imsize=size, category=cat, **pair)
+      src_imsize=size,
+      trg_imsize=size,
+      category=cat,
+      **pair,
+  )
 
 
 class SccorrParts(builder_base.EmbeddedBuilder):
   """Procedural articulated objects with named keypoints and exact dense ground truth."""
+
   BUILDER_CONFIGS = [make_config()]
   SPLITS = tuple(builder_base.EMBEDDED_SPLIT_IDS)
   DESCRIPTION = __doc__

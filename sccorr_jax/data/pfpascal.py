@@ -45,8 +45,9 @@ def read_mat(path: str):
     if field not in mat:
       raise records.BadRecordError(path, f'missing field {field!r}')
     if classes.get(field) == 'logical':  # stored as uint8: loadmat alone would hide it
-      raise records.BadRecordError(path, f'field {field!r}: booleans (MATLAB logical), '
-                                   'expected numbers')
+      raise records.BadRecordError(
+          path, f'field {field!r}: booleans (MATLAB logical), ' 'expected numbers'
+      )
   kps = records.keypoint_array(mat['kps'], "field 'kps'", path, nan_invisible=True)
   bbox = records.parse_bbox(mat['bbox'], path, 'bbox')
   return kps, bbox
@@ -70,11 +71,16 @@ def read_pairs_csv_numbered(path: str):
 class PfPascal(builder_base.PairDatasetBuilder):
   """PF-PASCAL: image pairs of 20 PASCAL categories; the reference's splits have 2,940 (trn,
   flipped copies included) / 308 (val) / 299 (test) pairs."""
+
   FOLDER = 'PF-PASCAL'
   MARKER = 'test_pairs.csv'
   # The archive the reference code downloads (Google Drive, SCOT/CATs packaging).
-  URLS = {'pfpascal': ('https://drive.google.com/uc?export=download&confirm=t&id='
-                       '1OOwpGzJnTsFXYh-YffMQ9XKM_Kl_zdzg')}
+  URLS = {
+      'pfpascal': (
+          'https://drive.google.com/uc?export=download&confirm=t&id='
+          '1OOwpGzJnTsFXYh-YffMQ9XKM_Kl_zdzg'
+      )
+  }
   CATEGORIES = records.PASCAL_CATEGORIES
   SPLITS = ('trn', 'val', 'test')
   HOMEPAGE = 'https://www.di.ens.fr/willow/research/proposalflow/'
@@ -85,15 +91,17 @@ class PfPascal(builder_base.PairDatasetBuilder):
   journal={IEEE TPAMI}, year={2018}}"""
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       'Put the PF-PASCAL folder (JPEGImages/, Annotations/, {trn,val,test}_pairs.csv) into the '
-      'manual dir; see docs/data.md for where to get it.')
+      'manual dir; see docs/data.md for where to get it.'
+  )
 
   def _examples(self, root, split, guard):
     csv_path = os.path.join(root, f'{split}_pairs.csv')
     rows = read_pairs_csv_numbered(csv_path)
     for i, (lineno, row) in enumerate(rows):
       key = f'{split}-{i:05d}'
-      example = guard.run(key, functools.partial(self._example, root, csv_path, i, row, split,
-                                                 guard, lineno))
+      example = guard.run(
+          key, functools.partial(self._example, root, csv_path, i, row, split, guard, lineno)
+      )
       if example is not None:
         yield key, example
 
@@ -121,11 +129,21 @@ class PfPascal(builder_base.PairDatasetBuilder):
       boxes.append(b)
     ann = os.path.join(root, 'Annotations', cls, os.path.splitext(names[0])[0] + '.mat')
     src_kps, trg_kps, valid = records.clean_keypoints(
-        kps[0], kps[1], sizes[0], sizes[1], file=ann, record=f'{names[0]}-{names[1]}',
-        guard=guard)
+        kps[0], kps[1], sizes[0], sizes[1], file=ann, record=f'{names[0]}-{names[1]}', guard=guard
+    )
     return records.base_example(
-        pair_id=f'{names[0]}-{names[1]}', src_imname=os.path.join('JPEGImages', names[0]),
-        trg_imname=os.path.join('JPEGImages', names[1]), src_img=imgs[0], trg_img=imgs[1],
-        src_imsize=np.array(sizes[0], np.int32), trg_imsize=np.array(sizes[1], np.int32),
-        src_kps=src_kps, trg_kps=trg_kps, kps_valid=valid, src_bbox=boxes[0],
-        trg_bbox=boxes[1], category=cls_id, flip=np.int32(flip))
+        pair_id=f'{names[0]}-{names[1]}',
+        src_imname=os.path.join('JPEGImages', names[0]),
+        trg_imname=os.path.join('JPEGImages', names[1]),
+        src_img=imgs[0],
+        trg_img=imgs[1],
+        src_imsize=np.array(sizes[0], np.int32),
+        trg_imsize=np.array(sizes[1], np.int32),
+        src_kps=src_kps,
+        trg_kps=trg_kps,
+        kps_valid=valid,
+        src_bbox=boxes[0],
+        trg_bbox=boxes[1],
+        category=cls_id,
+        flip=np.int32(flip),
+    )

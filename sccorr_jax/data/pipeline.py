@@ -39,8 +39,11 @@ from sccorr_jax.data import spair71k
 from sccorr_jax.data import synthetic
 from sccorr_jax.data import transforms
 
-BUILDERS = {'spair71k': spair71k.Spair71k, 'pfpascal': pfpascal.PfPascal,
-            'pfwillow': pfwillow.PfWillow}
+BUILDERS = {
+    'spair71k': spair71k.Spair71k,
+    'pfpascal': pfpascal.PfPascal,
+    'pfwillow': pfwillow.PfWillow,
+}
 # Embedded datasets: generated on first use into data_dir (no download).
 EMBEDDED = {'synthetic': synthetic, 'parts': parts}
 DATASETS = config_lib.DATASETS  # The names `data.name` may take: EMBEDDED and BUILDERS.
@@ -59,14 +62,18 @@ def _check(cfg):
   if name not in DATASETS:
     raise ValueError(f'data.name must be one of {DATASETS}, got {name!r}')
   if int(cfg.img_size) % int(cfg.feature_size):
-    raise ValueError(f'data.img_size ({cfg.img_size}) must be divisible by data.feature_size '
-                     f'({cfg.feature_size})')
+    raise ValueError(
+        f'data.img_size ({cfg.img_size}) must be divisible by data.feature_size '
+        f'({cfg.feature_size})'
+    )
   if int(cfg.keypoints_per_pair) < 0:
     raise ValueError(f'data.keypoints_per_pair must be >= 0, got {cfg.keypoints_per_pair}')
   if name == 'parts' and int(cfg.parts_novel_categories) and float(cfg.flip_source_p) > 0:
-    raise ValueError('data.flip_source_p relabels keypoints with the six benchmark categories\' '
-                     'left/right tables; the novel categories (data.parts_novel_categories) '
-                     'need data.flip_source_p=0')
+    raise ValueError(
+        "data.flip_source_p relabels keypoints with the six benchmark categories' "
+        'left/right tables; the novel categories (data.parts_novel_categories) '
+        'need data.flip_source_p=0'
+    )
   frac = float(cfg.labelled_pair_fraction)
   if not 0.0 <= frac <= 1.0:
     raise ValueError(f'data.labelled_pair_fraction must be in [0, 1], got {frac}')
@@ -81,8 +88,7 @@ def _embedded_knobs(data_config) -> Dict[str, Any]:
   """The `make_config` knobs of an embedded dataset: its `<name>_<knob>` keys of the data
   config (`config_lib.EMBEDDED_KNOBS`), each of its default's type."""
   knobs = config_lib.EMBEDDED_KNOBS[data_config.name]
-  return {k: type(default)(data_config[f'{data_config.name}_{k}'])
-          for k, default in knobs.items()}
+  return {k: type(default)(data_config[f'{data_config.name}_{k}']) for k, default in knobs.items()}
 
 
 def get_builder(data_config):
@@ -117,7 +123,8 @@ def get_builder(data_config):
     raise FileNotFoundError(
         f'{name} is not prepared in {data_dir} (looked for {builder.data_dir}). Prepare it '
         f'with: python -m sccorr_jax.data.prepare --dataset={name} --manual_dir=<folder with '
-        f'the extracted archive> --data_dir={data_dir}   (see docs/data.md)')
+        f'the extracted archive> --data_dir={data_dir}   (see docs/data.md)'
+    )
   return builder
 
 
@@ -142,13 +149,20 @@ def category_names(data) -> list:
 def preprocess_options(data_config, train: bool) -> transforms.PreprocessOptions:
   """`preprocess_pair`'s options of a data config's training or evaluation pairs."""
   return transforms.PreprocessOptions(
-      dataset=data_config.name, img_size=int(data_config.img_size),
+      dataset=data_config.name,
+      img_size=int(data_config.img_size),
       feature_size=int(data_config.feature_size),
-      receptive_field=int(data_config.receptive_field), max_kps=int(data_config.max_kps),
-      train=train, augment=bool(data_config.augment), augment_p=float(data_config.augment_p),
+      receptive_field=int(data_config.receptive_field),
+      max_kps=int(data_config.max_kps),
+      train=train,
+      augment=bool(data_config.augment),
+      augment_p=float(data_config.augment_p),
       random_crop=bool(data_config.random_crop),
-      random_crop_p=float(data_config.random_crop_p), flip=bool(data_config.flip),
-      label_truth=train, flip_source_p=float(data_config.flip_source_p))
+      random_crop_p=float(data_config.random_crop_p),
+      flip=bool(data_config.flip),
+      label_truth=train,
+      flip_source_p=float(data_config.flip_source_p),
+  )
 
 
 def _pixel_augmentations(data) -> Tuple[str, ...]:
@@ -169,9 +183,11 @@ def check_cached_features(data) -> None:
   """
   on = _pixel_augmentations(data)
   if on:
-    raise ValueError('cached features (model.inputs=\'features\') cannot take colour '
-                     'augmentation or random crops, which change pixels: set '
-                     + ' and '.join(f'data.{k}=False' for k in on))
+    raise ValueError(
+        "cached features (model.inputs='features') cannot take colour "
+        'augmentation or random crops, which change pixels: set '
+        + ' and '.join(f'data.{k}=False' for k in on)
+    )
 
 
 def _split_features(data, features, split: str, train: bool):
@@ -189,8 +205,10 @@ def _split_features(data, features, split: str, train: bool):
 
 
 def _read_options(data_config) -> grain.ReadOptions:
-  return grain.ReadOptions(num_threads=int(data_config.num_threads),
-                           prefetch_buffer_size=int(data_config.prefetch_buffer_size))
+  return grain.ReadOptions(
+      num_threads=int(data_config.num_threads),
+      prefetch_buffer_size=int(data_config.prefetch_buffer_size),
+  )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -225,6 +243,7 @@ class ResolvedData:
       (`with_features`, `model.inputs='features'`); the pipelines of those splits read it
       instead of the images. Empty: images.
   """
+
   name: str
   data_dir: str
   builder: Any
@@ -257,8 +276,9 @@ class ResolvedData:
     """
     split = _SPLIT_ALIASES.get(split, split)
     if split not in self.split_sizes:
-      raise ValueError(f'{self.builder.name} has no split {split!r}; it has '
-                       f'{sorted(self.split_sizes)}')
+      raise ValueError(
+          f'{self.builder.name} has no split {split!r}; it has ' f'{sorted(self.split_sizes)}'
+      )
     return split
 
   def source(self, split: str):
@@ -278,8 +298,9 @@ class ResolvedData:
     n = self.num_examples(self.train_split)
     spe = n // int(batch_size)
     if spe < 1:
-      raise config_lib.ConfigError(f'the training split has {n} pairs, fewer than one batch of '
-                                   f'{batch_size}')
+      raise config_lib.ConfigError(
+          f'the training split has {n} pairs, fewer than one batch of ' f'{batch_size}'
+      )
     return spe
 
   def with_features(self, features: Mapping[str, Any]) -> 'ResolvedData':
@@ -302,18 +323,24 @@ def resolve(data) -> ResolvedData:
     return data
   builder = get_builder(data)
   return ResolvedData(
-      name=str(data.name), data_dir=os.path.expanduser(str(data.data_dir)), builder=builder,
+      name=str(data.name),
+      data_dir=os.path.expanduser(str(data.data_dir)),
+      builder=builder,
       split_sizes={k: int(v.num_examples) for k, v in builder.info.splits.items()},
       category_names=tuple(builder.info.features['category'].names),
-      dense_truth=has_dense_truth(data), train_split=str(data.train_split),
+      dense_truth=has_dense_truth(data),
+      train_split=str(data.train_split),
       train_options=preprocess_options(data, train=True),
       eval_options=preprocess_options(data, train=False),
       keypoints_per_pair=int(data.keypoints_per_pair),
       labelled_pair_fraction=float(data.labelled_pair_fraction),
-      budget_seed=int(data.budget_seed), shuffle=bool(data.shuffle),
-      num_workers=int(data.num_workers), read_options=_read_options(data),
+      budget_seed=int(data.budget_seed),
+      shuffle=bool(data.shuffle),
+      num_workers=int(data.num_workers),
+      read_options=_read_options(data),
       pixel_augmentations=_pixel_augmentations(data),
-      feature_cache_dtype=str(data.get('feature_cache_dtype', 'bfloat16')))
+      feature_cache_dtype=str(data.get('feature_cache_dtype', 'bfloat16')),
+  )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -335,8 +362,15 @@ def _batched_iter_dataset(data: ResolvedData, ds, batch_size: int):
   return it
 
 
-def create_train_iterator(data, *, batch_size: int, seed: int, process_index: int = 0,
-                          process_count: int = 1, features=None) -> grain.DatasetIterator:
+def create_train_iterator(
+    data,
+    *,
+    batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    features=None,
+) -> grain.DatasetIterator:
   """Infinite, shuffled, augmented training batches of this process (checkpointable).
 
   Args:
@@ -362,10 +396,14 @@ def create_train_iterator(data, *, batch_size: int, seed: int, process_index: in
   source = data.source(split)
   ds = grain.MapDataset.source(source)
   # The label budget is fixed per record (index in the split), before sharding and shuffling.
-  ds = ds.map_with_index(transforms.LabelBudget(
-      keypoints_per_pair=data.keypoints_per_pair,
-      labelled_pair_fraction=data.labelled_pair_fraction,
-      num_records=len(source), seed=data.budget_seed))
+  ds = ds.map_with_index(
+      transforms.LabelBudget(
+          keypoints_per_pair=data.keypoints_per_pair,
+          labelled_pair_fraction=data.labelled_pair_fraction,
+          num_records=len(source),
+          seed=data.budget_seed,
+      )
+  )
   if process_count > 1:
     ds = ds[process_index::process_count]
   if len(ds) == 0:
@@ -399,8 +437,15 @@ class _PaddedSource:
     return rec
 
 
-def create_eval_iterator(data, split: str, *, batch_size: int, process_index: int = 0,
-                         process_count: int = 1, features=None) -> grain.IterDataset:
+def create_eval_iterator(
+    data,
+    split: str,
+    *,
+    batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    features=None,
+) -> grain.IterDataset:
   """One pass over a split in fixed-shape batches, no augmentation.
 
   Args:

@@ -37,26 +37,41 @@ from sccorr_jax.data import builder_base
 from sccorr_jax.data import pipeline
 from sccorr_jax.data import records
 
-_DATASET = flags.DEFINE_string('dataset', None,
-                               f'Dataset to prepare: one of {", ".join(pipeline.DATASETS)}.')
-_MANUAL_DIR = flags.DEFINE_string('manual_dir', None,
-                                  'Folder with the extracted archive (default: download).')
-_DATA_DIR = flags.DEFINE_string('data_dir', None, 'TFDS data dir to write to (default: '
-                                '$SCCORR_DATA_DIR or ~/tensorflow_datasets).')
-_ON_BAD = flags.DEFINE_enum('on_bad_record', 'skip', ['skip', 'raise'],
-                            'Skip bad pairs (listed at the end) or stop at the first.')
-_MAX_BAD = flags.DEFINE_float('max_bad_fraction', 0.25,
-                              'Stop when more than this fraction of a split is bad.')
+_DATASET = flags.DEFINE_string(
+    'dataset', None, f'Dataset to prepare: one of {", ".join(pipeline.DATASETS)}.'
+)
+_MANUAL_DIR = flags.DEFINE_string(
+    'manual_dir', None, 'Folder with the extracted archive (default: download).'
+)
+_DATA_DIR = flags.DEFINE_string(
+    'data_dir',
+    None,
+    'TFDS data dir to write to (default: ' '$SCCORR_DATA_DIR or ~/tensorflow_datasets).',
+)
+_ON_BAD = flags.DEFINE_enum(
+    'on_bad_record',
+    'skip',
+    ['skip', 'raise'],
+    'Skip bad pairs (listed at the end) or stop at the first.',
+)
+_MAX_BAD = flags.DEFINE_float(
+    'max_bad_fraction', 0.25, 'Stop when more than this fraction of a split is bad.'
+)
 _REGISTER_CHECKSUMS = flags.DEFINE_bool(
-    'register_checksums', False, 'Record the downloaded archives\' checksums (first download).')
+    'register_checksums', False, "Record the downloaded archives' checksums (first download)."
+)
 if 'verbose' not in flags.FLAGS:  # another tool's module may define the same flag
   flags.DEFINE_bool('verbose', False, 'On failure, show the traceback instead of one line.')
 EXIT_USER_ERROR = 2
 
 
-def prepare(dataset: str, data_dir: str, manual_dir: str | None = None,
-            policy: records.BadRecordPolicy | None = None,
-            register_checksums: bool = False):
+def prepare(
+    dataset: str,
+    data_dir: str,
+    manual_dir: str | None = None,
+    policy: records.BadRecordPolicy | None = None,
+    register_checksums: bool = False,
+):
   """Prepares `dataset` into `data_dir`; returns the builder (its `.report` lists bad records).
 
   Raises:
@@ -66,7 +81,8 @@ def prepare(dataset: str, data_dir: str, manual_dir: str | None = None,
   """
   if dataset not in pipeline.DATASETS:
     raise records.PreparationError(
-        f'unknown dataset {dataset!r}; expected one of {", ".join(pipeline.DATASETS)}')
+        f'unknown dataset {dataset!r}; expected one of {", ".join(pipeline.DATASETS)}'
+    )
   data_dir = os.path.expanduser(data_dir)
   if os.path.exists(data_dir) and not os.path.isdir(data_dir):
     raise records.PreparationError(f'data dir {data_dir} is not a directory')
@@ -82,13 +98,18 @@ def prepare(dataset: str, data_dir: str, manual_dir: str | None = None,
       raise records.PreparationError(problem)
   builder = builder_cls(data_dir=data_dir, policy=policy)
   dl_config = tfds.download.DownloadConfig(
-      manual_dir=manual_dir or None, register_checksums=register_checksums)
+      manual_dir=manual_dir or None, register_checksums=register_checksums
+  )
   builder.download_and_prepare(download_config=dl_config)
   report_path = os.path.join(os.fspath(builder.data_dir), 'preparation_report.json')
   with open(report_path, 'w') as f:
     f.write(builder.report.to_json())
-  logging.info('%s prepared in %s; %s', dataset, builder.data_dir,
-               builder.report.summary() or 'no bad record')
+  logging.info(
+      '%s prepared in %s; %s',
+      dataset,
+      builder.data_dir,
+      builder.report.summary() or 'no bad record',
+  )
   return builder
 
 
@@ -103,19 +124,22 @@ def _fail(message: str, status: int = EXIT_USER_ERROR):
 
 def _run():
   if not _DATASET.value:
-    raise records.PreparationError(
-        f'--dataset is required: one of {", ".join(pipeline.DATASETS)}')
+    raise records.PreparationError(f'--dataset is required: one of {", ".join(pipeline.DATASETS)}')
   if _DATASET.value not in pipeline.DATASETS:
     raise records.PreparationError(
         f'--dataset={_DATASET.value}: unknown dataset; expected one of '
-        f'{", ".join(pipeline.DATASETS)}')
+        f'{", ".join(pipeline.DATASETS)}'
+    )
   if not 0 <= _MAX_BAD.value <= 1:
-    raise records.PreparationError(
-        f'--max_bad_fraction={_MAX_BAD.value}: must lie in [0, 1]')
+    raise records.PreparationError(f'--max_bad_fraction={_MAX_BAD.value}: must lie in [0, 1]')
   data_dir = _DATA_DIR.value or config_lib.default_data_config().data_dir
-  builder = prepare(_DATASET.value, data_dir, _MANUAL_DIR.value,
-                    records.BadRecordPolicy(_ON_BAD.value, _MAX_BAD.value),
-                    _REGISTER_CHECKSUMS.value)
+  builder = prepare(
+      _DATASET.value,
+      data_dir,
+      _MANUAL_DIR.value,
+      records.BadRecordPolicy(_ON_BAD.value, _MAX_BAD.value),
+      _REGISTER_CHECKSUMS.value,
+  )
   for split, info in builder.info.splits.items():
     print(f'{split}: {info.num_examples} pairs')
   report = getattr(builder, 'report', None)

@@ -79,6 +79,7 @@ class Part:
     flip_sign: canonical v multiplier when an instance is flipped (-1 for parts that are their
       own mirror image in a frontal view, or map onto a rotated copy).
   """
+
   name: str
   parent: Optional[str]
   length: float
@@ -137,8 +138,14 @@ class Category:
     kp_perm: [K] int, the keypoint that keypoint k becomes in a mirrored image.
   """
 
-  def __init__(self, name: str, parts: Sequence[Part], keypoints, rotation: float,
-               swaps: Sequence[Tuple[str, str]] = ()):
+  def __init__(
+      self,
+      name: str,
+      parts: Sequence[Part],
+      keypoints,
+      rotation: float,
+      swaps: Sequence[Tuple[str, str]] = (),
+  ):
     self.name = name
     self.parts = tuple(parts)
     self.keypoints = tuple(keypoints)
@@ -180,92 +187,201 @@ def _quadruped() -> Category:
   body = [
       Part('torso', None, 1.0, 0.42, exponent=2.5, swing=5),
       Part('neck', 'torso', 0.35, 0.17, angle=-50, swing=15, attach=(0.8, -0.45), z=0.2),
-      Part('head', 'neck', 0.42, 0.3, angle=45, swing=20, attach=(0.9, 0.0), joint=(-0.6, 0.0),
-           z=0.3),
-      Part('snout', 'head', 0.25, 0.15, angle=15, swing=8, attach=(0.75, 0.2),
-           joint=(-0.8, 0.0), taper=0.4, z=0.35),
-      Part('tail', 'torso', 0.45, 0.09, angle=200, swing=35, attach=(-0.95, -0.3), taper=0.6,
-           z=-0.1),
+      Part(
+          'head', 'neck', 0.42, 0.3, angle=45, swing=20, attach=(0.9, 0.0), joint=(-0.6, 0.0), z=0.3
+      ),
+      Part(
+          'snout',
+          'head',
+          0.25,
+          0.15,
+          angle=15,
+          swing=8,
+          attach=(0.75, 0.2),
+          joint=(-0.8, 0.0),
+          taper=0.4,
+          z=0.35,
+      ),
+      Part(
+          'tail', 'torso', 0.45, 0.09, angle=200, swing=35, attach=(-0.95, -0.3), taper=0.6, z=-0.1
+      ),
   ]
-  ear = [Part('left_ear', 'head', 0.24, 0.11, angle=-100, swing=20, attach=(-0.3, -0.75),
-              taper=0.9, exponent=3, z=0.4)]
+  ear = [
+      Part(
+          'left_ear',
+          'head',
+          0.24,
+          0.11,
+          angle=-100,
+          swing=20,
+          attach=(-0.3, -0.75),
+          taper=0.9,
+          exponent=3,
+          z=0.4,
+      )
+  ]
   legs = []
   for end, u in (('front', 0.6), ('hind', -0.65)):
     legs += [
-        Part(f'left_{end}_upper_leg', 'torso', 0.33, 0.12, angle=90, swing=25,
-             attach=(u, 0.65), z=0.5),
-        Part(f'left_{end}_lower_leg', f'left_{end}_upper_leg', 0.3, 0.085, swing=30,
-             attach=(0.9, 0.0), joint=(-0.9, 0.0), taper=0.3, z=0.55),
+        Part(
+            f'left_{end}_upper_leg',
+            'torso',
+            0.33,
+            0.12,
+            angle=90,
+            swing=25,
+            attach=(u, 0.65),
+            z=0.5,
+        ),
+        Part(
+            f'left_{end}_lower_leg',
+            f'left_{end}_upper_leg',
+            0.3,
+            0.085,
+            swing=30,
+            attach=(0.9, 0.0),
+            joint=(-0.9, 0.0),
+            taper=0.3,
+            z=0.55,
+        ),
     ]
   parts = body + ear + _far_chain(ear, 0.2, 0.25) + legs + _far_chain(legs, 1.0, 0.1)
-  kps = [('nose', 'snout', 0.9, 0.0), ('head_top', 'head', 0.0, -0.85),
-         ('jaw', 'head', 0.1, 0.85), ('withers', 'torso', 0.55, -0.8),
-         ('belly', 'torso', 0.0, 0.85), ('tail_base', 'tail', -0.8, 0.0),
-         ('tail_tip', 'tail', 0.85, 0.0)]
+  kps = [
+      ('nose', 'snout', 0.9, 0.0),
+      ('head_top', 'head', 0.0, -0.85),
+      ('jaw', 'head', 0.1, 0.85),
+      ('withers', 'torso', 0.55, -0.8),
+      ('belly', 'torso', 0.0, 0.85),
+      ('tail_base', 'tail', -0.8, 0.0),
+      ('tail_tip', 'tail', 0.85, 0.0),
+  ]
   for side in ('left', 'right'):
     kps.append((f'{side}_ear_tip', f'{side}_ear', 0.8, 0.0))
     for end, root in (('front', 'shoulder'), ('hind', 'hip')):
-      kps += [(f'{side}_{end}_{root}', f'{side}_{end}_upper_leg', -0.7, 0.0),
-              (f'{side}_{end}_knee', f'{side}_{end}_upper_leg', 0.85, 0.0),
-              (f'{side}_{end}_paw', f'{side}_{end}_lower_leg', 0.85, 0.0)]
+      kps += [
+          (f'{side}_{end}_{root}', f'{side}_{end}_upper_leg', -0.7, 0.0),
+          (f'{side}_{end}_knee', f'{side}_{end}_upper_leg', 0.85, 0.0),
+          (f'{side}_{end}_paw', f'{side}_{end}_lower_leg', 0.85, 0.0),
+      ]
   return Category('quadruped', parts, kps, rotation=20)
 
 
 def _bird() -> Category:
   body = [
       Part('body', None, 0.8, 0.45, swing=10),
-      Part('head', 'body', 0.32, 0.3, angle=-20, swing=20, attach=(0.85, -0.45),
-           joint=(0.0, 0.0), z=0.2),
-      Part('beak', 'head', 0.3, 0.13, angle=10, swing=10, attach=(0.85, 0.1), taper=0.95,
-           z=0.25),
-      Part('tail', 'body', 0.45, 0.2, angle=170, swing=25, attach=(-0.9, -0.1), taper=-0.8,
-           z=-0.05),
+      Part(
+          'head',
+          'body',
+          0.32,
+          0.3,
+          angle=-20,
+          swing=20,
+          attach=(0.85, -0.45),
+          joint=(0.0, 0.0),
+          z=0.2,
+      ),
+      Part('beak', 'head', 0.3, 0.13, angle=10, swing=10, attach=(0.85, 0.1), taper=0.95, z=0.25),
+      Part(
+          'tail', 'body', 0.45, 0.2, angle=170, swing=25, attach=(-0.9, -0.1), taper=-0.8, z=-0.05
+      ),
   ]
-  wing = [Part('left_wing', 'body', 0.6, 0.22, angle=200, swing=40, attach=(0.1, -0.2),
-               taper=0.6, z=0.3)]
-  leg = [Part('left_leg', 'body', 0.3, 0.05, angle=95, swing=20, attach=(0.0, 0.85),
-              exponent=4, z=0.1),
-         Part('left_foot', 'left_leg', 0.15, 0.05, angle=-80, swing=15, attach=(0.95, 0.0),
-              exponent=4, z=0.12)]
+  wing = [
+      Part(
+          'left_wing', 'body', 0.6, 0.22, angle=200, swing=40, attach=(0.1, -0.2), taper=0.6, z=0.3
+      )
+  ]
+  leg = [
+      Part(
+          'left_leg', 'body', 0.3, 0.05, angle=95, swing=20, attach=(0.0, 0.85), exponent=4, z=0.1
+      ),
+      Part(
+          'left_foot',
+          'left_leg',
+          0.15,
+          0.05,
+          angle=-80,
+          swing=15,
+          attach=(0.95, 0.0),
+          exponent=4,
+          z=0.12,
+      ),
+  ]
   parts = body + wing + _far_chain(wing, 0.6, 0.15) + leg + _far_chain(leg, 0.2, 0.2)
-  kps = [('beak_tip', 'beak', 0.85, 0.0), ('crown', 'head', 0.0, -0.85),
-         ('throat', 'head', 0.3, 0.8), ('nape', 'head', -0.85, -0.2),
-         ('breast', 'body', 0.7, 0.45), ('belly', 'body', 0.0, 0.85),
-         ('back', 'body', 0.0, -0.85), ('tail_base', 'tail', -0.7, 0.0),
-         ('tail_tip', 'tail', 0.9, 0.0)]
+  kps = [
+      ('beak_tip', 'beak', 0.85, 0.0),
+      ('crown', 'head', 0.0, -0.85),
+      ('throat', 'head', 0.3, 0.8),
+      ('nape', 'head', -0.85, -0.2),
+      ('breast', 'body', 0.7, 0.45),
+      ('belly', 'body', 0.0, 0.85),
+      ('back', 'body', 0.0, -0.85),
+      ('tail_base', 'tail', -0.7, 0.0),
+      ('tail_tip', 'tail', 0.9, 0.0),
+  ]
   for side in ('left', 'right'):
-    kps += [(f'{side}_wing_root', f'{side}_wing', -0.7, 0.0),
-            (f'{side}_wing_tip', f'{side}_wing', 0.85, 0.0),
-            (f'{side}_leg_root', f'{side}_leg', -0.7, 0.0),
-            (f'{side}_ankle', f'{side}_leg', 0.85, 0.0),
-            (f'{side}_toe', f'{side}_foot', 0.85, 0.0)]
+    kps += [
+        (f'{side}_wing_root', f'{side}_wing', -0.7, 0.0),
+        (f'{side}_wing_tip', f'{side}_wing', 0.85, 0.0),
+        (f'{side}_leg_root', f'{side}_leg', -0.7, 0.0),
+        (f'{side}_ankle', f'{side}_leg', 0.85, 0.0),
+        (f'{side}_toe', f'{side}_foot', 0.85, 0.0),
+    ]
   return Category('bird', parts, kps, rotation=20)
 
 
 def _vehicle() -> Category:
   parts = [
       Part('body', None, 1.2, 0.3, exponent=6),
-      Part('cabin', 'body', 0.6, 0.3, attach=(-0.1, -0.95), joint=(0.0, 1.0), slide=0.2,
-           taper=0.4, exponent=6, z=-0.1),
-      Part('window', 'cabin', 0.45, 0.16, attach=(0.0, -0.1), joint=(0.0, 0.0), taper=0.4,
-           exponent=4, z=-0.05),
-      Part('front_wheel', 'body', 0.3, 0.3, attach=(0.65, 0.9), joint=(0.0, 0.0), slide=0.08,
-           z=0.2),
-      Part('rear_wheel', 'body', 0.3, 0.3, attach=(-0.65, 0.9), joint=(0.0, 0.0), slide=0.08,
-           z=0.2),
+      Part(
+          'cabin',
+          'body',
+          0.6,
+          0.3,
+          attach=(-0.1, -0.95),
+          joint=(0.0, 1.0),
+          slide=0.2,
+          taper=0.4,
+          exponent=6,
+          z=-0.1,
+      ),
+      Part(
+          'window',
+          'cabin',
+          0.45,
+          0.16,
+          attach=(0.0, -0.1),
+          joint=(0.0, 0.0),
+          taper=0.4,
+          exponent=4,
+          z=-0.05,
+      ),
+      Part(
+          'front_wheel', 'body', 0.3, 0.3, attach=(0.65, 0.9), joint=(0.0, 0.0), slide=0.08, z=0.2
+      ),
+      Part(
+          'rear_wheel', 'body', 0.3, 0.3, attach=(-0.65, 0.9), joint=(0.0, 0.0), slide=0.08, z=0.2
+      ),
       Part('headlight', 'body', 0.06, 0.1, attach=(0.95, -0.35), joint=(0.0, 0.0), z=0.3),
       Part('taillight', 'body', 0.05, 0.12, attach=(-0.96, -0.35), joint=(0.0, 0.0), z=0.3),
   ]
-  kps = [('body_front_bottom', 'body', 0.93, 0.7), ('body_rear_bottom', 'body', -0.93, 0.7),
-         ('body_front_top', 'body', 0.9, -0.75), ('body_rear_top', 'body', -0.9, -0.75),
-         ('roof_front', 'cabin', 0.55, -0.85), ('roof_rear', 'cabin', -0.75, -0.85),
-         ('window_centre', 'window', 0.0, 0.0), ('headlight', 'headlight', 0.0, 0.0),
-         ('taillight', 'taillight', 0.0, 0.0)]
+  kps = [
+      ('body_front_bottom', 'body', 0.93, 0.7),
+      ('body_rear_bottom', 'body', -0.93, 0.7),
+      ('body_front_top', 'body', 0.9, -0.75),
+      ('body_rear_top', 'body', -0.9, -0.75),
+      ('roof_front', 'cabin', 0.55, -0.85),
+      ('roof_rear', 'cabin', -0.75, -0.85),
+      ('window_centre', 'window', 0.0, 0.0),
+      ('headlight', 'headlight', 0.0, 0.0),
+      ('taillight', 'taillight', 0.0, 0.0),
+  ]
   for wheel in ('front', 'rear'):
-    kps += [(f'{wheel}_wheel_centre', f'{wheel}_wheel', 0.0, 0.0),
-            (f'{wheel}_wheel_top', f'{wheel}_wheel', 0.0, -0.85),
-            (f'{wheel}_wheel_bottom', f'{wheel}_wheel', 0.0, 0.85),
-            (f'{wheel}_wheel_front', f'{wheel}_wheel', 0.85, 0.0)]
+    kps += [
+        (f'{wheel}_wheel_centre', f'{wheel}_wheel', 0.0, 0.0),
+        (f'{wheel}_wheel_top', f'{wheel}_wheel', 0.0, -0.85),
+        (f'{wheel}_wheel_bottom', f'{wheel}_wheel', 0.0, 0.85),
+        (f'{wheel}_wheel_front', f'{wheel}_wheel', 0.85, 0.0),
+    ]
   return Category('vehicle', parts, kps, rotation=15)
 
 
@@ -276,30 +392,77 @@ def _face() -> Category:
       Part('head', None, 1.0, 0.8, angle=90, swing=10, exponent=2.2, **mid),
       Part('neck', 'head', 0.35, 0.35, attach=(0.9, 0.0), swing=8, exponent=6, z=-0.2, **mid),
       Part('nose', 'head', 0.25, 0.15, attach=(0.1, 0.0), swing=8, taper=-0.6, z=0.2, **mid),
-      Part('mouth', 'head', 0.09, 0.3, attach=(0.6, 0.0), joint=(0.0, 0.0), swing=6, z=0.2,
-           slide=0.05, **mid),
+      Part(
+          'mouth',
+          'head',
+          0.09,
+          0.3,
+          attach=(0.6, 0.0),
+          joint=(0.0, 0.0),
+          swing=6,
+          z=0.2,
+          slide=0.05,
+          **mid,
+      ),
   ]
   right = [
-      Part('right_ear', 'head', 0.28, 0.2, angle=90, swing=15, attach=(-0.05, 0.92),
-           joint=(-0.8, 0.0), z=-0.1),
-      Part('right_eye', 'head', 0.11, 0.2, swing=8, attach=(-0.2, 0.38), joint=(0.0, 0.0),
-           slide=0.05, z=0.2),
-      Part('right_brow', 'head', 0.05, 0.22, swing=12, attach=(-0.48, 0.38), joint=(0.0, 0.0),
-           slide=0.05, exponent=4, z=0.2),
+      Part(
+          'right_ear',
+          'head',
+          0.28,
+          0.2,
+          angle=90,
+          swing=15,
+          attach=(-0.05, 0.92),
+          joint=(-0.8, 0.0),
+          z=-0.1,
+      ),
+      Part(
+          'right_eye',
+          'head',
+          0.11,
+          0.2,
+          swing=8,
+          attach=(-0.2, 0.38),
+          joint=(0.0, 0.0),
+          slide=0.05,
+          z=0.2,
+      ),
+      Part(
+          'right_brow',
+          'head',
+          0.05,
+          0.22,
+          swing=12,
+          attach=(-0.48, 0.38),
+          joint=(0.0, 0.0),
+          slide=0.05,
+          exponent=4,
+          z=0.2,
+      ),
   ]
   parts += right + _mirror_chain(right)
-  kps = [('chin', 'head', 0.92, 0.0), ('forehead', 'head', -0.9, 0.0),
-         ('nose_tip', 'nose', 0.85, 0.0), ('nose_bridge', 'nose', -0.85, 0.0),
-         ('mouth_top', 'mouth', -0.8, 0.0), ('mouth_bottom', 'mouth', 0.8, 0.0),
-         ('neck_bottom', 'neck', 0.85, 0.0),
-         ('right_mouth_corner', 'mouth', 0.0, 0.9), ('left_mouth_corner', 'mouth', 0.0, -0.9),
-         ('right_cheek', 'head', 0.35, 0.6), ('left_cheek', 'head', 0.35, -0.6)]
+  kps = [
+      ('chin', 'head', 0.92, 0.0),
+      ('forehead', 'head', -0.9, 0.0),
+      ('nose_tip', 'nose', 0.85, 0.0),
+      ('nose_bridge', 'nose', -0.85, 0.0),
+      ('mouth_top', 'mouth', -0.8, 0.0),
+      ('mouth_bottom', 'mouth', 0.8, 0.0),
+      ('neck_bottom', 'neck', 0.85, 0.0),
+      ('right_mouth_corner', 'mouth', 0.0, 0.9),
+      ('left_mouth_corner', 'mouth', 0.0, -0.9),
+      ('right_cheek', 'head', 0.35, 0.6),
+      ('left_cheek', 'head', 0.35, -0.6),
+  ]
   for side in ('left', 'right'):
-    kps += [(f'{side}_eye_outer', f'{side}_eye', 0.0, 0.85),
-            (f'{side}_eye_inner', f'{side}_eye', 0.0, -0.85),
-            (f'{side}_brow_outer', f'{side}_brow', 0.0, 0.85),
-            (f'{side}_brow_inner', f'{side}_brow', 0.0, -0.85),
-            (f'{side}_ear_tip', f'{side}_ear', 0.8, 0.0)]
+    kps += [
+        (f'{side}_eye_outer', f'{side}_eye', 0.0, 0.85),
+        (f'{side}_eye_inner', f'{side}_eye', 0.0, -0.85),
+        (f'{side}_brow_outer', f'{side}_brow', 0.0, 0.85),
+        (f'{side}_brow_inner', f'{side}_brow', 0.0, -0.85),
+        (f'{side}_ear_tip', f'{side}_ear', 0.8, 0.0),
+    ]
   return Category('face', parts, kps, rotation=25)
 
 
@@ -307,29 +470,55 @@ def _humanoid() -> Category:
   mid = dict(flip_sign=-1)
   parts = [
       Part('torso', None, 0.7, 0.38, angle=90, swing=10, exponent=3, taper=0.2, **mid),
-      Part('head', 'torso', 0.3, 0.24, attach=(-1.0, 0.0), joint=(0.95, 0.0), swing=12, z=0.1,
-           **mid),
+      Part(
+          'head', 'torso', 0.3, 0.24, attach=(-1.0, 0.0), joint=(0.95, 0.0), swing=12, z=0.1, **mid
+      ),
   ]
   right = [
-      Part('right_upper_arm', 'torso', 0.32, 0.09, angle=20, swing=35, attach=(-0.8, 0.9),
-           z=0.1),
-      Part('right_forearm', 'right_upper_arm', 0.3, 0.075, angle=-10, swing=40,
-           attach=(0.95, 0.0), joint=(-0.95, 0.0), taper=0.2, z=0.15),
+      Part('right_upper_arm', 'torso', 0.32, 0.09, angle=20, swing=35, attach=(-0.8, 0.9), z=0.1),
+      Part(
+          'right_forearm',
+          'right_upper_arm',
+          0.3,
+          0.075,
+          angle=-10,
+          swing=40,
+          attach=(0.95, 0.0),
+          joint=(-0.95, 0.0),
+          taper=0.2,
+          z=0.15,
+      ),
       Part('right_thigh', 'torso', 0.4, 0.13, angle=8, swing=15, attach=(0.95, 0.5), z=-0.05),
-      Part('right_shin', 'right_thigh', 0.38, 0.1, swing=20, attach=(0.95, 0.0),
-           joint=(-0.95, 0.0), taper=0.3, z=-0.04),
+      Part(
+          'right_shin',
+          'right_thigh',
+          0.38,
+          0.1,
+          swing=20,
+          attach=(0.95, 0.0),
+          joint=(-0.95, 0.0),
+          taper=0.3,
+          z=-0.04,
+      ),
   ]
   parts += right + _mirror_chain(right)
-  kps = [('head_top', 'head', -0.9, 0.0), ('chin', 'head', 0.9, 0.0),
-         ('neck', 'torso', -0.9, 0.0), ('pelvis', 'torso', 0.85, 0.0),
-         ('right_ear', 'head', 0.0, 0.9), ('left_ear', 'head', 0.0, -0.9)]
+  kps = [
+      ('head_top', 'head', -0.9, 0.0),
+      ('chin', 'head', 0.9, 0.0),
+      ('neck', 'torso', -0.9, 0.0),
+      ('pelvis', 'torso', 0.85, 0.0),
+      ('right_ear', 'head', 0.0, 0.9),
+      ('left_ear', 'head', 0.0, -0.9),
+  ]
   for side in ('left', 'right'):
-    kps += [(f'{side}_shoulder', f'{side}_upper_arm', -0.7, 0.0),
-            (f'{side}_elbow', f'{side}_upper_arm', 0.9, 0.0),
-            (f'{side}_wrist', f'{side}_forearm', 0.85, 0.0),
-            (f'{side}_hip', f'{side}_thigh', -0.6, 0.0),
-            (f'{side}_knee', f'{side}_thigh', 0.9, 0.0),
-            (f'{side}_ankle', f'{side}_shin', 0.85, 0.0)]
+    kps += [
+        (f'{side}_shoulder', f'{side}_upper_arm', -0.7, 0.0),
+        (f'{side}_elbow', f'{side}_upper_arm', 0.9, 0.0),
+        (f'{side}_wrist', f'{side}_forearm', 0.85, 0.0),
+        (f'{side}_hip', f'{side}_thigh', -0.6, 0.0),
+        (f'{side}_knee', f'{side}_thigh', 0.9, 0.0),
+        (f'{side}_ankle', f'{side}_shin', 0.85, 0.0),
+    ]
   return Category('humanoid', parts, kps, rotation=20)
 
 
@@ -340,26 +529,72 @@ def _flower(n: int = 5) -> Category:
   parts = [Part('centre', None, 0.3, 0.3, angle=-90, swing=5, z=0.2, **mid)]
   for i in range(n):
     a = np.deg2rad(360.0 * i / n)
-    parts.append(Part(f'petal_{i}', 'centre', 0.45, 0.25, angle=360.0 * i / n, swing=10,
-                      attach=(0.6 * np.cos(a), 0.6 * np.sin(a)), taper=-0.4, z=0.1 + 0.01 * i,
-                      **mid))
-  parts.append(Part('stem', 'centre', 0.8, 0.06, angle=180, swing=12, attach=(-0.9, 0.0),
-                    exponent=4, z=-0.2, **mid))
-  right = [Part('right_leaf', 'stem', 0.35, 0.13, angle=130, swing=20, attach=(0.3, 0.8),
-                taper=0.5, z=-0.15)]
+    parts.append(
+        Part(
+            f'petal_{i}',
+            'centre',
+            0.45,
+            0.25,
+            angle=360.0 * i / n,
+            swing=10,
+            attach=(0.6 * np.cos(a), 0.6 * np.sin(a)),
+            taper=-0.4,
+            z=0.1 + 0.01 * i,
+            **mid,
+        )
+    )
+  parts.append(
+      Part(
+          'stem',
+          'centre',
+          0.8,
+          0.06,
+          angle=180,
+          swing=12,
+          attach=(-0.9, 0.0),
+          exponent=4,
+          z=-0.2,
+          **mid,
+      )
+  )
+  right = [
+      Part(
+          'right_leaf',
+          'stem',
+          0.35,
+          0.13,
+          angle=130,
+          swing=20,
+          attach=(0.3, 0.8),
+          taper=0.5,
+          z=-0.15,
+      )
+  ]
   parts += right + _mirror_chain(right)
-  kps = [('centre', 'centre', 0.0, 0.0), ('stem_bottom', 'stem', 0.9, 0.0),
-         ('right_leaf_tip', 'right_leaf', 0.85, 0.0), ('left_leaf_tip', 'left_leaf', 0.85, 0.0)]
+  kps = [
+      ('centre', 'centre', 0.0, 0.0),
+      ('stem_bottom', 'stem', 0.9, 0.0),
+      ('right_leaf_tip', 'right_leaf', 0.85, 0.0),
+      ('left_leaf_tip', 'left_leaf', 0.85, 0.0),
+  ]
   for i in range(n):
-    kps += [(f'petal_{i}_tip', f'petal_{i}', 0.85, 0.0),
-            (f'petal_{i}_cw', f'petal_{i}', 0.3, 0.85),
-            (f'petal_{i}_ccw', f'petal_{i}', 0.3, -0.85)]
+    kps += [
+        (f'petal_{i}_tip', f'petal_{i}', 0.85, 0.0),
+        (f'petal_{i}_cw', f'petal_{i}', 0.3, 0.85),
+        (f'petal_{i}_ccw', f'petal_{i}', 0.3, -0.85),
+    ]
   swaps = [(f'petal_{i}', f'petal_{n - i}') for i in range(1, (n + 1) // 2)]
   return Category('flower', parts, kps, rotation=35, swaps=swaps)
 
 
-CATEGORIES: Tuple[Category, ...] = (_quadruped(), _bird(), _vehicle(), _face(), _humanoid(),
-                                    _flower())
+CATEGORIES: Tuple[Category, ...] = (
+    _quadruped(),
+    _bird(),
+    _vehicle(),
+    _face(),
+    _humanoid(),
+    _flower(),
+)
 CATEGORY_NAMES: Tuple[str, ...] = tuple(c.name for c in CATEGORIES)
 FLIP_P = 0.5
 OCCLUDER_P = 0.3
@@ -372,7 +607,7 @@ def category(name_or_id) -> Category:
     i = int(name_or_id)
     return CATEGORIES[i] if i < NOVEL_BASE else novel_category(i - NOVEL_BASE)
   if name_or_id.startswith(_NOVEL_PREFIX):
-    return novel_category(int(name_or_id[len(_NOVEL_PREFIX):]))
+    return novel_category(int(name_or_id[len(_NOVEL_PREFIX) :]))
   return CATEGORIES[CATEGORY_NAMES.index(name_or_id)]
 
 
@@ -393,15 +628,29 @@ def _novel_part(rng, name, parent, root: bool = False) -> Part:
   """A random part: a root body, or a limb hanging from a point of its parent's outline."""
   shape = dict(exponent=float(rng.choice(_EXPONENTS)), taper=float(rng.uniform(-0.6, 0.9)))
   if root:
-    return Part(name, None, float(rng.uniform(0.6, 1.2)), float(rng.uniform(0.25, 0.6)),
-                swing=float(rng.uniform(0, 10)), **shape)
+    return Part(
+        name,
+        None,
+        float(rng.uniform(0.6, 1.2)),
+        float(rng.uniform(0.25, 0.6)),
+        swing=float(rng.uniform(0, 10)),
+        **shape,
+    )
   side = float(rng.choice([-1.0, 1.0]))
   centred = rng.random() < 0.2  # a part centred on its joint (a wheel, an eye) or a limb
-  return Part(name, parent, float(rng.uniform(0.15, 0.6)), float(rng.uniform(0.05, 0.3)),
-              angle=float(rng.uniform(-150, 150)), swing=float(rng.uniform(0, 35)),
-              attach=(float(rng.uniform(-0.9, 0.9)), side * float(rng.uniform(0.3, 0.95))),
-              joint=(0.0, 0.0) if centred else (-0.9, 0.0), slide=float(rng.uniform(0, 0.1)),
-              z=float(rng.uniform(-0.5, 0.5)), **shape)
+  return Part(
+      name,
+      parent,
+      float(rng.uniform(0.15, 0.6)),
+      float(rng.uniform(0.05, 0.3)),
+      angle=float(rng.uniform(-150, 150)),
+      swing=float(rng.uniform(0, 35)),
+      attach=(float(rng.uniform(-0.9, 0.9)), side * float(rng.uniform(0.3, 0.95))),
+      joint=(0.0, 0.0) if centred else (-0.9, 0.0),
+      slide=float(rng.uniform(0, 0.1)),
+      z=float(rng.uniform(-0.5, 0.5)),
+      **shape,
+  )
 
 
 def _novel_keypoints(rng, parts: Sequence[Part]) -> List[Tuple[str, str, float, float]]:
@@ -410,8 +659,9 @@ def _novel_keypoints(rng, parts: Sequence[Part]) -> List[Tuple[str, str, float, 
   choices = ((0.85, 0.0), (-0.7, 0.0), (0.0, 0.85), (0.0, -0.85), (0.0, 0.0), (0.5, 0.6))
   own = [p for p in parts if not p.name.startswith('right_')]
   per_part = {p.name: [choices[0]] for p in own}
-  n_total = lambda: sum(len(v) * (2 if k.startswith('left_') else 1)  # noqa: E731
-                        for k, v in per_part.items())
+  n_total = lambda: sum(
+      len(v) * (2 if k.startswith('left_') else 1) for k, v in per_part.items()  # noqa: E731
+  )
   target = int(rng.integers(10, 25))
   for _ in range(100):
     if n_total() >= target:
@@ -449,12 +699,19 @@ def novel_category(i: int) -> Category:
     if rng.random() < 0.5:  # a near/far pair of limb chains attached to the body
       limb = [_novel_part(rng, 'left_limb0', 'body')]
       if rng.random() < 0.6:
-        limb.append(dataclasses.replace(_novel_part(rng, 'left_limb1', 'left_limb0'),
-                                        attach=(0.9, 0.0), joint=(-0.9, 0.0)))
+        limb.append(
+            dataclasses.replace(
+                _novel_part(rng, 'left_limb1', 'left_limb0'), attach=(0.9, 0.0), joint=(-0.9, 0.0)
+            )
+        )
       parts += limb + _far_chain(limb, float(rng.uniform(0.3, 1.0)), float(rng.uniform(0, 0.3)))
     try:
-      return Category(novel_category_name(i), parts, _novel_keypoints(rng, parts),
-                      rotation=float(rng.uniform(10, 40)))
+      return Category(
+          novel_category_name(i),
+          parts,
+          _novel_keypoints(rng, parts),
+          rotation=float(rng.uniform(10, 40)),
+      )
     except ValueError:  # too few keypoints for the 10-30 rule: draw again
       continue
   raise RuntimeError(f'novel category {i}: no valid draw')  # not reached for the fixed seed
@@ -517,6 +774,7 @@ class Instance:
     obj_to_img: [2, 3] the global affine object units -> pixels (flip included).
     half_px: [P, 2] the parts' half-length and half-width in pixels.
   """
+
   category: int
   flip: bool
   mat: np.ndarray
@@ -575,8 +833,15 @@ def sample_instance(cat_id: int, rng: np.random.Generator, size: int) -> Instanc
   flip = bool(rng.random() < FLIP_P)
   rotation = float(rng.uniform(-cat.rotation, cat.rotation))
   glob = _rot(rotation) @ np.diag([-1.0 if flip else 1.0, 1.0])
-  pts = np.concatenate([np.einsum('ij,nj->ni', obj_mat[i], _outline(p.exponent, p.taper))
-                        + centre[i] for i, p in enumerate(cat.parts)]) @ glob.T
+  pts = (
+      np.concatenate(
+          [
+              np.einsum('ij,nj->ni', obj_mat[i], _outline(p.exponent, p.taper)) + centre[i]
+              for i, p in enumerate(cat.parts)
+          ]
+      )
+      @ glob.T
+  )
   lo, hi = pts.min(0), pts.max(0)
   scale = rng.uniform(0.45, 0.9) * size / float((hi - lo).max())
   target = rng.uniform(0.25, 0.75, 2) * (size - 1)
@@ -584,9 +849,16 @@ def sample_instance(cat_id: int, rng: np.random.Generator, size: int) -> Instanc
   lin = scale * glob
   mat = np.einsum('ij,njk->nik', lin, obj_mat)
   off = centre @ lin.T + shift
-  return Instance(category=cat_id, flip=flip, mat=mat, off=off, scale=float(scale),
-                  rotation=rotation, obj_to_img=np.concatenate([lin, shift[:, None]], 1),
-                  half_px=half * scale)
+  return Instance(
+      category=cat_id,
+      flip=flip,
+      mat=mat,
+      off=off,
+      scale=float(scale),
+      rotation=rotation,
+      obj_to_img=np.concatenate([lin, shift[:, None]], 1),
+      half_px=half * scale,
+  )
 
 
 def _footprint(mat, off, exponent, taper, size):
@@ -602,7 +874,7 @@ def _footprint(mat, off, exponent, taper, size):
   x1, y1 = np.minimum(np.ceil(pts.max(0)) + 1, size - 1).astype(int)
   if x0 > x1 or y0 > y1:
     return None
-  ys, xs = np.mgrid[y0:y1 + 1, x0:x1 + 1]
+  ys, xs = np.mgrid[y0 : y1 + 1, x0 : x1 + 1]
   ys, xs = ys.reshape(-1), xs.reshape(-1)
   rel = np.stack([xs - off[0], ys - off[1]], -1)
   uv = rel @ np.linalg.inv(mat).T
@@ -678,8 +950,9 @@ def keypoint_visibility(inst: Instance, geo: np.ndarray):
   return xy, inside, visible
 
 
-def dense_correspondence(src: Instance, src_geo: np.ndarray, trg: Instance,
-                         trg_part: np.ndarray, trg_uv: np.ndarray):
+def dense_correspondence(
+    src: Instance, src_geo: np.ndarray, trg: Instance, trg_part: np.ndarray, trg_uv: np.ndarray
+):
   """Exact dense ground truth of a pair (see the module docstring).
 
   Args:
@@ -717,8 +990,11 @@ def texture_photo(name: str, max_side: int = 320) -> np.ndarray:
   img = synthetic.load_photo(name)
   shrink = max_side / max(img.shape[:2])
   if shrink < 1:
-    img = np.asarray(Image.fromarray(img).resize(
-        (round(img.shape[1] * shrink), round(img.shape[0] * shrink)), Image.BILINEAR))
+    img = np.asarray(
+        Image.fromarray(img).resize(
+            (round(img.shape[1] * shrink), round(img.shape[0] * shrink)), Image.BILINEAR
+        )
+    )
   return img.astype(np.float32) / 255.0
 
 
@@ -752,17 +1028,26 @@ def sample_material(rng: np.random.Generator, photos: Sequence[str]) -> dict:
   if rng.random() < 0.6:
     name = photos[int(rng.integers(len(photos)))]
     img = texture_photo(name)
-    return dict(kind='photo', photo=name, origin=rng.uniform(0, 1, 2) * img.shape[1::-1],
-                mat=_rot(ang) * rng.uniform(25, 90), tint=rng.uniform(0.5, 1.4, 3),
-                gray=bool(rng.random() < 0.3))
+    return dict(
+        kind='photo',
+        photo=name,
+        origin=rng.uniform(0, 1, 2) * img.shape[1::-1],
+        mat=_rot(ang) * rng.uniform(25, 90),
+        tint=rng.uniform(0.5, 1.4, 3),
+        gray=bool(rng.random() < 0.3),
+    )
   return _pattern(rng, colours, ang)
 
 
 def _pattern(rng: np.random.Generator, colours: np.ndarray, ang: float) -> dict:
   """A procedural pattern material (stripes, checks, dots or waves) of two colours."""
-  return dict(kind=_PATTERNS[int(rng.integers(len(_PATTERNS)))], colours=colours,
-              mat=_rot(ang) * rng.uniform(1.5, 5.0), phase=rng.uniform(0, 1, 3),
-              dirs=np.stack([_rot(rng.uniform(0, 360))[:, 0] for _ in range(3)]))
+  return dict(
+      kind=_PATTERNS[int(rng.integers(len(_PATTERNS)))],
+      colours=colours,
+      mat=_rot(ang) * rng.uniform(1.5, 5.0),
+      phase=rng.uniform(0, 1, 3),
+      dirs=np.stack([_rot(rng.uniform(0, 360))[:, 0] for _ in range(3)]),
+  )
 
 
 # Appearance models of the parts (`render(..., appearance=)`): 'random', every part of every
@@ -783,16 +1068,20 @@ def category_materials(cat_id: int) -> Tuple[dict, ...]:
   out = []
   for p in range(len(cat.parts)):
     partner = int(cat.part_perm[p])
-    out.append(out[partner] if partner < p else
-               _pattern(rng, rng.uniform(0.05, 0.95, (2, 3)), rng.uniform(0, 360)))
+    out.append(
+        out[partner]
+        if partner < p
+        else _pattern(rng, rng.uniform(0.05, 0.95, (2, 3)), rng.uniform(0, 360))
+    )
   return tuple(out)
 
 
 def _vary(rng: np.random.Generator, base: dict) -> dict:
   """An instance's version of a typical material: colours within about 20%, the pattern's
   scale within 18% and its angle within about 15 degrees, a new phase."""
-  colours = np.clip(base['colours'] * rng.uniform(0.8, 1.2, (2, 3))
-                    + rng.normal(0, 0.04, (2, 3)), 0, 1)
+  colours = np.clip(
+      base['colours'] * rng.uniform(0.8, 1.2, (2, 3)) + rng.normal(0, 0.04, (2, 3)), 0, 1
+  )
   mat = _rot(rng.normal(0, 15)) @ base['mat'] * rng.uniform(0.85, 1.18)
   return dict(base, colours=colours, mat=mat, phase=rng.uniform(0, 1, 3))
 
@@ -828,7 +1117,7 @@ def _background(rng: np.random.Generator, photos: Sequence[str], size: int) -> n
   side = int(rng.uniform(0.3, 1.0) * min(h, w))
   y0 = int(rng.integers(0, h - side + 1))
   x0 = int(rng.integers(0, w - side + 1))
-  crop = (img[y0:y0 + side, x0:x0 + side] * 255).astype(np.uint8)
+  crop = (img[y0 : y0 + side, x0 : x0 + side] * 255).astype(np.uint8)
   bg = np.asarray(Image.fromarray(crop).resize((size, size), Image.BILINEAR), np.float64) / 255
   for _ in range(int(rng.integers(2, 6))):
     _paint_blob(rng, bg, photos, size, centre=rng.uniform(0, size, 2))
@@ -851,8 +1140,13 @@ def _paint_blob(rng, img, photos, size, centre, geo=None):
     geo[ys, xs] = -2
 
 
-def render(inst: Instance, rng: np.random.Generator, photos: Sequence[str], size: int,
-           appearance: str = 'random'):
+def render(
+    inst: Instance,
+    rng: np.random.Generator,
+    photos: Sequence[str],
+    size: int,
+    appearance: str = 'random',
+):
   """Draws an instance over a cluttered background, with an occluder with p=`OCCLUDER_P`.
 
   Args:
@@ -894,7 +1188,7 @@ def render(inst: Instance, rng: np.random.Generator, photos: Sequence[str], size
     rgb = shade(materials[part_material[g]], q[sel])
     r = rad[ys[sel], xs[sel]]
     edge = 1.0 - 1.3 / max(float(inst.half_px[g].min()), 1.3)
-    light = np.where(r > edge, dark, 1.0 - 0.3 * r ** 4)
+    light = np.where(r > edge, dark, 1.0 - 0.3 * r**4)
     img[ys[sel], xs[sel]] = rgb * light[:, None]
   if len(ys):
     box = np.array([xs.min(), ys.min(), xs.max(), ys.max()], np.float32)
@@ -928,9 +1222,12 @@ def _difficulty(src: Instance, trg: Instance, src_flags, trg_flags) -> Dict[str,
   view = min(2, int(src.flip != trg.flip) + int(drot >= 25))
   ratio = max(src.scale, trg.scale) / min(src.scale, trg.scale)
   scale = 0 if ratio < 1.25 else (1 if ratio < 1.6 else 2)
-  return dict(viewpoint_variation=np.int32(view), scale_variation=np.int32(scale),
-              truncation=np.int32(int(src_flags[0]) + 2 * int(trg_flags[0])),
-              occlusion=np.int32(int(src_flags[1]) + 2 * int(trg_flags[1])))
+  return dict(
+      viewpoint_variation=np.int32(view),
+      scale_variation=np.int32(scale),
+      truncation=np.int32(int(src_flags[0]) + 2 * int(trg_flags[0])),
+      occlusion=np.int32(int(src_flags[1]) + 2 * int(trg_flags[1])),
+  )
 
 
 def _image(cat_id, rng, photos, size, appearance):
@@ -941,13 +1238,21 @@ def _image(cat_id, rng, photos, size, appearance):
   # Occluded: an occluder covers the object, or a fifth of the keypoints in view are hidden.
   hidden = (inside & ~visible).sum() / max(int(inside.sum()), 1)
   flags = (truncated(inst, size), occluder or hidden >= 0.2)
-  return dict(inst=inst, img=img, geo=geo, part=part, uv=cuv, kps=xy, visible=visible,
-              box=box, flags=flags)
+  return dict(
+      inst=inst, img=img, geo=geo, part=part, uv=cuv, kps=xy, visible=visible, box=box, flags=flags
+  )
 
 
-def make_pair(cat_id: int, rng: np.random.Generator, size: int, photos: Sequence[str],
-              min_kps: int = 4, max_tries: int = 20, name: str = 'pair',
-              appearance: str = 'random') -> dict:
+def make_pair(
+    cat_id: int,
+    rng: np.random.Generator,
+    size: int,
+    photos: Sequence[str],
+    min_kps: int = 4,
+    max_tries: int = 20,
+    name: str = 'pair',
+    appearance: str = 'random',
+) -> dict:
   """A pair of two instances of category `cat_id` with its labels and dense ground truth.
 
   Args:
@@ -974,8 +1279,7 @@ def make_pair(cat_id: int, rng: np.random.Generator, size: int, photos: Sequence
   for _ in range(max_tries):
     src = _image(cat_id, rng, photos, size, appearance)
     trg = _image(cat_id, rng, photos, size, appearance)
-    flow, valid = dense_correspondence(src['inst'], src['geo'], trg['inst'], trg['part'],
-                                       trg['uv'])
+    flow, valid = dense_correspondence(src['inst'], src['geo'], trg['inst'], trg['part'], trg['uv'])
     pix = np.floor(trg['kps'] + 0.5).astype(int)
     both = trg['visible'] & src['visible']
     pix_c = np.clip(pix, 0, size - 1)
@@ -985,8 +1289,9 @@ def make_pair(cat_id: int, rng: np.random.Generator, size: int, photos: Sequence
     if len(ids) >= min_kps:
       break
   else:
-    raise records.BadRecordError(name, f'no draw of {max_tries} had {min_kps} keypoints '
-                                 'visible in both images')
+    raise records.BadRecordError(
+        name, f'no draw of {max_tries} had {min_kps} keypoints ' 'visible in both images'
+    )
   n = len(ids)
   trg_kps = pix[ids].astype(np.float32)
   src_kps = trg_kps + flow[pix[ids, 1], pix[ids, 0]]
@@ -996,9 +1301,19 @@ def make_pair(cat_id: int, rng: np.random.Generator, size: int, photos: Sequence
 
   kps_ids = np.full(records.MAX_KPS, -1, np.int32)
   kps_ids[:n] = ids
-  out = dict(src_img=src['img'], trg_img=trg['img'], src_kps=pad(src_kps), trg_kps=pad(trg_kps),
-             kps_valid=np.arange(records.MAX_KPS) < n, kps_ids=kps_ids,
-             src_bbox=src['box'], trg_bbox=trg['box'], dense_flow=flow, dense_valid=valid,
-             src=src, trg=trg)
+  out = dict(
+      src_img=src['img'],
+      trg_img=trg['img'],
+      src_kps=pad(src_kps),
+      trg_kps=pad(trg_kps),
+      kps_valid=np.arange(records.MAX_KPS) < n,
+      kps_ids=kps_ids,
+      src_bbox=src['box'],
+      trg_bbox=trg['box'],
+      dense_flow=flow,
+      dense_valid=valid,
+      src=src,
+      trg=trg,
+  )
   out.update(_difficulty(src['inst'], trg['inst'], src['flags'], trg['flags']))
   return out

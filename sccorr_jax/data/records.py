@@ -55,25 +55,71 @@ MAX_KPS = 40
 # as inside (annotations of border points are often 1-based or at `size`).
 KPS_BORDER_TOLERANCE = 1.5
 
-SPAIR_CATEGORIES = ('aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat',
-                    'chair', 'cow', 'dog', 'horse', 'motorbike', 'person', 'pottedplant',
-                    'sheep', 'train', 'tvmonitor')
-PASCAL_CATEGORIES = ('aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat',
-                     'chair', 'cow', 'diningtable', 'dog', 'horse', 'motorbike', 'person',
-                     'pottedplant', 'sheep', 'sofa', 'train', 'tvmonitor')
-WILLOW_CATEGORIES = ('car(G)', 'car(M)', 'car(S)', 'duck(S)', 'motorbike(G)', 'motorbike(M)',
-                     'motorbike(S)', 'winebottle(M)', 'winebottle(wC)', 'winebottle(woC)')
+SPAIR_CATEGORIES = (
+    'aeroplane',
+    'bicycle',
+    'bird',
+    'boat',
+    'bottle',
+    'bus',
+    'car',
+    'cat',
+    'chair',
+    'cow',
+    'dog',
+    'horse',
+    'motorbike',
+    'person',
+    'pottedplant',
+    'sheep',
+    'train',
+    'tvmonitor',
+)
+PASCAL_CATEGORIES = (
+    'aeroplane',
+    'bicycle',
+    'bird',
+    'boat',
+    'bottle',
+    'bus',
+    'car',
+    'cat',
+    'chair',
+    'cow',
+    'diningtable',
+    'dog',
+    'horse',
+    'motorbike',
+    'person',
+    'pottedplant',
+    'sheep',
+    'sofa',
+    'train',
+    'tvmonitor',
+)
+WILLOW_CATEGORIES = (
+    'car(G)',
+    'car(M)',
+    'car(S)',
+    'duck(S)',
+    'motorbike(G)',
+    'motorbike(M)',
+    'motorbike(S)',
+    'winebottle(M)',
+    'winebottle(wC)',
+    'winebottle(woC)',
+)
 
 DIFFICULTY_FIELDS = constants.DIFFICULTY_FIELDS
 # The largest level of each SPair-71k difficulty field (Min et al. 2019): viewpoint and scale
 # variation 0 easy / 1 medium / 2 hard; truncation and occlusion 0 none / 1 source / 2 target /
 # 3 both.
-SPAIR_MAX_LEVELS = {'viewpoint_variation': 2, 'scale_variation': 2, 'truncation': 3,
-                    'occlusion': 3}
+SPAIR_MAX_LEVELS = {'viewpoint_variation': 2, 'scale_variation': 2, 'truncation': 3, 'occlusion': 3}
 
 
-def pair_features(category_names: Sequence[str],
-                  extra: Optional[Dict[str, tfds.features.FeatureConnector]] = None):
+def pair_features(
+    category_names: Sequence[str], extra: Optional[Dict[str, tfds.features.FeatureConnector]] = None
+):
   """The TFDS `FeaturesDict` of one pair record (see the module docstring)."""
   f32 = np.float32
   feats = {
@@ -105,7 +151,8 @@ def dense_truth_features(size: int) -> Dict[str, tfds.features.FeatureConnector]
   raw = tfds.features.Encoding.BYTES
   return {
       'dense_flow': tfds.features.Tensor(shape=(size, size, 2), dtype=np.float32, encoding=raw),
-      'dense_valid': tfds.features.Tensor(shape=(size, size), dtype=np.bool_, encoding=raw)}
+      'dense_valid': tfds.features.Tensor(shape=(size, size), dtype=np.bool_, encoding=raw),
+  }
 
 
 class BadRecordError(ValueError):
@@ -130,6 +177,7 @@ class BadRecordPolicy:
     on_bad_record: 'skip' (log, count, list at the end) or 'raise' (stop at the first).
     max_bad_fraction: stop when more than this fraction of a split's pairs is bad.
   """
+
   on_bad_record: str = 'skip'
   max_bad_fraction: float = 0.25
 
@@ -143,6 +191,7 @@ class BadRecordPolicy:
 @dataclasses.dataclass
 class PreparationReport:
   """Bad records, dropped keypoints and other notes (duplicates) met during preparation."""
+
   bad: List[Dict[str, str]] = dataclasses.field(default_factory=list)
   dropped_kps: List[Dict[str, str]] = dataclasses.field(default_factory=list)
   counts: Dict[str, Dict[str, int]] = dataclasses.field(default_factory=dict)
@@ -188,8 +237,7 @@ class SplitGuard:
       if self.policy.on_bad_record == 'raise':
         raise PreparationError(f'[{self.split}] bad record {record}: {e}') from e
       self.bad += 1
-      self.report.bad.append(dict(split=self.split, record=record, file=e.file,
-                                  problem=e.problem))
+      self.report.bad.append(dict(split=self.split, record=record, file=e.file, problem=e.problem))
       logging.warning('Skipping bad record [%s] %s: %s', self.split, record, e)
       return None
     except (PreparationError, KeyboardInterrupt):
@@ -197,7 +245,8 @@ class SplitGuard:
     except Exception as e:  # pylint: disable=broad-except  # named, never swallowed
       raise PreparationError(
           f'[{self.split}] record {record}: unexpected {type(e).__name__}: {_one_line(e)} '
-          '(an unforeseen defect of the input or a bug; please report it)') from e
+          '(an unforeseen defect of the input or a bug; please report it)'
+      ) from e
     self.written += 1
     return example
 
@@ -221,13 +270,15 @@ class SplitGuard:
       first = self.report.bad[-self.bad] if self.bad else None
       raise PreparationError(
           f'split {self.split!r}: no usable pair out of {total}'
-          + (f' (first problem: {first["file"]}: {first["problem"]})' if first else ''))
+          + (f' (first problem: {first["file"]}: {first["problem"]})' if first else '')
+      )
     if self.bad > self.policy.max_bad_fraction * total:
       logging.error('Bad records:\n%s', self.report.summary())
       raise PreparationError(
           f'split {self.split!r}: {self.bad} of {total} pairs are bad (more than '
           f'max_bad_fraction={self.policy.max_bad_fraction}); is the dataset directory right? '
-          'The bad records are listed above.')
+          'The bad records are listed above.'
+      )
 
 
 def _one_line(e: BaseException) -> str:
@@ -277,15 +328,18 @@ def read_encoded_image(path: str) -> Tuple[bytes, Tuple[int, int]]:
       elif mode in ('I', 'F') or mode.startswith(('I;', 'F;')):
         kind = 'float' if mode[0] == 'F' else '32-bit integer'
         raise BadRecordError(
-            path, f'{fmt} image whose pixels PIL reads as {kind}s (mode {mode!r}): their range '
-            'is unknown; convert it to an 8-bit RGB image')
+            path,
+            f'{fmt} image whose pixels PIL reads as {kind}s (mode {mode!r}): their range '
+            'is unknown; convert it to an 8-bit RGB image',
+        )
       else:
         rgb = im.convert('RGB')
   except BadRecordError:
     raise
   except Exception as e:  # pylint: disable=broad-except  # PIL raises many kinds on bad files
-    raise BadRecordError(path, f'image cannot be decoded ({type(e).__name__}: {_one_line(e)})'
-                         ) from e
+    raise BadRecordError(
+        path, f'image cannot be decoded ({type(e).__name__}: {_one_line(e)})'
+    ) from e
   if w < 1 or h < 1:
     raise BadRecordError(path, f'image has no pixels ({w}x{h})')
   buf = io.BytesIO()
@@ -296,8 +350,7 @@ def read_encoded_image(path: str) -> Tuple[bytes, Tuple[int, int]]:
 def _inside(kps: np.ndarray, hw: Tuple[int, int]) -> np.ndarray:
   h, w = hw
   t = KPS_BORDER_TOLERANCE
-  return ((kps[:, 0] >= -t) & (kps[:, 0] <= w - 1 + t) & (kps[:, 1] >= -t)
-          & (kps[:, 1] <= h - 1 + t))
+  return (kps[:, 0] >= -t) & (kps[:, 0] <= w - 1 + t) & (kps[:, 1] >= -t) & (kps[:, 1] <= h - 1 + t)
 
 
 def _describe(value, limit: int = 80) -> str:
@@ -316,8 +369,9 @@ def _check_numbers(value, what: str, file: str):
     for v in value:
       _check_numbers(v, what, file)
     return
-  raise BadRecordError(file, f'{what}: {type(value).__name__} {_describe(value)} where numbers '
-                       'were expected')
+  raise BadRecordError(
+      file, f'{what}: {type(value).__name__} {_describe(value)} where numbers ' 'were expected'
+  )
 
 
 def numeric_array(value, what: str, file: str) -> np.ndarray:
@@ -381,18 +435,31 @@ def keypoint_array(value, what: str, file: str, *, nan_invisible: bool = False) 
       hint = f' (a flat list of {arr.shape[0]} numbers)'
     elif arr.ndim == 2 and arr.shape[1] == 3:
       hint = ' ((x, y, visibility) triples?)'
-    raise BadRecordError(file, f'{what}: keypoints must be [n, 2] (x, y) pairs, got shape '
-                         f'{arr.shape}{hint}')
+    raise BadRecordError(
+        file, f'{what}: keypoints must be [n, 2] (x, y) pairs, got shape ' f'{arr.shape}{hint}'
+    )
   bad = np.isinf(arr) if nan_invisible else ~np.isfinite(arr)
   if bad.any():
     i = int(np.nonzero(bad.any(1))[0][0])
-    raise BadRecordError(file, f'{what}: keypoint {i} is not finite ({tuple(arr[i])}); '
-                         f'{int(bad.any(1).sum())} such keypoint(s)')
+    raise BadRecordError(
+        file,
+        f'{what}: keypoint {i} is not finite ({tuple(arr[i])}); '
+        f'{int(bad.any(1).sum())} such keypoint(s)',
+    )
   return arr
 
 
-def clean_keypoints(src_kps, trg_kps, src_hw, trg_hw, *, file: str, record: str,
-                    guard: Optional[SplitGuard] = None, nan_invisible: bool = True):
+def clean_keypoints(
+    src_kps,
+    trg_kps,
+    src_hw,
+    trg_hw,
+    *,
+    file: str,
+    record: str,
+    guard: Optional[SplitGuard] = None,
+    nan_invisible: bool = True,
+):
   """Validates, filters and pads one pair's keypoints.
 
   Keypoints must be [n, 2] real numbers (see `keypoint_array`). With `nan_invisible` (the
@@ -423,9 +490,13 @@ def clean_keypoints(src_kps, trg_kps, src_hw, trg_hw, *, file: str, record: str,
   inside = _inside(src, src_hw) & _inside(trg, trg_hw)
   if not inside.all():
     bad = np.nonzero(~inside)[0]
-    msg = (f'dropped {len(bad)} keypoint(s) outside the images (source (h, w)={tuple(src_hw)}, '
-           f'target (h, w)={tuple(trg_hw)}): ' + ', '.join(
-               f'src {tuple(np.round(src[i], 1))} trg {tuple(np.round(trg[i], 1))}' for i in bad))
+    msg = (
+        f'dropped {len(bad)} keypoint(s) outside the images (source (h, w)={tuple(src_hw)}, '
+        f'target (h, w)={tuple(trg_hw)}): '
+        + ', '.join(
+            f'src {tuple(np.round(src[i], 1))} trg {tuple(np.round(trg[i], 1))}' for i in bad
+        )
+    )
     if guard is not None:
       guard.drop_note(record, f'{file}: {msg}')
     src, trg = src[inside], trg[inside]
@@ -442,8 +513,7 @@ def clean_keypoints(src_kps, trg_kps, src_hw, trg_hw, *, file: str, record: str,
   return out_src, out_trg, valid
 
 
-def parse_bbox(value, file: str, field: str, hw: Optional[Tuple[int, int]] = None
-               ) -> np.ndarray:
+def parse_bbox(value, file: str, field: str, hw: Optional[Tuple[int, int]] = None) -> np.ndarray:
   """[4] xyxy float32 from an annotation value; raises `BadRecordError` naming the field.
 
   The box must be 4 finite real numbers (a [1, 4] array is accepted) with x1 < x2 and y1 < y2;
@@ -452,14 +522,17 @@ def parse_bbox(value, file: str, field: str, hw: Optional[Tuple[int, int]] = Non
   """
   box = numeric_array(value, f'field {field!r}', file)
   if box.shape not in ((4,), (1, 4)) or not np.isfinite(box).all():
-    raise BadRecordError(file, f'field {field!r} must be 4 finite numbers xyxy, got '
-                         f'{_describe(value)}')
+    raise BadRecordError(
+        file, f'field {field!r} must be 4 finite numbers xyxy, got ' f'{_describe(value)}'
+    )
   box = box.reshape(4)
   x1, y1, x2, y2 = box
   if not (x1 < x2 and y1 < y2):
     kind = 'zero area' if x1 == x2 or y1 == y2 else 'inverted (x2 < x1 or y2 < y1)'
-    raise BadRecordError(file, f'field {field!r}: box {box.tolist()} is {kind}; expected xyxy '
-                         'with x1 < x2 and y1 < y2')
+    raise BadRecordError(
+        file,
+        f'field {field!r}: box {box.tolist()} is {kind}; expected xyxy ' 'with x1 < x2 and y1 < y2',
+    )
   if hw is not None:
     check_box_in_image(box, hw, file, field)
   return box.astype(np.float32)
@@ -472,18 +545,22 @@ def check_box_in_image(box, hw: Tuple[int, int], file: str, field: str):
   x1, y1, x2, y2 = (float(v) for v in box)
   t = KPS_BORDER_TOLERANCE
   if x1 < -t or y1 < -t or x2 > w - 1 + t or y2 > h - 1 + t:
-    raise BadRecordError(file, f'field {field!r}: box {[x1, y1, x2, y2]} extends beyond the '
-                         f'image (h, w)={tuple(hw)}')
+    raise BadRecordError(
+        file,
+        f'field {field!r}: box {[x1, y1, x2, y2]} extends beyond the ' f'image (h, w)={tuple(hw)}',
+    )
 
 
 def parse_level(value, file: str, field: str, max_level: int) -> np.int32:
   """A difficulty level: an integer (JSON int, not bool/float/string) in [0, max_level]."""
   if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-    raise BadRecordError(file, f'field {field!r}: {_describe(value)} is not an integer level '
-                         f'(0..{max_level})')
+    raise BadRecordError(
+        file, f'field {field!r}: {_describe(value)} is not an integer level ' f'(0..{max_level})'
+    )
   if not 0 <= value <= max_level:
-    raise BadRecordError(file, f'field {field!r}: level {_describe(value)} outside '
-                         f'0..{max_level}')
+    raise BadRecordError(
+        file, f'field {field!r}: level {_describe(value)} outside ' f'0..{max_level}'
+    )
   return np.int32(value)
 
 

@@ -43,21 +43,25 @@ def parse_pair_name(name: str):
 
 class Spair71k(builder_base.PairDatasetBuilder):
   """SPair-71k: 70,958 image pairs of 18 PASCAL categories with keypoints and difficulty."""
+
   FOLDER = 'SPair-71k'
   MARKER = os.path.join('Layout', 'large')
   URLS = {'spair71k': 'http://cvlab.postech.ac.kr/research/SPair-71k/data/SPair-71k.tar.gz'}
   CATEGORIES = records.SPAIR_CATEGORIES
   SPLITS = ('trn', 'val', 'test')
   HOMEPAGE = 'https://cvlab.postech.ac.kr/research/SPair-71k/'
-  DESCRIPTION = ('SPair-71k semantic correspondence benchmark: pairs of PASCAL VOC images with '
-                 'sparse keypoint matches, boxes and difficulty levels.')
+  DESCRIPTION = (
+      'SPair-71k semantic correspondence benchmark: pairs of PASCAL VOC images with '
+      'sparse keypoint matches, boxes and difficulty levels.'
+  )
   CITATION = """@article{min2019spair,
   title={SPair-71k: A Large-scale Benchmark for Semantic Correspondence},
   author={Min, Juhong and Lee, Jongmin and Ponce, Jean and Cho, Minsu},
   journal={arXiv preprint arXiv:1908.10543}, year={2019}}"""
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       'Download SPair-71k.tar.gz from https://cvlab.postech.ac.kr/research/SPair-71k/ and '
-      'extract it into the manual dir (so that <manual_dir>/SPair-71k/Layout/large exists).')
+      'extract it into the manual dir (so that <manual_dir>/SPair-71k/Layout/large exists).'
+  )
 
   def _examples(self, root, split, guard):
     layout = os.path.join(root, 'Layout', 'large', f'{split}.txt')
@@ -78,8 +82,7 @@ class Spair71k(builder_base.PairDatasetBuilder):
         guard.note(key, f'{where}: {line!r} repeats the pair of line {seen[key]}; kept once')
         continue
       seen[key] = lineno
-      example = guard.run(key, functools.partial(self._example, root, ann_dir, line, guard,
-                                                 where))
+      example = guard.run(key, functools.partial(self._example, root, ann_dir, line, guard, where))
       if example is not None:
         yield key, example
 
@@ -100,8 +103,14 @@ class Spair71k(builder_base.PairDatasetBuilder):
       raise records.BadRecordError(ann_path, f'malformed JSON ({type(e).__name__}: {e})') from e
     if not isinstance(ann, dict):
       raise records.BadRecordError(ann_path, 'annotation is not a JSON object')
-    required = ('src_kps', 'trg_kps', 'src_bndbox', 'trg_bndbox', 'category',
-                *records.DIFFICULTY_FIELDS)
+    required = (
+        'src_kps',
+        'trg_kps',
+        'src_bndbox',
+        'trg_bndbox',
+        'category',
+        *records.DIFFICULTY_FIELDS,
+    )
     missing = [k for k in required if k not in ann]
     if missing:
       raise records.BadRecordError(ann_path, f'missing field(s) {missing}')
@@ -113,18 +122,35 @@ class Spair71k(builder_base.PairDatasetBuilder):
     src_bytes, src_hw = records.read_encoded_image(os.path.join(root, src_name))
     trg_bytes, trg_hw = records.read_encoded_image(os.path.join(root, trg_name))
     src_kps, trg_kps, valid = records.clean_keypoints(
-        ann['src_kps'], ann['trg_kps'], src_hw, trg_hw, file=ann_path, record=name, guard=guard,
-        nan_invisible=False)
-    difficulty = {field: records.parse_level(ann[field], ann_path, field, max_level)
-                  for field, max_level in records.SPAIR_MAX_LEVELS.items()}
+        ann['src_kps'],
+        ann['trg_kps'],
+        src_hw,
+        trg_hw,
+        file=ann_path,
+        record=name,
+        guard=guard,
+        nan_invisible=False,
+    )
+    difficulty = {
+        field: records.parse_level(ann[field], ann_path, field, max_level)
+        for field, max_level in records.SPAIR_MAX_LEVELS.items()
+    }
     return records.base_example(
-        pair_id=name, src_imname=src_name, trg_imname=trg_name, src_img=src_bytes,
-        trg_img=trg_bytes, src_imsize=np.array(src_hw, np.int32),
-        trg_imsize=np.array(trg_hw, np.int32), src_kps=src_kps, trg_kps=trg_kps,
+        pair_id=name,
+        src_imname=src_name,
+        trg_imname=trg_name,
+        src_img=src_bytes,
+        trg_img=trg_bytes,
+        src_imsize=np.array(src_hw, np.int32),
+        trg_imsize=np.array(trg_hw, np.int32),
+        src_kps=src_kps,
+        trg_kps=trg_kps,
         kps_valid=valid,
         src_bbox=records.parse_bbox(ann['src_bndbox'], ann_path, 'src_bndbox', src_hw),
         trg_bbox=records.parse_bbox(ann['trg_bndbox'], ann_path, 'trg_bndbox', trg_hw),
-        category=self.CATEGORIES.index(category), **difficulty)
+        category=self.CATEGORIES.index(category),
+        **difficulty,
+    )
 
 
 def _raise_bad(file: str, problem: str):

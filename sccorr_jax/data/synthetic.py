@@ -36,8 +36,21 @@ from sccorr_jax.data import builder_base
 from sccorr_jax.data import records
 
 PHOTOS: Dict[str, Tuple[str, ...]] = {
-    'trn': ('astronaut', 'brick', 'coins', 'gravel', 'hubble_deep_field', 'immunohistochemistry',
-            'moon', 'page', 'retina', 'text', 'stereo_motorcycle', 'cell', 'microaneurysms'),
+    'trn': (
+        'astronaut',
+        'brick',
+        'coins',
+        'gravel',
+        'hubble_deep_field',
+        'immunohistochemistry',
+        'moon',
+        'page',
+        'retina',
+        'text',
+        'stereo_motorcycle',
+        'cell',
+        'microaneurysms',
+    ),
     'val': ('chelsea', 'clock', 'grass'),
     'test': ('coffee', 'rocket', 'camera'),
 }
@@ -54,6 +67,7 @@ class SyntheticConfig(builder_base.EmbeddedConfig):
     eval_pairs_per_photo: pairs per validation / test photograph.
     max_kps: keypoints per pair at most (`min_kps` to `max_kps`, at most 40).
   """
+
   train_pairs_per_photo: int
   eval_pairs_per_photo: int
   max_kps: int
@@ -69,15 +83,17 @@ def make_config(**knobs) -> SyntheticConfig:
   k = {**config_lib.SYNTHETIC_KNOBS, **knobs}
   if not 1 <= k['min_kps'] <= k['max_kps'] <= records.MAX_KPS:
     raise ValueError(f'need 1 <= min_kps <= max_kps <= {records.MAX_KPS}')
-  name = (f'img{k["img_size"]}-trn{k["train_pairs_per_photo"]}-eval{k["eval_pairs_per_photo"]}-'
-          f'kps{k["min_kps"]}to{k["max_kps"]}-seed{k["seed"]}')
-  return SyntheticConfig(name=name, description='synthetic warps of skimage.data photographs',
-                         **k)
+  name = (
+      f'img{k["img_size"]}-trn{k["train_pairs_per_photo"]}-eval{k["eval_pairs_per_photo"]}-'
+      f'kps{k["min_kps"]}to{k["max_kps"]}-seed{k["seed"]}'
+  )
+  return SyntheticConfig(name=name, description='synthetic warps of skimage.data photographs', **k)
 
 
 def load_photo(name: str) -> np.ndarray:
   """[h, w, 3] uint8 RGB photograph from `skimage.data`."""
   import skimage.data  # pylint: disable=g-import-not-at-top  # slow import, only when building
+
   img = getattr(skimage.data, name)()
   if isinstance(img, tuple):  # stereo_motorcycle -> (left, right, disparity)
     img = img[0]
@@ -116,26 +132,29 @@ def _random_warp(rng: np.random.Generator, size: int) -> np.ndarray:
   sigma = 0.25 * s
   # The Gaussian RBF is separable: exp(-|p - c|^2 / 2s^2) = ex[k, x] * ey[k, y].
   axis = np.arange(size, dtype=np.float64)
-  ex = np.exp(-(axis[None, :] - centres[:, 0:1]) ** 2 / (2 * sigma * sigma))  # [k, x]
-  ey = np.exp(-(axis[None, :] - centres[:, 1:2]) ** 2 / (2 * sigma * sigma))  # [k, y]
-  disp = np.stack([ey.T @ (weights[:, ch:ch + 1] * ex) for ch in range(2)], axis=-1)
+  ex = np.exp(-((axis[None, :] - centres[:, 0:1]) ** 2) / (2 * sigma * sigma))  # [k, x]
+  ey = np.exp(-((axis[None, :] - centres[:, 1:2]) ** 2) / (2 * sigma * sigma))  # [k, y]
+  disp = np.stack([ey.T @ (weights[:, ch : ch + 1] * ex) for ch in range(2)], axis=-1)
   ys, xs = np.meshgrid(axis, axis, indexing='ij')
   q = np.stack([xs, ys], axis=-1) + disp  # [S, S, 2]
   qh = q @ hom[:, :2].T + hom[:, 2]
   return qh[..., :2] / qh[..., 2:3]
 
 
-def make_pair(photo: np.ndarray, rng: np.random.Generator, size: int, min_kps: int,
-              max_kps: int) -> dict:
+def make_pair(
+    photo: np.ndarray, rng: np.random.Generator, size: int, min_kps: int, max_kps: int
+) -> dict:
   """One synthetic pair (record fields plus `dense_flow`, `dense_valid`)."""
   h, w = photo.shape[:2]
   side = int(rng.uniform(0.6, 1.0) * min(h, w))
   y0 = int(rng.integers(0, h - side + 1))
   x0 = int(rng.integers(0, w - side + 1))
-  src = np.asarray(Image.fromarray(photo[y0:y0 + side, x0:x0 + side]).resize(
-      (size, size), Image.BILINEAR))
-  ys, xs = np.meshgrid(np.arange(size, dtype=np.float64), np.arange(size, dtype=np.float64),
-                       indexing='ij')
+  src = np.asarray(
+      Image.fromarray(photo[y0 : y0 + side, x0 : x0 + side]).resize((size, size), Image.BILINEAR)
+  )
+  ys, xs = np.meshgrid(
+      np.arange(size, dtype=np.float64), np.arange(size, dtype=np.float64), indexing='ij'
+  )
   grid = np.stack([xs.reshape(-1), ys.reshape(-1)], axis=1)
   grey = src.astype(np.float64).mean(-1)
   texture = np.hypot(scipy.ndimage.sobel(grey, 0), scipy.ndimage.sobel(grey, 1))
@@ -146,8 +165,13 @@ def make_pair(photo: np.ndarray, rng: np.random.Generator, size: int, min_kps: i
     bx = rng.uniform(0, size - bw)
     by = rng.uniform(0, size - bh)
     box = np.array([bx, by, bx + bw, by + bh])
-    on_obj = (inside & (match[:, 0] >= box[0]) & (match[:, 0] <= box[2])
-              & (match[:, 1] >= box[1]) & (match[:, 1] <= box[3]))
+    on_obj = (
+        inside
+        & (match[:, 0] >= box[0])
+        & (match[:, 0] <= box[2])
+        & (match[:, 1] >= box[1])
+        & (match[:, 1] <= box[3])
+    )
     cand = np.nonzero(on_obj)[0]
     if len(cand) >= 4 * max_kps:
       break
@@ -161,8 +185,15 @@ def make_pair(photo: np.ndarray, rng: np.random.Generator, size: int, min_kps: i
   flow = (match - grid).reshape(size, size, 2)
   # Target image: backward warp of the source (bilinear, mirrored outside), then appearance.
   coords = [match[:, 1].reshape(size, size), match[:, 0].reshape(size, size)]
-  trg = np.stack([scipy.ndimage.map_coordinates(src[..., ch].astype(np.float64), coords,
-                                                order=1, mode='mirror') for ch in range(3)], -1)
+  trg = np.stack(
+      [
+          scipy.ndimage.map_coordinates(
+              src[..., ch].astype(np.float64), coords, order=1, mode='mirror'
+          )
+          for ch in range(3)
+      ],
+      -1,
+  )
   gain = rng.uniform(0.8, 1.2, size=3)
   gamma = np.exp(rng.uniform(np.log(0.8), np.log(1.25)))
   trg = 255.0 * (np.clip(trg / 255.0, 0, 1) ** gamma) * gain + rng.uniform(-20, 20)
@@ -177,14 +208,21 @@ def make_pair(photo: np.ndarray, rng: np.random.Generator, size: int, min_kps: i
   out_src[:n] = src_kps
   out_trg[:n] = trg_kps
   return dict(
-      src_img=src, trg_img=trg, src_kps=out_src, trg_kps=out_trg,
-      kps_valid=np.arange(records.MAX_KPS) < n, src_bbox=box.astype(np.float32),
+      src_img=src,
+      trg_img=trg,
+      src_kps=out_src,
+      trg_kps=out_trg,
+      kps_valid=np.arange(records.MAX_KPS) < n,
+      src_bbox=box.astype(np.float32),
       trg_bbox=np.array([ox.min(), oy.min(), ox.max(), oy.max()], np.float32),
-      dense_flow=flow.astype(np.float32), dense_valid=inside.reshape(size, size))
+      dense_flow=flow.astype(np.float32),
+      dense_valid=inside.reshape(size, size),
+  )
 
 
 class SccorrSynthetic(builder_base.EmbeddedBuilder):
   """Synthetic warped pairs of scikit-image photographs, with dense ground truth."""
+
   BUILDER_CONFIGS = [make_config()]
   CATEGORIES = CATEGORIES
   SPLITS = tuple(PHOTOS)
@@ -198,8 +236,11 @@ class SccorrSynthetic(builder_base.EmbeddedBuilder):
       # Crops are at least 0.6 of the short side: pre-shrink big photographs to 2.5x the output.
       shrink = 2.5 * cfg.img_size / min(photo.shape[:2])
       if shrink < 1:
-        photo = np.asarray(Image.fromarray(photo).resize(
-            (round(photo.shape[1] * shrink), round(photo.shape[0] * shrink)), Image.BILINEAR))
+        photo = np.asarray(
+            Image.fromarray(photo).resize(
+                (round(photo.shape[1] * shrink), round(photo.shape[0] * shrink)), Image.BILINEAR
+            )
+        )
       cat = CATEGORIES.index(photo_name)
       for k in range(per_photo):
         rng = builder_base.record_rng(cfg, split, cat, k)
@@ -207,11 +248,16 @@ class SccorrSynthetic(builder_base.EmbeddedBuilder):
         size = np.array([cfg.img_size, cfg.img_size], np.int32)
         key = f'{photo_name}-{k:04d}'
         yield key, records.base_example(
-            pair_id=key, src_imname=f'skimage.data.{photo_name}',
+            pair_id=key,
+            src_imname=f'skimage.data.{photo_name}',
             trg_imname=f'skimage.data.{photo_name}#warp{k}',
             src_img=records.encode_png(pair.pop('src_img')),
             trg_img=records.encode_png(pair.pop('trg_img')),
-            src_imsize=size, trg_imsize=size, category=cat, **pair)
+            src_imsize=size,
+            trg_imsize=size,
+            category=cat,
+            **pair,
+        )
 
 
 def make_builder(data_dir: str, **knobs) -> SccorrSynthetic:

@@ -50,12 +50,14 @@ def write_spair71k(root: str) -> Dict[str, List[dict]]:
       _image(os.path.join(base, 'JPEGImages', cat, stem + '.jpg'), wh, seed)
   rng = np.random.default_rng(1)
   pairs = {
-      'trn': [('aeroplane', '2008_000001', '2008_000002'), ('aeroplane', '2008_000002',
-                                                             '2008_000003'),
-              ('cat', '2009_000001', '2009_000002'), ('aeroplane', '2008_000003', '2008_000001')],
+      'trn': [
+          ('aeroplane', '2008_000001', '2008_000002'),
+          ('aeroplane', '2008_000002', '2008_000003'),
+          ('cat', '2009_000001', '2009_000002'),
+          ('aeroplane', '2008_000003', '2008_000001'),
+      ],
       'val': [('cat', '2009_000002', '2009_000001'), ('aeroplane', '2008_000001', '2008_000003')],
-      'test': [('aeroplane', '2008_000002', '2008_000001'), ('cat', '2009_000001',
-                                                             '2009_000002')],
+      'test': [('aeroplane', '2008_000002', '2008_000001'), ('cat', '2009_000001', '2009_000002')],
   }
   out = {}
   pid = 0
@@ -72,30 +74,62 @@ def write_spair71k(root: str) -> Dict[str, List[dict]]:
       src_kps, trg_kps = _spair_kps(rng, sw, sh, n), _spair_kps(rng, tw, th, n)
       src_box = [1, 2, sw - 3, sh - 1]
       trg_box = [2, 1, tw - 1, th - 4]
-      diff = dict(viewpoint_variation=j % 3, scale_variation=(j + 1) % 3, truncation=j % 2,
-                  occlusion=(j + 1) % 2)
-      ann = dict(pair_id=pid, filename=name, src_imname=s + '.jpg', trg_imname=t + '.jpg',
-                 src_imsize=[sw, sh, 3], trg_imsize=[tw, th, 3], src_bndbox=src_box,
-                 trg_bndbox=trg_box, category=cat, src_pose='Left', trg_pose='Right',
-                 src_kps=src_kps.astype(int).tolist(), trg_kps=trg_kps.astype(int).tolist(),
-                 kps_ids=[str(i) for i in range(n)], mirror=0, **diff)
+      diff = dict(
+          viewpoint_variation=j % 3,
+          scale_variation=(j + 1) % 3,
+          truncation=j % 2,
+          occlusion=(j + 1) % 2,
+      )
+      ann = dict(
+          pair_id=pid,
+          filename=name,
+          src_imname=s + '.jpg',
+          trg_imname=t + '.jpg',
+          src_imsize=[sw, sh, 3],
+          trg_imsize=[tw, th, 3],
+          src_bndbox=src_box,
+          trg_bndbox=trg_box,
+          category=cat,
+          src_pose='Left',
+          trg_pose='Right',
+          src_kps=src_kps.astype(int).tolist(),
+          trg_kps=trg_kps.astype(int).tolist(),
+          kps_ids=[str(i) for i in range(n)],
+          mirror=0,
+          **diff,
+      )
       # Annotation files use ':' or '-' before the category; layout lines ':' or '-'.
       ann_name = name if j % 2 == 0 else name.replace(':', '-')
       with open(os.path.join(base, 'PairAnnotation', split, ann_name + '.json'), 'w') as f:
         json.dump(ann, f)
       lines.append(name if j != 1 else name.replace(':', '-'))
-      out[split].append(dict(name=name, category=cat, src=s, trg=t, src_kps=src_kps,
-                             trg_kps=trg_kps, src_bbox=src_box, trg_bbox=trg_box,
-                             src_wh=(sw, sh), trg_wh=(tw, th), **diff))
+      out[split].append(
+          dict(
+              name=name,
+              category=cat,
+              src=s,
+              trg=t,
+              src_kps=src_kps,
+              trg_kps=trg_kps,
+              src_bbox=src_box,
+              trg_bbox=trg_box,
+              src_wh=(sw, sh),
+              trg_wh=(tw, th),
+              **diff,
+          )
+      )
     with open(os.path.join(base, 'Layout', 'large', f'{split}.txt'), 'w') as f:
       f.write('\n'.join(lines) + '\n')
   return out
 
 
 PASCAL_IMAGES = {  # stem -> (class, (w, h))
-    '2007_000001': ('aeroplane', (40, 30)), '2007_000002': ('aeroplane', (32, 24)),
-    '2007_000003': ('aeroplane', (40, 36)), '2008_000010': ('dog', (30, 40)),
-    '2008_000011': ('dog', (40, 30)), '2008_000012': ('dog', (36, 30)),
+    '2007_000001': ('aeroplane', (40, 30)),
+    '2007_000002': ('aeroplane', (32, 24)),
+    '2007_000003': ('aeroplane', (40, 36)),
+    '2008_000010': ('dog', (30, 40)),
+    '2008_000011': ('dog', (40, 30)),
+    '2008_000012': ('dog', (36, 30)),
 }
 PASCAL_NUM_KPS = {'aeroplane': 6, 'dog': 5}
 
@@ -113,14 +147,31 @@ def write_pfpascal(root: str) -> Dict[str, List[dict]]:
     kps[rng.random(n) < 0.25] = np.nan  # invisible keypoints
     bbox = np.array([[1, 1, w - 2, h - 3]], np.float64)
     os.makedirs(os.path.join(base, 'Annotations', cls), exist_ok=True)
-    scipy.io.savemat(os.path.join(base, 'Annotations', cls, stem + '.mat'),
-                     {'kps': kps, 'bbox': bbox})
+    scipy.io.savemat(
+        os.path.join(base, 'Annotations', cls, stem + '.mat'), {'kps': kps, 'bbox': bbox}
+    )
     anns[stem] = dict(kps=kps, bbox=bbox[0], wh=(w, h), cls=cls)
-  classes = ['aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat', 'chair',
-             'cow', 'diningtable', 'dog']
+  classes = [
+      'aeroplane',
+      'bicycle',
+      'bird',
+      'boat',
+      'bottle',
+      'bus',
+      'car',
+      'cat',
+      'chair',
+      'cow',
+      'diningtable',
+      'dog',
+  ]
   pairs = {
-      'trn': [('2007_000001', '2007_000002', 0), ('2007_000001', '2007_000002', 1),
-              ('2008_000010', '2008_000011', 1), ('2007_000003', '2007_000001', 0)],
+      'trn': [
+          ('2007_000001', '2007_000002', 0),
+          ('2007_000001', '2007_000002', 1),
+          ('2008_000010', '2008_000011', 1),
+          ('2007_000003', '2007_000001', 0),
+      ],
       'val': [('2008_000011', '2008_000012', None), ('2007_000002', '2007_000003', None)],
       'test': [('2008_000012', '2008_000010', None), ('2007_000003', '2007_000002', None)],
   }
@@ -131,20 +182,34 @@ def write_pfpascal(root: str) -> Dict[str, List[dict]]:
     for s, t, flip in plist:
       cls = anns[s]['cls']
       cid = classes.index(cls)
-      rows.append([f'JPEGImages/{s}.jpg', f'JPEGImages/{t}.jpg', str(cid + 1)]
-                  + ([str(flip)] if flip is not None else []))
-      out[split].append(dict(src=s, trg=t, category=cid, flip=flip or 0,
-                             src_kps=anns[s]['kps'], trg_kps=anns[t]['kps'],
-                             src_bbox=anns[s]['bbox'], trg_bbox=anns[t]['bbox'],
-                             src_wh=anns[s]['wh'], trg_wh=anns[t]['wh']))
+      rows.append(
+          [f'JPEGImages/{s}.jpg', f'JPEGImages/{t}.jpg', str(cid + 1)]
+          + ([str(flip)] if flip is not None else [])
+      )
+      out[split].append(
+          dict(
+              src=s,
+              trg=t,
+              category=cid,
+              flip=flip or 0,
+              src_kps=anns[s]['kps'],
+              trg_kps=anns[t]['kps'],
+              src_bbox=anns[s]['bbox'],
+              trg_bbox=anns[t]['bbox'],
+              src_wh=anns[s]['wh'],
+              trg_wh=anns[t]['wh'],
+          )
+      )
     with open(os.path.join(base, f'{split}_pairs.csv'), 'w', newline='') as f:
       csv.writer(f).writerows(rows)
   return out
 
 
 WILLOW_IMAGES = {  # relative path -> (w, h)
-    'car(G)/Cars_000a.png': (40, 30), 'car(G)/Cars_001b.png': (36, 30),
-    'duck(S)/Duck_000a.png': (30, 40), 'duck(S)/Duck_001b.png': (40, 32),
+    'car(G)/Cars_000a.png': (40, 30),
+    'car(G)/Cars_001b.png': (36, 30),
+    'duck(S)/Duck_000a.png': (30, 40),
+    'duck(S)/Duck_001b.png': (40, 32),
 }
 
 
@@ -155,22 +220,41 @@ def write_pfwillow(root: str) -> Dict[str, List[dict]]:
   for i, (rel, wh) in enumerate(WILLOW_IMAGES.items()):
     _image(os.path.join(base, rel), wh, 200 + i, mode=modes[i], fmt='PNG')
   rng = np.random.default_rng(3)
-  plist = [('car(G)/Cars_000a.png', 'car(G)/Cars_001b.png'),
-           ('duck(S)/Duck_000a.png', 'duck(S)/Duck_001b.png'),
-           ('car(G)/Cars_001b.png', 'car(G)/Cars_000a.png')]
-  header = (['imageA', 'imageB'] + [f'XA{i}' for i in range(1, 11)]
-            + [f'YA{i}' for i in range(1, 11)] + [f'XB{i}' for i in range(1, 11)]
-            + [f'YB{i}' for i in range(1, 11)])
+  plist = [
+      ('car(G)/Cars_000a.png', 'car(G)/Cars_001b.png'),
+      ('duck(S)/Duck_000a.png', 'duck(S)/Duck_001b.png'),
+      ('car(G)/Cars_001b.png', 'car(G)/Cars_000a.png'),
+  ]
+  header = (
+      ['imageA', 'imageB']
+      + [f'XA{i}' for i in range(1, 11)]
+      + [f'YA{i}' for i in range(1, 11)]
+      + [f'XB{i}' for i in range(1, 11)]
+      + [f'YB{i}' for i in range(1, 11)]
+  )
   rows, out = [header], []
   for s, t in plist:
     (sw, sh), (tw, th) = WILLOW_IMAGES[s], WILLOW_IMAGES[t]
     src = np.stack([rng.uniform(2, sw - 3, 10), rng.uniform(2, sh - 3, 10)], 1).round(2)
     trg = np.stack([rng.uniform(2, tw - 3, 10), rng.uniform(2, th - 3, 10)], 1).round(2)
-    rows.append([f'PF-dataset/{s}', f'PF-dataset/{t}'] + [repr(float(v)) for v in src[:, 0]]
-                + [repr(float(v)) for v in src[:, 1]] + [repr(float(v)) for v in trg[:, 0]]
-                + [repr(float(v)) for v in trg[:, 1]])
-    out.append(dict(src=s, trg=t, category=s.split('/')[0], src_kps=src, trg_kps=trg,
-                    src_wh=(sw, sh), trg_wh=(tw, th)))
+    rows.append(
+        [f'PF-dataset/{s}', f'PF-dataset/{t}']
+        + [repr(float(v)) for v in src[:, 0]]
+        + [repr(float(v)) for v in src[:, 1]]
+        + [repr(float(v)) for v in trg[:, 0]]
+        + [repr(float(v)) for v in trg[:, 1]]
+    )
+    out.append(
+        dict(
+            src=s,
+            trg=t,
+            category=s.split('/')[0],
+            src_kps=src,
+            trg_kps=trg,
+            src_wh=(sw, sh),
+            trg_wh=(tw, th),
+        )
+    )
   with open(os.path.join(base, 'test_pairs.csv'), 'w', newline='') as f:
     csv.writer(f).writerows(rows)
   return {'test': out}

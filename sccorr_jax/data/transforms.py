@@ -95,6 +95,7 @@ class PreprocessOptions:
     flip_source_p: probability of mirroring the source image of a training pair
       (`mirror_source`; only datasets in `FLIP_TABLES`, others ignore it).
   """
+
   dataset: str
   img_size: int = 256
   feature_size: int = 64
@@ -117,8 +118,9 @@ def _pad_kps(kps: np.ndarray, n: int) -> np.ndarray:
   return out
 
 
-def mirror_source(src_img, src_kps, trg_kps, valid, kept, kps_ids, perm, src_box,
-                  img_size: Optional[int] = None):
+def mirror_source(
+    src_img, src_kps, trg_kps, valid, kept, kps_ids, perm, src_box, img_size: Optional[int] = None
+):
   """Mirrors the source image of a pair and re-pairs the keypoints semantically.
 
   In the mirror image, the point that was keypoint `id` is keypoint `perm[id]` (a left eye
@@ -143,8 +145,11 @@ def mirror_source(src_img, src_kps, trg_kps, valid, kept, kps_ids, perm, src_box
   """
   s = int(img_size) if img_size else src_img.shape[1]
   slot_of = {int(kps_ids[j]): j for j in np.nonzero(valid)[0]}
-  pairs = [(i, slot_of[int(perm[kps_ids[i]])]) for i in np.nonzero(valid)[0]
-           if int(perm[kps_ids[i]]) in slot_of]
+  pairs = [
+      (i, slot_of[int(perm[kps_ids[i]])])
+      for i in np.nonzero(valid)[0]
+      if int(perm[kps_ids[i]]) in slot_of
+  ]
   if not pairs:
     return None
   ti, sj = np.array(pairs).T
@@ -172,12 +177,18 @@ def _labelled_records(seed: int, num_records: int, fraction: float) -> np.ndarra
   """[num_records] bool: which records keep labels (exactly round(fraction * num_records))."""
   order = np.random.default_rng([int(seed), 0]).permutation(num_records)
   labelled = np.zeros(num_records, bool)
-  labelled[order[:int(round(fraction * num_records))]] = True
+  labelled[order[: int(round(fraction * num_records))]] = True
   return labelled
 
 
-def budget_mask(kps_valid: np.ndarray, index: int, num_records: int, keypoints_per_pair: int,
-                labelled_pair_fraction: float, seed: int) -> np.ndarray:
+def budget_mask(
+    kps_valid: np.ndarray,
+    index: int,
+    num_records: int,
+    keypoints_per_pair: int,
+    labelled_pair_fraction: float,
+    seed: int,
+) -> np.ndarray:
   """Which keypoints of training record `index` the loss may see (the label budget).
 
   A function of `(seed, index)` only: the same subset in every epoch, on every process and for
@@ -196,8 +207,10 @@ def budget_mask(kps_valid: np.ndarray, index: int, num_records: int, keypoints_p
     [n] bool, kept keypoints (a subset of `kps_valid`).
   """
   valid = np.asarray(kps_valid, bool)
-  if labelled_pair_fraction < 1.0 and not _labelled_records(
-      int(seed), int(num_records), float(labelled_pair_fraction))[index]:
+  if (
+      labelled_pair_fraction < 1.0
+      and not _labelled_records(int(seed), int(num_records), float(labelled_pair_fraction))[index]
+  ):
     return np.zeros_like(valid)
   idx = np.nonzero(valid)[0]
   if keypoints_per_pair <= 0 or len(idx) <= keypoints_per_pair:
@@ -212,6 +225,7 @@ def budget_mask(kps_valid: np.ndarray, index: int, num_records: int, keypoints_p
 class LabelBudget(grain.transforms.MapWithIndex):
   """grain map over a split's records in their stored order: marks the kept keypoints
   (`_kept` [n] bool, see `budget_mask`); `preprocess_pair` builds labels from them only."""
+
   keypoints_per_pair: int
   labelled_pair_fraction: float
   num_records: int
@@ -220,13 +234,25 @@ class LabelBudget(grain.transforms.MapWithIndex):
   def map_with_index(self, index: int, element):
     rec = dict(element)
     # grain passes the index of the repeated/shuffled view (epoch * num_records + i).
-    rec['_kept'] = budget_mask(rec['kps_valid'], int(index) % self.num_records, self.num_records,
-                               self.keypoints_per_pair, self.labelled_pair_fraction, self.seed)
+    rec['_kept'] = budget_mask(
+        rec['kps_valid'],
+        int(index) % self.num_records,
+        self.num_records,
+        self.keypoints_per_pair,
+        self.labelled_pair_fraction,
+        self.seed,
+    )
     return rec
 
 
-def dense_flow_to_grid(dense_flow: np.ndarray, dense_valid: np.ndarray, trg_map, src_map,
-                       img_size: int, feature_size: int):
+def dense_flow_to_grid(
+    dense_flow: np.ndarray,
+    dense_valid: np.ndarray,
+    trg_map,
+    src_map,
+    img_size: int,
+    feature_size: int,
+):
   """A record's dense ground truth (original pixels) -> the flow grid of the batch, in cells.
 
   Cell `(i, j)` of the `feature_size` grid covers the output-image pixels whose centres lie in
@@ -265,8 +291,12 @@ def dense_flow_to_grid(dense_flow: np.ndarray, dense_valid: np.ndarray, trg_map,
   qx = np.clip(q[..., 0], 0, w - 1)
   qy = np.clip(q[..., 1], 0, h - 1)
   src_out = (p_orig + dense_flow[qy, qx] - s_off) * s_scale
-  counts = (inside & np.asarray(dense_valid, bool)[qy, qx]
-            & (src_out >= -0.5).all(-1) & (src_out <= s - 0.5).all(-1)).ravel()
+  counts = (
+      inside
+      & np.asarray(dense_valid, bool)[qy, qx]
+      & (src_out >= -0.5).all(-1)
+      & (src_out <= s - 0.5).all(-1)
+  ).ravel()
   cell = np.minimum(np.floor((c + 0.5) / jsz).astype(np.int64), fs - 1)
   ids = (cell[:, None] * fs + cell[None, :]).ravel()[counts]  # row-major cell of each pixel
   disp = (src_out - p_out).reshape(-1, 2)[counts] / jsz
@@ -277,8 +307,9 @@ def dense_flow_to_grid(dense_flow: np.ndarray, dense_valid: np.ndarray, trg_map,
   return flow.reshape(fs, fs, 2).astype(np.float32), valid.reshape(fs, fs)
 
 
-def preprocess_pair(rec: dict, opts: PreprocessOptions,
-                    rng: Optional[np.random.Generator] = None, features=None) -> dict:
+def preprocess_pair(
+    rec: dict, opts: PreprocessOptions, rng: Optional[np.random.Generator] = None, features=None
+) -> dict:
   """One record -> one row of the batch contract (see the module docstring).
 
   Args:
@@ -306,24 +337,28 @@ def preprocess_pair(rec: dict, opts: PreprocessOptions,
   s = int(opts.img_size)
   train = opts.train and rng is not None
   if features is not None and train and (opts.augment or opts.random_crop):
-    raise ValueError('cached features cannot take colour augmentation or random crops '
-                     '(data.augment, data.random_crop)')
+    raise ValueError(
+        'cached features cannot take colour augmentation or random crops '
+        '(data.augment, data.random_crop)'
+    )
   valid = np.asarray(rec['kps_valid'], bool).copy()
   kept = valid & np.asarray(rec.get('_kept', valid), bool)
   out_imsize = {}
   imgs, kps, boxes, maps = {}, {}, {}, {}
   for side in ('src', 'trg'):  # In this order: the rng draws are the record's sequence.
     out_imsize[side] = np.asarray(rec[f'{side}_imsize'], np.int32)
-    imgs[side], kps[side], boxes[side], maps[side] = _one_image(rec, side, opts, rng, train,
-                                                                features)
+    imgs[side], kps[side], boxes[side], maps[side] = _one_image(
+        rec, side, opts, rng, train, features
+    )
   flipped = bool(train and opts.flip and int(rec.get('flip', 0)))
   if flipped:
     _flip_pair(imgs, kps, boxes, valid, s)
   dense_known = 'dense_flow' in rec
   if _mirrors_source(rec, opts, rng, train):
     ids, perm = np.asarray(rec['kps_ids']), FLIP_TABLES[opts.dataset](int(rec['category']))
-    mirrored = mirror_source(imgs['src'], kps['src'], kps['trg'], valid, kept, ids, perm,
-                             boxes['src'], s)
+    mirrored = mirror_source(
+        imgs['src'], kps['src'], kps['trg'], valid, kept, ids, perm, boxes['src'], s
+    )
     if mirrored is not None:
       imgs['src'], kps['src'], kps['trg'], valid, kept, boxes['src'] = mirrored
       dense_known = False  # the record's dense truth is for the unmirrored source
@@ -338,8 +373,9 @@ def preprocess_pair(rec: dict, opts: PreprocessOptions,
       'src_kps': src_kps,
       'trg_kps': trg_kps,
       'kps_valid': valid_out,
-      'flow': keypoints_to_flow_np(src_kps, trg_kps, valid_out, opts.feature_size,
-                                   opts.receptive_field, s),
+      'flow': keypoints_to_flow_np(
+          src_kps, trg_kps, valid_out, opts.feature_size, opts.receptive_field, s
+      ),
       **_thresholds(opts.dataset, kps['src'], valid, boxes['src'], s),
       'src_bbox': boxes['src'].astype(np.float32),
       'trg_bbox': boxes['trg'].astype(np.float32),
@@ -354,8 +390,9 @@ def preprocess_pair(rec: dict, opts: PreprocessOptions,
     withheld = valid & ~kept & in_range
     out['withheld_src_kps'], out['withheld_kps_valid'] = _compact(kps['src'], withheld, n)
     out['withheld_trg_kps'], _ = _compact(kps['trg'], withheld, n)
-    out['dense_flow'], out['dense_valid'] = _dense_truth(rec if dense_known else None, maps,
-                                                         flipped, s, int(opts.feature_size))
+    out['dense_flow'], out['dense_valid'] = _dense_truth(
+        rec if dense_known else None, maps, flipped, s, int(opts.feature_size)
+    )
   return out
 
 
@@ -375,7 +412,7 @@ def _one_image(rec: dict, side: str, opts: PreprocessOptions, rng, train: bool, 
   h, w = img.shape[:2]
   if train and opts.random_crop and rng.random() < opts.random_crop_p:
     left, top, cw, ch = augment_lib.random_crop_params(rng, box, (h, w))
-    img = img[top:top + ch, left:left + cw]
+    img = img[top : top + ch, left : left + cw]
     k = k - np.array([left, top], np.float32)
     box = box - np.array([left, top, left, top], np.float32)
     h, w = ch, cw
@@ -387,8 +424,11 @@ def _one_image(rec: dict, side: str, opts: PreprocessOptions, rng, train: bool, 
     k = k * scale
     offset = np.zeros(2)
   box = box * np.tile(scale, 2)
-  img = (features.feature(rec[f'{side}_imname'], rec[f'{side}_img']) if features is not None
-         else resize_image(np.ascontiguousarray(img), s))
+  img = (
+      features.feature(rec[f'{side}_imname'], rec[f'{side}_img'])
+      if features is not None
+      else resize_image(np.ascontiguousarray(img), s)
+  )
   return img, k, box, (offset, scale.astype(np.float64))
 
 
@@ -406,8 +446,13 @@ def _flip_pair(imgs, kps, boxes, valid, s: int) -> None:
 def _mirrors_source(rec: dict, opts: PreprocessOptions, rng, train: bool) -> bool:
   """Step 4, `flip_source_p`: whether this training pair's source is mirrored. Draws from `rng`
   only for a dataset with keypoint ids (`FLIP_TABLES`, `kps_ids`) and `flip_source_p > 0`."""
-  return bool(train and opts.flip_source_p > 0 and opts.dataset in FLIP_TABLES
-              and 'kps_ids' in rec and rng.random() < opts.flip_source_p)
+  return bool(
+      train
+      and opts.flip_source_p > 0
+      and opts.dataset in FLIP_TABLES
+      and 'kps_ids' in rec
+      and rng.random() < opts.flip_source_p
+  )
 
 
 def _network_input(img: np.ndarray, features) -> np.ndarray:
@@ -430,8 +475,12 @@ def _thresholds(dataset: str, src_kps, valid, src_box, s: int) -> Dict[str, np.f
     bbox = legacy = np.float32(max(src_box[2] - src_box[0], src_box[3] - src_box[1]))
   img = np.float32(s)
   standard = constants.STANDARD_THRESHOLD[dataset]
-  return {'pckthres': bbox if standard == 'bbox' else img, 'pckthres_bbox': bbox,
-          'pckthres_img': img, 'pckthres_bbox_legacy': legacy}
+  return {
+      'pckthres': bbox if standard == 'bbox' else img,
+      'pckthres_bbox': bbox,
+      'pckthres_img': img,
+      'pckthres_bbox_legacy': legacy,
+  }
 
 
 def _dense_truth(rec: Optional[dict], maps, flipped: bool, s: int, fs: int):
@@ -439,8 +488,9 @@ def _dense_truth(rec: Optional[dict], maps, flipped: bool, s: int, fs: int):
   all invalid without one (`rec` None)."""
   if rec is None:
     return np.zeros((fs, fs, 2), np.float32), np.zeros((fs, fs), bool)
-  flow, valid = dense_flow_to_grid(np.asarray(rec['dense_flow']), np.asarray(rec['dense_valid']),
-                                   maps['trg'], maps['src'], s, fs)
+  flow, valid = dense_flow_to_grid(
+      np.asarray(rec['dense_flow']), np.asarray(rec['dense_valid']), maps['trg'], maps['src'], s, fs
+  )
   if flipped:  # both images mirrored (x -> S - 1 - x on pixels): cell j <-> fs - 1 - j
     flow = flow[:, ::-1] * np.array([-1.0, 1.0], np.float32)
     valid = valid[:, ::-1]
@@ -450,6 +500,7 @@ def _dense_truth(rec: Optional[dict], maps, flipped: bool, s: int, fs: int):
 @dataclasses.dataclass(frozen=True)
 class TrainPreprocess(grain.transforms.RandomMap):
   """grain random map: `preprocess_pair` with the record's random stream (and `features`)."""
+
   opts: PreprocessOptions
   features: Any = dataclasses.field(default=None, compare=False)
 
@@ -460,6 +511,7 @@ class TrainPreprocess(grain.transforms.RandomMap):
 @dataclasses.dataclass(frozen=True)
 class EvalPreprocess(grain.transforms.Map):
   """grain map: `preprocess_pair` without randomness; padding rows get `pair_valid=False`."""
+
   opts: PreprocessOptions
   features: Any = dataclasses.field(default=None, compare=False)
 

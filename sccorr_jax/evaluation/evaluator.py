@@ -31,8 +31,13 @@ from sccorr_jax.evaluation.reports import _Sums
 from sccorr_jax.evaluation.reports import EvalResult
 
 
-def pair_counts(flow, batch: Mapping[str, Any], alphas: Sequence[float],
-                thresholds: Sequence[str], img_size: geometry.SizeLike = 256):
+def pair_counts(
+    flow,
+    batch: Mapping[str, Any],
+    alphas: Sequence[float],
+    thresholds: Sequence[str],
+    img_size: geometry.SizeLike = 256,
+):
   """Per-pair keypoint counts of one batch (jittable; the device part of the evaluator).
 
   Args:
@@ -54,11 +59,15 @@ def pair_counts(flow, batch: Mapping[str, Any], alphas: Sequence[float],
   per_kind = []
   for kind in thresholds:
     thr = batch[f"pckthres_{kind}"]
-    per_kind.append(jnp.stack([
-        jnp.sum(pck_correct(est, batch["src_kps"], valid, thr, a), axis=-1, dtype=jnp.int32)
-        for a in alphas]))
-  return {"n_valid": jnp.sum(valid, axis=-1, dtype=jnp.int32),
-          "n_correct": jnp.stack(per_kind)}
+    per_kind.append(
+        jnp.stack(
+            [
+                jnp.sum(pck_correct(est, batch["src_kps"], valid, thr, a), axis=-1, dtype=jnp.int32)
+                for a in alphas
+            ]
+        )
+    )
+  return {"n_valid": jnp.sum(valid, axis=-1, dtype=jnp.int32), "n_correct": jnp.stack(per_kind)}
 
 
 class PckAccumulator:
@@ -70,12 +79,16 @@ class PckAccumulator:
   (`pair_counts` masks them with `kps_valid`).
   """
 
-  def __init__(self, protocol: Protocol, category_names: Optional[Sequence[str]] = None,
-               difficulty: Optional[bool] = None):
+  def __init__(
+      self,
+      protocol: Protocol,
+      category_names: Optional[Sequence[str]] = None,
+      difficulty: Optional[bool] = None,
+  ):
     """Args:
-      protocol: what is measured.
-      category_names: names of the category ids (index = id); ids are used if None.
-      difficulty: report per difficulty level; default: only for SPair-71k.
+    protocol: what is measured.
+    category_names: names of the category ids (index = id); ids are used if None.
+    difficulty: report per difficulty level; default: only for SPair-71k.
     """
     self.protocol = protocol
     self.category_names = None if category_names is None else list(category_names)
@@ -130,17 +143,25 @@ class PckAccumulator:
           add(f"{field}={int(lv)}", levels == lv)
 
   def result(self) -> "EvalResult":
-    return EvalResult(self.protocol, {k: self.groups[k] for k in self.groups},
-                      self.num_padding_pairs)
+    return EvalResult(
+        self.protocol, {k: self.groups[k] for k in self.groups}, self.num_padding_pairs
+    )
 
 
 def _batch_keys(protocol: Protocol) -> tuple:
-  return ("src_img", "trg_img", "src_kps", "trg_kps", "kps_valid",
-          *(f"pckthres_{k}" for k in protocol.thresholds))
+  return (
+      "src_img",
+      "trg_img",
+      "src_kps",
+      "trg_kps",
+      "kps_valid",
+      *(f"pckthres_{k}" for k in protocol.thresholds),
+  )
 
 
-def make_eval_step(model, protocol: Protocol, zero_flow: bool = False,
-                   num_models: Optional[int] = None) -> Callable:
+def make_eval_step(
+    model, protocol: Protocol, zero_flow: bool = False, num_models: Optional[int] = None
+) -> Callable:
   """`(variables, batch) -> pair_counts` of the model's flow, jitted.
 
   Args:
@@ -167,8 +188,10 @@ def make_eval_step(model, protocol: Protocol, zero_flow: bool = False,
     if num_models is None:
       flow, counts = flow_counts(variables, batch)
     else:
-      each = [flow_counts(jax.tree.map(lambda x, i=i: x[i], variables), batch)
-              for i in range(num_models)]
+      each = [
+          flow_counts(jax.tree.map(lambda x, i=i: x[i], variables), batch)
+          for i in range(num_models)
+      ]
       flow, counts = each[0][0], {"models": [c for _, c in each]}
     if zero_flow:
       counts["zero_flow"] = pair_counts(jnp.zeros_like(flow), batch, alphas, kinds, size)
@@ -184,12 +207,20 @@ def _pad_rows(x: np.ndarray, n: int) -> np.ndarray:
   return np.concatenate([x, reps], axis=0)
 
 
-def evaluate_model(model, variables, batches: Iterable[Mapping[str, Any]], protocol: Protocol,
-                   *, category_names: Optional[Sequence[str]] = None,
-                   num_pairs: Optional[int] = None, max_batches: Optional[int] = None,
-                   progress: bool = True, mesh: Optional[jax.sharding.Mesh] = None,
-                   eval_step: Optional[Callable] = None, zero_flow: bool = False
-                   ) -> EvalResult:
+def evaluate_model(
+    model,
+    variables,
+    batches: Iterable[Mapping[str, Any]],
+    protocol: Protocol,
+    *,
+    category_names: Optional[Sequence[str]] = None,
+    num_pairs: Optional[int] = None,
+    max_batches: Optional[int] = None,
+    progress: bool = True,
+    mesh: Optional[jax.sharding.Mesh] = None,
+    eval_step: Optional[Callable] = None,
+    zero_flow: bool = False,
+) -> EvalResult:
   """Runs the model over batches and accumulates PCK for every protocol variant.
 
   Data-parallel: the batch is sharded over a 1-D `('data',)` mesh of all devices (padded on
@@ -214,17 +245,34 @@ def evaluate_model(model, variables, batches: Iterable[Mapping[str, Any]], proto
     The `EvalResult`; with `zero_flow`, its `zero_flow` attribute is the zero flow's.
   """
   step = eval_step or make_eval_step(model, protocol, zero_flow)
-  (result,) = _evaluate(step, variables, batches, protocol, None, category_names=category_names,
-                        num_pairs=num_pairs, max_batches=max_batches, progress=progress,
-                        mesh=mesh, zero_flow=zero_flow)
+  (result,) = _evaluate(
+      step,
+      variables,
+      batches,
+      protocol,
+      None,
+      category_names=category_names,
+      num_pairs=num_pairs,
+      max_batches=max_batches,
+      progress=progress,
+      mesh=mesh,
+      zero_flow=zero_flow,
+  )
   return result
 
 
-def evaluate_models(model, variables, batches: Iterable[Mapping[str, Any]], protocol: Protocol,
-                    num_models: int, *, max_batches: Optional[int] = None,
-                    mesh: Optional[jax.sharding.Mesh] = None,
-                    eval_step: Optional[Callable] = None, zero_flow: bool = False
-                    ) -> List[EvalResult]:
+def evaluate_models(
+    model,
+    variables,
+    batches: Iterable[Mapping[str, Any]],
+    protocol: Protocol,
+    num_models: int,
+    *,
+    max_batches: Optional[int] = None,
+    mesh: Optional[jax.sharding.Mesh] = None,
+    eval_step: Optional[Callable] = None,
+    zero_flow: bool = False,
+) -> List[EvalResult]:
   """`evaluate_model` of N models stacked on a leading axis (a mutual-teacher state's), in one
   pass: each batch is read, transferred and run once for all of them, and the variables stay
   where they are (a training state's, on the mesh already, are not copied).
@@ -239,13 +287,33 @@ def evaluate_models(model, variables, batches: Iterable[Mapping[str, Any]], prot
     zero flow's.
   """
   step = eval_step or make_eval_step(model, protocol, zero_flow, num_models)
-  return _evaluate(step, variables, batches, protocol, num_models, max_batches=max_batches,
-                   progress=False, mesh=mesh, zero_flow=zero_flow)
+  return _evaluate(
+      step,
+      variables,
+      batches,
+      protocol,
+      num_models,
+      max_batches=max_batches,
+      progress=False,
+      mesh=mesh,
+      zero_flow=zero_flow,
+  )
 
 
-def _evaluate(step, variables, batches, protocol: Protocol, num_models: Optional[int], *,
-              category_names=None, num_pairs=None, max_batches=None, progress=True, mesh=None,
-              zero_flow=False) -> List[EvalResult]:
+def _evaluate(
+    step,
+    variables,
+    batches,
+    protocol: Protocol,
+    num_models: Optional[int],
+    *,
+    category_names=None,
+    num_pairs=None,
+    max_batches=None,
+    progress=True,
+    mesh=None,
+    zero_flow=False,
+) -> List[EvalResult]:
   """The loop of `evaluate_model` / `evaluate_models`: one result per model."""
   if mesh is None:
     mesh = sharding.make_mesh()
@@ -262,26 +330,36 @@ def _evaluate(step, variables, batches, protocol: Protocol, num_models: Optional
   total = num_pairs
   bar = None
   if progress:
-    bar = tqdm.tqdm(desc=f"eval {protocol.benchmark}/{protocol.split}", unit="pair",
-                    total=total, dynamic_ncols=True)
+    bar = tqdm.tqdm(
+        desc=f"eval {protocol.benchmark}/{protocol.split}",
+        unit="pair",
+        total=total,
+        dynamic_ncols=True,
+    )
   try:
     for i, batch in enumerate(batches):
       if max_batches is not None and i >= max_batches:
         break
       missing = [k for k in keys if k not in batch]
       if missing:
-        raise KeyError(f"the batch lacks {missing} needed by the protocol "
-                       f"(thresholds {protocol.thresholds})")
+        raise KeyError(
+            f"the batch lacks {missing} needed by the protocol "
+            f"(thresholds {protocol.thresholds})"
+        )
       b = np.asarray(batch["src_img"]).shape[0]
       padded = -(-b // ndev) * ndev
-      meta = {k: np.asarray(batch[k]) for k in ("pair_valid", "category", *DIFFICULTY_FIELDS)
-              if k in batch}
+      meta = {
+          k: np.asarray(batch[k])
+          for k in ("pair_valid", "category", *DIFFICULTY_FIELDS)
+          if k in batch
+      }
       meta.setdefault("pair_valid", np.ones(b, bool))
       meta = {k: _pad_rows(v, padded) for k, v in meta.items()}
       meta["pair_valid"] = meta["pair_valid"].copy()
       meta["pair_valid"][b:] = False
       dev_batch = sharding.global_batch(
-          {k: _pad_rows(np.asarray(batch[k]), padded) for k in keys}, data_sharding)
+          {k: _pad_rows(np.asarray(batch[k]), padded) for k in keys}, data_sharding
+      )
       if multihost:
         counts = multihost_utils.process_allgather(step(variables, dev_batch), tiled=True)
         meta = multihost_utils.process_allgather(meta, tiled=True)
@@ -305,10 +383,17 @@ def _evaluate(step, variables, batches, protocol: Protocol, num_models: Optional
   return results
 
 
-def evaluate_checkpoint(config, checkpoint: str, workdir: Optional[str] = None, *,
-                        split: Optional[str] = None, model_index=None,
-                        max_batches: Optional[int] = None, progress: bool = True,
-                        batch_size: Optional[int] = None) -> EvalResult:
+def evaluate_checkpoint(
+    config,
+    checkpoint: str,
+    workdir: Optional[str] = None,
+    *,
+    split: Optional[str] = None,
+    model_index=None,
+    max_batches: Optional[int] = None,
+    progress: bool = True,
+    batch_size: Optional[int] = None,
+) -> EvalResult:
   """Evaluates a checkpoint on `config.data` and writes the JSON report and the table.
 
   The *model* is built from the checkpoint's own config when it has one (so PF-WILLOW is
@@ -340,25 +425,38 @@ def evaluate_checkpoint(config, checkpoint: str, workdir: Optional[str] = None, 
     cache_config = ckpt_config.copy_and_resolve_references()
     with cache_config.unlocked():
       cache_config.data = config.data.copy_and_resolve_references()
-    data = data.with_features(
-        cache_features.open_for_config(cache_config, [protocol.split], data))
-  batches = data_lib.create_eval_iterator(data, protocol.split, batch_size=bs,
-                                          process_index=jax.process_index(),
-                                          process_count=jax.process_count())
+    data = data.with_features(cache_features.open_for_config(cache_config, [protocol.split], data))
+  batches = data_lib.create_eval_iterator(
+      data,
+      protocol.split,
+      batch_size=bs,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+  )
   n = data.num_examples(protocol.split)
   names = list(data.category_names)
   start = time.time()
-  result = evaluate_model(model, variables, batches, protocol, category_names=names,
-                          num_pairs=n if max_batches is None else min(n, max_batches * bs),
-                          max_batches=max_batches, progress=progress)
+  result = evaluate_model(
+      model,
+      variables,
+      batches,
+      protocol,
+      category_names=names,
+      num_pairs=n if max_batches is None else min(n, max_batches * bs),
+      max_batches=max_batches,
+      progress=progress,
+  )
   if workdir is not None and jax.process_index() == 0:
     tag = f"eval_{protocol.benchmark}_{protocol.split}"
-    result.write(workdir, tag, checkpoint=os.path.abspath(checkpoint),
-                 model_index=None if model_index is None else str(model_index),
-                 model_config=_to_dict(ckpt_config.get("model") if ckpt_config else
-                                       config.model),
-                 wall_time_s=round(time.time() - start, 2),
-                 devices=[str(d) for d in jax.devices()])
+    result.write(
+        workdir,
+        tag,
+        checkpoint=os.path.abspath(checkpoint),
+        model_index=None if model_index is None else str(model_index),
+        model_config=_to_dict(ckpt_config.get("model") if ckpt_config else config.model),
+        wall_time_s=round(time.time() - start, 2),
+        devices=[str(d) for d in jax.devices()],
+    )
   return result
 
 

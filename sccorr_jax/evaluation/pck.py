@@ -83,7 +83,9 @@ def transfer_keypoints(flow, trg_kps, img_size: geometry.SizeLike = 256):
   kp_x = jnp.clip(kp[..., 0].astype(jnp.int32), 0, img_w - 1)
   kp_y = jnp.clip(kp[..., 1].astype(jnp.int32), 0, img_h - 1)
 
-  taps_y = [jnp.asarray(v)[kp_y] for v in geometry.linear_taps(np.arange(img_h), h, img_h)]  # each [b, n]
+  taps_y = [
+      jnp.asarray(v)[kp_y] for v in geometry.linear_taps(np.arange(img_h), h, img_h)
+  ]  # each [b, n]
   taps_x = [jnp.asarray(v)[kp_x] for v in geometry.linear_taps(np.arange(img_w), w, img_w)]
   y0, y1, wy0, wy1 = taps_y
   x0, x1, wx0, wx1 = taps_x

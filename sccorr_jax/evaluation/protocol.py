@@ -1,5 +1,4 @@
-"""What an evaluation measures: the protocol tagged onto every reported number.
-"""
+"""What an evaluation measures: the protocol tagged onto every reported number."""
 
 from __future__ import annotations
 
@@ -42,8 +41,9 @@ DEFAULT_ALPHAS = (0.01, 0.05, 0.1, 0.15)
 def default_thresholds(benchmark: str) -> tuple:
   """Threshold kinds reported for a benchmark, its standard kind first."""
   if benchmark not in STANDARD_THRESHOLD:
-    raise ValueError(f"unknown benchmark {benchmark!r}; expected one of "
-                     f"{sorted(STANDARD_THRESHOLD)}")
+    raise ValueError(
+        f"unknown benchmark {benchmark!r}; expected one of " f"{sorted(STANDARD_THRESHOLD)}"
+    )
   std = STANDARD_THRESHOLD[benchmark]
   kinds = [std] + [k for k in ("bbox", "img") if k != std]
   if benchmark == "pfwillow":
@@ -63,6 +63,7 @@ class Protocol:
     img_size: evaluation resolution, pixels (images resized to `img_size` x `img_size`).
     direction: 'trg->src' (target keypoints transferred to the source; the only one).
   """
+
   benchmark: str
   split: str = "test"
   alphas: Sequence[float] = DEFAULT_ALPHAS
@@ -82,8 +83,7 @@ class Protocol:
       raise ValueError(f"direction must be {DIRECTION!r} (target keypoints -> source)")
 
   @classmethod
-  def from_config(cls, config, split: Optional[str] = None, validation: bool = False
-                  ) -> "Protocol":
+  def from_config(cls, config, split: Optional[str] = None, validation: bool = False) -> "Protocol":
     """The protocol of an experiment config (`config.data`, `config.eval`).
 
     Args:
@@ -101,13 +101,16 @@ class Protocol:
     thresholds = None
     if validation:
       kind = ev.get("threshold", "standard")
-      thresholds = (STANDARD_THRESHOLD[config.data.name] if kind in ("standard", None)
-                    else kind,)
+      thresholds = (STANDARD_THRESHOLD[config.data.name] if kind in ("standard", None) else kind,)
     else:
       alphas = sorted(set(DEFAULT_ALPHAS) | set(alphas))
-    return cls(benchmark=config.data.name, split=split or ev.get("split", "test"),
-               alphas=tuple(alphas), thresholds=thresholds,
-               img_size=int(config.data.img_size))
+    return cls(
+        benchmark=config.data.name,
+        split=split or ev.get("split", "test"),
+        alphas=tuple(alphas),
+        thresholds=thresholds,
+        img_size=int(config.data.img_size),
+    )
 
   @property
   def standard_threshold(self) -> str:
@@ -116,24 +119,34 @@ class Protocol:
   def describe(self) -> Dict[str, Any]:
     """JSON-able description of the protocol."""
     return {
-        "benchmark": self.benchmark, "split": self.split, "alphas": list(self.alphas),
-        "thresholds": list(self.thresholds), "standard_threshold": self.standard_threshold,
+        "benchmark": self.benchmark,
+        "split": self.split,
+        "alphas": list(self.alphas),
+        "thresholds": list(self.thresholds),
+        "standard_threshold": self.standard_threshold,
         "resolution": f"{self.img_size}x{self.img_size}",
-        "resolution_note": ("images resized to img_size x img_size (aspect not kept), keypoints "
-                            "scaled per axis; distances and thresholds in those pixels"),
+        "resolution_note": (
+            "images resized to img_size x img_size (aspect not kept), keypoints "
+            "scaled per axis; distances and thresholds in those pixels"
+        ),
         "direction": self.direction,
-        "direction_note": ("target keypoints are moved to the source with the predicted flow "
-                           "(target -> source) and compared with the ground-truth source "
-                           "keypoints"),
+        "direction_note": (
+            "target keypoints are moved to the source with the predicted flow "
+            "(target -> source) and compared with the ground-truth source "
+            "keypoints"
+        ),
         "correct_if": "distance <= alpha * threshold (inclusive, threshold * alpha in float32)",
         "keypoint_rounding": "target keypoints truncated toward zero then clamped (reference)",
-        "averaging": {"per_pair": "mean over pairs of each pair's PCK (the reference)",
-                      "per_keypoint": "correct keypoints / keypoints over all pairs"},
+        "averaging": {
+            "per_pair": "mean over pairs of each pair's PCK (the reference)",
+            "per_keypoint": "correct keypoints / keypoints over all pairs",
+        },
     }
 
 
-def metric_name(threshold: str, alpha: float, averaging: str, img_size: int = 256,
-                group: str = "all") -> str:
+def metric_name(
+    threshold: str, alpha: float, averaging: str, img_size: int = 256, group: str = "all"
+) -> str:
   """The key of one number of a report, naming its whole protocol, e.g.
   `pck@0.1/bbox/per_pair/256px/trg->src` (`constants.metric_key`, the scheme of training logs
   too). A group other than 'all' is appended (`.../category=cat`, `.../viewpoint_variation=2`).

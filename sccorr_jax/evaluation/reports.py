@@ -21,6 +21,7 @@ from sccorr_jax.evaluation.protocol import Protocol
 @dataclasses.dataclass
 class _Sums:
   """Sums and counts of one group of pairs (float64/int64 on the host)."""
+
   shape: tuple
   pairs: int = 0  # pairs with >= 1 valid keypoint
   pairs_without_keypoints: int = 0
@@ -47,8 +48,9 @@ class _Sums:
     with np.errstate(invalid="ignore", divide="ignore"):
       if averaging == "per_pair":
         return 100.0 * self.pck_sum / self.pairs if self.pairs else np.full(self.shape, np.nan)
-      return (100.0 * self.correct / self.keypoints if self.keypoints
-              else np.full(self.shape, np.nan))
+      return (
+          100.0 * self.correct / self.keypoints if self.keypoints else np.full(self.shape, np.nan)
+      )
 
 
 def _group_sort_key(name: str):
@@ -57,8 +59,11 @@ def _group_sort_key(name: str):
   field, value = name.split("=", 1)
   if field == "category":
     return (1, "", value)
-  return (2 + DIFFICULTY_FIELDS.index(field) if field in DIFFICULTY_FIELDS else 9, field,
-          int(value) if value.lstrip("-").isdigit() else value)
+  return (
+      2 + DIFFICULTY_FIELDS.index(field) if field in DIFFICULTY_FIELDS else 9,
+      field,
+      int(value) if value.lstrip("-").isdigit() else value,
+  )
 
 
 def _rounded(x: float) -> Optional[float]:
@@ -80,8 +85,13 @@ class EvalResult:
     self.num_padding_pairs = num_padding_pairs
     self.zero_flow: Optional["EvalResult"] = None  # The zero flow's, when asked for.
 
-  def pck(self, threshold: Optional[str] = None, alpha: float = 0.1,
-          averaging: str = "per_pair", group: str = "all") -> float:
+  def pck(
+      self,
+      threshold: Optional[str] = None,
+      alpha: float = 0.1,
+      averaging: str = "per_pair",
+      group: str = "all",
+  ) -> float:
     """One PCK value in percent (threshold None: the benchmark's standard)."""
     threshold = threshold or self.protocol.standard_threshold
     k = self.protocol.thresholds.index(threshold)
@@ -101,27 +111,37 @@ class EvalResult:
         values = sums.pck(averaging)
         for k, kind in enumerate(p.thresholds):
           for a, alpha in enumerate(p.alphas):
-            out.append({
-                "metric": metric_name(kind, alpha, averaging, p.img_size, group),
-                "benchmark": p.benchmark, "split": p.split, "group": group,
-                "threshold": kind, "standard_threshold": kind == p.standard_threshold,
-                "alpha": alpha, "averaging": averaging,
-                "resolution": f"{p.img_size}x{p.img_size}", "direction": p.direction,
-                "pck": _rounded(values[k, a]), "pairs": sums.pairs,
-                "keypoints": sums.keypoints})
+            out.append(
+                {
+                    "metric": metric_name(kind, alpha, averaging, p.img_size, group),
+                    "benchmark": p.benchmark,
+                    "split": p.split,
+                    "group": group,
+                    "threshold": kind,
+                    "standard_threshold": kind == p.standard_threshold,
+                    "alpha": alpha,
+                    "averaging": averaging,
+                    "resolution": f"{p.img_size}x{p.img_size}",
+                    "direction": p.direction,
+                    "pck": _rounded(values[k, a]),
+                    "pairs": sums.pairs,
+                    "keypoints": sums.keypoints,
+                }
+            )
     return out
 
   def flat(self, groups: bool = True) -> Dict[str, float]:
     """`metric_name -> PCK` for logging (all groups, or only 'all')."""
-    return {r["metric"]: r["pck"] for r in self.records()
-            if groups or r["group"] == "all"}
+    return {r["metric"]: r["pck"] for r in self.records() if groups or r["group"] == "all"}
 
   def to_json(self, **extra) -> Dict[str, Any]:
     """JSON-able report: protocol, counts, every number with its protocol, plus `extra`."""
     total = self.groups["all"]
     return {
-        "protocol": self.protocol.describe(), **extra,
-        "pairs": total.pairs, "keypoints": total.keypoints,
+        "protocol": self.protocol.describe(),
+        **extra,
+        "pairs": total.pairs,
+        "keypoints": total.keypoints,
         "pairs_without_keypoints": total.pairs_without_keypoints,
         "padding_pairs_masked": self.num_padding_pairs,
         "results": self.records(),
@@ -135,9 +155,11 @@ class EvalResult:
     lines = []
     if title:
       lines.append(title)
-    lines.append(f"{bench}, split '{p.split}': {total.pairs} pairs, {total.keypoints} keypoints; "
-                 f"images resized to {p.img_size}x{p.img_size}; target keypoints -> source "
-                 f"({p.direction}); correct iff distance <= alpha * threshold.")
+    lines.append(
+        f"{bench}, split '{p.split}': {total.pairs} pairs, {total.keypoints} keypoints; "
+        f"images resized to {p.img_size}x{p.img_size}; target keypoints -> source "
+        f"({p.direction}); correct iff distance <= alpha * threshold."
+    )
     alpha_cols = "".join(f"{'a=' + format(a, 'g'):>9}" for a in p.alphas)
     lines.append("")
     lines.append(f"{'threshold':<26}{'averaging':<14}{alpha_cols}")
@@ -151,8 +173,11 @@ class EvalResult:
     std = p.thresholds.index(p.standard_threshold) if p.standard_threshold in p.thresholds else 0
     kind = p.thresholds[std]
     for section, prefix in (("per category", "category="), ("per difficulty level", None)):
-      names = [g for g in self.groups if g != "all" and
-               (g.startswith(prefix) if prefix else not g.startswith("category="))]
+      names = [
+          g
+          for g in self.groups
+          if g != "all" and (g.startswith(prefix) if prefix else not g.startswith("category="))
+      ]
       if not names:
         continue
       lines.append("")
@@ -166,20 +191,25 @@ class EvalResult:
           names_lv = DIFFICULTY_LEVELS.get(field, ())
           if lv.isdigit() and int(lv) < len(names_lv):
             label = f"{g} ({names_lv[int(lv)]})"
-        lines.append(f"{label:<40}{sums.pairs:>7}"
-                     + "".join(f"{v:9.2f}" for v in sums.pck("per_pair")[std]))
+        lines.append(
+            f"{label:<40}{sums.pairs:>7}" + "".join(f"{v:9.2f}" for v in sums.pck("per_pair")[std])
+        )
     if p.benchmark == "pfwillow" and "bbox_legacy" in p.thresholds:
       lines.append("")
-      lines.append("bbox_legacy is the reference's PF-WILLOW threshold, computed over all 40 "
-                   "keypoint slots including the -1 padding (larger, so PCK is inflated); bbox "
-                   "uses the real keypoints only.")
+      lines.append(
+          "bbox_legacy is the reference's PF-WILLOW threshold, computed over all 40 "
+          "keypoint slots including the -1 padding (larger, so PCK is inflated); bbox "
+          "uses the real keypoints only."
+      )
     return "\n".join(lines) + "\n"
 
   def write(self, directory: str, name: str = "eval", **extra) -> Dict[str, str]:
     """Writes `<name>.json` and `<name>.txt` into `directory`; returns their paths."""
     os.makedirs(directory, exist_ok=True)
-    paths = {"json": os.path.join(directory, f"{name}.json"),
-             "table": os.path.join(directory, f"{name}.txt")}
+    paths = {
+        "json": os.path.join(directory, f"{name}.json"),
+        "table": os.path.join(directory, f"{name}.txt"),
+    }
     with open(paths["json"], "w") as f:
       json.dump(self.to_json(**extra), f, indent=1)
     with open(paths["table"], "w") as f:

@@ -24,8 +24,9 @@ from sccorr_jax.evaluation.protocol import Protocol
 from sccorr_jax.evaluation.reports import EvalResult
 
 
-def scalars(result: EvalResult, protocol: Protocol, prefix: str = 'val/',
-            zero_flow: bool = False) -> Dict[str, float]:
+def scalars(
+    result: EvalResult, protocol: Protocol, prefix: str = 'val/', zero_flow: bool = False
+) -> Dict[str, float]:
   """The flat scalars of one model's result: `{prefix + 'pck@<alpha>': per-pair mean PCK in
   percent (the reference's number), prefix + 'pck@<alpha>/per_keypoint': per keypoint,
   prefix + 'num_pairs': pairs}` and, with `zero_flow`, `prefix + 'zero_flow/pck@<alpha>'`
@@ -34,17 +35,25 @@ def scalars(result: EvalResult, protocol: Protocol, prefix: str = 'val/',
   out = {f'{prefix}num_pairs': float(result.groups['all'].pairs)}
   for a in protocol.alphas:
     out[metric_key(a, scope=prefix)] = result.pck(kind, a, 'per_pair')
-    out[metric_key(a, averaging='per_keypoint', scope=prefix)] = result.pck(kind, a,
-                                                                            'per_keypoint')
+    out[metric_key(a, averaging='per_keypoint', scope=prefix)] = result.pck(kind, a, 'per_keypoint')
   if zero_flow:
     for a in protocol.alphas:
       out[metric_key(a, scope=prefix + 'zero_flow')] = result.zero_flow.pck(kind, a, 'per_pair')
   return out
 
 
-def validation_metrics(model, variables, data_iter, protocol: Protocol, *, mesh=None,
-                       eval_step=None, max_batches: Optional[int] = None, prefix: str = 'val/',
-                       zero_flow: bool = False) -> Dict[str, float]:
+def validation_metrics(
+    model,
+    variables,
+    data_iter,
+    protocol: Protocol,
+    *,
+    mesh=None,
+    eval_step=None,
+    max_batches: Optional[int] = None,
+    prefix: str = 'val/',
+    zero_flow: bool = False,
+) -> Dict[str, float]:
   """PCK of one model over an evaluation iterator, as flat scalars (`scalars`).
 
   Args:
@@ -59,9 +68,17 @@ def validation_metrics(model, variables, data_iter, protocol: Protocol, *, mesh=
     prefix: key prefix.
     zero_flow: also report the PCK of the zero flow (identity transfer) on the same pairs.
   """
-  result = evaluate_model(model, variables, data_iter, protocol, mesh=mesh,
-                          eval_step=eval_step, max_batches=max_batches,
-                          progress=False, zero_flow=zero_flow)
+  result = evaluate_model(
+      model,
+      variables,
+      data_iter,
+      protocol,
+      mesh=mesh,
+      eval_step=eval_step,
+      max_batches=max_batches,
+      progress=False,
+      zero_flow=zero_flow,
+  )
   return scalars(result, protocol, prefix, zero_flow)
 
 
@@ -70,37 +87,56 @@ class Validator:
 
   def __init__(self, config, model, mesh: jax.sharding.Mesh, data: data_lib.ResolvedData):
     """Args:
-      config: the run's config (`eval`, `learning_mode`; the protocol also reads `data`).
-      model: the network.
-      mesh: the run's device mesh.
-      data: the run's resolved data section, with the validation split's feature cache when
-        the model runs on cached features (`model.inputs='features'`).
+    config: the run's config (`eval`, `learning_mode`; the protocol also reads `data`).
+    model: the network.
+    mesh: the run's device mesh.
+    data: the run's resolved data section, with the validation split's feature cache when
+      the model runs on cached features (`model.inputs='features'`).
     """
     self.config, self.model, self.mesh, self.data = config, model, mesh, data
     self.mutual = config.learning_mode == 'mt'
     self.protocol = Protocol.from_config(config, validation=True)
-    self.eval_step = make_eval_step(model, self.protocol, zero_flow=True,
-                                    num_models=2 if self.mutual else None)
+    self.eval_step = make_eval_step(
+        model, self.protocol, zero_flow=True, num_models=2 if self.mutual else None
+    )
 
-  def __call__(self, variables: Mapping[str, Any], epoch: int, zero_flow: bool
-               ) -> Dict[str, float]:
+  def __call__(self, variables: Mapping[str, Any], epoch: int, zero_flow: bool) -> Dict[str, float]:
     """`val/...` scalars of the model(s) in `variables` (`{'params', 'batch_stats'}` of the
     training state, stacked [2, ...] for 'mt'); for 'mt' also `val/a/...`, `val/b/...` and
     `val/best_model` (the better one by `val/pck@<eval.select_alpha>`, whose numbers are the
     `val/pck@...` ones); with `zero_flow`, the zero flow's PCK on the same pairs."""
     c, t = self.config, time.time()
     batches = data_lib.create_eval_iterator(
-        self.data, c.eval.split, batch_size=int(c.eval.batch_size),
-        process_index=jax.process_index(), process_count=jax.process_count())
+        self.data,
+        c.eval.split,
+        batch_size=int(c.eval.batch_size),
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
     max_batches = c.eval.get('max_batches')
     if not self.mutual:
-      out = validation_metrics(self.model, variables, batches, self.protocol, mesh=self.mesh,
-                               eval_step=self.eval_step, max_batches=max_batches,
-                               zero_flow=zero_flow)
+      out = validation_metrics(
+          self.model,
+          variables,
+          batches,
+          self.protocol,
+          mesh=self.mesh,
+          eval_step=self.eval_step,
+          max_batches=max_batches,
+          zero_flow=zero_flow,
+      )
     else:
-      results = evaluate_models(self.model, variables, batches, self.protocol, 2, mesh=self.mesh,
-                                eval_step=self.eval_step, max_batches=max_batches,
-                                zero_flow=zero_flow)
+      results = evaluate_models(
+          self.model,
+          variables,
+          batches,
+          self.protocol,
+          2,
+          mesh=self.mesh,
+          eval_step=self.eval_step,
+          max_batches=max_batches,
+          zero_flow=zero_flow,
+      )
       out = {}
       for i, (name, result) in enumerate(zip('ab', results)):
         out.update(scalars(result, self.protocol, f'val/{name}/', zero_flow and i == 0))

@@ -19,6 +19,7 @@ from sccorr_jax import train
 @dataclasses.dataclass(frozen=True)
 class Cell:
   """One point of a sweep: a name and the dotted-key overrides of the base config."""
+
   name: str
   overrides: Dict[str, Any]
 
@@ -26,8 +27,11 @@ class Cell:
   def depends(self) -> Tuple[str, ...]:
     """Names of the cells whose workdirs this cell's overrides refer to (`'cell:NAME'`)."""
     prefix = config_lib.CELL_REFERENCE
-    return tuple(v[len(prefix):] for v in self.overrides.values()
-                 if isinstance(v, str) and v.startswith(prefix))
+    return tuple(
+        v[len(prefix) :]
+        for v in self.overrides.values()
+        if isinstance(v, str) and v.startswith(prefix)
+    )
 
 
 def load_sweep(config_spec: str, name: str) -> Dict[str, Dict[str, Any]]:
@@ -36,8 +40,9 @@ def load_sweep(config_spec: str, name: str) -> Dict[str, Dict[str, Any]]:
   return getattr(module, 'get_sweep', config_lib.get_sweep)(name)
 
 
-def plan_cells(sweep: Dict[str, Dict[str, Any]], only: Optional[Sequence[str]] = None
-               ) -> List[Cell]:
+def plan_cells(
+    sweep: Dict[str, Dict[str, Any]], only: Optional[Sequence[str]] = None
+) -> List[Cell]:
   """The cells to run, in sweep order with every cell after the cells it refers to.
 
   Args:
@@ -54,8 +59,7 @@ def plan_cells(sweep: Dict[str, Dict[str, Any]], only: Optional[Sequence[str]] =
         raise ValueError(f'cell {cell.name!r} refers to cell {dep!r}, which the sweep lacks')
   unknown = [n for n in (only or ()) if n not in cells]
   if unknown:
-    raise ValueError(f'unknown cell(s) {", ".join(unknown)}; the sweep has: '
-                     f'{", ".join(cells)}')
+    raise ValueError(f'unknown cell(s) {", ".join(unknown)}; the sweep has: ' f'{", ".join(cells)}')
   wanted = set(only) if only else set(cells)
   order: List[Cell] = []
   visiting = set()
@@ -85,13 +89,19 @@ def run_dir(out: str, cell_name: str, seed: int) -> str:
 def resolve(overrides: Dict[str, Any], out: str, seed: int) -> Dict[str, Any]:
   """`overrides` with every `'cell:NAME'` replaced by NAME's absolute workdir at `seed`."""
   prefix = config_lib.CELL_REFERENCE
-  return {k: (os.path.abspath(run_dir(out, v[len(prefix):], seed))
-              if isinstance(v, str) and v.startswith(prefix) else v)
-          for k, v in overrides.items()}
+  return {
+      k: (
+          os.path.abspath(run_dir(out, v[len(prefix) :], seed))
+          if isinstance(v, str) and v.startswith(prefix)
+          else v
+      )
+      for k, v in overrides.items()
+  }
 
 
-def make_config(config_spec: str, cell: Cell, seed: int, out: str,
-                common: Optional[Dict[str, Any]] = None):
+def make_config(
+    config_spec: str, cell: Cell, seed: int, out: str, common: Optional[Dict[str, Any]] = None
+):
   """The locked config of one run: the file's config, then `common`, then the cell, then seed."""
   config = config_lib.load_config(config_spec)
   config.lock()
@@ -119,8 +129,9 @@ def identical_cells(cells: Sequence[Cell], configs: Sequence[Any]) -> Dict[str, 
   return same
 
 
-def build_configs(config_spec: str, cells: Sequence[Cell], seeds: Sequence[int], out: str,
-                  common: Dict[str, Any]) -> Dict[Tuple[str, int], Any]:
+def build_configs(
+    config_spec: str, cells: Sequence[Cell], seeds: Sequence[int], out: str, common: Dict[str, Any]
+) -> Dict[Tuple[str, int], Any]:
   """Every run's config, checked (`train.check_config`) before anything trains.
 
   Raises:

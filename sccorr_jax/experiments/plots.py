@@ -15,14 +15,18 @@ def plot_budget(entries: Sequence[Dict[str, Any]], metric: str, path: str) -> No
   """PNG: `metric` against the labels per pair k (log scale, 'all' last), one curve per mode,
   error bars = std over seeds."""
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use('Agg')
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+
   series = budget_series(entries, metric)
   ks = sorted({k for s in series.values() for k, *_ in s if k > 0})
   all_x = 2.0 * (ks[-1] if ks else 1)
   fig, ax = plt.subplots(figsize=(5.5, 4), dpi=120)
-  styles = [(series, '-', 'o', ''),
-            (budget_series(entries, metric, networks=True), '--', 's', ', mean of a and b')]
+  styles = [
+      (series, '-', 'o', ''),
+      (budget_series(entries, metric, networks=True), '--', 's', ', mean of a and b'),
+  ]
   for i, (label, _) in enumerate(series.items()):
     for curves, line, marker, suffix in styles:
       if label not in curves:
@@ -32,8 +36,16 @@ def plot_budget(entries: Sequence[Dict[str, Any]], metric: str, path: str) -> No
       y = [m for _, m, _, _ in points]
       err = [0.0 if not math.isfinite(s) else s for _, _, s, _ in points]
       n = sorted({c for *_, c in points})
-      ax.errorbar(x, y, yerr=err, marker=marker, linestyle=line, capsize=4, color=f'C{i}',
-                  label=f'{label}{suffix} (n={"/".join(map(str, n))})')
+      ax.errorbar(
+          x,
+          y,
+          yerr=err,
+          marker=marker,
+          linestyle=line,
+          capsize=4,
+          color=f'C{i}',
+          label=f'{label}{suffix} (n={"/".join(map(str, n))})',
+      )
   ax.set_xscale('log', base=2)
   ticks = ks + [all_x]
   ax.set_xticks(ticks, [str(k) for k in ks] + ['all'])
@@ -48,12 +60,15 @@ def plot_budget(entries: Sequence[Dict[str, Any]], metric: str, path: str) -> No
   plt.close(fig)
 
 
-def plot_bars(entries: Sequence[Dict[str, Any]], metric: str, path: str,
-              order: Optional[Sequence[str]] = None) -> None:
+def plot_bars(
+    entries: Sequence[Dict[str, Any]], metric: str, path: str, order: Optional[Sequence[str]] = None
+) -> None:
   """PNG: mean final `metric` per cell with std error bars and each seed as a dot."""
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use('Agg')
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+
   groups = by_cell(entries, order)
   names = list(groups)
   fig, ax = plt.subplots(figsize=(max(4.0, 0.8 * len(names) + 1.5), 4), dpi=120)
@@ -63,8 +78,9 @@ def plot_bars(entries: Sequence[Dict[str, Any]], metric: str, path: str,
     ax.bar(i, m, yerr=s if math.isfinite(s) else 0.0, capsize=4, color='C0', alpha=0.6)
     finite = [v for v in values if v is not None]
     ax.plot([i] * len(finite), finite, 'k.', ms=4)
-    ax.annotate(f'n={n}', (i, 0), textcoords='offset points', xytext=(0, 3), ha='center',
-                fontsize=7)
+    ax.annotate(
+        f'n={n}', (i, 0), textcoords='offset points', xytext=(0, 3), ha='center', fontsize=7
+    )
   ax.set_title('mean ± std over seeds (dots: seeds)', fontsize=9)
   ax.set_xticks(range(len(names)), names, rotation=30, ha='right')
   ax.set_ylabel(f'validation {unscoped(metric)} (%)')

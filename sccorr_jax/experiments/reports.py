@@ -42,8 +42,11 @@ def pseudo_columns(entries: Sequence[Dict[str, Any]]) -> List[str]:
     for k in e.get('pseudo', {}):
       if k.startswith('train/b/') or k == 'train/pseudo_weight':
         continue
-      cols.add(k.replace('train/', '', 1).replace('a/', '', 1) if k.startswith('train/a/')
-               else k.replace('train/', '', 1))
+      cols.add(
+          k.replace('train/', '', 1).replace('a/', '', 1)
+          if k.startswith('train/a/')
+          else k.replace('train/', '', 1)
+      )
   return sorted(cols)
 
 
@@ -53,8 +56,11 @@ def pseudo_value(entry: Dict[str, Any], column: str) -> Optional[float]:
   return pseudo.get(f'train/a/{column}', pseudo.get(f'train/{column}'))
 
 
-def markdown_table(entries: Sequence[Dict[str, Any]], order: Optional[Sequence[str]] = None,
-                   settings: Optional[Dict[str, Any]] = None) -> str:
+def markdown_table(
+    entries: Sequence[Dict[str, Any]],
+    order: Optional[Sequence[str]] = None,
+    settings: Optional[Dict[str, Any]] = None,
+) -> str:
   """results.md: per cell, mean ± std over seeds of the final validation PCK, the best one,
   the pseudo-label metrics and the times, with the number of seeds n."""
   groups = by_cell(entries, order)
@@ -63,10 +69,12 @@ def markdown_table(entries: Sequence[Dict[str, Any]], order: Optional[Sequence[s
   if settings:
     lines.append(f'# Sweep `{settings.get("sweep")}` on `{settings.get("config")}`\n')
     if settings.get('set'):
-      lines.append('Overrides for every cell: '
-                   + ', '.join(f'`{k}={v}`' for k, v in settings['set'].items()) + '.\n')
-  select = next((e.get('select_metric') for e in entries if e.get('select_metric')),
-                'val/pck@0.1')
+      lines.append(
+          'Overrides for every cell: '
+          + ', '.join(f'`{k}={v}`' for k, v in settings['set'].items())
+          + '.\n'
+      )
+  select = next((e.get('select_metric') for e in entries if e.get('select_metric')), 'val/pck@0.1')
   lines.append(
       f'Mean ± sample standard deviation over the n seeds of each cell. Final: the validation '
       f'at the end of training (for mt the network selected on this validation split; the '
@@ -74,20 +82,27 @@ def markdown_table(entries: Sequence[Dict[str, Any]], order: Optional[Sequence[s
       f'{select} seen '
       f'during training (model selection on the same split, so optimistic). Times in seconds '
       f'per run on this machine (wall: the invocation that finished the run; compile: the '
-      f'train step, near 0 when the persistent cache had it).\n')
+      f'train step, near 0 when the persistent cache had it).\n'
+  )
   key = constants.metric_key(constants.parse_metric_key(select).alpha, scope='val/zero_flow')
   zero = [e.get('zero_flow', {}).get(key, e['final'].get(key)) for e in entries]
   m, s, n = mean_std(zero)
   if n:
     lines.append(f'Zero-flow (identity) {select}: {_format(m, s)} (n={n}).\n')
   two = any(networks_mean(e, select) is not None for e in entries)
-  head = ['cell', 'overrides', 'n'] + [f'final {unscoped(k)}' for k in pcks] + (
-      [f'final {unscoped(select)}, mean of networks a, b'] if two else []) + [
-      f'best {unscoped(select)}', 'best epoch', 'wall s', 'compile s']
+  head = (
+      ['cell', 'overrides', 'n']
+      + [f'final {unscoped(k)}' for k in pcks]
+      + ([f'final {unscoped(select)}, mean of networks a, b'] if two else [])
+      + [f'best {unscoped(select)}', 'best epoch', 'wall s', 'compile s']
+  )
   lines += ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
   for name, group in groups.items():
-    row = [name + (f' (= {group[0]["same_as"]})' if group[0].get('same_as') else ''),
-           overrides_text(group[0]['overrides']), str(len(group))]
+    row = [
+        name + (f' (= {group[0]["same_as"]})' if group[0].get('same_as') else ''),
+        overrides_text(group[0]['overrides']),
+        str(len(group)),
+    ]
     row += [_format(*mean_std([e['final'].get(k) for e in group])[:2]) for k in pcks]
     if two:
       row.append(_format(*mean_std([networks_mean(e, select) for e in group])[:2]))
@@ -98,24 +113,33 @@ def markdown_table(entries: Sequence[Dict[str, Any]], order: Optional[Sequence[s
     lines.append('| ' + ' | '.join(row) + ' |')
   columns = pseudo_columns(entries)
   if columns:
-    lines += ['', '## Pseudo-labels', '',
-              'Averaged over the logged windows of the last epoch of each run (for mt network a; '
-              'b and every other key in results.json).', '']
+    lines += [
+        '',
+        '## Pseudo-labels',
+        '',
+        'Averaged over the logged windows of the last epoch of each run (for mt network a; '
+        'b and every other key in results.json).',
+        '',
+    ]
     head = ['cell', 'n'] + columns
     lines += ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     for name, group in groups.items():
       if not any(e.get('pseudo') for e in group):
         continue
       row = [name, str(len(group))]
-      row += [_format(*mean_std([pseudo_value(e, k) for e in group])[:2], digits=3)
-              for k in columns]
+      row += [
+          _format(*mean_std([pseudo_value(e, k) for e in group])[:2], digits=3) for k in columns
+      ]
       lines.append('| ' + ' | '.join(row) + ' |')
   return '\n'.join(lines) + '\n'
 
 
-def write_reports(out: str, entries: Sequence[Dict[str, Any]],
-                  order: Optional[Sequence[str]] = None,
-                  settings: Optional[Dict[str, Any]] = None) -> List[str]:
+def write_reports(
+    out: str,
+    entries: Sequence[Dict[str, Any]],
+    order: Optional[Sequence[str]] = None,
+    settings: Optional[Dict[str, Any]] = None,
+) -> List[str]:
   """Writes results.md and `<sweep>.png` (a curve for a sweep over the label budget, else bars);
   returns their paths."""
   if not entries:

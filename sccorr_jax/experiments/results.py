@@ -51,7 +51,8 @@ class Results:
         if data.get('settings', {}).get(key) != value:
           raise ValueError(
               f'{path} was written with {key}={data.get("settings", {}).get(key)!r}, this run '
-              f'has {key}={value!r}; use another --out (or remove that file)')
+              f'has {key}={value!r}; use another --out (or remove that file)'
+          )
       self.runs = list(data.get('runs', []))
     else:
       self.save()
@@ -87,8 +88,9 @@ def unscoped(key: str) -> str:
   return constants.metric_key(*constants.parse_metric_key(key)._replace(scope=''))
 
 
-def last_epoch_pseudo_metrics(rows: Sequence[Dict[str, Any]], steps_per_epoch: int
-                              ) -> Tuple[Dict[str, float], Optional[List[int]]]:
+def last_epoch_pseudo_metrics(
+    rows: Sequence[Dict[str, Any]], steps_per_epoch: int
+) -> Tuple[Dict[str, float], Optional[List[int]]]:
   """Every key containing 'pseudo', averaged over the logged windows of the run's last epoch
   (one 10-step window alone is noisy), and the [first, last] step of those windows.
 
@@ -108,33 +110,56 @@ def last_epoch_pseudo_metrics(rows: Sequence[Dict[str, Any]], steps_per_epoch: i
   return out, [window[0]['step'], last]
 
 
-def make_entry(cell: Cell, seed: int, config, workdir: str, summary: Dict[str, Any],
-               wall_s: float, resumed_from_step: Optional[int], out: str, workers: int = 1
-               ) -> Dict[str, Any]:
+def make_entry(
+    cell: Cell,
+    seed: int,
+    config,
+    workdir: str,
+    summary: Dict[str, Any],
+    wall_s: float,
+    resumed_from_step: Optional[int],
+    out: str,
+    workers: int = 1,
+) -> Dict[str, Any]:
   """The results.json entry of one finished run (from its summary and its metrics.jsonl);
   `workers`: how many runs trained at once (the wall time depends on it)."""
   rows = metric_writer.read_rows(workdir)
   best = dict(summary.get('best') or {})
   best_rows = [r for r in rows if r.get('step') == best.get('step') and 'val/epoch' in r]
-  best['metrics'] = ({k: v for k, v in best_rows[-1].items() if k.startswith('val/')}
-                     if best_rows else {})
+  best['metrics'] = (
+      {k: v for k, v in best_rows[-1].items() if k.startswith('val/')} if best_rows else {}
+  )
   # The zero flow is validated once, at the run's first validation.
-  zero_flow = next(({k: v for k, v in r.items() if is_zero_flow(k)} for r in rows
-                    if any(is_zero_flow(k) for k in r)), {})
+  zero_flow = next(
+      (
+          {k: v for k, v in r.items() if is_zero_flow(k)}
+          for r in rows
+          if any(is_zero_flow(k) for k in r)
+      ),
+      {},
+  )
   pseudo, pseudo_steps = last_epoch_pseudo_metrics(
-      rows, int(summary['step']) // max(int(summary['epoch']), 1))
+      rows, int(summary['step']) // max(int(summary['epoch']), 1)
+  )
   return {
-      'cell': cell.name, 'seed': int(seed), 'overrides': cell.overrides,
+      'cell': cell.name,
+      'seed': int(seed),
+      'overrides': cell.overrides,
       'workdir': os.path.relpath(workdir, out),
-      'step': int(summary['step']), 'epoch': int(summary['epoch']),
+      'step': int(summary['step']),
+      'epoch': int(summary['epoch']),
       'select_metric': checkpoint.select_metric(config),
       'final': {k: v for k, v in (summary.get('val') or {}).items() if k.startswith('val/')},
       'best': best,
-      'pseudo': pseudo, 'pseudo_steps': pseudo_steps, 'zero_flow': zero_flow,
-      'wall_s': wall_s, 'compile_s': summary.get('compile_s'),
+      'pseudo': pseudo,
+      'pseudo_steps': pseudo_steps,
+      'zero_flow': zero_flow,
+      'wall_s': wall_s,
+      'compile_s': summary.get('compile_s'),
       'mean_step_s': summary.get('mean_step_s'),
       'nonfinite_total': summary.get('nonfinite_total'),
-      'resumed_from_step': resumed_from_step, 'workers': int(workers),
+      'resumed_from_step': resumed_from_step,
+      'workers': int(workers),
       'finished': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
   }
 
@@ -147,8 +172,9 @@ def mean_std(values: Sequence[Optional[float]]) -> Tuple[float, float, int]:
   return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else math.nan, int(v.size)
 
 
-def by_cell(entries: Sequence[Dict[str, Any]], order: Optional[Sequence[str]] = None
-             ) -> Dict[str, List[Dict[str, Any]]]:
+def by_cell(
+    entries: Sequence[Dict[str, Any]], order: Optional[Sequence[str]] = None
+) -> Dict[str, List[Dict[str, Any]]]:
   """Entries grouped by cell, in `order` first, then in order of appearance."""
   groups: Dict[str, List[Dict[str, Any]]] = {name: [] for name in (order or ())}
   for e in entries:
@@ -168,13 +194,16 @@ def networks_mean(entry: Dict[str, Any], metric: str) -> Optional[float]:
   and `val/b/pck@0.1`), or None for a run of one network. The selected network's number is
   chosen on the validation split itself, so the mean is the fair comparison with one network."""
   parts = constants.parse_metric_key(metric)
-  values = [entry['final'].get(constants.metric_key(*parts._replace(scope=f'{parts.scope}/{m}')))
-            for m in 'ab']
+  values = [
+      entry['final'].get(constants.metric_key(*parts._replace(scope=f'{parts.scope}/{m}')))
+      for m in 'ab'
+  ]
   return float(np.mean(values)) if all(v is not None for v in values) else None
 
 
-def budget_series(entries: Sequence[Dict[str, Any]], metric: str, key: str = BUDGET_KEY,
-                  networks: bool = False) -> Dict[str, List[Tuple[int, float, float, int]]]:
+def budget_series(
+    entries: Sequence[Dict[str, Any]], metric: str, key: str = BUDGET_KEY, networks: bool = False
+) -> Dict[str, List[Tuple[int, float, float, int]]]:
   """For a sweep over `key`: curve label (the cell's other overrides) -> [(k, mean, std, n)]
   of the final `metric` over seeds, by k with 0 (all labels) last; with `networks`, of the
   two networks' mean (`networks_mean`), for the runs that have two."""
@@ -186,8 +215,9 @@ def budget_series(entries: Sequence[Dict[str, Any]], metric: str, key: str = BUD
     if networks and value is None:
       continue
     rest = {k: v for k, v in e['overrides'].items() if k != key}
-    label = (str(rest['learning_mode']) if list(rest) == ['learning_mode']
-             else overrides_text(rest))
+    label = str(rest['learning_mode']) if list(rest) == ['learning_mode'] else overrides_text(rest)
     points.setdefault(label, {}).setdefault(int(e['overrides'][key]), []).append(value)
-  return {label: [(k, *mean_std(v[k])) for k in sorted(v, key=lambda k: (k == 0, k))]
-          for label, v in points.items()}
+  return {
+      label: [(k, *mean_std(v[k])) for k in sorted(v, key=lambda k: (k == 0, k))]
+      for label, v in points.items()
+  }

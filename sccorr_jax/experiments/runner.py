@@ -68,10 +68,17 @@ class _InProcess:
     return False
 
 
-def run_sweep(config_spec: str, sweep_name: str, cells: Sequence[Cell], seeds: Sequence[int],
-              out: str, common: Optional[Dict[str, Any]] = None,
-              train_fn: Optional[Callable[..., Dict[str, Any]]] = None, workers: int = 1,
-              cache_dir: Optional[str] = None) -> List[Dict[str, Any]]:
+def run_sweep(
+    config_spec: str,
+    sweep_name: str,
+    cells: Sequence[Cell],
+    seeds: Sequence[int],
+    out: str,
+    common: Optional[Dict[str, Any]] = None,
+    train_fn: Optional[Callable[..., Dict[str, Any]]] = None,
+    workers: int = 1,
+    cache_dir: Optional[str] = None,
+) -> List[Dict[str, Any]]:
   """Runs every (seed, cell) not yet in `<out>/results.json`, seed by seed, and writes reports.
 
   Args:
@@ -98,33 +105,59 @@ def run_sweep(config_spec: str, sweep_name: str, cells: Sequence[Cell], seeds: S
   common = dict(common or {})
   seeds = list(seeds)
   configs = build_configs(config_spec, cells, seeds, out, common)
-  results = Results(os.path.join(out, RESULTS_JSON),
-                    {'config': config_spec, 'sweep': sweep_name, 'set': common})
+  results = Results(
+      os.path.join(out, RESULTS_JSON), {'config': config_spec, 'sweep': sweep_name, 'set': common}
+  )
   for cell in cells:
     for seed in seeds:
       entry = results.get(cell.name, seed)
       if entry is not None and entry['overrides'] != jsonable(cell.overrides):
-        raise ValueError(f'{results.path}: cell {cell.name!r} was run with overrides '
-                         f'{entry["overrides"]}, the sweep now says {cell.overrides}; use '
-                         'another --out')
+        raise ValueError(
+            f'{results.path}: cell {cell.name!r} was run with overrides '
+            f'{entry["overrides"]}, the sweep now says {cell.overrides}; use '
+            'another --out'
+        )
   todo = [(seed, cell) for seed in seeds for cell in cells if results.get(cell.name, seed) is None]
-  logging.info('%d of %d runs to do in %s%s', len(todo), len(cells) * len(seeds), out,
-               f', {workers} at a time' if workers > 1 else '')
-  same_by_seed = {seed: identical_cells(cells, [configs[c.name, seed] for c in cells])
-                  for seed in seeds}
+  logging.info(
+      '%d of %d runs to do in %s%s',
+      len(todo),
+      len(cells) * len(seeds),
+      out,
+      f', {workers} at a time' if workers > 1 else '',
+  )
+  same_by_seed = {
+      seed: identical_cells(cells, [configs[c.name, seed] for c in cells]) for seed in seeds
+  }
   executor = _InProcess() if workers == 1 else workers_lib.pool(workers, cache_dir)
   with executor:
-    failed = _schedule(executor, workers, todo, configs, same_by_seed, results, out, train_fn,
-                       [c.name for c in cells])
+    failed = _schedule(
+        executor,
+        workers,
+        todo,
+        configs,
+        same_by_seed,
+        results,
+        out,
+        train_fn,
+        [c.name for c in cells],
+    )
   write_reports(out, results.runs, [c.name for c in cells], results.settings)
   if failed:
     raise RuntimeError(failed)
   return results.runs
 
 
-def _schedule(executor, slots: int, todo: Sequence[Tuple[int, Cell]],
-              configs: Dict[Tuple[str, int], Any], same_by_seed: Dict[int, Dict[str, str]],
-              results: Results, out: str, train_fn, order: Sequence[str]) -> Optional[str]:
+def _schedule(
+    executor,
+    slots: int,
+    todo: Sequence[Tuple[int, Cell]],
+    configs: Dict[Tuple[str, int], Any],
+    same_by_seed: Dict[int, Dict[str, str]],
+    results: Results,
+    out: str,
+    train_fn,
+    order: Sequence[str],
+) -> Optional[str]:
   """Starts each run of `todo`, in order, once a slot is free and the cells it needs (refers to,
   or is identical to) are in `results`; records each finished run. Returns why a run failed, or
   None."""
@@ -137,19 +170,25 @@ def _schedule(executor, slots: int, todo: Sequence[Tuple[int, Cell]],
         continue
       if same is not None:
         pending.remove((seed, cell))
-        results.add(dict(results.get(same, seed), cell=cell.name, overrides=cell.overrides,
-                         same_as=same))
+        results.add(
+            dict(results.get(same, seed), cell=cell.name, overrides=cell.overrides, same_as=same)
+        )
         logging.info('cell %s seed %d: identical to %s, not rerun', cell.name, seed, same)
       elif len(running) < slots:
         pending.remove((seed, cell))
         workdir = run_dir(out, cell.name, seed)
         resumed = checkpoint.latest_step(workdir)
-        logging.info('[%d/%d] cell %s seed %d in %s%s%s', len(todo) - len(pending), len(todo),
-                     cell.name, seed, workdir,
-                     f' (resuming from step {resumed})' if resumed is not None else '',
-                     f', log in {workers_lib.LOG_NAME}' if slots > 1 else '')
-        future = executor.submit(workers_lib.train_run, train_fn, configs[cell.name, seed],
-                                 workdir)
+        logging.info(
+            '[%d/%d] cell %s seed %d in %s%s%s',
+            len(todo) - len(pending),
+            len(todo),
+            cell.name,
+            seed,
+            workdir,
+            f' (resuming from step {resumed})' if resumed is not None else '',
+            f', log in {workers_lib.LOG_NAME}' if slots > 1 else '',
+        )
+        future = executor.submit(workers_lib.train_run, train_fn, configs[cell.name, seed], workdir)
         running[future] = (seed, cell, workdir, resumed)
     if not running:
       break  # Stopped, or what is left needs a run that failed.
@@ -165,22 +204,35 @@ def _schedule(executor, slots: int, todo: Sequence[Tuple[int, Cell]],
         continue
       summary, wall_s = future.result()
       if int(summary['epoch']) < int(config.optim.num_epochs):
-        logging.warning('cell %s seed %d stopped at step %d (epoch %d of %d); the sweep stops '
-                        'here, run the same command to resume', cell.name, seed,
-                        summary['step'], summary['epoch'], config.optim.num_epochs)
+        logging.warning(
+            'cell %s seed %d stopped at step %d (epoch %d of %d); the sweep stops '
+            'here, run the same command to resume',
+            cell.name,
+            seed,
+            summary['step'],
+            summary['epoch'],
+            config.optim.num_epochs,
+        )
         stop = True
         continue
       entry = make_entry(cell, seed, config, workdir, summary, wall_s, resumed, out, slots)
       results.add(entry)
-      logging.info('cell %s seed %d: %s = %s (best %s), %.0f s', cell.name, seed,
-                   entry['select_metric'], entry['final'].get(entry['select_metric']),
-                   entry['best'].get('value'), wall_s)
+      logging.info(
+          'cell %s seed %d: %s = %s (best %s), %.0f s',
+          cell.name,
+          seed,
+          entry['select_metric'],
+          entry['final'].get(entry['select_metric']),
+          entry['best'].get('value'),
+          wall_s,
+      )
       write_reports(out, results.runs, order, results.settings)
   return failed
 
 
-def describe(config_spec: str, cells: Sequence[Cell], seeds: Sequence[int], out: str,
-             common: Dict[str, Any]) -> str:
+def describe(
+    config_spec: str, cells: Sequence[Cell], seeds: Sequence[int], out: str, common: Dict[str, Any]
+) -> str:
   """The `--dry_run` listing: each cell in run order with its overrides and each seed's state
   (done, a checkpoint to resume from, or to run), and the equivalent `sccorr_jax.main` flags."""
   configs = build_configs(config_spec, cells, seeds, out, common)
@@ -191,21 +243,36 @@ def describe(config_spec: str, cells: Sequence[Cell], seeds: Sequence[int], out:
       data = json.load(f)
     done = {(r['cell'], r['seed']) for r in data.get('runs', [])}
     given = jsonable({'config': config_spec, 'set': dict(common)})
-    conflict = [f'{k}={data.get("settings", {}).get(k)!r}' for k, v in given.items()
-                if data.get('settings', {}).get(k) != v]
+    conflict = [
+        f'{k}={data.get("settings", {}).get(k)!r}'
+        for k, v in given.items()
+        if data.get('settings', {}).get(k) != v
+    ]
   same = identical_cells(cells, [configs[c.name, seeds[0]] for c in cells])
-  lines = [f'{len(cells)} cells x {len(seeds)} seeds of {config_spec}'
-           + (f' with {common}' if common else '') + f', into {out}:']
+  lines = [
+      f'{len(cells)} cells x {len(seeds)} seeds of {config_spec}'
+      + (f' with {common}' if common else '')
+      + f', into {out}:'
+  ]
   if conflict:
-    lines.append(f'NOTE: {path} was written with {", ".join(conflict)}; running this would stop '
-                 'with an error (use another --out)')
+    lines.append(
+        f'NOTE: {path} was written with {", ".join(conflict)}; running this would stop '
+        'with an error (use another --out)'
+    )
   for i, cell in enumerate(cells, 1):
     states = []
     for seed in seeds:
       step = checkpoint.latest_step(run_dir(out, cell.name, seed))
-      states.append(f'seed{seed}: ' + ('done' if (cell.name, seed) in done else
-                                       f'resume at step {step}' if step is not None else
-                                       'to run'))
+      states.append(
+          f'seed{seed}: '
+          + (
+              'done'
+              if (cell.name, seed) in done
+              else f'resume at step {step}'
+              if step is not None
+              else 'to run'
+          )
+      )
     extra = f' = {same[cell.name]} (run once)' if cell.name in same else ''
     after = f' after {", ".join(cell.depends)}' if cell.depends else ''
     lines.append(f'{i:3d}. {cell.name}{extra}{after}: {"; ".join(states)}')

@@ -41,10 +41,11 @@ def cpu_groups(n: int, cpus: Optional[Sequence[int]] = None) -> List[List[int]]:
   """
   cpus = sorted(os.sched_getaffinity(0) if cpus is None else cpus)
   if not 1 <= n <= len(cpus):
-    raise ValueError(f'--workers={n}: this process may use {len(cpus)} CPU(s), so 1 to '
-                     f'{len(cpus)} workers')
+    raise ValueError(
+        f'--workers={n}: this process may use {len(cpus)} CPU(s), so 1 to ' f'{len(cpus)} workers'
+    )
   bounds = [round(i * len(cpus) / n) for i in range(n + 1)]
-  return [cpus[bounds[i]:bounds[i + 1]] for i in range(n)]
+  return [cpus[bounds[i] : bounds[i + 1]] for i in range(n)]
 
 
 _PR_SET_PDEATHSIG, _PR_GET_PDEATHSIG = 1, 2
@@ -106,8 +107,12 @@ def _output_to(path: str):
         os.close(fd)
 
 
-def train_run(train_fn: Optional[Callable[..., Dict[str, Any]]], config, workdir: str,
-              log_to_file: bool = True) -> Tuple[Dict[str, Any], float]:
+def train_run(
+    train_fn: Optional[Callable[..., Dict[str, Any]]],
+    config,
+    workdir: str,
+    log_to_file: bool = True,
+) -> Tuple[Dict[str, Any], float]:
   """One run: `train_fn(config, workdir)` (default `train.train_and_evaluate`), its output in
   `<workdir>/train.log` (or, without `log_to_file`, where this process's goes); returns (its
   summary without the trained state, wall seconds)."""
@@ -130,5 +135,8 @@ def pool(n: int, cache_dir: Optional[str] = None):
   for group in cpu_groups(n):
     groups.put(group)
   return futures.ProcessPoolExecutor(
-      n, mp_context=context, initializer=_init_worker,
-      initargs=(groups, os.path.abspath(cache_dir) if cache_dir else None))
+      n,
+      mp_context=context,
+      initializer=_init_worker,
+      initargs=(groups, os.path.abspath(cache_dir) if cache_dir else None),
+  )

@@ -43,8 +43,9 @@ def _gather_rows(x):
     return x  # The fusion problem below is XLA:CPU's; other backends are left to their fuser.
   flat = x.reshape(-1, x.shape[-1])
   rows = jnp.arange(flat.shape[0])
-  return jnp.take(flat, rows, axis=0, mode="clip", indices_are_sorted=True,
-                  unique_indices=True).reshape(x.shape)
+  return jnp.take(
+      flat, rows, axis=0, mode="clip", indices_are_sorted=True, unique_indices=True
+  ).reshape(x.shape)
 
 
 @jax.custom_vjp
@@ -81,6 +82,7 @@ class Conv1x1(nn.Module):
   XLA:CPU runs a 2-D dot's forward and backward faster than the equivalent convolution; a stride is a subsampling first, as PyTorch's 1x1/stride-2 conv
   with zero padding reads pixels 0, 2, 4, ...
   """
+
   features: int
   stride: int = 1
   dtype: Optional[Any] = None
@@ -90,7 +92,7 @@ class Conv1x1(nn.Module):
   def __call__(self, x):
     kernel = self.param("kernel", conv_init, (1, 1, x.shape[-1], self.features), self.param_dtype)
     if self.stride > 1:
-      x = x[:, ::self.stride, ::self.stride, :]
+      x = x[:, :: self.stride, :: self.stride, :]
     dtype = self.dtype or jnp.result_type(x, kernel)
     return matmul_channels(x.astype(dtype), kernel[0, 0].astype(dtype))
 
@@ -111,8 +113,11 @@ def _pool_taps(x):
   _, h, w, _ = x.shape
   ho, wo = (h - 1) // 2 + 1, (w - 1) // 2 + 1
   xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
-  return [xp[:, i:i + 2 * (ho - 1) + 1:2, j:j + 2 * (wo - 1) + 1:2, :]
-          for i in range(3) for j in range(3)]
+  return [
+      xp[:, i : i + 2 * (ho - 1) + 1 : 2, j : j + 2 * (wo - 1) + 1 : 2, :]
+      for i in range(3)
+      for j in range(3)
+  ]
 
 
 def _pool_argmax(x):
@@ -149,6 +154,7 @@ def _max_pool_even_bwd(res, g):
   idx, (b, h, w, c) = res
   ho = h // 2
   zero = jnp.zeros((), g.dtype)
+
   # Input row 2a receives from tap row 1 of output row a; row 2a+1 from tap row 2 of output
   # row a and tap row 0 of output row a+1 (same for columns): four interleaved phases.
   def part(i, j):
@@ -158,9 +164,13 @@ def _max_pool_even_bwd(res, g):
     if j == 0:
       a = _shift_next(a, 2)
     return a
+
   taps_of = {0: (1,), 1: (0, 2)}
-  phase = {(pr, pc): sum(part(i, j) for i in taps_of[pr] for j in taps_of[pc])
-           for pr in (0, 1) for pc in (0, 1)}
+  phase = {
+      (pr, pc): sum(part(i, j) for i in taps_of[pr] for j in taps_of[pc])
+      for pr in (0, 1)
+      for pc in (0, 1)
+  }
   even = jnp.stack([phase[0, 0], phase[0, 1]], axis=3).reshape(b, ho, w, c)
   odd = jnp.stack([phase[1, 0], phase[1, 1]], axis=3).reshape(b, ho, w, c)
   return (jnp.stack([even, odd], axis=2).reshape(b, h, w, c),)
@@ -183,17 +193,26 @@ def max_pool_3x3_s2(x):
     return _max_pool_even(x)
   # A Python scalar init value: with an array init, reduce_window does not recognise the max
   # monoid and cannot be differentiated.
-  return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
-                               ((0, 0), (1, 1), (1, 1), (0, 0)))
+  return jax.lax.reduce_window(
+      x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), ((0, 0), (1, 1), (1, 1), (0, 0))
+  )
 
 
 def _conv(features, kernel, stride=1, name=None, dtype=None, param_dtype=jnp.float32):
   if kernel == 1:
     return Conv1x1(features, stride, dtype=dtype, param_dtype=param_dtype, name=name)
   pad = kernel // 2
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                 padding=((pad, pad), (pad, pad)), use_bias=False, kernel_init=conv_init,
-                 dtype=dtype, param_dtype=param_dtype, name=name)
+  return nn.Conv(
+      features,
+      (kernel, kernel),
+      strides=(stride, stride),
+      padding=((pad, pad), (pad, pad)),
+      use_bias=False,
+      kernel_init=conv_init,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      name=name,
+  )
 
 
 def _residual(block, x, y, norm):
@@ -203,16 +222,22 @@ def _residual(block, x, y, norm):
   `downsample_conv` / `downsample_bn` (torchvision's `downsample.0` / `downsample.1`).
   """
   if block.downsample:
-    x = _conv(y.shape[-1], 1, block.stride, name="downsample_conv", dtype=block.dtype,
-              param_dtype=block.param_dtype)(x)
-    x = BatchNorm(dtype=block.dtype, param_dtype=block.param_dtype, name="downsample_bn")(
-        x, **norm)
+    x = _conv(
+        y.shape[-1],
+        1,
+        block.stride,
+        name="downsample_conv",
+        dtype=block.dtype,
+        param_dtype=block.param_dtype,
+    )(x)
+    x = BatchNorm(dtype=block.dtype, param_dtype=block.param_dtype, name="downsample_bn")(x, **norm)
   out = y + x
   return out, materialize(relu_activation(out))
 
 
 class Bottleneck(nn.Module):
   """1x1 -> 3x3 (stride) -> 1x1 (4x width) with BN; returns `(pre_relu, post_relu)`."""
+
   features: int
   stride: int = 1
   downsample: bool = False
@@ -233,6 +258,7 @@ class Bottleneck(nn.Module):
 
 class BasicBlock(nn.Module):
   """3x3 (stride) -> 3x3 with BN (ResNet-18/34); returns `(pre_relu, post_relu)`."""
+
   features: int
   stride: int = 1
   downsample: bool = False
@@ -261,6 +287,7 @@ class ResNet(nn.Module):
     width: channels of the stem (64 in torchvision).
     dtype: compute dtype (None: promote input and parameters).
   """
+
   stage_sizes: Sequence[int] = STAGE_SIZES[101]
   bottleneck: bool = True
   num_stages: int = 3
@@ -270,8 +297,9 @@ class ResNet(nn.Module):
   remat: bool = False
 
   @nn.compact
-  def __call__(self, x, train: bool = False, num_groups: int = 1
-               ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+  def __call__(
+      self, x, train: bool = False, num_groups: int = 1
+  ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
     """Runs the trunk.
 
     Args:
@@ -290,22 +318,26 @@ class ResNet(nn.Module):
     norm = dict(use_running_average=urav, num_groups=num_groups)
     aux = {}
     x = _conv(self.width, 7, 2, name="conv1", dtype=self.dtype, param_dtype=self.param_dtype)(x)
-    x = BatchNorm(dtype=self.dtype, param_dtype=self.param_dtype, relu=True, name="bn1")(
-        x, **norm)
+    x = BatchNorm(dtype=self.dtype, param_dtype=self.param_dtype, relu=True, name="bn1")(x, **norm)
     x = max_pool_3x3_s2(x)
     aux["stem"] = x
     block_cls = Bottleneck if self.bottleneck else BasicBlock
     if self.remat:
       block_cls = nn.remat(block_cls, static_argnums=(2, 3))
     pre = x
-    for s, n_blocks in enumerate(self.stage_sizes[:self.num_stages]):
-      features = self.width * 2 ** s
+    for s, n_blocks in enumerate(self.stage_sizes[: self.num_stages]):
+      features = self.width * 2**s
       for i in range(n_blocks):
         stride = 2 if (i == 0 and s > 0) else 1
         downsample = i == 0 and (stride != 1 or s == 0 and self.bottleneck)
-        pre, x = block_cls(features, stride=stride, downsample=downsample, dtype=self.dtype,
-                           param_dtype=self.param_dtype, name=f"layer{s + 1}_{i}")(
-                               x, urav, num_groups)
+        pre, x = block_cls(
+            features,
+            stride=stride,
+            downsample=downsample,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name=f"layer{s + 1}_{i}",
+        )(x, urav, num_groups)
         aux[f"layer{s + 1}_{i}_pre_relu"] = pre
       aux[f"layer{s + 1}"] = x
     return pre, aux

@@ -110,8 +110,10 @@ def _bn_fixed(x, scale, bias, mean, var, epsilon, relu, out_dtype):
 
 
 def _bn_fixed_fwd(x, scale, bias, mean, var, epsilon, relu, out_dtype):
-  return (_bn_fixed(x, scale, bias, mean, var, epsilon, relu, out_dtype),
-          (x, scale, bias, mean, var))
+  return (
+      _bn_fixed(x, scale, bias, mean, var, epsilon, relu, out_dtype),
+      (x, scale, bias, mean, var),
+  )
 
 
 def _bn_fixed_bwd(epsilon, relu, out_dtype, res, gy):
@@ -123,8 +125,13 @@ def _bn_fixed_bwd(epsilon, relu, out_dtype, res, gy):
   s1, s_gxhat = s1.reshape(-1), s_gxhat.reshape(-1)
   dmean = -a * s1
   dvar = -0.5 * rstd * rstd * scale.astype(mean.dtype) * s_gxhat
-  return ((g * a).astype(x.dtype), s_gxhat.astype(scale.dtype), s1.astype(bias.dtype),
-          dmean.astype(mean.dtype), dvar.astype(var.dtype))
+  return (
+      (g * a).astype(x.dtype),
+      s_gxhat.astype(scale.dtype),
+      s1.astype(bias.dtype),
+      dmean.astype(mean.dtype),
+      dvar.astype(var.dtype),
+  )
 
 
 _bn_fixed.defvjp(_bn_fixed_fwd, _bn_fixed_bwd)
@@ -171,6 +178,7 @@ class BatchNorm(nn.Module):
     dtype: compute dtype of the output (None: promote input and parameters).
     relu: apply a ReLU to the output (fused, for the backward's memory).
   """
+
   momentum: float = 0.1
   epsilon: float = 1e-5
   dtype: Optional[Any] = None
@@ -189,11 +197,20 @@ class BatchNorm(nn.Module):
     # Statistics in at least float32 (bfloat16 compute keeps float32 statistics).
     stat_dtype = jnp.promote_types(dtype, jnp.float32)
     if _PLAIN_AUTODIFF[-1]:
-      return self._plain(x, scale, bias, ra_mean, ra_var, use_running_average, num_groups,
-                         dtype, stat_dtype)
+      return self._plain(
+          x, scale, bias, ra_mean, ra_var, use_running_average, num_groups, dtype, stat_dtype
+      )
     if use_running_average:
-      return _bn_fixed(x, scale, bias, ra_mean.value.astype(stat_dtype),
-                       ra_var.value.astype(stat_dtype), self.epsilon, self.relu, dtype)
+      return _bn_fixed(
+          x,
+          scale,
+          bias,
+          ra_mean.value.astype(stat_dtype),
+          ra_var.value.astype(stat_dtype),
+          self.epsilon,
+          self.relu,
+          dtype,
+      )
     g = num_groups
     xg = x.reshape((g, x.shape[0] // g) + x.shape[1:])
     y = _bn_batch(xg, scale, bias, self.epsilon, self.relu, dtype)
@@ -202,8 +219,9 @@ class BatchNorm(nn.Module):
       self._update_running(ra_mean, ra_var, mean, var, xg.size // (g * c))
     return y.reshape(x.shape)
 
-  def _plain(self, x, scale, bias, ra_mean, ra_var, use_running_average, num_groups, dtype,
-             stat_dtype):
+  def _plain(
+      self, x, scale, bias, ra_mean, ra_var, use_running_average, num_groups, dtype, stat_dtype
+  ):
     """The same BatchNorm (+ ReLU) left to autodiff (see `plain_autodiff`)."""
     if use_running_average:
       mean = ra_mean.value.astype(stat_dtype)

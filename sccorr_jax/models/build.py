@@ -13,9 +13,20 @@ import jax.numpy as jnp
 from sccorr_jax import convert
 from sccorr_jax.models.scorrsan import SCorrSAN
 
-_MODEL_KEYS = ('sce_kernel_size', 'sce_features', 'feature_size', 'backbone_depth', 'stage_sizes',
-               'backbone_width', 'backbone_stages', 'use_context', 'use_mutual_nn', 'beta',
-               'target_chunks', 'remat_backbone')
+_MODEL_KEYS = (
+    'sce_kernel_size',
+    'sce_features',
+    'feature_size',
+    'backbone_depth',
+    'stage_sizes',
+    'backbone_width',
+    'backbone_stages',
+    'use_context',
+    'use_mutual_nn',
+    'beta',
+    'target_chunks',
+    'remat_backbone',
+)
 
 
 def build_model(config) -> SCorrSAN:
@@ -49,8 +60,9 @@ def build_model(config) -> SCorrSAN:
         kwargs[key] = m[key]
     layers = m.get('dinov2_layers')
     if layers is not None:
-      kwargs['dinov2_layers'] = int(layers) if isinstance(layers, int) else tuple(
-          int(i) for i in layers)
+      kwargs['dinov2_layers'] = (
+          int(layers) if isinstance(layers, int) else tuple(int(i) for i in layers)
+      )
     overrides = m.get('dinov2_overrides')
     if overrides:
       kwargs['dinov2_overrides'] = tuple(sorted(dict(overrides).items()))

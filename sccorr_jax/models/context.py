@@ -55,13 +55,16 @@ def self_similarity(feat, kernel_size: int):
   # 4k shifted copies are never stored together. Gathering them as one [b, 4k, h, w, c] tensor
   # is no faster and kept 4k times the feature alive from the forward to the backward (28x,
   # 224 MiB of the mt step's peak at batch 2).
-  sims = [jnp.sum(padded[:, p + dy:p + dy + h, p + dx:p + dx + w, :] * unit, axis=-1)
-          for dy, dx in offsets.tolist()]
+  sims = [
+      jnp.sum(padded[:, p + dy : p + dy + h, p + dx : p + dx + w, :] * unit, axis=-1)
+      for dy, dx in offsets.tolist()
+  ]
   return jnp.stack(sims, axis=-1)
 
 
 class SpatialContextEncoder(nn.Module):
   """`[b, h, w, c]` -> `[b, h, w, features]`: ReLU(1x1 conv([feat, self_similarity(feat)]))."""
+
   kernel_size: int = 7
   features: int = 2048
   dtype: Optional[Any] = None
@@ -78,14 +81,21 @@ class SpatialContextEncoder(nn.Module):
     # Flattened to one 2-D product: XLA:CPU's weight gradient of a dot over [b, h, w, c] misses
     # the fast GEMM path.
     lead = x.shape[:-1]
-    x = nn.Dense(self.features, dtype=self.dtype, param_dtype=self.param_dtype, name="conv",
-                 kernel_init=_shifted(init, bound), bias_init=_shifted(init, bound))(
-                     x.reshape(-1, fan_in))
+    x = nn.Dense(
+        self.features,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name="conv",
+        kernel_init=_shifted(init, bound),
+        bias_init=_shifted(init, bound),
+    )(x.reshape(-1, fan_in))
     return nn.relu(x).reshape(lead + (self.features,))
 
 
 def _shifted(init, shift):
   """U(0, 2s) -> U(-s, s): PyTorch's default Conv2d initialisation for weights and biases."""
+
   def f(key, shape, dtype=jnp.float32):
     return init(key, shape, dtype) - jnp.asarray(shift, dtype)
+
   return f

@@ -34,8 +34,7 @@ def correlate(src, trg, *, precision=None):
   Returns:
     [b, hs, ws, ht, wt] cosine-like similarities (in [-1, 1] up to the epsilon).
   """
-  return jnp.einsum("bijc,bklc->bijkl", l2_normalize(src), l2_normalize(trg),
-                    precision=precision)
+  return jnp.einsum("bijc,bklc->bijkl", l2_normalize(src), l2_normalize(trg), precision=precision)
 
 
 def mutual_nn_filter(corr):

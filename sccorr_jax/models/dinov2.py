@@ -44,9 +44,18 @@ PATCH_SIZE = 14
 
 
 def _hub(embed_dim, depth, num_heads, ffn='mlp', reg=False):
-  kwargs = dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads, patch_size=14,
-                mlp_ratio=4.0, num_register_tokens=0, ffn=ffn, img_size=518,
-                interpolate_offset=0.1, interpolate_antialias=False)
+  kwargs = dict(
+      embed_dim=embed_dim,
+      depth=depth,
+      num_heads=num_heads,
+      patch_size=14,
+      mlp_ratio=4.0,
+      num_register_tokens=0,
+      ffn=ffn,
+      img_size=518,
+      interpolate_offset=0.1,
+      interpolate_antialias=False,
+  )
   if reg:
     kwargs.update(num_register_tokens=4, interpolate_offset=0.0, interpolate_antialias=True)
   return kwargs
@@ -133,10 +142,12 @@ def antialiased_bicubic_matrix(n_in: int, n_out: int, scale: float) -> np.ndarra
   return m
 
 
-def pos_embed_matrices(native_grid: int, grid_hw: Tuple[int, int],
-                       interpolate_offset: float = 0.1,
-                       interpolate_antialias: bool = False
-                       ) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+def pos_embed_matrices(
+    native_grid: int,
+    grid_hw: Tuple[int, int],
+    interpolate_offset: float = 0.1,
+    interpolate_antialias: bool = False,
+) -> Optional[Tuple[np.ndarray, np.ndarray]]:
   """The two resampling matrices of the official `interpolate_pos_encoding`.
 
   Args:
@@ -167,8 +178,12 @@ def pos_embed_matrices(native_grid: int, grid_hw: Tuple[int, int],
   return mats[0], mats[1]
 
 
-def interpolate_pos_embed(pos_embed, grid_hw: Tuple[int, int], interpolate_offset: float = 0.1,
-                          interpolate_antialias: bool = False):
+def interpolate_pos_embed(
+    pos_embed,
+    grid_hw: Tuple[int, int],
+    interpolate_offset: float = 0.1,
+    interpolate_antialias: bool = False,
+):
   """The official `interpolate_pos_encoding`: the patch rows resized to the input's grid.
 
   Args:
@@ -216,6 +231,7 @@ _trunc02 = nn.initializers.truncated_normal(0.02)
 
 class LayerScale(nn.Module):
   """Per-channel scale `gamma [c]` of a residual branch (`init_values` 1.0, as torch.hub)."""
+
   dtype: Optional[Any] = None
   param_dtype: Any = jnp.float32
 
@@ -227,6 +243,7 @@ class LayerScale(nn.Module):
 
 class Attention(nn.Module):
   """Multi-head self-attention: `qkv` split `(3, heads, head_dim)`, scale `head_dim ** -0.5`."""
+
   num_heads: int
   dtype: Optional[Any] = None
   param_dtype: Any = jnp.float32
@@ -240,7 +257,7 @@ class Attention(nn.Module):
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     # Logits and softmax in at least float32 (a bfloat16 forward keeps bfloat16 matmul inputs).
     acc = jnp.promote_types(q.dtype, jnp.float32)
-    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=acc) * (hd ** -0.5)
+    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=acc) * (hd**-0.5)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum('bhqk,bkhd->bqhd', weights, v).reshape(b, n, c)
     return nn.Dense(c, name='proj', **kw)(out)
@@ -248,6 +265,7 @@ class Attention(nn.Module):
 
 class FeedForward(nn.Module):
   """`mlp`: `fc1 -> exact GELU -> fc2`; `swiglu`: `w12 -> silu(x1) * x2 -> w3` (ViT-g)."""
+
   hidden: int
   ffn: str = 'mlp'
   dtype: Optional[Any] = None
@@ -262,18 +280,20 @@ class FeedForward(nn.Module):
       return nn.Dense(c, name='fc2', **kw)(y)
     if self.ffn == 'swiglu':
       x12 = nn.Dense(2 * self.hidden, name='w12', **kw)(x)
-      y = jax.nn.silu(x12[..., :self.hidden]) * x12[..., self.hidden:]
+      y = jax.nn.silu(x12[..., : self.hidden]) * x12[..., self.hidden :]
       return nn.Dense(c, name='w3', **kw)(y)
     raise ValueError(f"ffn must be 'mlp' or 'swiglu', got {self.ffn!r}")
 
 
 def _layer_norm(dtype, param_dtype, name):
-  return nn.LayerNorm(LAYER_NORM_EPS, dtype=dtype, param_dtype=param_dtype,
-                      use_fast_variance=False, name=name)
+  return nn.LayerNorm(
+      LAYER_NORM_EPS, dtype=dtype, param_dtype=param_dtype, use_fast_variance=False, name=name
+  )
 
 
 class Block(nn.Module):
   """Pre-norm transformer block with LayerScale on both residual branches."""
+
   num_heads: int
   mlp_ratio: float = 4.0
   ffn: str = 'mlp'
@@ -323,6 +343,7 @@ class DINOv2(nn.Module):
     param_dtype: parameter dtype at initialisation.
     remat: rematerialise each block in the backward pass (memory knob for fine-tuning).
   """
+
   embed_dim: int
   depth: int
   num_heads: int
@@ -342,8 +363,14 @@ class DINOv2(nn.Module):
     return self.img_size // self.patch_size
 
   @nn.compact
-  def __call__(self, images, layers: Optional[Sequence[int]] = None, *, final: bool = True,
-               frozen_blocks: Optional[int] = None):
+  def __call__(
+      self,
+      images,
+      layers: Optional[Sequence[int]] = None,
+      *,
+      final: bool = True,
+      frozen_blocks: Optional[int] = None,
+  ):
     """Tokens of `images` after the final LayerNorm.
 
     Args:
@@ -373,17 +400,20 @@ class DINOv2(nn.Module):
     pos_embed = self.param('pos_embed', _trunc02, (1, 1 + m * m, c), pdt)
     if r:
       registers = self.param('register_tokens', nn.initializers.normal(1e-6), (1, r, c), pdt)
-    x = nn.Conv(c, (p, p), strides=(p, p), padding='VALID', dtype=dt, param_dtype=pdt,
-                name='patch_embed')(images)
+    x = nn.Conv(
+        c, (p, p), strides=(p, p), padding='VALID', dtype=dt, param_dtype=pdt, name='patch_embed'
+    )(images)
     x = x.reshape(b, h * w, c)
     cast = (lambda a: a) if dt is None else (lambda a: a.astype(dt))
     x = jnp.concatenate([jnp.broadcast_to(cast(cls_token), (b, 1, c)).astype(x.dtype), x], 1)
-    pos = interpolate_pos_embed(pos_embed, (h, w), self.interpolate_offset,
-                                self.interpolate_antialias)
+    pos = interpolate_pos_embed(
+        pos_embed, (h, w), self.interpolate_offset, self.interpolate_antialias
+    )
     x = x + cast(pos)
     if r:
-      x = jnp.concatenate([x[:, :1], jnp.broadcast_to(cast(registers), (b, r, c)).astype(
-          x.dtype), x[:, 1:]], axis=1)
+      x = jnp.concatenate(
+          [x[:, :1], jnp.broadcast_to(cast(registers), (b, r, c)).astype(x.dtype), x[:, 1:]], axis=1
+      )
     layers = () if layers is None else check_layers(layers, self.depth)
     if not final and not layers:
       raise ValueError('final=False needs layers')
@@ -393,7 +423,7 @@ class DINOv2(nn.Module):
 
     def outputs(tokens):
       tokens = norm(tokens)
-      return tokens[:, 0], tokens[:, 1:1 + r], tokens[:, 1 + r:].reshape(b, h, w, c)
+      return tokens[:, 0], tokens[:, 1 : 1 + r], tokens[:, 1 + r :].reshape(b, h, w, c)
 
     frozen = -1 if frozen_blocks is None else int(frozen_blocks)
     inter, inter_cls = [], []
@@ -436,7 +466,7 @@ def is_trained(path: Tuple[str, ...], blocks_run: int, trained_blocks: int) -> b
   if trained_blocks >= blocks_run or path[0] == 'norm':
     return True
   if path[0].startswith('blocks_'):
-    return int(path[0][len('blocks_'):]) >= blocks_run - trained_blocks
+    return int(path[0][len('blocks_') :]) >= blocks_run - trained_blocks
   return False
 
 

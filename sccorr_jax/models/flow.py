@@ -83,8 +83,9 @@ def upsample_correlation(corr, size: int, *, precision=None):
     [b, size, size, size, size], indexed `[b, ys, xs, yt, xt]`. This materialises the full
     volume (size^4 values per pair); the model fuses it with the soft-argmax instead.
   """
-  return upsample_source(upsample_target(corr, size, precision=precision), size,
-                         precision=precision)
+  return upsample_source(
+      upsample_target(corr, size, precision=precision), size, precision=precision
+  )
 
 
 def kernel_window(corr, sigma: float):
@@ -104,11 +105,18 @@ def kernel_window(corr, sigma: float):
   ys = jnp.arange(hs, dtype=corr.dtype)[None, :, None, None, None]
   xs = jnp.arange(ws, dtype=corr.dtype)[None, None, :, None, None]
   d2 = (xs - ix[:, None, None]) ** 2 + (ys - iy[:, None, None]) ** 2
-  return jax.lax.stop_gradient(jnp.exp(-d2 / (2.0 * sigma ** 2)))
+  return jax.lax.stop_gradient(jnp.exp(-d2 / (2.0 * sigma**2)))
 
 
-def soft_argmax(corr, x_coords, y_coords, beta: float = SOFTMAX_BETA,
-                kernel_sigma: Optional[float] = None, *, precision=None):
+def soft_argmax(
+    corr,
+    x_coords,
+    y_coords,
+    beta: float = SOFTMAX_BETA,
+    kernel_sigma: Optional[float] = None,
+    *,
+    precision=None,
+):
   """Expected normalised source coordinates of every target cell.
 
   Args:
@@ -126,8 +134,9 @@ def soft_argmax(corr, x_coords, y_coords, beta: float = SOFTMAX_BETA,
   if kernel_sigma is not None:
     corr = corr * kernel_window(corr, kernel_sigma)
   logits = corr.reshape(b, hs * ws, ht, wt)
-  prob = jax.nn.softmax((logits - jax.lax.stop_gradient(logits.max(axis=1, keepdims=True)))
-                        / beta, axis=1).reshape(b, hs, ws, ht, wt)
+  prob = jax.nn.softmax(
+      (logits - jax.lax.stop_gradient(logits.max(axis=1, keepdims=True))) / beta, axis=1
+  ).reshape(b, hs, ws, ht, wt)
   x_coords = jnp.asarray(x_coords, prob.dtype)
   y_coords = jnp.asarray(y_coords, prob.dtype)
   grid_x = jnp.einsum("bijkl,j->bkl", prob, x_coords, precision=precision)
@@ -147,13 +156,21 @@ def grid_to_flow(grid):
   _, ht, wt, _ = grid.shape
   map_x = (grid[..., 0] + 1) * (wt - 1) / 2
   map_y = (grid[..., 1] + 1) * (ht - 1) / 2
-  ys, xs = jnp.meshgrid(jnp.arange(ht, dtype=grid.dtype), jnp.arange(wt, dtype=grid.dtype),
-                        indexing="ij")
+  ys, xs = jnp.meshgrid(
+      jnp.arange(ht, dtype=grid.dtype), jnp.arange(wt, dtype=grid.dtype), indexing="ij"
+  )
   return jnp.stack([map_x - xs, map_y - ys], axis=-1)
 
 
-def soft_argmax_flow(corr, x_coords, y_coords, beta: float = SOFTMAX_BETA,
-                     kernel_sigma: Optional[float] = None, *, precision=None):
+def soft_argmax_flow(
+    corr,
+    x_coords,
+    y_coords,
+    beta: float = SOFTMAX_BETA,
+    kernel_sigma: Optional[float] = None,
+    *,
+    precision=None,
+):
   """Soft-argmax then flow conversion.
 
   Args:
@@ -167,8 +184,9 @@ def soft_argmax_flow(corr, x_coords, y_coords, beta: float = SOFTMAX_BETA,
     [b, ht, wt, 2] flow, (x, y) displacement from each target cell to its expected source match,
     in cells of the target grid.
   """
-  return grid_to_flow(soft_argmax(corr, x_coords, y_coords, beta, kernel_sigma,
-                                  precision=precision))
+  return grid_to_flow(
+      soft_argmax(corr, x_coords, y_coords, beta, kernel_sigma, precision=precision)
+  )
 
 
 # Rows (pair, target cell) of the fused upsampling + soft-argmax processed at once when the
@@ -225,11 +243,18 @@ def _target_major_soft_argmax(corr_t, size, x_coords, y_coords, beta, precision)
   return jnp.stack([grid_x, grid_y], axis=-1)
 
 
-def upsampled_soft_argmax_flow(corr, size: int, x_coords, y_coords,
-                               beta: float = SOFTMAX_BETA,
-                               kernel_sigma: Optional[float] = None,
-                               target_chunks: int = 1, *, precision=None,
-                               block_rows: Optional[int] = None):
+def upsampled_soft_argmax_flow(
+    corr,
+    size: int,
+    x_coords,
+    y_coords,
+    beta: float = SOFTMAX_BETA,
+    kernel_sigma: Optional[float] = None,
+    target_chunks: int = 1,
+    *,
+    precision=None,
+    block_rows: Optional[int] = None,
+):
   """`soft_argmax_flow(upsample_correlation(corr, size), ...)` with bounded memory.
 
   The target dims are upsampled first (`[b, S, S, hs, ws]`, small, target-major); then, for
@@ -255,18 +280,33 @@ def upsampled_soft_argmax_flow(corr, size: int, x_coords, y_coords,
   if size % target_chunks:
     raise ValueError(f"target_chunks={target_chunks} must divide size={size}")
   if kernel_sigma is not None:
-    return _upsampled_soft_argmax_flow_source_major(corr, size, x_coords, y_coords, beta,
-                                                    kernel_sigma, target_chunks,
-                                                    precision=precision)
-  one = functools.partial(_target_major_soft_argmax, size=size, x_coords=x_coords,
-                          y_coords=y_coords, beta=beta, precision=precision)
-  grid = _map_target_rows(corr, size, one, target_chunks, block_rows, remat=True,
-                          precision=precision)
+    return _upsampled_soft_argmax_flow_source_major(
+        corr, size, x_coords, y_coords, beta, kernel_sigma, target_chunks, precision=precision
+    )
+  one = functools.partial(
+      _target_major_soft_argmax,
+      size=size,
+      x_coords=x_coords,
+      y_coords=y_coords,
+      beta=beta,
+      precision=precision,
+  )
+  grid = _map_target_rows(
+      corr, size, one, target_chunks, block_rows, remat=True, precision=precision
+  )
   return grid_to_flow(grid)
 
 
-def _map_target_rows(corr, size: int, fn, target_chunks: int = 1,
-                     block_rows: Optional[int] = None, remat: bool = True, *, precision=None):
+def _map_target_rows(
+    corr,
+    size: int,
+    fn,
+    target_chunks: int = 1,
+    block_rows: Optional[int] = None,
+    remat: bool = True,
+    *,
+    precision=None,
+):
   """`fn` over the (pair, target cell) rows of a correlation whose target dims are upsampled.
 
   The blocking of `upsampled_soft_argmax_flow`: the target dims are upsampled to S x S
@@ -286,8 +326,9 @@ def _map_target_rows(corr, size: int, fn, target_chunks: int = 1,
   """
   b, hs, ws, ht, wt = corr.shape
   dtype = corr.dtype
-  corr_t = jnp.einsum("bijkl,Kk,Ll->bKLij", corr, _mat(ht, size, dtype), _mat(wt, size, dtype),
-                      precision=precision)  # [b, S, S, hs, ws]
+  corr_t = jnp.einsum(
+      "bijkl,Kk,Ll->bKLij", corr, _mat(ht, size, dtype), _mat(wt, size, dtype), precision=precision
+  )  # [b, S, S, hs, ws]
   total = b * size * size
   rows = -(-total // target_chunks)
   rows = min(rows, int(block_rows or default_block_rows()))
@@ -313,14 +354,23 @@ def _mass_near_expectation(corr_t, size, x_coords, y_coords, beta, radius, preci
   ex = (gx + 1) * (size - 1) / 2
   ey = (gy + 1) * (size - 1) / 2
   cells = jnp.arange(size, dtype=dtype)
-  d2 = ((cells[None, :, None] - ex[:, None, None]) ** 2
-        + (cells[None, None, :] - ey[:, None, None]) ** 2)  # [t, xs, ys]
+  d2 = (cells[None, :, None] - ex[:, None, None]) ** 2 + (
+      cells[None, None, :] - ey[:, None, None]
+  ) ** 2  # [t, xs, ys]
   return jnp.sum(jnp.where(d2 <= radius * radius, prob, 0), axis=(1, 2))
 
 
-def upsampled_peak_mass(corr, size: int, x_coords, y_coords, beta: float = SOFTMAX_BETA,
-                        radius: float = 2.0, *, precision=None,
-                        block_rows: Optional[int] = None):
+def upsampled_peak_mass(
+    corr,
+    size: int,
+    x_coords,
+    y_coords,
+    beta: float = SOFTMAX_BETA,
+    radius: float = 2.0,
+    *,
+    precision=None,
+    block_rows: Optional[int] = None,
+):
   """How peaked each target cell's soft-argmax is: its probability mass near the expectation.
 
   The softmax of `upsampled_soft_argmax_flow` (the same upsampling and temperature, plain
@@ -341,13 +391,21 @@ def upsampled_peak_mass(corr, size: int, x_coords, y_coords, beta: float = SOFTM
   Returns:
     [b, S, S] mass in [0, 1], the dtype of `corr`.
   """
-  one = functools.partial(_mass_near_expectation, size=size, x_coords=x_coords,
-                          y_coords=y_coords, beta=beta, radius=radius, precision=precision)
+  one = functools.partial(
+      _mass_near_expectation,
+      size=size,
+      x_coords=x_coords,
+      y_coords=y_coords,
+      beta=beta,
+      radius=radius,
+      precision=precision,
+  )
   return _map_target_rows(corr, size, one, 1, block_rows, remat=False, precision=precision)
 
 
-def _upsampled_soft_argmax_flow_source_major(corr, size, x_coords, y_coords, beta,
-                                             kernel_sigma, target_chunks, *, precision=None):
+def _upsampled_soft_argmax_flow_source_major(
+    corr, size, x_coords, y_coords, beta, kernel_sigma, target_chunks, *, precision=None
+):
   """The source-major fused path (kept for SFNet's kernel soft-argmax)."""
   corr_t = upsample_target(corr, size, precision=precision)  # [b, hs, ws, S, S]
   if target_chunks == 1:

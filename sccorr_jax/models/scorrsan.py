@@ -67,6 +67,7 @@ class SCorrSAN(nn.Module):
       cache, `sccorr_jax.data.cache_features`) and only the head is built and run; its
       variables are the full model's without `backbone`.
   """
+
   sce_kernel_size: int = 7
   sce_features: int = 2048
   feature_size: Optional[int] = 64
@@ -95,19 +96,29 @@ class SCorrSAN(nn.Module):
     if self.inputs == "features":  # The head alone: no backbone variables.
       pass
     elif self.backbone_type == "dinov2":
-      self.backbone = dinov2_lib.DINOv2(**self.dinov2_kwargs(), dtype=self.dtype,
-                                        param_dtype=self.param_dtype, remat=self.remat_backbone)
+      self.backbone = dinov2_lib.DINOv2(
+          **self.dinov2_kwargs(),
+          dtype=self.dtype,
+          param_dtype=self.param_dtype,
+          remat=self.remat_backbone,
+      )
     elif self.backbone_type == "resnet":
       kwargs = {} if self.stage_sizes is None else {"stage_sizes": tuple(self.stage_sizes)}
-      self.backbone = backbone_lib.resnet(self.backbone_depth, num_stages=self.backbone_stages,
-                                          width=self.backbone_width, dtype=self.dtype,
-                                          param_dtype=self.param_dtype,
-                                          remat=self.remat_backbone, **kwargs)
+      self.backbone = backbone_lib.resnet(
+          self.backbone_depth,
+          num_stages=self.backbone_stages,
+          width=self.backbone_width,
+          dtype=self.dtype,
+          param_dtype=self.param_dtype,
+          remat=self.remat_backbone,
+          **kwargs,
+      )
     else:
       raise ValueError(f"backbone_type must be 'resnet' or 'dinov2', got {self.backbone_type!r}")
     if self.use_context:
-      self.sce = context.SpatialContextEncoder(self.sce_kernel_size, self.sce_features,
-                                               dtype=self.dtype, param_dtype=self.param_dtype)
+      self.sce = context.SpatialContextEncoder(
+          self.sce_kernel_size, self.sce_features, dtype=self.dtype, param_dtype=self.param_dtype
+      )
     if self.feature_size is not None:
       self.x_normal = self.param("x_normal", _linspace_init, (self.feature_size,), jnp.float32)
       self.y_normal = self.param("y_normal", _linspace_init, (self.feature_size,), jnp.float32)
@@ -131,8 +142,10 @@ class SCorrSAN(nn.Module):
       dicts; DINOv2: `block<i>` patch tokens of each used block).
     """
     if src_img.shape != trg_img.shape:
-      raise ValueError(f"source and target batches must have one shape, got {src_img.shape} "
-                       f"and {trg_img.shape}")
+      raise ValueError(
+          f"source and target batches must have one shape, got {src_img.shape} "
+          f"and {trg_img.shape}"
+      )
     if self.inputs == "features":  # Cached features [b, h, w, c]: the head only.
       flow, aux = self.head(src_img, trg_img, return_aux=True)
       return (flow, dict(aux, src_feat=src_img, trg_feat=trg_img)) if return_aux else flow
@@ -146,16 +159,21 @@ class SCorrSAN(nn.Module):
     flow, aux = self.head(src_feat, trg_feat, return_aux=True)
     if not return_aux:
       return flow
-    aux.update(src_feat=src_feat, trg_feat=trg_feat,
-               src_backbone={k: v[:b] for k, v in bb_aux.items()},
-               trg_backbone={k: v[b:] for k, v in bb_aux.items()})
+    aux.update(
+        src_feat=src_feat,
+        trg_feat=trg_feat,
+        src_backbone={k: v[:b] for k, v in bb_aux.items()},
+        trg_backbone={k: v[b:] for k, v in bb_aux.items()},
+    )
     return flow, aux
 
   def dinov2_kwargs(self) -> dict:
     """The DINOv2 constructor kwargs: the preset with `dinov2_overrides` applied."""
     if self.dinov2_preset not in dinov2_lib.PRESETS:
-      raise ValueError(f"unknown DINOv2 preset {self.dinov2_preset!r}; known: "
-                       f"{', '.join(dinov2_lib.PRESETS)}")
+      raise ValueError(
+          f"unknown DINOv2 preset {self.dinov2_preset!r}; known: "
+          f"{', '.join(dinov2_lib.PRESETS)}"
+      )
     return {**dinov2_lib.PRESETS[self.dinov2_preset], **dict(self.dinov2_overrides)}
 
   def dinov2_blocks(self) -> Tuple[int, ...]:
@@ -212,16 +230,22 @@ class SCorrSAN(nn.Module):
       _, hs, ws, _, _ = corr.shape
       x_coords = jnp.linspace(-1.0, 1.0, ws, dtype=dtype)
       y_coords = jnp.linspace(-1.0, 1.0, hs, dtype=dtype)
-      flow = flow_lib.soft_argmax_flow(corr, x_coords, y_coords, self.beta,
-                                       self.kernel_soft_argmax_sigma)
+      flow = flow_lib.soft_argmax_flow(
+          corr, x_coords, y_coords, self.beta, self.kernel_soft_argmax_sigma
+      )
     else:
       flow = flow_lib.upsampled_soft_argmax_flow(
-          corr, self.feature_size, self.x_normal, self.y_normal, self.beta,
-          self.kernel_soft_argmax_sigma, self.target_chunks)
+          corr,
+          self.feature_size,
+          self.x_normal,
+          self.y_normal,
+          self.beta,
+          self.kernel_soft_argmax_sigma,
+          self.target_chunks,
+      )
     if return_aux:
       return flow, dict(src_ctx=src_ctx, trg_ctx=trg_ctx, corr=corr)
     return flow
-
 
   def peak_mass(self, corr, radius: float = 2.0):
     """How peaked the soft-argmax of each flow cell is (`flow.upsampled_peak_mass`).
@@ -245,8 +269,7 @@ class SCorrSAN(nn.Module):
         raise ValueError(f"peak_mass without upsampling needs a square grid, got {hs}x{ws}")
       coords = jnp.linspace(-1.0, 1.0, hs, dtype=corr.dtype)
       return flow_lib.upsampled_peak_mass(corr, hs, coords, coords, self.beta, radius)
-    return flow_lib.upsampled_peak_mass(corr, size, self.x_normal, self.y_normal, self.beta,
-                                        radius)
+    return flow_lib.upsampled_peak_mass(corr, size, self.x_normal, self.y_normal, self.beta, radius)
 
 
 def _linspace_init(key, shape, dtype=jnp.float32):
