@@ -14,7 +14,7 @@ The pretrained regime (default; README "The embedded benchmark and its two regim
 networks start from the shipped trunk `weights/parts_trunk.safetensors` (pretrained by
 `configs/pretrain.py` with no label of the benchmark; each head fresh), 3,840 training pairs
 whose parts have their category's typical appearance (`data.parts_appearance='category'`),
-12 epochs of 120 steps. Model, optimiser and teacher schedule are `cpu_recipe` below (a small
+12 epochs of 72 steps. Model, optimiser and teacher schedule are `cpu_recipe` below (a small
 trunk, 96x96 images, 24x24 flow, label receptive field 11, lr 1e-3, λ = 1 from epoch 4), which
 `configs/demo_warp.py` and `configs/pretrain.py` (whose trunk this config loads) share.
 
