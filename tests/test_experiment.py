@@ -171,6 +171,8 @@ def test_markdown_mean_and_std_over_seeds():
   entries.append(_entry('st', 0, 30.0, pseudo={'train/pseudo_kept_epe': 0.25}))
   text = experiments.markdown_table(entries, ['mt', 'baseline'])
   main, pseudo = text.split('## Pseudo-labels')
+  main, against = main.split('## Against the baseline')
+  assert '| mt | baseline | 1 / 3 | +20.00 | – |' in against  # one mt seed: no p
   rows = {
       line.split(' | ')[0].strip('| '): line
       for line in main.splitlines()
@@ -189,6 +191,36 @@ def test_markdown_mean_and_std_over_seeds():
   assert '| cell | n | pseudo_kept_epe |' in pseudo
   assert '| mt | 1 | 0.500 |' in pseudo and '| st | 1 | 0.250 |' in pseudo
   assert '0.700' not in pseudo and 'weight' not in pseudo and 'baseline' not in pseudo
+
+
+def test_cells_are_compared_with_their_own_baseline_by_welch():
+  entries = []
+  for seed, (b1, m1, ball) in enumerate(
+      ((30.0, 31.0, 40.0), (32.0, 35.0, 44.0), (31.0, 36.0, 42.0))
+  ):
+    k1 = {'data.keypoints_per_pair': 1}
+    entries.append(_entry('baseline_k1', seed, b1, {'learning_mode': 'baseline', **k1}))
+    entries.append(_entry('baseline', seed, ball))
+    mt = _entry('mt_k1', seed, m1, {'learning_mode': 'mt', **k1})
+    mt['final'].update({'val/a/pck@0.1': m1, 'val/b/pck@0.1': m1 - 2.0})
+    entries.append(mt)
+  entries.append(
+      _entry('st', 0, 41.0, {'learning_mode': 'st', 'teacher.checkpoint': 'cell:baseline'})
+  )
+  # st: one seed, so a difference and no p; its teacher keys do not count.
+  text = experiments.markdown_table(entries).split('## Against the baseline')[1]
+  rows = {line.split(' | ')[0].strip('| '): line for line in text.splitlines() if ' | ' in line}
+  # mt_k1 against baseline_k1 (not the k = all baseline): means 34 vs 31, a and b's mean 33.
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+
+  p_sel = stats.ttest_ind([31, 35, 36], [30, 32, 31], equal_var=False).pvalue
+  p_two = stats.ttest_ind([30, 34, 35], [30, 32, 31], equal_var=False).pvalue
+  assert rows['mt_k1'] == (
+      f'| mt_k1 | baseline_k1 | 3 / 3 | +3.00 (p = {p_sel:.2g}) | +2.00 (p = {p_two:.2g}) |'
+  )
+  assert rows['st'] == '| st | baseline | 1 / 3 | -1.00 | – |'
+  assert 'baseline_k1 |' not in text.split('| cell |')[1].split('mt_k1')[0]  # no self-row
+  assert experiments.welch([1.0, 1.0], [1.0, 1.0]) == (0.0, 1.0)
 
 
 def test_budget_curve_and_plots(tmp_path):

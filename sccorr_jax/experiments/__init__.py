@@ -27,6 +27,7 @@ from sccorr_jax.experiments.reports import pseudo_columns
 from sccorr_jax.experiments.reports import pseudo_value
 from sccorr_jax.experiments.reports import RESULTS_MD
 from sccorr_jax.experiments.reports import write_reports
+from sccorr_jax.experiments.results import baseline_cell
 from sccorr_jax.experiments.results import BUDGET_KEY
 from sccorr_jax.experiments.results import budget_series
 from sccorr_jax.experiments.results import last_epoch_pseudo_metrics
@@ -35,5 +36,6 @@ from sccorr_jax.experiments.results import mean_std
 from sccorr_jax.experiments.results import networks_mean
 from sccorr_jax.experiments.results import Results
 from sccorr_jax.experiments.results import RESULTS_JSON
+from sccorr_jax.experiments.results import welch
 from sccorr_jax.experiments.runner import describe
 from sccorr_jax.experiments.runner import run_sweep

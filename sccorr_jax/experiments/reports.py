@@ -9,12 +9,14 @@ from typing import Any, Dict, List, Optional, Sequence
 from sccorr_jax import constants
 from sccorr_jax.experiments.plots import plot_bars
 from sccorr_jax.experiments.plots import plot_budget
+from sccorr_jax.experiments.results import baseline_cell
 from sccorr_jax.experiments.results import BUDGET_KEY
 from sccorr_jax.experiments.results import by_cell
 from sccorr_jax.experiments.results import mean_std
 from sccorr_jax.experiments.results import networks_mean
 from sccorr_jax.experiments.results import overrides_text
 from sccorr_jax.experiments.results import unscoped
+from sccorr_jax.experiments.results import welch
 
 RESULTS_MD = 'results.md'
 
@@ -54,6 +56,44 @@ def pseudo_value(entry: Dict[str, Any], column: str) -> Optional[float]:
   """The entry's value of a `pseudo_columns` column (network a's for 'mt')."""
   pseudo = entry.get('pseudo', {})
   return pseudo.get(f'train/a/{column}', pseudo.get(f'train/{column}'))
+
+
+def _difference(diff: float, p: float) -> str:
+  if not math.isfinite(diff):
+    return '–'
+  return f'{diff:+.2f}' + (f' (p = {p:.2g})' if math.isfinite(p) else '')
+
+
+def baseline_comparisons(groups: Dict[str, List[Dict[str, Any]]], metric: str) -> List[str]:
+  """results.md's lines comparing each cell with its baseline cell (`baseline_cell`): the
+  difference of the means of the final `metric` and its Welch p, for the selected network and,
+  for mt, the mean of its two networks (the fair comparison); none when no cell has one."""
+  rows = []
+  for name, group in groups.items():
+    base = baseline_cell(group, groups)
+    if base is None:
+      continue
+    reference = [e['final'].get(metric) for e in groups[base]]
+    two = [networks_mean(e, metric) for e in group]
+    rows.append(
+        f'| {name} | {base} | {len(group)} / {len(groups[base])} | '
+        + _difference(*welch([e['final'].get(metric) for e in group], reference))
+        + ' | '
+        + (_difference(*welch(two, reference)) if all(v is not None for v in two) else '–')
+        + ' |'
+    )
+  if not rows:
+    return []
+  return [
+      '',
+      '## Against the baseline',
+      '',
+      f'Difference of the mean final {unscoped(metric)} from the baseline cell with the same '
+      'overrides, and the two-sided Welch t-test p over seeds.',
+      '',
+      '| cell | baseline | n / n | selected network | mean of networks a, b |',
+      '|---|---|---|---|---|',
+  ] + rows
 
 
 def markdown_table(
@@ -111,6 +151,7 @@ def markdown_table(
     row.append(_format(*mean_std([e.get('wall_s') for e in group])[:2], digits=0))
     row.append(_format(*mean_std([e.get('compile_s') for e in group])[:2], digits=1))
     lines.append('| ' + ' | '.join(row) + ' |')
+  lines += baseline_comparisons(groups, select)
   columns = pseudo_columns(entries)
   if columns:
     lines += [

@@ -201,6 +201,42 @@ def networks_mean(entry: Dict[str, Any], metric: str) -> Optional[float]:
   return float(np.mean(values)) if all(v is not None for v in values) else None
 
 
+BASELINE_MODE = 'baseline'
+
+
+def baseline_cell(group: Sequence[Dict[str, Any]], groups: Dict[str, List[Dict[str, Any]]]):
+  """The name of the cell that is `group`'s baseline: the one whose overrides are the group's
+  with `learning_mode='baseline'`, the `teacher.*` keys left out on both sides (a baseline has
+  no teacher; so `mt_k1` -> `baseline_k1`, `st` with its teacher's checkpoint -> `baseline`);
+  None for a baseline cell, a cell without a learning mode, or when no such cell ran."""
+
+  def key(overrides):
+    return {k: v for k, v in overrides.items() if not k.startswith('teacher.')}
+
+  own = group[0]['overrides']
+  if own.get('learning_mode', BASELINE_MODE) == BASELINE_MODE:
+    return None
+  want = {**key(own), 'learning_mode': BASELINE_MODE}
+  return next((n for n, g in groups.items() if key(g[0]['overrides']) == want), None)
+
+
+def welch(a: Sequence[Optional[float]], b: Sequence[Optional[float]]) -> Tuple[float, float]:
+  """(mean(a) - mean(b), two-sided Welch t-test p) of the finite values; p is NaN with fewer
+  than two values on a side, and 1 when both sides are constant and equal."""
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+
+  x = np.asarray([v for v in a if v is not None and math.isfinite(v)], np.float64)
+  y = np.asarray([v for v in b if v is not None and math.isfinite(v)], np.float64)
+  if x.size == 0 or y.size == 0:
+    return math.nan, math.nan
+  diff = float(x.mean() - y.mean())
+  if x.size < 2 or y.size < 2:
+    return diff, math.nan
+  if x.std() == 0 and y.std() == 0:
+    return diff, 1.0 if diff == 0 else 0.0
+  return diff, float(stats.ttest_ind(x, y, equal_var=False).pvalue)
+
+
 def budget_series(
     entries: Sequence[Dict[str, Any]], metric: str, key: str = BUDGET_KEY, networks: bool = False
 ) -> Dict[str, List[Tuple[int, float, float, int]]]:
