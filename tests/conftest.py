@@ -8,6 +8,7 @@ pytest.
 import importlib.util
 import os
 import pathlib
+import subprocess
 import sys
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
@@ -57,6 +58,20 @@ def load_module(path, name: str):
 def load_tool(name: str):
   """The module of `tools/<name>.py` (tools are scripts, not a package)."""
   return load_module(ROOT / "tools" / f"{name}.py", f"tools_{name}")
+
+
+def run_python(*args, cwd, env=None, timeout=600) -> subprocess.CompletedProcess:
+  """`python ARGS` (this interpreter, the arguments as strings) in `cwd`, its output captured as
+  text; a non-zero exit is the caller's to check."""
+  return subprocess.run(
+      [sys.executable, *map(str, args)],
+      cwd=cwd,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+      check=False,
+  )
 
 
 # The reference fixtures (../shared/fixtures/reference) live in ../shared beside the checkout (CI clones with shared/ beside

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
-
 
 from sccorr_jax import config_lib
-from conftest import ROOT, load_tool
+from conftest import ROOT, load_tool, run_python
 
 benchmark = load_tool("benchmark")
+# The command-line runs' environment: nothing inherited but a plain PATH, on the CPU.
+BARE_ENV = {"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"}
 
 KEYS = (
     "compile_s",
@@ -40,8 +39,7 @@ def test_training_step_report():
 def test_command_line_eval_json(tmp_path):
   out = tmp_path / "eval.json"
   cmd = [
-      sys.executable,
-      str(ROOT / "tools" / "benchmark.py"),
+      ROOT / "tools" / "benchmark.py",
       f"--config={ROOT / 'configs' / 'spair.py'}:runlocal",
       "--mode=eval",
       "--batch_size=2",
@@ -51,14 +49,7 @@ def test_command_line_eval_json(tmp_path):
       "--peak_flops=1e9",
       f"--json={out}",
   ]
-  result = subprocess.run(
-      cmd,
-      capture_output=True,
-      text=True,
-      timeout=300,
-      cwd=ROOT,
-      env={"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"},
-  )
+  result = run_python(*cmd, cwd=ROOT, env=BARE_ENV, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads(out.read_text())
   assert report["mode"] == "eval" and report["dtype"] == "bfloat16"
@@ -79,8 +70,7 @@ def test_no_mask_ablation_benchmarks():
 def test_accelerator_suite_writes_one_table(tmp_path):
   """`--suite=accelerator` runs each row in its own process and writes one Markdown table."""
   cmd = [
-      sys.executable,
-      str(ROOT / "tools" / "benchmark.py"),
+      ROOT / "tools" / "benchmark.py",
       "--suite=accelerator",
       "--suite_rows=eval:float32",
       f"--suite_out={tmp_path}",
@@ -90,14 +80,7 @@ def test_accelerator_suite_writes_one_table(tmp_path):
       "--warmup=1",
       "--peak_flops=1e9",
   ]
-  result = subprocess.run(
-      cmd,
-      capture_output=True,
-      text=True,
-      timeout=300,
-      cwd=tmp_path,
-      env={"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"},
-  )
+  result = run_python(*cmd, cwd=tmp_path, env=BARE_ENV, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   table = (tmp_path / "table.md").read_text()
   assert table.count("\n| eval | float32 | 2 |") == 1 and "Device: cpu" in table

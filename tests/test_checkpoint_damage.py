@@ -14,8 +14,6 @@ import logging
 import pathlib
 import re
 import shutil
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -28,6 +26,7 @@ from sccorr_jax import data as data_lib
 from sccorr_jax import models
 from sccorr_jax import schedules
 from sccorr_jax import train
+from conftest import run_python
 
 pytestmark = pytest.mark.usefixtures('fast_compiles')
 
@@ -278,45 +277,22 @@ def test_eval_and_match_on_a_damaged_best_checkpoint_name_the_file(trained, work
   assert str(array) in text and 'CRC-32 mismatch' in text
   image = tmp_path / 'img.png'
   Image.fromarray(np.full((40, 50, 3), 128, np.uint8)).save(image)
-  r = subprocess.run(
-      [
-          sys.executable,
-          'tools/match.py',
-          f'--checkpoint={workdir}',
-          str(image),
-          str(image),
-          f'--out={tmp_path / "out"}',
-      ],
-      cwd=ROOT,
-      capture_output=True,
-      text=True,
-      timeout=300,
-      check=False,
-  )
-  errors = [line for line in r.stderr.splitlines() if line.startswith('error:')]
-  assert r.returncode == 2 and 'Traceback' not in r.stderr, r.stderr[-3000:]
-  assert len(errors) == 1 and str(array) in errors[0] and 'CRC-32 mismatch' in errors[0], errors
-  assert not (tmp_path / 'out').exists()
-  r = subprocess.run(
-      [
-          sys.executable,
-          '-m',
-          'sccorr_jax.main',
-          '--mode=eval',
-          '--config=configs/demo.py:baseline,tiny',
-          f'--checkpoint={workdir}',
-          f'--config.data.data_dir={config.data.data_dir}',
-          f'--workdir={tmp_path / "eval"}',
-      ],
-      cwd=ROOT,
-      capture_output=True,
-      text=True,
-      timeout=300,
-      check=False,
-  )
-  errors = [line for line in r.stderr.splitlines() if line.startswith('error:')]
-  assert r.returncode == 2 and 'Traceback' not in r.stderr, r.stderr[-3000:]
-  assert len(errors) == 1 and str(array) in errors[0] and 'CRC-32 mismatch' in errors[0], errors
+  match = ['tools/match.py', f'--checkpoint={workdir}', image, image, f'--out={tmp_path / "out"}']
+  evaluate = [
+      '-m',
+      'sccorr_jax.main',
+      '--mode=eval',
+      '--config=configs/demo.py:baseline,tiny',
+      f'--checkpoint={workdir}',
+      f'--config.data.data_dir={config.data.data_dir}',
+      f'--workdir={tmp_path / "eval"}',
+  ]
+  for command in (match, evaluate):
+    r = run_python(*command, cwd=ROOT, timeout=300)
+    errors = [line for line in r.stderr.splitlines() if line.startswith('error:')]
+    assert r.returncode == 2 and 'Traceback' not in r.stderr, r.stderr[-3000:]
+    assert len(errors) == 1 and str(array) in errors[0] and 'CRC-32 mismatch' in errors[0], errors
+    assert not (tmp_path / 'out').exists()
 
 
 def test_missing_empty_and_foreign_paths_are_one_line(tmp_path):

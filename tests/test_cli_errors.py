@@ -7,12 +7,12 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import subprocess
-import sys
 
 import numpy as np
 from PIL import Image
 import pytest
+
+from conftest import run_python
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MAIN = ['-m', 'sccorr_jax.main']
@@ -22,15 +22,7 @@ DEMO = str(ROOT / 'configs' / 'demo.py')
 
 def _run(cmd, cwd, *args, timeout=300):
   env = dict(os.environ, JAX_PLATFORMS='cpu')
-  return subprocess.run(
-      [sys.executable, *cmd, *args],
-      cwd=cwd,
-      env=env,
-      capture_output=True,
-      text=True,
-      timeout=timeout,
-      check=False,
-  )
+  return run_python(*cmd, *args, cwd=cwd, env=env, timeout=timeout)
 
 
 def _assert_one_line(r, *fragments):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 from ml_collections import config_flags  # noqa: F401  (absl flags are marked parsed)
@@ -11,6 +10,7 @@ import pytest
 
 from sccorr_jax import models
 from sccorr_jax import config_lib
+from conftest import run_python
 
 CONFIGS = os.path.join(os.path.dirname(__file__), '..', 'configs')
 demo, demo_warp, pfpascal, pfwillow, spair = (
@@ -47,15 +47,7 @@ def test_loading_a_config_imports_no_data_pipeline():
       'assert not heavy, heavy\n'
   )
   env = dict(os.environ, PYTHONPATH=root)
-  r = subprocess.run(
-      [sys.executable, '-c', code],
-      cwd=root,
-      env=env,
-      capture_output=True,
-      text=True,
-      timeout=120,
-      check=False,
-  )
+  r = run_python('-c', code, cwd=root, env=env, timeout=120)
   assert r.returncode == 0, r.stderr[-3000:]
 
 

@@ -8,8 +8,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 from PIL import Image
@@ -22,6 +20,7 @@ from sccorr_jax.data import pipeline
 from sccorr_jax.data import prepare
 from sccorr_jax.data import records
 from sccorr_jax.data import testing
+from conftest import run_python
 
 
 def _spair(tmp_path):
@@ -489,15 +488,7 @@ def test_numeric_checks_refuse_what_numpy_would_accept():
 
 def _cli(*args, cwd):
   env = dict(os.environ, SCCORR_DATA_DIR=str(cwd / 'default_tfds'))
-  proc = subprocess.run(
-      [sys.executable, '-m', 'sccorr_jax.data.prepare', *args],
-      cwd=cwd,
-      env=env,
-      capture_output=True,
-      text=True,
-      timeout=300,
-      check=False,
-  )
+  proc = run_python('-m', 'sccorr_jax.data.prepare', *args, cwd=cwd, env=env, timeout=300)
   lines = proc.stderr.strip().splitlines()
   return proc.returncode, proc.stdout, proc.stderr, lines[-1] if lines else ''
 

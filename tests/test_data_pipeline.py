@@ -34,6 +34,14 @@ def _assert_same(a, b):
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
+def _assert_resumes(cfg, seed, state, expected):
+  """A new train iterator of `cfg` and `seed`, set to `state`, yields the batches `expected`."""
+  resumed = data.create_train_iterator(cfg, batch_size=4, seed=seed)
+  resumed.set_state(state)
+  for x, y in zip(expected, _take(resumed, len(expected))):
+    _assert_same(x, y)
+
+
 def test_batch_contract_shapes(cfg):
   b = next(data.create_train_iterator(cfg, batch_size=4, seed=0))
   expect = {
@@ -83,11 +91,7 @@ def test_state_restored_mid_epoch_resumes_exactly(cfg):
   it = data.create_train_iterator(cfg, batch_size=4, seed=0)
   _take(it, 6)  # an epoch is 9 full batches of 4 (39 pairs): stop mid-epoch
   state = it.get_state()
-  expected = _take(it, 6)  # crosses into the next epoch
-  resumed = data.create_train_iterator(cfg, batch_size=4, seed=0)
-  resumed.set_state(state)
-  for x, y in zip(expected, _take(resumed, 6)):
-    _assert_same(x, y)
+  _assert_resumes(cfg, 0, state, _take(it, 6))  # crosses into the next epoch
 
 
 def test_epochs_are_reshuffled_and_cover_the_data(cfg):
@@ -164,10 +168,7 @@ def test_mp_prefetch_workers_give_the_same_batches(cfg):
   ref_it = data.create_train_iterator(cfg, batch_size=4, seed=5)
   for x, y in zip(got + more, _take(ref_it, 5)):
     _assert_same(x, y)
-  resumed = data.create_train_iterator(c, batch_size=4, seed=5)
-  resumed.set_state(state)
-  for x, y in zip(more, _take(resumed, 2)):
-    _assert_same(x, y)
+  _assert_resumes(c, 5, state, more)
 
 
 def test_config_checks(cfg):

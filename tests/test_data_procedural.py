@@ -73,19 +73,20 @@ def test_templates_and_flip_tables():
 
 
 @pytest.mark.parametrize(
-    'name, left, right',
+    'name, point',
     [
-        ('face', 'left_eye_outer', 'right_eye_outer'),
-        ('face', 'left_mouth_corner', 'right_mouth_corner'),
-        ('humanoid', 'left_shoulder', 'right_shoulder'),
-        ('flower', 'left_leaf_tip', 'right_leaf_tip'),
+        ('face', 'eye_outer'),
+        ('face', 'mouth_corner'),
+        ('humanoid', 'shoulder'),
+        ('flower', 'leaf_tip'),
     ],
 )
-def test_flips_keep_left_and_right(name, left, right):
+def test_flips_keep_left_and_right(name, point):
   # A frontal object's left side is on the viewer's right, flipped or not (rotations < 40 deg).
   cat_id = procedural.CATEGORY_NAMES.index(name)
   cat = procedural.CATEGORIES[cat_id]
-  kl, kr = cat.keypoint_names.index(left), cat.keypoint_names.index(right)
+  names = cat.keypoint_names
+  kl, kr = names.index(f'left_{point}'), names.index(f'right_{point}')
   flips = set()
   for k in range(40):
     inst = procedural.sample_instance(cat_id, np.random.default_rng(k), 128)

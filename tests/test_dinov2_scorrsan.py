@@ -11,8 +11,6 @@ giving bitwise the same state.
 from __future__ import annotations
 
 import pathlib
-import subprocess
-import sys
 
 import flax
 import jax
@@ -27,6 +25,7 @@ from sccorr_jax import models
 from sccorr_jax import schedules
 from sccorr_jax import train
 from sccorr_jax.models import dinov2
+from conftest import run_python
 
 pytestmark = pytest.mark.usefixtures('fast_compiles')
 
@@ -190,13 +189,9 @@ def test_convert_tool_writes_a_dinov2_scorrsan_export(tmp_path):
   sd = _tiny_state_dict(seed=3)
   src = tmp_path / 'dinov2_tiny.npz'
   np.savez(src, **sd)
-  tool = [sys.executable, str(ROOT / 'tools' / 'convert_torch.py'), f'--input={src}']
-  res = subprocess.run(
-      tool + ['--config=configs/spair_dinov2.py:runlocal', f'--output={tmp_path / "out"}'],
-      cwd=ROOT,
-      capture_output=True,
-      text=True,
-      timeout=600,
+  tool = [ROOT / 'tools' / 'convert_torch.py', f'--input={src}']
+  res = run_python(
+      *tool, '--config=configs/spair_dinov2.py:runlocal', f'--output={tmp_path / "out"}', cwd=ROOT
   )
   assert res.returncode == 0, res.stderr[-3000:]
   variables, config = ckpt_lib.load_model_variables(tmp_path / 'out')
@@ -205,13 +200,7 @@ def test_convert_tool_writes_a_dinov2_scorrsan_export(tmp_path):
   for k, a in back.items():
     np.testing.assert_array_equal(a, sd[k], err_msg=k)
   # DINOv2 weights with a ResNet config: a clear error, nothing written.
-  res = subprocess.run(
-      tool + ['--config=configs/spair.py', f'--output={tmp_path / "x"}'],
-      cwd=ROOT,
-      capture_output=True,
-      text=True,
-      timeout=600,
-  )
+  res = run_python(*tool, '--config=configs/spair.py', f'--output={tmp_path / "x"}', cwd=ROOT)
   assert res.returncode != 0 and 'DINOv2' in res.stderr and not (tmp_path / 'x').exists()
 
 

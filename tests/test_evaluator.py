@@ -272,17 +272,19 @@ def test_evaluate_model_data_parallel_with_host_padding():
 
 def _demo_config(data_dir):
   c = config_lib.load_config(f"{ROOT / 'configs' / 'demo_warp.py'}:mt,runlocal")
-  c.data.data_dir = str(data_dir)
-  c.data.synthetic_train_pairs_per_photo = 2
-  c.data.synthetic_eval_pairs_per_photo = 3
-  c.optim.num_epochs = 2
-  c.optim.steps_per_epoch = 1
-  c.teacher.pseudo_start_epoch = 1
-  c.eval.every_epochs = 1
-  c.eval.batch_size = 4
-  c.eval.max_batches = None
-  c.progress_bar = False
-  return c
+  overrides = {
+      "data.data_dir": str(data_dir),
+      "data.synthetic_train_pairs_per_photo": 2,
+      "data.synthetic_eval_pairs_per_photo": 3,
+      "optim.num_epochs": 2,
+      "optim.steps_per_epoch": 1,
+      "teacher.pseudo_start_epoch": 1,
+      "eval.every_epochs": 1,
+      "eval.batch_size": 4,
+      "eval.max_batches": None,
+      "progress_bar": False,
+  }
+  return config_lib.apply_overrides(c, overrides)
 
 
 def test_demo_checkpoint_reproduces_the_logged_validation_pck(tmp_path):

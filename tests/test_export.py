@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import subprocess
-import sys
 import zipfile
 
 import jax
@@ -31,6 +29,7 @@ from sccorr_jax import models
 from sccorr_jax import predict
 
 from conftest import load_tool
+from conftest import run_python
 
 pytestmark = pytest.mark.usefixtures('fast_compiles')
 
@@ -41,15 +40,7 @@ RTOL = 1e-5
 
 def _run(*args, cwd):
   env = dict(os.environ, JAX_PLATFORMS='cpu')
-  return subprocess.run(
-      [sys.executable, *map(str, args)],
-      cwd=cwd,
-      env=env,
-      capture_output=True,
-      text=True,
-      timeout=300,
-      check=False,
-  )
+  return run_python(*args, cwd=cwd, env=env, timeout=300)
 
 
 def _model_export(config, directory):

@@ -5,23 +5,15 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import subprocess
-import sys
+
+from conftest import run_python
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _main(*args, timeout=600):
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_DISABLE_MOST_OPTIMIZATIONS='1')
-  return subprocess.run(
-      [sys.executable, '-m', 'sccorr_jax.main', *args],
-      cwd=ROOT,
-      env=env,
-      capture_output=True,
-      text=True,
-      timeout=timeout,
-      check=False,
-  )
+  return run_python('-m', 'sccorr_jax.main', *args, cwd=ROOT, env=env, timeout=timeout)
 
 
 def test_mistyped_config_key_fails_clearly(tmp_path):

@@ -16,6 +16,12 @@ nhwc = lambda a: np.transpose(a, (0, 2, 3, 1))
 DTYPES = [("x64", np.float64), ("f32", np.float32)]
 
 
+def _reference(fixtures_dir, name, case):
+  """`key -> array` of case `case` of the reference fixture `<name>.npz`."""
+  fx = np.load(fixtures_dir / f"{name}.npz")
+  return lambda k: fx[f"{case}/{k}"]
+
+
 def _sce_apply(feat, weight, bias, k):
   kernel = weight[:, :, 0, 0].T  # OIHW 1x1 -> [cin, cout]
   mod = context.SpatialContextEncoder(k, weight.shape[0])
@@ -25,8 +31,7 @@ def _sce_apply(feat, weight, bias, k):
 @pytest.mark.parametrize("case", ["k7", "k5_rect"])
 @pytest.mark.parametrize("mode,dtype", DTYPES)
 def test_sce(fixtures_dir, case, mode, dtype):
-  fx = np.load(fixtures_dir / "sce.npz")
-  g = lambda k: fx[f"{case}/{k}"]
+  g = _reference(fixtures_dir, "sce", case)
   k = int(g("kernel_size"))
   with jax.enable_x64(mode == "x64"):
     feat = jnp.asarray(nhwc(g("feature")).astype(dtype))
@@ -62,8 +67,7 @@ def test_context_offsets_order():
 @pytest.mark.parametrize("case", ["signed", "relu_zero"])
 @pytest.mark.parametrize("mode,dtype", DTYPES)
 def test_correlation(fixtures_dir, case, mode, dtype):
-  fx = np.load(fixtures_dir / "correlation.npz")
-  g = lambda k: fx[f"{case}/{k}"]
+  g = _reference(fixtures_dir, "correlation", case)
   with jax.enable_x64(mode == "x64"):
     src = jnp.asarray(nhwc(g("src_feat")).astype(dtype))
     trg = jnp.asarray(nhwc(g("trg_feat")).astype(dtype))
@@ -92,19 +96,18 @@ def test_mutual_nn_keeps_reciprocal_maxima():
 
 @pytest.mark.parametrize("mode,dtype", DTYPES)
 def test_upsample_rect(fixtures_dir, mode, dtype):
-  fx = np.load(fixtures_dir / "upsample.npz")
-  fs = int(fx["rect_to12/feature_size"])
+  g = _reference(fixtures_dir, "upsample", "rect_to12")
+  fs = int(g("feature_size"))
   with jax.enable_x64(mode == "x64"):
-    out = np.asarray(flow.upsample_correlation(jnp.asarray(fx["rect_to12/corr"].astype(dtype)), fs))
-  ref = fx["rect_to12/output"].reshape(out.shape)
+    out = np.asarray(flow.upsample_correlation(jnp.asarray(g("corr").astype(dtype)), fs))
+  ref = g("output").reshape(out.shape)
   tol = dict(atol=1e-10, rtol=1e-10) if mode == "x64" else dict(atol=1e-5, rtol=0)
   np.testing.assert_allclose(out, ref, **tol)
 
 
 @pytest.mark.parametrize("mode,dtype", DTYPES)
 def test_upsample_16_to_64(fixtures_dir, mode, dtype):
-  fx = np.load(fixtures_dir / "upsample.npz")
-  g = lambda k: fx[f"sq16_to64/{k}"]
+  g = _reference(fixtures_dir, "upsample", "sq16_to64")
   fs = int(g("feature_size"))
   with jax.enable_x64(mode == "x64"):
     out = np.asarray(
@@ -130,15 +133,14 @@ def test_upsample_16_to_64(fixtures_dir, mode, dtype):
 @pytest.mark.parametrize("case", ["fs16_peaky", "fs20_soft"])
 @pytest.mark.parametrize("mode,dtype", DTYPES)
 def test_soft_argmax(fixtures_dir, case, mode, dtype):
-  fx = np.load(fixtures_dir / "soft_argmax.npz")
-  g = lambda k: fx[f"{case}/{k}"]
+  g = _reference(fixtures_dir, "soft_argmax", case)
   fs = int(g("feature_size"))
-  with jax.enable_x64(mode == "x64"):
+  x64 = mode == "x64"
+  with jax.enable_x64(x64):
     corr = jnp.asarray(g("corr").astype(dtype)).reshape(-1, fs, fs, fs, fs)
     xn = jnp.asarray(g("x_normal").astype(dtype))
     grid = np.asarray(flow.soft_argmax(corr, xn, xn, float(g("beta"))))
     out = np.asarray(jax.jit(flow.soft_argmax_flow)(corr, xn, xn, float(g("beta"))))
-  x64 = mode == "x64"
   np.testing.assert_allclose(grid[..., 0], g("grid_x")[:, 0], atol=1e-10 if x64 else 1e-5)
   np.testing.assert_allclose(grid[..., 1], g("grid_y")[:, 0], atol=1e-10 if x64 else 1e-5)
   np.testing.assert_allclose(out, nhwc(g("flow")), atol=1e-9 if x64 else 1e-4)

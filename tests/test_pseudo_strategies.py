@@ -167,14 +167,8 @@ def test_pairs_without_keypoints_get_nothing_or_object_and_cycle(x64):
   back = np.zeros((2, 3, 3, 2), dt)
   back[1, 2, 1] = (3.0, 0.0)
   options = losses.PseudoLabelOptions(unlabelled_pairs='object_cycle', cycle_delta=1.0)
-  labels = _run(
-      _pseudo_labels,
-      teacher,
-      gt,
-      losses.TeacherSignals(object_score=score, back_flow=back),
-      options=options,
-      dilation_kernel=3,
-  )
+  signals = losses.TeacherSignals(object_score=score, back_flow=back)
+  labels = _run(_pseudo_labels, teacher, gt, signals, options=options, dilation_kernel=3)
   np.testing.assert_array_equal(labels.candidates[0], True)
   assert _cells(labels.candidates[1]) == [(2, 0), (2, 1), (2, 2)]
   np.testing.assert_array_equal(labels.gate[0], True)
@@ -240,15 +234,8 @@ def test_gates_compose_and_the_selection_ranks_what_passed(x64):
   back[0, 0, :] = (2.0, 0.0)  # The top row fails the cycle check.
   conf = np.arange(9, dtype=dt).reshape(1, 3, 3)  # Row-major rising confidence.
   options = losses.PseudoLabelOptions(gate='cycle+confidence', cycle_delta=0.5)
-  labels = _run(
-      _pseudo_labels,
-      teacher,
-      gt,
-      losses.TeacherSignals(back_flow=back, confidence=conf),
-      50.0,
-      options=options,
-      dilation_kernel=3,
-  )
+  signals = losses.TeacherSignals(back_flow=back, confidence=conf)
+  labels = _run(_pseudo_labels, teacher, gt, signals, 50.0, options=options, dilation_kernel=3)
   # Confidence drops floor(4.5) = 4 of the 9 candidates (the lowest: cells 0-3); the cycle
   # drops the top row.
   assert _cells(labels.gate[0]) == [(1, 1), (1, 2), (2, 0), (2, 1), (2, 2)]

@@ -36,17 +36,17 @@ def define_flags() -> None:
   flags.DEFINE_string(
       'config',
       None,
-      'Config file and argument, e.g. configs/demo.py or ' 'configs/demo.py:runlocal (required).',
+      'Config file and argument, e.g. configs/demo.py or configs/demo.py:runlocal (required).',
   )
   flags.DEFINE_string(
-      'sweep', None, 'Sweep name: modes, regime, budget, ablation, ' 'strategies (required).'
+      'sweep', None, 'Sweep name: modes, regime, budget, ablation, strategies (required).'
   )
   flags.DEFINE_integer('seeds', 3, 'Seeds 0 .. N-1 per cell (config.seed).', lower_bound=1)
   flags.DEFINE_string('out', None, 'Output directory (required); rerun to resume.')
   flags.DEFINE_bool(
       'dry_run',
       False,
-      'List the cells in run order, with their overrides and ' 'the state of each seed, and exit.',
+      'List the cells in run order, with their overrides and the state of each seed, and exit.',
   )
   flags.DEFINE_list('cells', None, 'Run only these cells (and the cells they need).')
   flags.DEFINE_multi_string(

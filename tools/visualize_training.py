@@ -111,7 +111,7 @@ def render(batch, signals, scale: int = 2, legend: bool = True) -> np.ndarray:
     )
   out = visualize.vstack(rows)
   if legend:
-    text = f"{LEGEND}; kept {signals['num_remember']} of {signals['num_candidates']} " f"candidates"
+    text = f"{LEGEND}; kept {signals['num_remember']} of {signals['num_candidates']} candidates"
     bar = Image.new("RGB", (out.shape[1], 16), (255, 255, 255))
     ImageDraw.Draw(bar).text((2, 2), text, fill=(0, 0, 0))
     out = visualize.vstack([np.asarray(bar), out], gap=0)
@@ -128,7 +128,7 @@ def define_flags() -> None:
   flags.DEFINE_integer(
       "epoch",
       None,
-      "Whose remember rate to use (default: the end of the " "run's schedule).",
+      "Whose remember rate to use (default: the end of the run's schedule).",
       lower_bound=0,
   )
   flags.DEFINE_integer("scale", 2, "Magnification of the panels.", lower_bound=1)

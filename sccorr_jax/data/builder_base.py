@@ -160,6 +160,25 @@ def record_rng(cfg: EmbeddedConfig, split: str, category: int, index: int) -> np
   return np.random.default_rng([cfg.seed, EMBEDDED_SPLIT_IDS[split], category, index])
 
 
+def generated_example(
+    cfg: EmbeddedConfig, key: str, src_imname: str, trg_imname: str, category: int, pair: dict
+) -> dict:
+  """The record of a generated pair: `pair`'s `src_img` / `trg_img` (S x S arrays, popped from
+  it) PNG-encoded, the rest of `pair` as it is (`records.base_example`)."""
+  size = np.array([cfg.img_size, cfg.img_size], np.int32)
+  return records.base_example(
+      pair_id=key,
+      src_imname=src_imname,
+      trg_imname=trg_imname,
+      src_img=records.encode_png(pair.pop('src_img')),
+      trg_img=records.encode_png(pair.pop('trg_img')),
+      src_imsize=size,
+      trg_imsize=size,
+      category=category,
+      **pair,
+  )
+
+
 class EmbeddedBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Base of the embedded datasets generated here (`parts`, `synthetic`; not registered itself).
 

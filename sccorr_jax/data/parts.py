@@ -126,18 +126,8 @@ def make_example(split: str, cat: int, k: int, cfg: PartsConfig) -> dict:
   )
   pair.pop('src')
   pair.pop('trg')
-  size = np.array([cfg.img_size, cfg.img_size], np.int32)
-  return records.base_example(
-      pair_id=key,
-      src_imname=f'parts/{split}/{key}/src',
-      trg_imname=f'parts/{split}/{key}/trg',
-      src_img=records.encode_png(pair.pop('src_img')),
-      trg_img=records.encode_png(pair.pop('trg_img')),
-      src_imsize=size,
-      trg_imsize=size,
-      category=cat,
-      **pair,
-  )
+  name = f'parts/{split}/{key}'
+  return builder_base.generated_example(cfg, key, f'{name}/src', f'{name}/trg', cat, pair)
 
 
 class SccorrParts(builder_base.EmbeddedBuilder):

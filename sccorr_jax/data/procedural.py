@@ -183,205 +183,98 @@ class Category:
     return tuple(k[0] for k in self.keypoints)
 
 
+# The templates are tables, kept one part or keypoint a line.
+# fmt: off
 def _quadruped() -> Category:
   body = [
       Part('torso', None, 1.0, 0.42, exponent=2.5, swing=5),
       Part('neck', 'torso', 0.35, 0.17, angle=-50, swing=15, attach=(0.8, -0.45), z=0.2),
-      Part(
-          'head', 'neck', 0.42, 0.3, angle=45, swing=20, attach=(0.9, 0.0), joint=(-0.6, 0.0), z=0.3
-      ),
-      Part(
-          'snout',
-          'head',
-          0.25,
-          0.15,
-          angle=15,
-          swing=8,
-          attach=(0.75, 0.2),
-          joint=(-0.8, 0.0),
-          taper=0.4,
-          z=0.35,
-      ),
-      Part(
-          'tail', 'torso', 0.45, 0.09, angle=200, swing=35, attach=(-0.95, -0.3), taper=0.6, z=-0.1
-      ),
+      Part('head', 'neck', 0.42, 0.3, angle=45, swing=20, attach=(0.9, 0.0), joint=(-0.6, 0.0),
+           z=0.3),
+      Part('snout', 'head', 0.25, 0.15, angle=15, swing=8, attach=(0.75, 0.2),
+           joint=(-0.8, 0.0), taper=0.4, z=0.35),
+      Part('tail', 'torso', 0.45, 0.09, angle=200, swing=35, attach=(-0.95, -0.3), taper=0.6,
+           z=-0.1),
   ]
-  ear = [
-      Part(
-          'left_ear',
-          'head',
-          0.24,
-          0.11,
-          angle=-100,
-          swing=20,
-          attach=(-0.3, -0.75),
-          taper=0.9,
-          exponent=3,
-          z=0.4,
-      )
-  ]
+  ear = [Part('left_ear', 'head', 0.24, 0.11, angle=-100, swing=20, attach=(-0.3, -0.75),
+              taper=0.9, exponent=3, z=0.4)]
   legs = []
   for end, u in (('front', 0.6), ('hind', -0.65)):
     legs += [
-        Part(
-            f'left_{end}_upper_leg',
-            'torso',
-            0.33,
-            0.12,
-            angle=90,
-            swing=25,
-            attach=(u, 0.65),
-            z=0.5,
-        ),
-        Part(
-            f'left_{end}_lower_leg',
-            f'left_{end}_upper_leg',
-            0.3,
-            0.085,
-            swing=30,
-            attach=(0.9, 0.0),
-            joint=(-0.9, 0.0),
-            taper=0.3,
-            z=0.55,
-        ),
+        Part(f'left_{end}_upper_leg', 'torso', 0.33, 0.12, angle=90, swing=25,
+             attach=(u, 0.65), z=0.5),
+        Part(f'left_{end}_lower_leg', f'left_{end}_upper_leg', 0.3, 0.085, swing=30,
+             attach=(0.9, 0.0), joint=(-0.9, 0.0), taper=0.3, z=0.55),
     ]
   parts = body + ear + _far_chain(ear, 0.2, 0.25) + legs + _far_chain(legs, 1.0, 0.1)
-  kps = [
-      ('nose', 'snout', 0.9, 0.0),
-      ('head_top', 'head', 0.0, -0.85),
-      ('jaw', 'head', 0.1, 0.85),
-      ('withers', 'torso', 0.55, -0.8),
-      ('belly', 'torso', 0.0, 0.85),
-      ('tail_base', 'tail', -0.8, 0.0),
-      ('tail_tip', 'tail', 0.85, 0.0),
-  ]
+  kps = [('nose', 'snout', 0.9, 0.0), ('head_top', 'head', 0.0, -0.85),
+         ('jaw', 'head', 0.1, 0.85), ('withers', 'torso', 0.55, -0.8),
+         ('belly', 'torso', 0.0, 0.85), ('tail_base', 'tail', -0.8, 0.0),
+         ('tail_tip', 'tail', 0.85, 0.0)]
   for side in ('left', 'right'):
     kps.append((f'{side}_ear_tip', f'{side}_ear', 0.8, 0.0))
     for end, root in (('front', 'shoulder'), ('hind', 'hip')):
-      kps += [
-          (f'{side}_{end}_{root}', f'{side}_{end}_upper_leg', -0.7, 0.0),
-          (f'{side}_{end}_knee', f'{side}_{end}_upper_leg', 0.85, 0.0),
-          (f'{side}_{end}_paw', f'{side}_{end}_lower_leg', 0.85, 0.0),
-      ]
+      kps += [(f'{side}_{end}_{root}', f'{side}_{end}_upper_leg', -0.7, 0.0),
+              (f'{side}_{end}_knee', f'{side}_{end}_upper_leg', 0.85, 0.0),
+              (f'{side}_{end}_paw', f'{side}_{end}_lower_leg', 0.85, 0.0)]
   return Category('quadruped', parts, kps, rotation=20)
 
 
 def _bird() -> Category:
   body = [
       Part('body', None, 0.8, 0.45, swing=10),
-      Part(
-          'head',
-          'body',
-          0.32,
-          0.3,
-          angle=-20,
-          swing=20,
-          attach=(0.85, -0.45),
-          joint=(0.0, 0.0),
-          z=0.2,
-      ),
-      Part('beak', 'head', 0.3, 0.13, angle=10, swing=10, attach=(0.85, 0.1), taper=0.95, z=0.25),
-      Part(
-          'tail', 'body', 0.45, 0.2, angle=170, swing=25, attach=(-0.9, -0.1), taper=-0.8, z=-0.05
-      ),
+      Part('head', 'body', 0.32, 0.3, angle=-20, swing=20, attach=(0.85, -0.45),
+           joint=(0.0, 0.0), z=0.2),
+      Part('beak', 'head', 0.3, 0.13, angle=10, swing=10, attach=(0.85, 0.1), taper=0.95,
+           z=0.25),
+      Part('tail', 'body', 0.45, 0.2, angle=170, swing=25, attach=(-0.9, -0.1), taper=-0.8,
+           z=-0.05),
   ]
-  wing = [
-      Part(
-          'left_wing', 'body', 0.6, 0.22, angle=200, swing=40, attach=(0.1, -0.2), taper=0.6, z=0.3
-      )
-  ]
-  leg = [
-      Part(
-          'left_leg', 'body', 0.3, 0.05, angle=95, swing=20, attach=(0.0, 0.85), exponent=4, z=0.1
-      ),
-      Part(
-          'left_foot',
-          'left_leg',
-          0.15,
-          0.05,
-          angle=-80,
-          swing=15,
-          attach=(0.95, 0.0),
-          exponent=4,
-          z=0.12,
-      ),
-  ]
+  wing = [Part('left_wing', 'body', 0.6, 0.22, angle=200, swing=40, attach=(0.1, -0.2),
+               taper=0.6, z=0.3)]
+  leg = [Part('left_leg', 'body', 0.3, 0.05, angle=95, swing=20, attach=(0.0, 0.85),
+              exponent=4, z=0.1),
+         Part('left_foot', 'left_leg', 0.15, 0.05, angle=-80, swing=15, attach=(0.95, 0.0),
+              exponent=4, z=0.12)]
   parts = body + wing + _far_chain(wing, 0.6, 0.15) + leg + _far_chain(leg, 0.2, 0.2)
-  kps = [
-      ('beak_tip', 'beak', 0.85, 0.0),
-      ('crown', 'head', 0.0, -0.85),
-      ('throat', 'head', 0.3, 0.8),
-      ('nape', 'head', -0.85, -0.2),
-      ('breast', 'body', 0.7, 0.45),
-      ('belly', 'body', 0.0, 0.85),
-      ('back', 'body', 0.0, -0.85),
-      ('tail_base', 'tail', -0.7, 0.0),
-      ('tail_tip', 'tail', 0.9, 0.0),
-  ]
+  kps = [('beak_tip', 'beak', 0.85, 0.0), ('crown', 'head', 0.0, -0.85),
+         ('throat', 'head', 0.3, 0.8), ('nape', 'head', -0.85, -0.2),
+         ('breast', 'body', 0.7, 0.45), ('belly', 'body', 0.0, 0.85),
+         ('back', 'body', 0.0, -0.85), ('tail_base', 'tail', -0.7, 0.0),
+         ('tail_tip', 'tail', 0.9, 0.0)]
   for side in ('left', 'right'):
-    kps += [
-        (f'{side}_wing_root', f'{side}_wing', -0.7, 0.0),
-        (f'{side}_wing_tip', f'{side}_wing', 0.85, 0.0),
-        (f'{side}_leg_root', f'{side}_leg', -0.7, 0.0),
-        (f'{side}_ankle', f'{side}_leg', 0.85, 0.0),
-        (f'{side}_toe', f'{side}_foot', 0.85, 0.0),
-    ]
+    kps += [(f'{side}_wing_root', f'{side}_wing', -0.7, 0.0),
+            (f'{side}_wing_tip', f'{side}_wing', 0.85, 0.0),
+            (f'{side}_leg_root', f'{side}_leg', -0.7, 0.0),
+            (f'{side}_ankle', f'{side}_leg', 0.85, 0.0),
+            (f'{side}_toe', f'{side}_foot', 0.85, 0.0)]
   return Category('bird', parts, kps, rotation=20)
 
 
 def _vehicle() -> Category:
   parts = [
       Part('body', None, 1.2, 0.3, exponent=6),
-      Part(
-          'cabin',
-          'body',
-          0.6,
-          0.3,
-          attach=(-0.1, -0.95),
-          joint=(0.0, 1.0),
-          slide=0.2,
-          taper=0.4,
-          exponent=6,
-          z=-0.1,
-      ),
-      Part(
-          'window',
-          'cabin',
-          0.45,
-          0.16,
-          attach=(0.0, -0.1),
-          joint=(0.0, 0.0),
-          taper=0.4,
-          exponent=4,
-          z=-0.05,
-      ),
-      Part(
-          'front_wheel', 'body', 0.3, 0.3, attach=(0.65, 0.9), joint=(0.0, 0.0), slide=0.08, z=0.2
-      ),
-      Part(
-          'rear_wheel', 'body', 0.3, 0.3, attach=(-0.65, 0.9), joint=(0.0, 0.0), slide=0.08, z=0.2
-      ),
+      Part('cabin', 'body', 0.6, 0.3, attach=(-0.1, -0.95), joint=(0.0, 1.0), slide=0.2,
+           taper=0.4, exponent=6, z=-0.1),
+      Part('window', 'cabin', 0.45, 0.16, attach=(0.0, -0.1), joint=(0.0, 0.0), taper=0.4,
+           exponent=4, z=-0.05),
+      Part('front_wheel', 'body', 0.3, 0.3, attach=(0.65, 0.9), joint=(0.0, 0.0), slide=0.08,
+           z=0.2),
+      Part('rear_wheel', 'body', 0.3, 0.3, attach=(-0.65, 0.9), joint=(0.0, 0.0), slide=0.08,
+           z=0.2),
       Part('headlight', 'body', 0.06, 0.1, attach=(0.95, -0.35), joint=(0.0, 0.0), z=0.3),
       Part('taillight', 'body', 0.05, 0.12, attach=(-0.96, -0.35), joint=(0.0, 0.0), z=0.3),
   ]
-  kps = [
-      ('body_front_bottom', 'body', 0.93, 0.7),
-      ('body_rear_bottom', 'body', -0.93, 0.7),
-      ('body_front_top', 'body', 0.9, -0.75),
-      ('body_rear_top', 'body', -0.9, -0.75),
-      ('roof_front', 'cabin', 0.55, -0.85),
-      ('roof_rear', 'cabin', -0.75, -0.85),
-      ('window_centre', 'window', 0.0, 0.0),
-      ('headlight', 'headlight', 0.0, 0.0),
-      ('taillight', 'taillight', 0.0, 0.0),
-  ]
+  kps = [('body_front_bottom', 'body', 0.93, 0.7), ('body_rear_bottom', 'body', -0.93, 0.7),
+         ('body_front_top', 'body', 0.9, -0.75), ('body_rear_top', 'body', -0.9, -0.75),
+         ('roof_front', 'cabin', 0.55, -0.85), ('roof_rear', 'cabin', -0.75, -0.85),
+         ('window_centre', 'window', 0.0, 0.0), ('headlight', 'headlight', 0.0, 0.0),
+         ('taillight', 'taillight', 0.0, 0.0)]
   for wheel in ('front', 'rear'):
-    kps += [
-        (f'{wheel}_wheel_centre', f'{wheel}_wheel', 0.0, 0.0),
-        (f'{wheel}_wheel_top', f'{wheel}_wheel', 0.0, -0.85),
-        (f'{wheel}_wheel_bottom', f'{wheel}_wheel', 0.0, 0.85),
-        (f'{wheel}_wheel_front', f'{wheel}_wheel', 0.85, 0.0),
-    ]
+    kps += [(f'{wheel}_wheel_centre', f'{wheel}_wheel', 0.0, 0.0),
+            (f'{wheel}_wheel_top', f'{wheel}_wheel', 0.0, -0.85),
+            (f'{wheel}_wheel_bottom', f'{wheel}_wheel', 0.0, 0.85),
+            (f'{wheel}_wheel_front', f'{wheel}_wheel', 0.85, 0.0)]
   return Category('vehicle', parts, kps, rotation=15)
 
 
@@ -392,77 +285,30 @@ def _face() -> Category:
       Part('head', None, 1.0, 0.8, angle=90, swing=10, exponent=2.2, **mid),
       Part('neck', 'head', 0.35, 0.35, attach=(0.9, 0.0), swing=8, exponent=6, z=-0.2, **mid),
       Part('nose', 'head', 0.25, 0.15, attach=(0.1, 0.0), swing=8, taper=-0.6, z=0.2, **mid),
-      Part(
-          'mouth',
-          'head',
-          0.09,
-          0.3,
-          attach=(0.6, 0.0),
-          joint=(0.0, 0.0),
-          swing=6,
-          z=0.2,
-          slide=0.05,
-          **mid,
-      ),
+      Part('mouth', 'head', 0.09, 0.3, attach=(0.6, 0.0), joint=(0.0, 0.0), swing=6, z=0.2,
+           slide=0.05, **mid),
   ]
   right = [
-      Part(
-          'right_ear',
-          'head',
-          0.28,
-          0.2,
-          angle=90,
-          swing=15,
-          attach=(-0.05, 0.92),
-          joint=(-0.8, 0.0),
-          z=-0.1,
-      ),
-      Part(
-          'right_eye',
-          'head',
-          0.11,
-          0.2,
-          swing=8,
-          attach=(-0.2, 0.38),
-          joint=(0.0, 0.0),
-          slide=0.05,
-          z=0.2,
-      ),
-      Part(
-          'right_brow',
-          'head',
-          0.05,
-          0.22,
-          swing=12,
-          attach=(-0.48, 0.38),
-          joint=(0.0, 0.0),
-          slide=0.05,
-          exponent=4,
-          z=0.2,
-      ),
+      Part('right_ear', 'head', 0.28, 0.2, angle=90, swing=15, attach=(-0.05, 0.92),
+           joint=(-0.8, 0.0), z=-0.1),
+      Part('right_eye', 'head', 0.11, 0.2, swing=8, attach=(-0.2, 0.38), joint=(0.0, 0.0),
+           slide=0.05, z=0.2),
+      Part('right_brow', 'head', 0.05, 0.22, swing=12, attach=(-0.48, 0.38), joint=(0.0, 0.0),
+           slide=0.05, exponent=4, z=0.2),
   ]
   parts += right + _mirror_chain(right)
-  kps = [
-      ('chin', 'head', 0.92, 0.0),
-      ('forehead', 'head', -0.9, 0.0),
-      ('nose_tip', 'nose', 0.85, 0.0),
-      ('nose_bridge', 'nose', -0.85, 0.0),
-      ('mouth_top', 'mouth', -0.8, 0.0),
-      ('mouth_bottom', 'mouth', 0.8, 0.0),
-      ('neck_bottom', 'neck', 0.85, 0.0),
-      ('right_mouth_corner', 'mouth', 0.0, 0.9),
-      ('left_mouth_corner', 'mouth', 0.0, -0.9),
-      ('right_cheek', 'head', 0.35, 0.6),
-      ('left_cheek', 'head', 0.35, -0.6),
-  ]
+  kps = [('chin', 'head', 0.92, 0.0), ('forehead', 'head', -0.9, 0.0),
+         ('nose_tip', 'nose', 0.85, 0.0), ('nose_bridge', 'nose', -0.85, 0.0),
+         ('mouth_top', 'mouth', -0.8, 0.0), ('mouth_bottom', 'mouth', 0.8, 0.0),
+         ('neck_bottom', 'neck', 0.85, 0.0),
+         ('right_mouth_corner', 'mouth', 0.0, 0.9), ('left_mouth_corner', 'mouth', 0.0, -0.9),
+         ('right_cheek', 'head', 0.35, 0.6), ('left_cheek', 'head', 0.35, -0.6)]
   for side in ('left', 'right'):
-    kps += [
-        (f'{side}_eye_outer', f'{side}_eye', 0.0, 0.85),
-        (f'{side}_eye_inner', f'{side}_eye', 0.0, -0.85),
-        (f'{side}_brow_outer', f'{side}_brow', 0.0, 0.85),
-        (f'{side}_brow_inner', f'{side}_brow', 0.0, -0.85),
-        (f'{side}_ear_tip', f'{side}_ear', 0.8, 0.0),
-    ]
+    kps += [(f'{side}_eye_outer', f'{side}_eye', 0.0, 0.85),
+            (f'{side}_eye_inner', f'{side}_eye', 0.0, -0.85),
+            (f'{side}_brow_outer', f'{side}_brow', 0.0, 0.85),
+            (f'{side}_brow_inner', f'{side}_brow', 0.0, -0.85),
+            (f'{side}_ear_tip', f'{side}_ear', 0.8, 0.0)]
   return Category('face', parts, kps, rotation=25)
 
 
@@ -470,55 +316,29 @@ def _humanoid() -> Category:
   mid = dict(flip_sign=-1)
   parts = [
       Part('torso', None, 0.7, 0.38, angle=90, swing=10, exponent=3, taper=0.2, **mid),
-      Part(
-          'head', 'torso', 0.3, 0.24, attach=(-1.0, 0.0), joint=(0.95, 0.0), swing=12, z=0.1, **mid
-      ),
+      Part('head', 'torso', 0.3, 0.24, attach=(-1.0, 0.0), joint=(0.95, 0.0), swing=12, z=0.1,
+           **mid),
   ]
   right = [
-      Part('right_upper_arm', 'torso', 0.32, 0.09, angle=20, swing=35, attach=(-0.8, 0.9), z=0.1),
-      Part(
-          'right_forearm',
-          'right_upper_arm',
-          0.3,
-          0.075,
-          angle=-10,
-          swing=40,
-          attach=(0.95, 0.0),
-          joint=(-0.95, 0.0),
-          taper=0.2,
-          z=0.15,
-      ),
+      Part('right_upper_arm', 'torso', 0.32, 0.09, angle=20, swing=35, attach=(-0.8, 0.9),
+           z=0.1),
+      Part('right_forearm', 'right_upper_arm', 0.3, 0.075, angle=-10, swing=40,
+           attach=(0.95, 0.0), joint=(-0.95, 0.0), taper=0.2, z=0.15),
       Part('right_thigh', 'torso', 0.4, 0.13, angle=8, swing=15, attach=(0.95, 0.5), z=-0.05),
-      Part(
-          'right_shin',
-          'right_thigh',
-          0.38,
-          0.1,
-          swing=20,
-          attach=(0.95, 0.0),
-          joint=(-0.95, 0.0),
-          taper=0.3,
-          z=-0.04,
-      ),
+      Part('right_shin', 'right_thigh', 0.38, 0.1, swing=20, attach=(0.95, 0.0),
+           joint=(-0.95, 0.0), taper=0.3, z=-0.04),
   ]
   parts += right + _mirror_chain(right)
-  kps = [
-      ('head_top', 'head', -0.9, 0.0),
-      ('chin', 'head', 0.9, 0.0),
-      ('neck', 'torso', -0.9, 0.0),
-      ('pelvis', 'torso', 0.85, 0.0),
-      ('right_ear', 'head', 0.0, 0.9),
-      ('left_ear', 'head', 0.0, -0.9),
-  ]
+  kps = [('head_top', 'head', -0.9, 0.0), ('chin', 'head', 0.9, 0.0),
+         ('neck', 'torso', -0.9, 0.0), ('pelvis', 'torso', 0.85, 0.0),
+         ('right_ear', 'head', 0.0, 0.9), ('left_ear', 'head', 0.0, -0.9)]
   for side in ('left', 'right'):
-    kps += [
-        (f'{side}_shoulder', f'{side}_upper_arm', -0.7, 0.0),
-        (f'{side}_elbow', f'{side}_upper_arm', 0.9, 0.0),
-        (f'{side}_wrist', f'{side}_forearm', 0.85, 0.0),
-        (f'{side}_hip', f'{side}_thigh', -0.6, 0.0),
-        (f'{side}_knee', f'{side}_thigh', 0.9, 0.0),
-        (f'{side}_ankle', f'{side}_shin', 0.85, 0.0),
-    ]
+    kps += [(f'{side}_shoulder', f'{side}_upper_arm', -0.7, 0.0),
+            (f'{side}_elbow', f'{side}_upper_arm', 0.9, 0.0),
+            (f'{side}_wrist', f'{side}_forearm', 0.85, 0.0),
+            (f'{side}_hip', f'{side}_thigh', -0.6, 0.0),
+            (f'{side}_knee', f'{side}_thigh', 0.9, 0.0),
+            (f'{side}_ankle', f'{side}_shin', 0.85, 0.0)]
   return Category('humanoid', parts, kps, rotation=20)
 
 
@@ -529,62 +349,23 @@ def _flower(n: int = 5) -> Category:
   parts = [Part('centre', None, 0.3, 0.3, angle=-90, swing=5, z=0.2, **mid)]
   for i in range(n):
     a = np.deg2rad(360.0 * i / n)
-    parts.append(
-        Part(
-            f'petal_{i}',
-            'centre',
-            0.45,
-            0.25,
-            angle=360.0 * i / n,
-            swing=10,
-            attach=(0.6 * np.cos(a), 0.6 * np.sin(a)),
-            taper=-0.4,
-            z=0.1 + 0.01 * i,
-            **mid,
-        )
-    )
-  parts.append(
-      Part(
-          'stem',
-          'centre',
-          0.8,
-          0.06,
-          angle=180,
-          swing=12,
-          attach=(-0.9, 0.0),
-          exponent=4,
-          z=-0.2,
-          **mid,
-      )
-  )
-  right = [
-      Part(
-          'right_leaf',
-          'stem',
-          0.35,
-          0.13,
-          angle=130,
-          swing=20,
-          attach=(0.3, 0.8),
-          taper=0.5,
-          z=-0.15,
-      )
-  ]
+    parts.append(Part(f'petal_{i}', 'centre', 0.45, 0.25, angle=360.0 * i / n, swing=10,
+                      attach=(0.6 * np.cos(a), 0.6 * np.sin(a)), taper=-0.4, z=0.1 + 0.01 * i,
+                      **mid))
+  parts.append(Part('stem', 'centre', 0.8, 0.06, angle=180, swing=12, attach=(-0.9, 0.0),
+                    exponent=4, z=-0.2, **mid))
+  right = [Part('right_leaf', 'stem', 0.35, 0.13, angle=130, swing=20, attach=(0.3, 0.8),
+                taper=0.5, z=-0.15)]
   parts += right + _mirror_chain(right)
-  kps = [
-      ('centre', 'centre', 0.0, 0.0),
-      ('stem_bottom', 'stem', 0.9, 0.0),
-      ('right_leaf_tip', 'right_leaf', 0.85, 0.0),
-      ('left_leaf_tip', 'left_leaf', 0.85, 0.0),
-  ]
+  kps = [('centre', 'centre', 0.0, 0.0), ('stem_bottom', 'stem', 0.9, 0.0),
+         ('right_leaf_tip', 'right_leaf', 0.85, 0.0), ('left_leaf_tip', 'left_leaf', 0.85, 0.0)]
   for i in range(n):
-    kps += [
-        (f'petal_{i}_tip', f'petal_{i}', 0.85, 0.0),
-        (f'petal_{i}_cw', f'petal_{i}', 0.3, 0.85),
-        (f'petal_{i}_ccw', f'petal_{i}', 0.3, -0.85),
-    ]
+    kps += [(f'petal_{i}_tip', f'petal_{i}', 0.85, 0.0),
+            (f'petal_{i}_cw', f'petal_{i}', 0.3, 0.85),
+            (f'petal_{i}_ccw', f'petal_{i}', 0.3, -0.85)]
   swaps = [(f'petal_{i}', f'petal_{n - i}') for i in range(1, (n + 1) // 2)]
   return Category('flower', parts, kps, rotation=35, swaps=swaps)
+# fmt: on
 
 
 CATEGORIES: Tuple[Category, ...] = (

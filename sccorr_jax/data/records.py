@@ -55,60 +55,16 @@ MAX_KPS = 40
 # as inside (annotations of border points are often 1-based or at `size`).
 KPS_BORDER_TOLERANCE = 1.5
 
-SPAIR_CATEGORIES = (
-    'aeroplane',
-    'bicycle',
-    'bird',
-    'boat',
-    'bottle',
-    'bus',
-    'car',
-    'cat',
-    'chair',
-    'cow',
-    'dog',
-    'horse',
-    'motorbike',
-    'person',
-    'pottedplant',
-    'sheep',
-    'train',
-    'tvmonitor',
-)
-PASCAL_CATEGORIES = (
-    'aeroplane',
-    'bicycle',
-    'bird',
-    'boat',
-    'bottle',
-    'bus',
-    'car',
-    'cat',
-    'chair',
-    'cow',
-    'diningtable',
-    'dog',
-    'horse',
-    'motorbike',
-    'person',
-    'pottedplant',
-    'sheep',
-    'sofa',
-    'train',
-    'tvmonitor',
-)
-WILLOW_CATEGORIES = (
-    'car(G)',
-    'car(M)',
-    'car(S)',
-    'duck(S)',
-    'motorbike(G)',
-    'motorbike(M)',
-    'motorbike(S)',
-    'winebottle(M)',
-    'winebottle(wC)',
-    'winebottle(woC)',
-)
+# fmt: off
+SPAIR_CATEGORIES = ('aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat',
+                    'chair', 'cow', 'dog', 'horse', 'motorbike', 'person', 'pottedplant',
+                    'sheep', 'train', 'tvmonitor')
+PASCAL_CATEGORIES = ('aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat',
+                     'chair', 'cow', 'diningtable', 'dog', 'horse', 'motorbike', 'person',
+                     'pottedplant', 'sheep', 'sofa', 'train', 'tvmonitor')
+WILLOW_CATEGORIES = ('car(G)', 'car(M)', 'car(S)', 'duck(S)', 'motorbike(G)', 'motorbike(M)',
+                     'motorbike(S)', 'winebottle(M)', 'winebottle(wC)', 'winebottle(woC)')
+# fmt: on
 
 DIFFICULTY_FIELDS = constants.DIFFICULTY_FIELDS
 # The largest level of each SPair-71k difficulty field (Min et al. 2019): viewpoint and scale

@@ -245,19 +245,8 @@ class SccorrSynthetic(builder_base.EmbeddedBuilder):
       for k in range(per_photo):
         rng = builder_base.record_rng(cfg, split, cat, k)
         pair = make_pair(photo, rng, cfg.img_size, cfg.min_kps, cfg.max_kps)
-        size = np.array([cfg.img_size, cfg.img_size], np.int32)
-        key = f'{photo_name}-{k:04d}'
-        yield key, records.base_example(
-            pair_id=key,
-            src_imname=f'skimage.data.{photo_name}',
-            trg_imname=f'skimage.data.{photo_name}#warp{k}',
-            src_img=records.encode_png(pair.pop('src_img')),
-            trg_img=records.encode_png(pair.pop('trg_img')),
-            src_imsize=size,
-            trg_imsize=size,
-            category=cat,
-            **pair,
-        )
+        key, name = f'{photo_name}-{k:04d}', f'skimage.data.{photo_name}'
+        yield key, builder_base.generated_example(cfg, key, name, f'{name}#warp{k}', cat, pair)
 
 
 def make_builder(data_dir: str, **knobs) -> SccorrSynthetic:

@@ -151,20 +151,8 @@ def write_pfpascal(root: str) -> Dict[str, List[dict]]:
         os.path.join(base, 'Annotations', cls, stem + '.mat'), {'kps': kps, 'bbox': bbox}
     )
     anns[stem] = dict(kps=kps, bbox=bbox[0], wh=(w, h), cls=cls)
-  classes = [
-      'aeroplane',
-      'bicycle',
-      'bird',
-      'boat',
-      'bottle',
-      'bus',
-      'car',
-      'cat',
-      'chair',
-      'cow',
-      'diningtable',
-      'dog',
-  ]
+  # PF-PASCAL's first 12 classes in its order (a csv's class id is the 1-based index).
+  classes = 'aeroplane bicycle bird boat bottle bus car cat chair cow diningtable dog'.split()
   pairs = {
       'trn': [
           ('2007_000001', '2007_000002', 0),

@@ -266,7 +266,7 @@ def evaluate_models(
     variables,
     batches: Iterable[Mapping[str, Any]],
     protocol: Protocol,
-    num_models: int,
+    num_models: Optional[int],
     *,
     max_batches: Optional[int] = None,
     mesh: Optional[jax.sharding.Mesh] = None,
@@ -278,6 +278,7 @@ def evaluate_models(
   where they are (a training state's, on the mesh already, are not copied).
 
   Args:
+    num_models: N; None: one unstacked model, as `evaluate_model` (one result).
     variables: `{'params', 'batch_stats'}`, every leaf [num_models, ...].
     eval_step: a prebuilt `make_eval_step(model, protocol, zero_flow, num_models)`.
     The others: as `evaluate_model`.

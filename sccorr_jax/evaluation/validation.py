@@ -9,6 +9,7 @@ the training state where they are (on the devices). The better of the two by
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any, Dict, Mapping, Optional
 
@@ -96,8 +97,16 @@ class Validator:
     self.config, self.model, self.mesh, self.data = config, model, mesh, data
     self.mutual = config.learning_mode == 'mt'
     self.protocol = Protocol.from_config(config, validation=True)
-    self.eval_step = make_eval_step(
-        model, self.protocol, zero_flow=True, num_models=2 if self.mutual else None
+    # One compiled step for the run's model(s): an 'mt' run's two networks, stacked.
+    num_models = 2 if self.mutual else None
+    step = make_eval_step(model, self.protocol, zero_flow=True, num_models=num_models)
+    self.evaluate = functools.partial(
+        evaluate_models,
+        model,
+        protocol=self.protocol,
+        num_models=num_models,
+        mesh=mesh,
+        eval_step=step,
     )
 
   def __call__(self, variables: Mapping[str, Any], epoch: int, zero_flow: bool) -> Dict[str, float]:
@@ -113,30 +122,12 @@ class Validator:
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
-    max_batches = c.eval.get('max_batches')
+    results = self.evaluate(
+        variables, batches, max_batches=c.eval.get('max_batches'), zero_flow=zero_flow
+    )
     if not self.mutual:
-      out = validation_metrics(
-          self.model,
-          variables,
-          batches,
-          self.protocol,
-          mesh=self.mesh,
-          eval_step=self.eval_step,
-          max_batches=max_batches,
-          zero_flow=zero_flow,
-      )
+      out = scalars(results[0], self.protocol, 'val/', zero_flow)
     else:
-      results = evaluate_models(
-          self.model,
-          variables,
-          batches,
-          self.protocol,
-          2,
-          mesh=self.mesh,
-          eval_step=self.eval_step,
-          max_batches=max_batches,
-          zero_flow=zero_flow,
-      )
       out = {}
       for i, (name, result) in enumerate(zip('ab', results)):
         out.update(scalars(result, self.protocol, f'val/{name}/', zero_flow and i == 0))

@@ -235,42 +235,45 @@ def _residual(block, x, y, norm):
   return out, materialize(relu_activation(out))
 
 
-class Bottleneck(nn.Module):
-  """1x1 -> 3x3 (stride) -> 1x1 (4x width) with BN; returns `(pre_relu, post_relu)`."""
+class _ResidualBlock(nn.Module):
+  """The fields and layer constructors of `Bottleneck` and `BasicBlock`."""
 
   features: int
   stride: int = 1
   downsample: bool = False
   dtype: Optional[Any] = None
   param_dtype: Any = jnp.float32
+
+  @nn.nowrap
+  def _layers(self, use_running_average, num_groups):
+    """`conv` and `bn` in the block's dtypes, and the keyword arguments of a `bn` call."""
+    conv = functools.partial(_conv, dtype=self.dtype, param_dtype=self.param_dtype)
+    bn = functools.partial(BatchNorm, dtype=self.dtype, param_dtype=self.param_dtype)
+    return conv, bn, dict(use_running_average=use_running_average, num_groups=num_groups)
+
+
+class Bottleneck(_ResidualBlock):
+  """1x1 -> 3x3 (stride) -> 1x1 (4x width) with BN; returns `(pre_relu, post_relu)`."""
+
   expansion = 4
 
   @nn.compact
   def __call__(self, x, use_running_average=True, num_groups=1):
-    conv = functools.partial(_conv, dtype=self.dtype, param_dtype=self.param_dtype)
-    bn = functools.partial(BatchNorm, dtype=self.dtype, param_dtype=self.param_dtype)
-    norm = dict(use_running_average=use_running_average, num_groups=num_groups)
+    conv, bn, norm = self._layers(use_running_average, num_groups)
     y = bn(name="bn1", relu=True)(conv(self.features, 1, name="conv1")(x), **norm)
     y = bn(name="bn2", relu=True)(conv(self.features, 3, self.stride, name="conv2")(y), **norm)
     y = bn(name="bn3")(conv(self.features * 4, 1, name="conv3")(y), **norm)
     return _residual(self, x, y, norm)
 
 
-class BasicBlock(nn.Module):
+class BasicBlock(_ResidualBlock):
   """3x3 (stride) -> 3x3 with BN (ResNet-18/34); returns `(pre_relu, post_relu)`."""
 
-  features: int
-  stride: int = 1
-  downsample: bool = False
-  dtype: Optional[Any] = None
-  param_dtype: Any = jnp.float32
   expansion = 1
 
   @nn.compact
   def __call__(self, x, use_running_average=True, num_groups=1):
-    conv = functools.partial(_conv, dtype=self.dtype, param_dtype=self.param_dtype)
-    bn = functools.partial(BatchNorm, dtype=self.dtype, param_dtype=self.param_dtype)
-    norm = dict(use_running_average=use_running_average, num_groups=num_groups)
+    conv, bn, norm = self._layers(use_running_average, num_groups)
     y = bn(name="bn1", relu=True)(conv(self.features, 3, self.stride, name="conv1")(x), **norm)
     y = bn(name="bn2")(conv(self.features, 3, name="conv2")(y), **norm)
     return _residual(self, x, y, norm)

@@ -44,21 +44,20 @@ PATCH_SIZE = 14
 
 
 def _hub(embed_dim, depth, num_heads, ffn='mlp', reg=False):
-  kwargs = dict(
+  # The `_reg` backbones: 4 register tokens, antialiased position interpolation without offset.
+  registers, offset, antialias = (4, 0.0, True) if reg else (0, 0.1, False)
+  return dict(
       embed_dim=embed_dim,
       depth=depth,
       num_heads=num_heads,
       patch_size=14,
       mlp_ratio=4.0,
-      num_register_tokens=0,
+      num_register_tokens=registers,
       ffn=ffn,
       img_size=518,
-      interpolate_offset=0.1,
-      interpolate_antialias=False,
+      interpolate_offset=offset,
+      interpolate_antialias=antialias,
   )
-  if reg:
-    kwargs.update(num_register_tokens=4, interpolate_offset=0.0, interpolate_antialias=True)
-  return kwargs
 
 
 # name -> `DINOv2` constructor kwargs, as `dinov2/hub/backbones.py` builds `dinov2_<name>`.

@@ -23,7 +23,6 @@ _mapping_to_flow`):
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import jax
@@ -283,14 +282,10 @@ def upsampled_soft_argmax_flow(
     return _upsampled_soft_argmax_flow_source_major(
         corr, size, x_coords, y_coords, beta, kernel_sigma, target_chunks, precision=precision
     )
-  one = functools.partial(
-      _target_major_soft_argmax,
-      size=size,
-      x_coords=x_coords,
-      y_coords=y_coords,
-      beta=beta,
-      precision=precision,
-  )
+
+  def one(rows):
+    return _target_major_soft_argmax(rows, size, x_coords, y_coords, beta, precision)
+
   grid = _map_target_rows(
       corr, size, one, target_chunks, block_rows, remat=True, precision=precision
   )
@@ -391,15 +386,10 @@ def upsampled_peak_mass(
   Returns:
     [b, S, S] mass in [0, 1], the dtype of `corr`.
   """
-  one = functools.partial(
-      _mass_near_expectation,
-      size=size,
-      x_coords=x_coords,
-      y_coords=y_coords,
-      beta=beta,
-      radius=radius,
-      precision=precision,
-  )
+
+  def one(rows):
+    return _mass_near_expectation(rows, size, x_coords, y_coords, beta, radius, precision)
+
   return _map_target_rows(corr, size, one, 1, block_rows, remat=False, precision=precision)
 
 
