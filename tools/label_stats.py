@@ -28,12 +28,17 @@ import numpy as np
 
 from sccorr_jax import cli
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Config file (configs/demo.py[:arg]).', lock_config=True
-)
-_BATCHES = flags.DEFINE_integer('batches', 20, 'Training batches to read.', lower_bound=1)
-_SEED = flags.DEFINE_integer('seed', 0, 'Data seed (shuffling, augmentation).')
-_JSON = flags.DEFINE_string('json', None, 'Also write the numbers here.')
+
+def define_flags() -> None:
+  """The command line's flags (defined when run as a script, not on import: tests load this file
+  beside other tools that define `--config` too)."""
+  config_flags.DEFINE_config_file(
+      'config', None, 'Config file (configs/demo.py[:arg]).', lock_config=True
+  )
+  flags.DEFINE_integer('batches', 20, 'Training batches to read.', lower_bound=1)
+  flags.DEFINE_integer('seed', 0, 'Data seed (shuffling, augmentation).')
+  flags.DEFINE_string('json', None, 'Also write the numbers here.')
+  flags.mark_flags_as_required(['config'])
 
 
 def pair_stats(batch) -> dict:
@@ -71,14 +76,15 @@ def measure(config, batches: int, seed: int = 0) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise ValueError(f'unexpected arguments: {argv[1:]}')
-  out = measure(_CONFIG.value, _BATCHES.value, _SEED.value)
+  f = flags.FLAGS
+  out = measure(f.config, f.batches, f.seed)
   for k, v in out.items():
     print(f'{k:16s} ' + (f'{v["mean"]:7.2f} ± {v["std"]:.2f}' if isinstance(v, dict) else f'{v}'))
-  if _JSON.value:
-    with open(_JSON.value, 'w') as f:
-      json.dump(out, f, indent=1)
+  if f.json:
+    with open(f.json, 'w') as fp:
+      json.dump(out, fp, indent=1)
 
 
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['config'])
+  define_flags()
   cli.run(main)
