@@ -61,9 +61,9 @@ def measure(config, batches: int, seed: int = 0) -> dict:
   """The numbers of the module docstring for `config`'s training split."""
   from sccorr_jax import data as data_lib  # pylint: disable=g-import-not-at-top
 
-  data = data_lib.resolve(config.data)
-  if not data_lib.has_dense_truth(config.data):
+  if not data_lib.has_dense_truth(config.data):  # before resolve builds or opens the dataset
     raise ValueError(f'{config.data.name}: no dense ground truth to compare the labels with')
+  data = data_lib.resolve(config.data)
   it = data_lib.create_train_iterator(data, batch_size=config.optim.batch_size, seed=seed)
   rows = [pair_stats(next(it)) for _ in range(batches)]
   stats = {k: np.concatenate([r[k] for r in rows]).astype(np.float64) for k in rows[0]}
