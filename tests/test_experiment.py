@@ -89,6 +89,27 @@ def test_runner_resumes_a_killed_run_then_skips_it(data_dir, tmp_path):
         CONFIG, 'test', cells, [0], out, {**common, 'optim.num_epochs': 2}, train_fn=_no_training
     )
 
+  # The held-out split: the final checkpoint evaluated once, at the validation's protocol (on
+  # 'val' itself the numbers are the run's own final ones), recorded and reported.
+  runs = experiments.evaluate_sweep(CONFIG, 'test', cells, [0], out, 'val', common)
+  held = runs[0]['heldout']['val']
+  assert held['val/pck@0.1'] == pytest.approx(entry['final']['val/pck@0.1'], abs=1e-4)
+  assert held['val/num_pairs'] == entry['final']['val/num_pairs']
+  with open(os.path.join(out, 'results.md')) as f:
+    assert '## Held-out split `val`' in f.read()
+  evaluated = experiments.evaluate_runs(
+      experiments.Results(os.path.join(out, 'results.json'), runs_settings(common)),
+      {('baseline', 0): None},
+      out,
+      'val',
+      metrics_fn=_no_training,
+  )
+  assert evaluated == 0  # Each run once.
+
+
+def runs_settings(common):
+  return {'config': CONFIG, 'sweep': 'test', 'set': common}
+
 
 def test_st_cells_follow_and_use_the_same_seeds_baseline(tmp_path):
   sweep = config_lib.get_sweep('modes')
@@ -221,6 +242,39 @@ def test_cells_are_compared_with_their_own_baseline_by_welch():
   assert rows['st'] == '| st | baseline | 1 / 3 | -1.00 | – |'
   assert 'baseline_k1 |' not in text.split('| cell |')[1].split('mt_k1')[0]  # no self-row
   assert experiments.welch([1.0, 1.0], [1.0, 1.0]) == (0.0, 1.0)
+
+
+def test_strategies_are_compared_with_the_papers_pseudo_labels_also_on_the_heldout_split():
+  entries = []
+  for seed, (m, c) in enumerate(((30.0, 33.0), (32.0, 35.0), (31.0, 37.0))):
+    for cell, v, overrides in (
+        ('mt', m, {'learning_mode': 'mt'}),
+        ('mt_gate_cycle', c, {'learning_mode': 'mt', 'teacher.gate': 'cycle'}),
+    ):
+      e = _entry(cell, seed, v, overrides)
+      e['final'].update({'val/a/pck@0.1': v, 'val/b/pck@0.1': v - 2.0})
+      e['heldout'] = {'test': {'test/pck@0.1': v - 10, 'test/a/pck@0.1': v - 10}}
+      e['heldout']['test']['test/b/pck@0.1'] = v - 11
+      entries.append(e)
+  entries.append(_entry('baseline', 0, 20.0))  # No seed 1, 2: a difference without p.
+  groups = experiments.by_cell(entries)
+  assert experiments.default_teacher_cell(groups['mt_gate_cycle'], groups) == 'mt'
+  assert experiments.default_teacher_cell(groups['mt'], groups) is None
+  st = [_entry('st', 0, 1.0, {'learning_mode': 'st', 'teacher.checkpoint': 'cell:baseline'})]
+  assert experiments.default_teacher_cell(st, groups) is None
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+
+  p = stats.ttest_ind([33, 35, 37], [30, 32, 31], equal_var=False).pvalue
+  text = experiments.markdown_table(entries)
+  val, test = text.split("## Against the paper's pseudo-labels")[1:]
+  # Selected against selected, and the mean of a, b against the default's mean of a, b: both
+  # shift by the same 2 here, so the difference and p are the same.
+  row = f'| mt_gate_cycle | mt | 3 / 3 | +4.00 (p = {p:.2g}) | +4.00 (p = {p:.2g}) |'
+  assert row in val.split('##')[0]
+  assert row in test  # On `test` every number is 10 (11 for b) lower: the same differences.
+  assert '## Held-out split `test`' in text
+  assert '| mt_gate_cycle | 3 | 25.00 ± 2.00 | 24.50 ± 2.00 |' in text
+  assert '| mt | baseline | 3 / 1 | +11.00 | +10.00 |' in text.split('Held-out')[0]
 
 
 def test_budget_curve_and_plots(tmp_path):

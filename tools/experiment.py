@@ -72,6 +72,13 @@ def define_flags() -> None:
       'cores; docs/experiments.md).',
       lower_bound=1,
   )
+  flags.DEFINE_string(
+      'eval_split',
+      None,
+      'After the runs: evaluate every finished run of the chosen cells and seeds on this '
+      'held-out split (e.g. test; each run once), at the validation protocol, and report it '
+      '(results.md: "Held-out split").',
+  )
   flags.mark_flags_as_required(['config', 'sweep', 'out'])
 
 
@@ -115,7 +122,11 @@ def main(argv):
         workers=f['workers'].value,
         cache_dir=cache or None,
     )
-  except RuntimeError as e:
+    if f['eval_split'].value:
+      runs = experiments.evaluate_sweep(
+          config_spec, sweep, cells, seeds, out, f['eval_split'].value, common
+      )
+  except (RuntimeError, FileNotFoundError) as e:
     cli.fail(str(e), e)
   print(
       f'{len(runs)} runs in {os.path.join(out, experiments.RESULTS_JSON)} '

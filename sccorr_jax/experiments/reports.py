@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from sccorr_jax import constants
+from sccorr_jax.experiments.heldout import heldout_entry
+from sccorr_jax.experiments.heldout import heldout_splits
 from sccorr_jax.experiments.plots import plot_bars
 from sccorr_jax.experiments.plots import plot_budget
 from sccorr_jax.experiments.results import baseline_cell
 from sccorr_jax.experiments.results import BUDGET_KEY
 from sccorr_jax.experiments.results import by_cell
+from sccorr_jax.experiments.results import default_teacher_cell
 from sccorr_jax.experiments.results import mean_std
 from sccorr_jax.experiments.results import networks_mean
 from sccorr_jax.experiments.results import overrides_text
@@ -28,10 +31,10 @@ def _format(mean: float, std: float, digits: int = 2) -> str:
   return text + (f' ± {std:.{digits}f}' if math.isfinite(std) else '')
 
 
-def pck_keys(entries: Sequence[Dict[str, Any]]) -> List[str]:
-  """The final `val/pck@alpha` keys of the entries (the selected model's), by alpha."""
+def pck_keys(entries: Sequence[Dict[str, Any]], scope: str = 'val') -> List[str]:
+  """The final `<scope>/pck@alpha` keys of the entries (the selected model's), by alpha."""
   parts = {k: constants.parse_metric_key(k) for e in entries for k in e['final']}
-  keys = [k for k, p in parts.items() if p and p == constants.MetricKey(p.alpha, scope='val')]
+  keys = [k for k, p in parts.items() if p and p == constants.MetricKey(p.alpha, scope=scope)]
   return sorted(keys, key=lambda k: parts[k].alpha)
 
 
@@ -64,36 +67,70 @@ def _difference(diff: float, p: float) -> str:
   return f'{diff:+.2f}' + (f' (p = {p:.2g})' if math.isfinite(p) else '')
 
 
-def baseline_comparisons(groups: Dict[str, List[Dict[str, Any]]], metric: str) -> List[str]:
-  """results.md's lines comparing each cell with its baseline cell (`baseline_cell`): the
-  difference of the means of the final `metric` and its Welch p, for the selected network and,
-  for mt, the mean of its two networks (the fair comparison); none when no cell has one."""
+def _two_networks(entry: Dict[str, Any], metric: str) -> Optional[float]:
+  """An mt run's mean of networks a and b, a one-network run's own number."""
+  two = networks_mean(entry, metric)
+  return entry['final'].get(metric) if two is None else two
+
+
+def comparisons(
+    groups: Dict[str, List[Dict[str, Any]]],
+    metric: str,
+    reference: Callable[..., Optional[str]] = baseline_cell,
+    heading: str = 'Against the baseline',
+    what: str = 'the baseline cell with the same overrides',
+) -> List[str]:
+  """results.md's lines comparing each cell with its `reference` cell (`baseline_cell`, or
+  `default_teacher_cell`): the difference of the means of the final `metric` and its Welch p,
+  for the selected network and, for mt, the mean of its two networks (against the reference's
+  own mean of two, or its one network: the fair comparison); none when no cell has one."""
   rows = []
   for name, group in groups.items():
-    base = baseline_cell(group, groups)
-    if base is None:
+    ref = reference(group, groups)
+    if ref is None:
       continue
-    reference = [e['final'].get(metric) for e in groups[base]]
     two = [networks_mean(e, metric) for e in group]
     rows.append(
-        f'| {name} | {base} | {len(group)} / {len(groups[base])} | '
-        + _difference(*welch([e['final'].get(metric) for e in group], reference))
+        f'| {name} | {ref} | {len(group)} / {len(groups[ref])} | '
+        + _difference(
+            *welch(
+                [e['final'].get(metric) for e in group],
+                [e['final'].get(metric) for e in groups[ref]],
+            )
+        )
         + ' | '
-        + (_difference(*welch(two, reference)) if all(v is not None for v in two) else '–')
+        + (
+            _difference(*welch(two, [_two_networks(e, metric) for e in groups[ref]]))
+            if all(v is not None for v in two)
+            else '–'
+        )
         + ' |'
     )
   if not rows:
     return []
   return [
       '',
-      '## Against the baseline',
+      f'## {heading}',
       '',
-      f'Difference of the mean final {unscoped(metric)} from the baseline cell with the same '
-      'overrides, and the two-sided Welch t-test p over seeds.',
+      f'Difference of the mean final {unscoped(metric)} from {what}, and the two-sided Welch '
+      't-test p over seeds.',
       '',
-      '| cell | baseline | n / n | selected network | mean of networks a, b |',
+      f'| cell | {"baseline" if reference is baseline_cell else "reference"} | n / n | selected '
+      'network | mean of networks a, b |',
       '|---|---|---|---|---|',
   ] + rows
+
+
+# The comparisons of results.md: (reference cell, heading, what the reference is).
+_COMPARISONS = (
+    (baseline_cell, 'Against the baseline', 'the baseline cell with the same overrides'),
+    (
+        default_teacher_cell,
+        "Against the paper's pseudo-labels",
+        "the cell with the same overrides but no `teacher.*` key (the paper's region, gate and "
+        'target)',
+    ),
+)
 
 
 def markdown_table(
@@ -122,7 +159,8 @@ def markdown_table(
       f'{select} seen '
       f'during training (model selection on the same split, so optimistic). Times in seconds '
       f'per run on this machine (wall: the invocation that finished the run; compile: the '
-      f'train step, near 0 when the persistent cache had it).\n'
+      f'train step, near 0 when the persistent cache had it; step: the mean training step, with '
+      f'`workers` runs sharing the machine).\n'
   )
   key = constants.metric_key(constants.parse_metric_key(select).alpha, scope='val/zero_flow')
   zero = [e.get('zero_flow', {}).get(key, e['final'].get(key)) for e in entries]
@@ -134,7 +172,7 @@ def markdown_table(
       ['cell', 'overrides', 'n']
       + [f'final {unscoped(k)}' for k in pcks]
       + ([f'final {unscoped(select)}, mean of networks a, b'] if two else [])
-      + [f'best {unscoped(select)}', 'best epoch', 'wall s', 'compile s']
+      + [f'best {unscoped(select)}', 'best epoch', 'wall s', 'step s', 'compile s']
   )
   lines += ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
   for name, group in groups.items():
@@ -149,9 +187,13 @@ def markdown_table(
     row.append(_format(*mean_std([e['best'].get('value') for e in group])[:2]))
     row.append(_format(*mean_std([e['best'].get('epoch') for e in group])[:2], digits=1))
     row.append(_format(*mean_std([e.get('wall_s') for e in group])[:2], digits=0))
+    row.append(_format(*mean_std([e.get('mean_step_s') for e in group])[:2], digits=3))
     row.append(_format(*mean_std([e.get('compile_s') for e in group])[:2], digits=1))
     lines.append('| ' + ' | '.join(row) + ' |')
-  lines += baseline_comparisons(groups, select)
+  for reference, heading, what in _COMPARISONS:
+    lines += comparisons(groups, select, reference, heading, what)
+  for split in heldout_splits(entries):
+    lines += heldout_lines(entries, order, split, constants.parse_metric_key(select).alpha)
   columns = pseudo_columns(entries)
   if columns:
     lines += [
@@ -173,6 +215,43 @@ def markdown_table(
       ]
       lines.append('| ' + ' | '.join(row) + ' |')
   return '\n'.join(lines) + '\n'
+
+
+def heldout_lines(
+    entries: Sequence[Dict[str, Any]], order: Optional[Sequence[str]], split: str, alpha: float
+) -> List[str]:
+  """results.md's section of the runs evaluated on the held-out `split` (`heldout.py`): PCK per
+  cell, then the comparisons with the baseline and the paper's pseudo-labels on that split."""
+  held = [h for h in (heldout_entry(e, split) for e in entries) if h is not None]
+  groups = by_cell(held, order)
+  pcks = pck_keys(held, split)
+  metric = constants.metric_key(alpha, scope=split)
+  two = any(networks_mean(e, metric) is not None for e in held)
+  head = (
+      ['cell', 'n']
+      + [unscoped(k) for k in pcks]
+      + ([f'{unscoped(metric)}, mean of networks a, b'] if two else [])
+  )
+  lines = [
+      '',
+      f'## Held-out split `{split}`',
+      '',
+      f"The same runs' final checkpoints evaluated on `{split}` (`--eval_split={split}`), at the "
+      "validation's protocol; for mt the network selected on validation, and the mean of both. "
+      'The comparisons below are on this split.',
+      '',
+      '| ' + ' | '.join(head) + ' |',
+      '|' + '---|' * len(head),
+  ]
+  for name, group in groups.items():
+    row = [name, str(len(group))]
+    row += [_format(*mean_std([e['final'].get(k) for e in group])[:2]) for k in pcks]
+    if two:
+      row.append(_format(*mean_std([networks_mean(e, metric) for e in group])[:2]))
+    lines.append('| ' + ' | '.join(row) + ' |')
+  for reference, heading, what in _COMPARISONS:
+    lines += comparisons(groups, metric, reference, f'{heading}, on `{split}`', what)
+  return lines
 
 
 def write_reports(

@@ -220,6 +220,20 @@ def baseline_cell(group: Sequence[Dict[str, Any]], groups: Dict[str, List[Dict[s
   return next((n for n, g in groups.items() if key(g[0]['overrides']) == want), None)
 
 
+def default_teacher_cell(
+    group: Sequence[Dict[str, Any]], groups: Dict[str, List[Dict[str, Any]]]
+) -> Optional[str]:
+  """The name of the cell that runs `group`'s learning mode with the paper's pseudo-labels: the
+  one whose overrides are the group's without its `teacher.*` keys (so `mt_gate_cycle` ->
+  `mt`, `mt_dilation3` -> `mt`); None for a cell without `teacher.*` overrides, or when no such
+  cell ran. An 'st' cell's teacher checkpoint is a `teacher.*` key too, so it has none."""
+  own = group[0]['overrides']
+  if not any(k.startswith('teacher.') for k in own):
+    return None
+  want = {k: v for k, v in own.items() if not k.startswith('teacher.')}
+  return next((n for n, g in groups.items() if g[0]['overrides'] == want), None)
+
+
 def welch(a: Sequence[Optional[float]], b: Sequence[Optional[float]]) -> Tuple[float, float]:
   """(mean(a) - mean(b), two-sided Welch t-test p) of the finite values; p is NaN with fewer
   than two values on a side, and 1 when both sides are constant and equal."""

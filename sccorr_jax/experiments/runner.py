@@ -44,6 +44,7 @@ from sccorr_jax.experiments.cells import Cell
 from sccorr_jax.experiments.cells import identical_cells
 from sccorr_jax.experiments.cells import resolve
 from sccorr_jax.experiments.cells import run_dir
+from sccorr_jax.experiments.heldout import evaluate_runs
 from sccorr_jax.experiments.reports import write_reports
 from sccorr_jax.experiments.results import jsonable
 from sccorr_jax.experiments.results import make_entry
@@ -144,6 +145,33 @@ def run_sweep(
   write_reports(out, results.runs, [c.name for c in cells], results.settings)
   if failed:
     raise RuntimeError(failed)
+  return results.runs
+
+
+def evaluate_sweep(
+    config_spec: str,
+    sweep_name: str,
+    cells: Sequence[Cell],
+    seeds: Sequence[int],
+    out: str,
+    split: str,
+    common: Optional[Dict[str, Any]] = None,
+) -> List[Dict[str, Any]]:
+  """Evaluates the finished runs of `cells` x `seeds` in `<out>/results.json` on the held-out
+  `split` (`heldout.evaluate_runs`, each once) and rewrites the reports; returns the entries.
+
+  Raises:
+    ValueError: results.json holds other settings (`Results`).
+    FileNotFoundError: a run's final checkpoint is gone.
+  """
+  common = dict(common or {})
+  configs = build_configs(config_spec, cells, list(seeds), out, common)
+  results = Results(
+      os.path.join(out, RESULTS_JSON), {'config': config_spec, 'sweep': sweep_name, 'set': common}
+  )
+  n = evaluate_runs(results, configs, out, split)
+  logging.info('%d runs evaluated on %s', n, split)
+  write_reports(out, results.runs, [c.name for c in cells], results.settings)
   return results.runs
 
 
