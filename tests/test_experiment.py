@@ -236,12 +236,20 @@ def test_cells_are_compared_with_their_own_baseline_by_welch():
 
   p_sel = stats.ttest_ind([31, 35, 36], [30, 32, 31], equal_var=False).pvalue
   p_two = stats.ttest_ind([30, 34, 35], [30, 32, 31], equal_var=False).pvalue
+  # Paired by seed: the differences 1, 3, 5 (selected) and 0, 2, 4 (a, b's mean).
+  q_sel, q_two = (stats.ttest_1samp(d, 0.0).pvalue for d in ([1, 3, 5], [0, 2, 4]))
   assert rows['mt_k1'] == (
-      f'| mt_k1 | baseline_k1 | 3 / 3 | +3.00 (p = {p_sel:.2g}) | +2.00 (p = {p_two:.2g}) |'
+      f'| mt_k1 | baseline_k1 | 3 / 3 | +3.00 (p = {p_sel:.2g}; paired p = {q_sel:.2g}) | '
+      f'+2.00 (p = {p_two:.2g}; paired p = {q_two:.2g}) |'
   )
   assert rows['st'] == '| st | baseline | 1 / 3 | -1.00 | – |'
   assert 'baseline_k1 |' not in text.split('| cell |')[1].split('mt_k1')[0]  # no self-row
   assert experiments.welch([1.0, 1.0], [1.0, 1.0]) == (0.0, 1.0)
+  # Only the seeds both ran are paired; fewer than two give no p.
+  assert experiments.paired({0: 2.0, 1: 3.0, 5: 9.0}, {0: 1.0, 1: 2.0}) == (1.0, 0.0)
+  assert experiments.paired({0: 2.0, 1: 2.0}, {0: 2.0, 1: 2.0}) == (0.0, 1.0)
+  diff, p = experiments.paired({0: 2.0}, {0: 1.0, 1: 2.0})
+  assert diff == 1.0 and p != p
 
 
 def test_strategies_are_compared_with_the_papers_pseudo_labels_also_on_the_heldout_split():
@@ -265,11 +273,13 @@ def test_strategies_are_compared_with_the_papers_pseudo_labels_also_on_the_heldo
   from scipy import stats  # pylint: disable=g-import-not-at-top
 
   p = stats.ttest_ind([33, 35, 37], [30, 32, 31], equal_var=False).pvalue
+  q = stats.ttest_1samp([3, 3, 6], 0.0).pvalue
   text = experiments.markdown_table(entries)
   val, test = text.split("## Against the paper's pseudo-labels")[1:]
   # Selected against selected, and the mean of a, b against the default's mean of a, b: both
   # shift by the same 2 here, so the difference and p are the same.
-  row = f'| mt_gate_cycle | mt | 3 / 3 | +4.00 (p = {p:.2g}) | +4.00 (p = {p:.2g}) |'
+  both = f'+4.00 (p = {p:.2g}; paired p = {q:.2g})'
+  row = f'| mt_gate_cycle | mt | 3 / 3 | {both} | {both} |'
   assert row in val.split('##')[0]
   assert row in test  # On `test` every number is 10 (11 for b) lower: the same differences.
   assert '## Held-out split `test`' in text

@@ -40,6 +40,7 @@ from sccorr_jax.experiments.results import last_epoch_pseudo_metrics
 from sccorr_jax.experiments.results import make_entry
 from sccorr_jax.experiments.results import mean_std
 from sccorr_jax.experiments.results import networks_mean
+from sccorr_jax.experiments.results import paired
 from sccorr_jax.experiments.results import Results
 from sccorr_jax.experiments.results import RESULTS_JSON
 from sccorr_jax.experiments.results import welch

@@ -18,6 +18,7 @@ from sccorr_jax.experiments.results import default_teacher_cell
 from sccorr_jax.experiments.results import mean_std
 from sccorr_jax.experiments.results import networks_mean
 from sccorr_jax.experiments.results import overrides_text
+from sccorr_jax.experiments.results import paired
 from sccorr_jax.experiments.results import unscoped
 from sccorr_jax.experiments.results import welch
 
@@ -61,16 +62,29 @@ def pseudo_value(entry: Dict[str, Any], column: str) -> Optional[float]:
   return pseudo.get(f'train/a/{column}', pseudo.get(f'train/{column}'))
 
 
-def _difference(diff: float, p: float) -> str:
+def _difference(diff: float, p: float, paired_p: float = math.nan) -> str:
   if not math.isfinite(diff):
     return '–'
-  return f'{diff:+.2f}' + (f' (p = {p:.2g})' if math.isfinite(p) else '')
+  ps = [f'p = {p:.2g}'] if math.isfinite(p) else []
+  ps += [f'paired p = {paired_p:.2g}'] if math.isfinite(paired_p) else []
+  return f'{diff:+.2f}' + (f' ({"; ".join(ps)})' if ps else '')
 
 
 def _two_networks(entry: Dict[str, Any], metric: str) -> Optional[float]:
   """An mt run's mean of networks a and b, a one-network run's own number."""
   two = networks_mean(entry, metric)
   return entry['final'].get(metric) if two is None else two
+
+
+def _compared(group, reference, value, reference_value) -> str:
+  """`group` by `value(entry)` against `reference` by `reference_value(entry)`: the difference
+  of the means, its Welch p, and the paired t-test p over the seeds both ran (the same seed is
+  the same initialisation and data order, so runs of two cells at one seed are correlated)."""
+  mine = {e['seed']: value(e) for e in group}
+  theirs = {e['seed']: reference_value(e) for e in reference}
+  if any(v is None for v in mine.values()):
+    return '–'
+  return _difference(*welch(list(mine.values()), list(theirs.values())), paired(mine, theirs)[1])
 
 
 def comparisons(
@@ -81,29 +95,22 @@ def comparisons(
     what: str = 'the baseline cell with the same overrides',
 ) -> List[str]:
   """results.md's lines comparing each cell with its `reference` cell (`baseline_cell`, or
-  `default_teacher_cell`): the difference of the means of the final `metric` and its Welch p,
-  for the selected network and, for mt, the mean of its two networks (against the reference's
-  own mean of two, or its one network: the fair comparison); none when no cell has one."""
+  `default_teacher_cell`): the difference of the means of the final `metric`, its Welch p and
+  its paired p over common seeds, for the selected network and, for mt, the mean of its two
+  networks (against the reference's own mean of two, or its one network: the fair comparison);
+  none when no cell has one."""
   rows = []
   for name, group in groups.items():
     ref = reference(group, groups)
     if ref is None:
       continue
-    two = [networks_mean(e, metric) for e in group]
+    final = lambda e: e['final'].get(metric)
+    two = lambda e: networks_mean(e, metric)
     rows.append(
         f'| {name} | {ref} | {len(group)} / {len(groups[ref])} | '
-        + _difference(
-            *welch(
-                [e['final'].get(metric) for e in group],
-                [e['final'].get(metric) for e in groups[ref]],
-            )
-        )
+        + _compared(group, groups[ref], final, final)
         + ' | '
-        + (
-            _difference(*welch(two, [_two_networks(e, metric) for e in groups[ref]]))
-            if all(v is not None for v in two)
-            else '–'
-        )
+        + _compared(group, groups[ref], two, lambda e: _two_networks(e, metric))
         + ' |'
     )
   if not rows:
@@ -112,8 +119,9 @@ def comparisons(
       '',
       f'## {heading}',
       '',
-      f'Difference of the mean final {unscoped(metric)} from {what}, and the two-sided Welch '
-      't-test p over seeds.',
+      f'Difference of the mean final {unscoped(metric)} from {what}, the two-sided Welch '
+      't-test p over seeds, and the paired t-test p over the seeds both cells ran (a seed is '
+      'one initialisation and data order in every cell).',
       '',
       f'| cell | {"baseline" if reference is baseline_cell else "reference"} | n / n | selected '
       'network | mean of networks a, b |',

@@ -251,6 +251,22 @@ def welch(a: Sequence[Optional[float]], b: Sequence[Optional[float]]) -> Tuple[f
   return diff, float(stats.ttest_ind(x, y, equal_var=False).pvalue)
 
 
+def paired(a: Dict[int, Optional[float]], b: Dict[int, Optional[float]]) -> Tuple[float, float]:
+  """(mean of a[s] - b[s], two-sided paired t-test p) over the seeds s where both are finite; p
+  is NaN with fewer than two such seeds, and 1 when every difference is 0."""
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+
+  seeds = [s for s in a if s in b and all(v is not None and math.isfinite(v) for v in (a[s], b[s]))]
+  d = np.asarray([a[s] - b[s] for s in seeds], np.float64)
+  if d.size == 0:
+    return math.nan, math.nan
+  if d.size < 2:
+    return float(d.mean()), math.nan
+  if np.all(d == d[0]):
+    return float(d.mean()), 1.0 if d[0] == 0 else 0.0
+  return float(d.mean()), float(stats.ttest_1samp(d, 0.0).pvalue)
+
+
 def budget_series(
     entries: Sequence[Dict[str, Any]], metric: str, key: str = BUDGET_KEY, networks: bool = False
 ) -> Dict[str, List[Tuple[int, float, float, int]]]:
