@@ -597,6 +597,8 @@ def test_strategies_sweep_reaches_every_option_and_compiles_apart():
       'mt_target_propagated',
       'mt_unlabelled_pairs_object_cycle',
   }
+  expected |= {f'mt_{name}' for name in config_lib.STRATEGY_COMBINATIONS}
+  assert 'mt_object_confidence_propagated' in expected  # The one chosen at k = 1.
   assert set(sweep) == {'baseline', 'mt'} | expected
   keys = set()
   for name, overrides in sweep.items():
