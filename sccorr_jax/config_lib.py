@@ -555,9 +555,9 @@ STRATEGY_OPTIONS = (
 #   'affinity_cycle': {'teacher.region': 'affinity', 'teacher.gate': 'cycle'},
 # (adding a cell leaves the other cells' runs valid; docs/experiments.md).
 STRATEGY_COMBINATIONS: Dict[str, Dict[str, Any]] = {
-    # Chosen at k = 1 on configs/demo.py by the rule fixed before the single options ran: per
-    # key, the value with the highest val mean of networks a and b over seeds 0-2, where it is
-    # above the paper's default (docs/results/strategies_k1).
+    # Chosen at k = 1 on configs/demo.py by a rule fixed when only seed 0 of four single options
+    # had finished (all alike): per key, the value with the highest val mean of networks a and
+    # b over seeds 0-2, where it is above the paper's default (docs/results/strategies_k1).
     'object_confidence_propagated': {
         'teacher.region': 'object',
         'teacher.gate': 'confidence',
