@@ -164,9 +164,14 @@ def make_entry(
   }
 
 
+def _finite(value: Optional[float]) -> bool:
+  """Whether a recorded number counts in a statistic (not missing, not NaN or inf)."""
+  return value is not None and math.isfinite(value)
+
+
 def mean_std(values: Sequence[Optional[float]]) -> Tuple[float, float, int]:
   """(mean, sample std with ddof 1 (NaN for one value), n) of the finite values."""
-  v = np.asarray([x for x in values if x is not None and math.isfinite(x)], np.float64)
+  v = np.asarray([x for x in values if _finite(x)], np.float64)
   if v.size == 0:
     return math.nan, math.nan, 0
   return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else math.nan, int(v.size)
@@ -239,8 +244,8 @@ def welch(a: Sequence[Optional[float]], b: Sequence[Optional[float]]) -> Tuple[f
   than two values on a side, and 1 when both sides are constant and equal."""
   from scipy import stats  # pylint: disable=g-import-not-at-top
 
-  x = np.asarray([v for v in a if v is not None and math.isfinite(v)], np.float64)
-  y = np.asarray([v for v in b if v is not None and math.isfinite(v)], np.float64)
+  x = np.asarray([v for v in a if _finite(v)], np.float64)
+  y = np.asarray([v for v in b if _finite(v)], np.float64)
   if x.size == 0 or y.size == 0:
     return math.nan, math.nan
   diff = float(x.mean() - y.mean())
@@ -256,7 +261,7 @@ def paired(a: Dict[int, Optional[float]], b: Dict[int, Optional[float]]) -> Tupl
   is NaN with fewer than two such seeds, and 1 when every difference is 0."""
   from scipy import stats  # pylint: disable=g-import-not-at-top
 
-  seeds = [s for s in a if s in b and all(v is not None and math.isfinite(v) for v in (a[s], b[s]))]
+  seeds = [s for s in a if s in b and _finite(a[s]) and _finite(b[s])]
   d = np.asarray([a[s] - b[s] for s in seeds], np.float64)
   if d.size == 0:
     return math.nan, math.nan
